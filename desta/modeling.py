@@ -1,0 +1,431 @@
+"""The DeSTA speech LLM: frozen Whisper encoder -> Q-Former connector -> frozen chat LLM.
+
+One file, transformers-native: `DestaConfig` (a `PreTrainedConfig`) and `DestaModel` (a
+`PreTrainedModel`). The connector's 64 vectors per 30 s window, followed by the transcript's
+token embeddings, fill the audio placeholder positions of the LLM's input embeddings.
+Saving writes only the trainable weights (connector, LoRA) as safetensors; loading reads the
+base encoder and LLM from the checkpoints the config names, and never unpickles.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    WhisperForConditionalGeneration,
+)
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from desta.audio import FRAMES_PER_ENCODER_STEP
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from desta.processing import DestaProcessor
+
+WEIGHTS_NAME = "model.safetensors"
+# Tapped encoder layers per Whisper depth ("layer i" = output of block i), as in DESIGN.md.
+DEFAULT_TAPPED_LAYERS = {
+    4: [0, 1, 2, 3],  # tiny
+    6: [1, 2, 3, 5],  # base
+    12: [2, 5, 8, 11],  # small
+    24: [5, 11, 17, 23],  # medium
+    32: [7, 15, 23, 31],  # large-v3 (DeSTA2.5)
+}
+DEFAULT_LORA = {
+    "r": 8,  # higher: more capacity, more memory, more forgetting
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+def default_tapped_layers(num_layers: int) -> list[int]:
+    """The tapped layers for a Whisper of `num_layers` blocks: the papers' choice, else 4 evenly spaced.
+
+    >>> default_tapped_layers(12), default_tapped_layers(8)
+    ([2, 5, 8, 11], [1, 3, 5, 7])
+    """
+    if num_layers in DEFAULT_TAPPED_LAYERS:
+        return list(DEFAULT_TAPPED_LAYERS[num_layers])
+    count = min(4, num_layers)
+    return [round((i + 1) * num_layers / count) - 1 for i in range(count)]
+
+
+@strict
+class DestaConfig(PreTrainedConfig):
+    r"""Configuration of a DeSTA speech LLM.
+
+    encoder_config / text_config: the Whisper and LLM configs (inline). encoder_name_or_path /
+    llm_name_or_path: the checkpoints (Hub id or folder) the base weights load from; `None` means
+    random weights from the inline config (tests). Build one from two checkpoints with
+    `DestaConfig.from_components("openai/whisper-small", "meta-llama/Meta-Llama-3-8B-Instruct")`.
+    """
+
+    model_type = "desta"
+    sub_configs_defaults = {
+        "encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    encoder_name_or_path: str | None = None  # Whisper checkpoint the encoder (and ASR decoder) load from
+    llm_name_or_path: str | None = None  # chat LLM checkpoint
+    tapped_layers: list[int] | None = None  # encoder blocks whose outputs feed the connector; None: per Whisper size
+    num_queries: int = 64  # learnable queries per tapped layer = vectors per 30 s window
+    qformer_layers: int = 2  # Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5
+    qformer_heads: int | None = None  # None: the encoder's attention heads
+    qformer_dropout: float | int = 0.1
+    audio_token: str = "<|AUDIO|>"  # placeholder string in chat messages
+    audio_token_id: int | None = None  # its id in the processor's tokenizer (set by the processor)
+    transcript_max_tokens: int = 100  # transcript tokens after the audio vectors; longer ones are cut
+    pad_to_30s: bool = False  # True: pad every window to 30 s as the papers do (slower, same as official code)
+    lora: dict | None = None  # LoRA on the LLM, e.g. {"r": 8, "lora_alpha": 16}; None: LLM frozen
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        layers = self.encoder_config.encoder_layers
+        if self.tapped_layers is None:
+            self.tapped_layers = default_tapped_layers(layers)
+        bad = [i for i in self.tapped_layers if not 0 <= i < layers]
+        if bad or not self.tapped_layers:
+            raise ValueError(f"tapped_layers {self.tapped_layers} must be non-empty indices in [0, {layers - 1}] "
+                             f"for a Whisper encoder of {layers} layers")
+        if self.lora is not None:
+            unknown = set(self.lora) - {"r", "lora_alpha", "lora_dropout", "target_modules"}
+            if unknown:
+                raise ValueError(f"unknown LoRA settings {sorted(unknown)}; "
+                                 "use r, lora_alpha, lora_dropout, target_modules")
+            self.lora = {**DEFAULT_LORA, **self.lora}
+
+    @classmethod
+    def from_components(cls, encoder: str, llm: str, **kwargs: Any) -> DestaConfig:
+        """A config naming a Whisper checkpoint and a chat LLM checkpoint (Hub ids or folders)."""
+        return cls(
+            encoder_config=AutoConfig.from_pretrained(encoder).to_dict(),
+            text_config=AutoConfig.from_pretrained(llm).to_dict(),
+            encoder_name_or_path=str(encoder),
+            llm_name_or_path=str(llm),
+            **kwargs,
+        )
+
+
+class QFormerConnector(nn.Module):
+    """Whisper hidden states at several layers -> a fixed number of vectors in the LLM's width.
+
+    One set of learnable queries per tapped layer reads that layer's frames through a shared
+    BLIP-2 Q-Former (cross-attention in every block); a softmax over layers, learnt per query,
+    mixes the results; LayerNorm and a Linear map them to the LLM width.
+    """
+
+    def __init__(self, config: DestaConfig):
+        super().__init__()
+        width = config.encoder_config.d_model
+        layers = len(config.tapped_layers)
+        self.queries = nn.Parameter(torch.randn(layers, config.num_queries, width) * 0.02)
+        self.qformer = Blip2QFormerModel(Blip2QFormerConfig(
+            hidden_size=width,
+            num_hidden_layers=config.qformer_layers,
+            num_attention_heads=config.qformer_heads or config.encoder_config.encoder_attention_heads,
+            intermediate_size=4 * width,
+            encoder_hidden_size=width,
+            cross_attention_frequency=1,
+            hidden_dropout_prob=config.qformer_dropout,
+            attention_probs_dropout_prob=config.qformer_dropout,
+        ))
+        self.layer_logits = nn.Parameter(torch.zeros(layers, config.num_queries))
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, config.text_config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        """(layers, windows, steps, d_model), (windows, steps) -> (windows, queries, llm_hidden)."""
+        layers, windows, steps, width = hidden_states.shape
+        queries = self.queries[:, None].expand(-1, windows, -1, -1)  # (layers, windows, queries, d_model)
+        out = self.qformer(
+            query_embeds=queries.reshape(layers * windows, -1, width),
+            encoder_hidden_states=hidden_states.reshape(layers * windows, steps, width),
+            encoder_attention_mask=step_mask.repeat(layers, 1).long(),  # (layers * windows, steps)
+        ).last_hidden_state
+        out = out.view(layers, windows, -1, width)  # (layers, windows, queries, d_model)
+        weights = self.layer_logits.softmax(dim=0)[:, None, :, None]  # (layers, 1, queries, 1)
+        fused = (out * weights.to(out.dtype)).sum(dim=0)  # (windows, queries, d_model)
+        return self.proj(self.norm(fused))
+
+
+class DestaModel(PreTrainedModel):
+    """Frozen Whisper + Q-Former connector + frozen (optionally LoRA-tuned) chat LLM."""
+
+    config_class = DestaConfig
+    base_model_prefix = "desta"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: DestaConfig, whisper: WhisperForConditionalGeneration | None = None,
+                 llm: PreTrainedModel | None = None):
+        super().__init__(config)
+        # The full Whisper is kept: its encoder feeds the connector, its decoder transcribes at inference.
+        self.whisper = whisper if whisper is not None else WhisperForConditionalGeneration(config.encoder_config)
+        self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
+        self.connector = QFormerConnector(config)
+        if config.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            self.llm = get_peft_model(self.llm, LoraConfig(task_type="CAUSAL_LM", **config.lora))
+        self.apply_freezing()
+
+    # ----- freezing policy: the one place that decides what trains -----
+
+    @staticmethod
+    def is_trainable_name(name: str) -> bool:
+        """Connector and LoRA weights train; the Whisper encoder and the base LLM stay frozen."""
+        return name.startswith("connector.") or "lora_" in name
+
+    def apply_freezing(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(self.is_trainable_name(name))
+
+    def parameter_counts(self) -> dict[str, int | float]:
+        """Trainable and total parameter counts, and the trainable share."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"trainable": trainable, "total": total, "trainable_share": trainable / total}
+
+    def train(self, mode: bool = True) -> DestaModel:
+        super().train(mode)
+        self.whisper.eval()  # frozen: no dropout, ever
+        if self.config.lora is None:
+            self.llm.eval()
+        return self
+
+    # ----- audio path -----
+
+    def encode_audio(self, input_features: torch.Tensor,
+                     feature_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the Whisper encoder on windows of any length up to 30 s; return the tapped layers.
+
+        input_features: (windows, mel_bins, frames); feature_attention_mask: (windows, frames).
+        Returns hidden states (layers, windows, steps, d_model) and a step mask (windows, steps).
+
+        transformers' WhisperEncoder.forward insists on 3000 frames, so the blocks are driven here:
+        positions are sliced to the real length and padded steps are masked out of self-attention,
+        so a clip's features do not depend on its batch.
+        """
+        encoder = self.whisper.get_encoder()
+        max_steps = encoder.max_source_positions
+        dtype = encoder.conv1.weight.dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder.conv1.weight.requires_grad):
+            x = F.gelu(encoder.conv1(input_features.to(dtype)))
+            x = F.gelu(encoder.conv2(x)).transpose(1, 2)  # (windows, steps, d_model)
+            steps = x.shape[1]
+            if steps > max_steps:
+                raise ValueError(f"an audio window gives {steps} encoder steps but Whisper holds at most {max_steps} "
+                                 "(30 s); split long audio with desta.audio.split_windows (the processor does)")
+            x = x + encoder.embed_positions.weight[:steps]
+            if feature_attention_mask is None:
+                step_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            else:
+                step_mask = feature_attention_mask[:, ::FRAMES_PER_ENCODER_STEP].bool()  # (windows, steps)
+            attn_mask = None
+            if not bool(step_mask.all()):
+                attn_mask = torch.zeros(step_mask.shape[0], 1, steps, steps, dtype=x.dtype, device=x.device)
+                attn_mask = attn_mask.masked_fill(~step_mask[:, None, None, :], torch.finfo(x.dtype).min)
+            taps = []
+            wanted = set(self.config.tapped_layers)
+            for index, layer in enumerate(encoder.layers[: max(wanted) + 1]):
+                x = layer(x, attn_mask)
+                if index in wanted:
+                    taps.append(x)
+        return torch.stack(taps), step_mask  # (layers, windows, steps, d_model), (windows, steps)
+
+    def embed_audio(self, input_features: torch.Tensor | None = None,
+                    feature_attention_mask: torch.Tensor | None = None,
+                    audio_hidden_states: torch.Tensor | None = None,
+                    audio_step_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Audio windows -> connector vectors (windows, queries, llm_hidden).
+
+        Pass mel features, or tapped-layer hidden states computed earlier (the feature cache).
+        """
+        if audio_hidden_states is None:
+            audio_hidden_states, audio_step_mask = self.encode_audio(input_features, feature_attention_mask)
+        elif audio_step_mask is None:
+            audio_step_mask = torch.ones(audio_hidden_states.shape[1:3], dtype=torch.bool,
+                                         device=audio_hidden_states.device)
+        connector_dtype = self.connector.proj.weight.dtype
+        return self.connector(audio_hidden_states.to(connector_dtype), audio_step_mask)
+
+    def embed_inputs(self, input_ids: torch.Tensor, input_features: torch.Tensor | None = None,
+                     feature_attention_mask: torch.Tensor | None = None,
+                     audio_hidden_states: torch.Tensor | None = None,
+                     audio_step_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the audio placeholder positions filled by connector vectors.
+
+        input_ids: (batch, seq) -> (batch, seq, llm_hidden). Placeholders are filled in order:
+        batch row by row, each clip's windows in time order.
+        """
+        audio_id = self.config.audio_token_id
+        if audio_id is None:
+            raise ValueError("config.audio_token_id is not set; build the model with the processor's id: "
+                             "config.audio_token_id = processor.audio_token_id")
+        audio_mask = input_ids == audio_id  # (batch, seq)
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(audio_mask, 0))
+        slots = int(audio_mask.sum())
+        has_audio = input_features is not None or audio_hidden_states is not None
+        if not has_audio:
+            if slots:
+                raise ValueError(f"the text holds {slots} audio placeholder positions but no audio features were "
+                                 "given; pass input_features from DestaProcessor")
+            return embeds
+        audio = self.embed_audio(input_features, feature_attention_mask, audio_hidden_states, audio_step_mask)
+        windows, queries, _ = audio.shape
+        if slots != windows * queries:
+            raise ValueError(f"the text holds {slots} audio placeholder positions but the audio gives "
+                             f"{windows * queries} vectors ({windows} windows x {queries} queries); build the inputs "
+                             "with DestaProcessor so each clip's placeholder is expanded to its window count")
+        return embeds.masked_scatter(audio_mask[..., None], audio.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, audio_hidden_states: torch.Tensor | None = None,
+                audio_step_mask: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """Logits, and with `labels` the mean cross-entropy over the tokens whose label is not -100."""
+        inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask,
+                                          audio_hidden_states, audio_step_mask)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
+        """Token-level generation (batched, left-padded inputs from the processor): new token ids."""
+        inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask)
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    @torch.no_grad()
+    def transcribe(self, processor: DestaProcessor, audios: list[np.ndarray], max_new_tokens: int = 128) -> list[str]:
+        """Whisper's own decoder transcribes each clip (batched over all 30 s windows)."""
+        from desta.audio import split_windows
+
+        windows = [split_windows(audio) for audio in audios]
+        flat = [w for clip in windows for w in clip]
+        features = processor.feature_extractor(flat, sampling_rate=processor.sampling_rate, return_tensors="pt")
+        generation_config = copy.deepcopy(self.whisper.generation_config)
+        generation_config.max_length, generation_config.max_new_tokens = None, max_new_tokens
+        mel = features.input_features.to(self.device, self.whisper.dtype)  # (windows, mel_bins, 3000)
+        ids = self.whisper.generate(mel, generation_config=generation_config,
+                                    attention_mask=torch.ones(mel.shape[0], mel.shape[-1], dtype=torch.long,
+                                                              device=self.device))
+        texts = iter(_whisper_text_tokenizer(self.whisper.config).decode(
+            [t for t in row.tolist() if t < _WHISPER_EOT]).strip() for row in ids)
+        return [" ".join(next(texts) for _ in clip).strip() for clip in windows]
+
+    @torch.no_grad()
+    def chat(self, processor: DestaProcessor, conversations: list[list[dict]] | list[dict],
+             audios: list[list[np.ndarray]] | None = None, transcripts: list[list[str | None]] | None = None,
+             max_new_tokens: int = 128, **generate_kwargs: Any) -> list[str]:
+        """Answer chat conversations whose user turns hold the audio placeholder; returns the texts.
+
+        With no transcripts given, Whisper transcribes every clip first (batched).
+        """
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+            audios = [audios] if audios is not None and (not audios or not isinstance(audios[0], list)) else audios
+        if audios is not None and transcripts is None:
+            flat = [a for clips in audios for a in clips]
+            texts = iter(self.transcribe(processor, flat)) if flat else iter(())
+            transcripts = [[next(texts) for _ in clips] for clips in audios]
+        inputs = processor(conversations, audios=audios, transcripts=transcripts, add_generation_prompt=True)
+        inputs = inputs.to(self.device)
+        tokenizer = processor.tokenizer
+        new_tokens = self.generate(**inputs, max_new_tokens=max_new_tokens,
+                                   pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    # ----- save / load: trainable weights only, safetensors, no pickle -----
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if self.is_trainable_name(k)}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+        """Write config.json and the trainable weights (connector, LoRA) as model.safetensors."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(folder)
+        save_file(self.trainable_state_dict(), folder / WEIGHTS_NAME, metadata={"format": "pt", "desta": "trainable"})
+
+    @classmethod
+    def from_base(cls, config: DestaConfig, dtype: torch.dtype = torch.float32) -> DestaModel:
+        """A fresh model: base Whisper and LLM weights from the checkpoints the config names, new connector.
+
+        A side left unnamed (`None`) is built with random weights from its inline config. Weights
+        load in float32 unless `dtype` says otherwise (bf16 on GPU: `dtype=torch.bfloat16`).
+        Like transformers' from_pretrained, the model comes back in eval mode.
+        """
+        whisper = llm = None
+        if config.encoder_name_or_path:
+            whisper = WhisperForConditionalGeneration.from_pretrained(config.encoder_name_or_path, dtype=dtype)
+        if config.llm_name_or_path:
+            llm = AutoModelForCausalLM.from_pretrained(config.llm_name_or_path, dtype=dtype)
+        return cls(config, whisper=whisper, llm=llm).to(dtype).eval()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        revision: str | None = None, token: str | None = None, **_: Any) -> DestaModel:
+        """Load a saved model (folder or Hub id): base weights from the named checkpoints + trainable weights."""
+        folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, token=token)
+        config = DestaConfig.from_pretrained(folder)
+        weights = load_file(folder / WEIGHTS_NAME)  # safetensors: no code runs while loading
+        model = cls.from_base(config, dtype=dtype)
+        expected = set(model.trainable_state_dict())
+        missing, unexpected = expected - set(weights), set(weights) - expected
+        if missing or unexpected:
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not match the model: {len(missing)} missing weights "
+                             f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
+                             f"(e.g. {sorted(unexpected)[:3]})")
+        model.load_state_dict(weights, strict=False)
+        return model
+
+
+_WHISPER_EOT = 50256  # <|endoftext|>; every special token of Whisper's vocabulary comes after it
+
+
+def _whisper_text_tokenizer(whisper_config: PreTrainedConfig):
+    """openai-whisper's tokenizer (ships its vocabulary, works offline) for decoding transcripts."""
+    from whisper.tokenizer import get_tokenizer
+
+    multilingual = whisper_config.vocab_size >= 51865
+    return get_tokenizer(multilingual=multilingual, num_languages=whisper_config.vocab_size - 51765 - int(multilingual))
+
+
+def _resolve_folder(name_or_path: str | os.PathLike, revision: str | None, token: str | None) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no config.json; point at a folder written by save_pretrained")
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) or path.exists():
+        raise FileNotFoundError(f"checkpoint {name_or_path} not found: give a folder written by save_pretrained "
+                                "or a Hub repository id such as user/desta-model")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), revision=revision, token=token,
+                                  allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+

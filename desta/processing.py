@@ -1,0 +1,223 @@
+"""DestaProcessor: chat messages + audio -> model inputs (ids, masks, labels, mel features).
+
+Renders the tokenizer's chat template with an audio placeholder, expands each placeholder to
+`windows x num_queries` audio positions followed by the clip's transcript tokens, extracts
+variable-length Whisper features per 30 s window, and sets labels to -100 everywhere except the
+assistant responses and the token that ends each of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, WhisperFeatureExtractor
+
+from desta.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, num_windows, split_windows, validate_audio
+
+IGNORE_INDEX = -100  # label of a token that carries no loss
+PROCESSOR_CONFIG = "desta_processor.json"
+# Pad variable-length windows to a whole number of encoder steps (2 mel frames of 160 samples).
+PAD_MULTIPLE = 2 * HOP_LENGTH
+
+Conversation = list[dict[str, Any]]
+
+
+class DestaProcessor:
+    """Turns conversations with audio into DestaModel inputs.
+
+    >>> proc = DestaProcessor(WhisperFeatureExtractor(), tokenizer, num_queries=2)   # doctest: +SKIP
+    >>> batch = proc([[{"role": "user", "content": "<|AUDIO|>\\nWho speaks?"},
+    ...                {"role": "assistant", "content": "A woman."}]], audios=[[clip]], transcripts=[["hi"]])
+    >>> # input_ids: [...user header, AUDIO, AUDIO, 'hi', '\\nWho speaks?', ..., 'A woman.', <eot>, '\\n']
+    >>> # labels:    [-100, ......................................, 'A woman.', <eot>, -100]
+    """
+
+    def __init__(self, feature_extractor: WhisperFeatureExtractor, tokenizer: PreTrainedTokenizerBase,
+                 audio_token: str = "<|AUDIO|>", num_queries: int = 64, transcript_max_tokens: int = 100,
+                 pad_to_30s: bool = False):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path or 'in memory'}) has "
+                             "no chat template; use a chat (instruct) model's tokenizer or set "
+                             "tokenizer.chat_template to a Jinja template")
+        if not tokenizer.is_fast:
+            raise ValueError("DestaProcessor needs a fast tokenizer (offsets locate the responses); "
+                             "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+        if audio_token not in tokenizer.get_vocab():
+            # A special token outside the LLM's vocabulary: its positions are overwritten by audio
+            # vectors before the LLM sees them, so the LLM's embeddings are never resized.
+            tokenizer.add_tokens([AddedToken(audio_token, special=True, normalized=False)], special_tokens=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.audio_token = audio_token
+        self.num_queries = num_queries
+        self.transcript_max_tokens = transcript_max_tokens
+        self.pad_to_30s = pad_to_30s
+
+    sampling_rate = SAMPLE_RATE
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.audio_token)
+
+    @classmethod
+    def from_config(cls, config, tokenizer: PreTrainedTokenizerBase,
+                    feature_extractor: WhisperFeatureExtractor | None = None) -> DestaProcessor:
+        """A processor matching a DestaConfig; sets config.audio_token_id to the tokenizer's id."""
+        feature_extractor = feature_extractor or WhisperFeatureExtractor(
+            feature_size=config.encoder_config.num_mel_bins)
+        processor = cls(feature_extractor, tokenizer, audio_token=config.audio_token,
+                        num_queries=config.num_queries, transcript_max_tokens=config.transcript_max_tokens,
+                        pad_to_30s=config.pad_to_30s)
+        config.audio_token_id = processor.audio_token_id
+        return processor
+
+    # ----- save / load -----
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.feature_extractor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        settings = {"audio_token": self.audio_token, "num_queries": self.num_queries,
+                    "transcript_max_tokens": self.transcript_max_tokens, "pad_to_30s": self.pad_to_30s}
+        (folder / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> DestaProcessor:
+        folder = Path(folder)
+        if not (folder / PROCESSOR_CONFIG).is_file():
+            raise FileNotFoundError(f"{folder} holds no {PROCESSOR_CONFIG}; save the processor with "
+                                    "DestaProcessor.save_pretrained next to the model")
+        settings = json.loads((folder / PROCESSOR_CONFIG).read_text())
+        return cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), **settings)
+
+    # ----- text -----
+
+    def render(self, conversation: Conversation, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def response_spans(self, conversation: Conversation, text: str) -> list[tuple[int, int]]:
+        """Character spans of each assistant message's content within the rendered `text`."""
+        spans = []
+        for index, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(conversation[:index], add_generation_prompt=True)
+            content = str(message["content"]).strip()
+            start = text.find(content, len(prefix)) if text.startswith(prefix) else -1
+            if start < 0 or not content:
+                raise ValueError(f"cannot locate assistant message {index} ({content[:40]!r}) in the rendered "
+                                 "chat; the chat template must render history as a prefix of the full conversation")
+            spans.append((start, start + len(content)))
+        return spans
+
+    def transcript_ids(self, transcript: str | None) -> list[int]:
+        if not transcript:
+            return []
+        ids = self.tokenizer(" " + transcript.strip(), add_special_tokens=False).input_ids
+        return ids[: self.transcript_max_tokens]
+
+    def _encode(self, conversation: Conversation, clips: list[np.ndarray], transcripts: list[str | None],
+                add_generation_prompt: bool, with_labels: bool) -> tuple[list[int], list[int]]:
+        text = self.render(conversation, add_generation_prompt=add_generation_prompt)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [IGNORE_INDEX] * len(enc.input_ids)
+        if with_labels:
+            for start, end in self.response_spans(conversation, text):
+                inside = [i for i, (a, b) in enumerate(enc.offset_mapping) if a < end and b > start]
+                after = [i for i, (a, _) in enumerate(enc.offset_mapping) if a >= end]
+                for i in inside + after[:1]:  # the response, then the token that ends the turn
+                    labels[i] = enc.input_ids[i]
+        audio_id = self.audio_token_id
+        placeholders = sum(1 for t in enc.input_ids if t == audio_id)
+        if placeholders != len(clips):
+            raise ValueError(f"the conversation holds {placeholders} audio placeholders ({self.audio_token}) but "
+                             f"{len(clips)} audio clips were given; put one {self.audio_token} in the user message "
+                             "per clip")
+        ids_out: list[int] = []
+        labels_out: list[int] = []
+        clip_index = 0
+        for token, label in zip(enc.input_ids, labels, strict=True):
+            if token != audio_id:
+                ids_out.append(token)
+                labels_out.append(label)
+                continue
+            expanded = [audio_id] * (num_windows(len(clips[clip_index])) * self.num_queries)
+            expanded += self.transcript_ids(transcripts[clip_index])
+            ids_out += expanded
+            labels_out += [IGNORE_INDEX] * len(expanded)
+            clip_index += 1
+        return ids_out, labels_out
+
+    # ----- batch -----
+
+    def __call__(self, conversations: list[Conversation], audios: list[list[np.ndarray]] | None = None,
+                 transcripts: list[list[str | None]] | None = None, sampling_rate: int = SAMPLE_RATE,
+                 add_generation_prompt: bool = False, padding_side: str | None = None) -> BatchFeature:
+        """Batch of conversations (each with its own list of clips and transcripts) -> model inputs.
+
+        Returns input_ids, attention_mask (batch, seq); labels (batch, seq) unless
+        add_generation_prompt; input_features (windows, mel_bins, frames) and
+        feature_attention_mask (windows, frames) when any audio is given.
+        Padding is on the left for generation and on the right for training, unless set.
+        """
+        audios = audios if audios is not None else [[] for _ in conversations]
+        transcripts = transcripts if transcripts is not None else [[None] * len(c) for c in audios]
+        if not len(conversations) == len(audios) == len(transcripts):
+            raise ValueError(f"got {len(conversations)} conversations, {len(audios)} audio lists and "
+                             f"{len(transcripts)} transcript lists; give one of each per conversation")
+        with_labels = not add_generation_prompt
+        side = padding_side or ("left" if add_generation_prompt else "right")
+        rows, windows = [], []
+        for row, (conversation, clips, texts) in enumerate(zip(conversations, audios, transcripts, strict=True)):
+            clips = [validate_audio(np.asarray(c), sampling_rate, f"conversation {row}, clip {i}")
+                     for i, c in enumerate(clips)]
+            if len(texts) != len(clips):
+                raise ValueError(f"conversation {row}: {len(clips)} clips but {len(texts)} transcripts")
+            rows.append(self._encode(conversation, clips, texts, add_generation_prompt, with_labels))
+            windows += [w for clip in clips for w in split_windows(clip)]
+
+        width = max(len(ids) for ids, _ in rows)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, labs) in enumerate(rows):
+            span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids)
+            attention_mask[i, span] = 1
+            labels[i, span] = torch.tensor(labs)
+        data: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if with_labels:
+            data["labels"] = labels
+        if windows:
+            data.update(self.extract_features(windows))
+        return BatchFeature(data)
+
+    def extract_features(self, windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Log-mel features of 30 s windows at their real length (or padded to 30 s).
+
+        Returns input_features (windows, mel_bins, frames) and feature_attention_mask (windows, frames).
+        """
+        if self.pad_to_30s:
+            kwargs: dict[str, Any] = {"padding": "max_length", "max_length": N_SAMPLES}
+        else:
+            kwargs = {"padding": "longest", "pad_to_multiple_of": PAD_MULTIPLE}
+        features = self.feature_extractor(windows, sampling_rate=SAMPLE_RATE, return_attention_mask=True,
+                                          return_tensors="pt", **kwargs)
+        mask = features.attention_mask
+        if self.pad_to_30s:  # the papers' behaviour: the encoder and connector see the padding too
+            mask = torch.ones_like(mask)
+        return {"input_features": features.input_features, "feature_attention_mask": mask}
+
+    def batch_decode(self, ids: torch.Tensor, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)

@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from desta.testing import real_models_dir
+from desta.tts import Voice, synthesize
+
+
+@pytest.fixture(scope="session")
+def clip() -> np.ndarray:
+    """About 2 s of real synthetic speech at 16 kHz."""
+    return synthesize("Excuse me, where is the station?", Voice(accent="British", variant="f2"))
+
+
+@pytest.fixture(scope="session")
+def short_clip() -> np.ndarray:
+    return synthesize("Hello.", Voice(accent="American", variant="m3"))
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    folder = real_models_dir()
+    if folder is None:
+        pytest.skip("real checkpoints absent: run shared/tools/fetch_offline_models.sh (or set DESTA_MODELS)")
+    return folder
+
+
+def conversation(response: str | None = "A woman asks for the station.", instruction: str = "What can you hear?"):
+    messages = [{"role": "user", "content": f"<|AUDIO|>\n{instruction}"}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages

@@ -1,0 +1,203 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from desta.audio import SAMPLE_RATE
+from desta.loading import build, load, save
+from desta.modeling import DestaConfig, default_tapped_layers
+from desta.testing import save_tiny_bases, tiny_model
+from tests.conftest import conversation
+
+
+def _snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _step(model, batch, steps=1):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_connector_gives_queries_per_window_in_llm_width(clip):
+    model, processor = tiny_model()
+    assert model.config.tapped_layers == [0, 1, 2, 3] and model.config.num_queries == 64
+    long_clip = np.tile(clip, int(np.ceil(45 * SAMPLE_RATE / len(clip))))[: 45 * SAMPLE_RATE]
+    for audio, windows in [(clip, 1), (long_clip, 2)]:
+        features = processor.extract_features([w for w in np.array_split(audio, 1)] if windows == 1 else
+                                              [audio[: 30 * SAMPLE_RATE], audio[30 * SAMPLE_RATE:]])
+        hidden, mask = model.encode_audio(**features)
+        assert hidden.shape[:2] == (4, windows)  # (layers, windows, steps, d_model)
+        out = model.embed_audio(**features)
+        assert out.shape == (windows, 64, model.config.text_config.hidden_size)
+
+
+def test_45_second_clip_gives_two_windows_in_order(clip):
+    model, processor = tiny_model()
+    long_clip = np.tile(clip, int(np.ceil(45 * SAMPLE_RATE / len(clip))))[: 45 * SAMPLE_RATE]
+    batch = processor([conversation()], audios=[[long_clip]], transcripts=[[None]])
+    assert batch["input_features"].shape[0] == 2
+    assert int((batch["input_ids"] == processor.audio_token_id).sum()) == 2 * 64
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_variable_length_and_padded_modes_both_run(clip):
+    variable, processor = tiny_model()
+    padded, padded_processor = tiny_model(pad_to_30s=True)
+    short = processor([conversation()], audios=[[clip]])
+    full = padded_processor([conversation()], audios=[[clip]])
+    assert short["input_features"].shape[-1] < 3000 == full["input_features"].shape[-1]
+    assert torch.isfinite(variable(**short).loss) and torch.isfinite(padded(**full).loss)
+
+
+def test_audio_features_do_not_depend_on_batch_padding(clip, short_clip):
+    model, processor = tiny_model()
+    alone = model.embed_audio(**processor.extract_features([short_clip]))
+    batched = model.embed_audio(**processor.extract_features([short_clip, clip]))
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_one_step_trains_connector_only(clip):
+    model, processor = tiny_model()
+    before = _snapshot(model)
+    _step(model, processor([conversation()], audios=[[clip]], transcripts=[["excuse me"]]))
+    for name, param in model.named_parameters():
+        if name.startswith("connector."):
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def test_lora_trains_lora_and_connector_only(clip):
+    model, processor = tiny_model(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    counts = model.parameter_counts()
+    before = _snapshot(model)
+    # two steps: LoRA's B starts at zero, so A first moves on the second step
+    _step(model, processor([conversation()], audios=[[clip]]), steps=2)
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora and counts["trainable"] == sum(p.numel() for n, p in model.named_parameters()
+                                               if "lora_" in n or n.startswith("connector."))
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        assert changed == ("lora_" in name or name.startswith("connector.")), name
+
+
+def test_labels_cover_response_and_end_of_turn_and_loss_is_their_mean(clip):
+    model, processor = tiny_model()
+    model.eval()
+    batch = processor([conversation("A woman asks for the station.")], audios=[[clip]], transcripts=[["hi"]])
+    labels = batch["labels"][0]
+    kept = labels[labels != -100]
+    assert processor.tokenizer.decode(kept) == "A woman asks for the station.<|im_end|>"
+    out = model(**batch)
+    logits = out.logits[0, :-1]
+    targets = labels[1:]
+    mask = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_placeholder_feature_mismatch_names_both_counts(clip):
+    model, processor = tiny_model()
+    batch = processor([conversation()], audios=[[clip]])
+    two_windows = processor.extract_features([clip, clip])
+    batch.update(two_windows)
+    with pytest.raises(ValueError, match=r"64 audio placeholder positions but the audio gives 128 vectors"):
+        model(**batch)
+    without = {k: v for k, v in batch.items() if "feature" not in k}
+    with pytest.raises(ValueError, match="64 audio placeholder positions but no audio features"):
+        model(**without)
+
+
+def test_processor_errors_name_the_fix(clip):
+    _, processor = tiny_model()
+    with pytest.raises(ValueError, match=r"expected a sampling rate of 16000 Hz, got 44100 Hz.*resample"):
+        processor([conversation()], audios=[[clip]], sampling_rate=44100)
+    with pytest.raises(ValueError, match="empty"):
+        processor([conversation()], audios=[[np.zeros(0, dtype=np.float32)]])
+    nan_clip = clip.copy()
+    nan_clip[10] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        processor([conversation()], audios=[[nan_clip]])
+    with pytest.raises(ValueError, match=r"1 audio placeholders .* but 2 audio clips"):
+        processor([conversation()], audios=[[clip, clip]])
+    tokenizer = processor.tokenizer
+    tokenizer.chat_template = None
+    from desta.processing import DestaProcessor
+    with pytest.raises(ValueError, match="no chat template.*chat_template"):
+        DestaProcessor(processor.feature_extractor, tokenizer)
+
+
+def test_tapped_layer_defaults_and_bad_layers():
+    assert default_tapped_layers(4) == [0, 1, 2, 3]
+    assert default_tapped_layers(12) == [2, 5, 8, 11]
+    assert default_tapped_layers(24) == [5, 11, 17, 23]
+    assert default_tapped_layers(32) == [7, 15, 23, 31]
+    model, _ = tiny_model()
+    with pytest.raises(ValueError, match=r"tapped_layers \[9\] .* \[0, 3\]"):
+        DestaConfig(encoder_config=model.config.encoder_config.to_dict(), tapped_layers=[9])
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, clip, lora):
+    whisper_dir, llm_dir = save_tiny_bases(tmp_path / "bases")
+    model, processor = build(str(whisper_dir), str(llm_dir), lora=lora)
+    batch = processor([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
+    _step(model, batch, steps=2)  # so the saved weights differ from a fresh init
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save(model, processor, tmp_path / "ckpt")
+    files = sorted(os.listdir(tmp_path / "ckpt"))
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    assert {"config.json", "model.safetensors", "desta_processor.json", "preprocessor_config.json"} <= set(files)
+    full_size = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert os.path.getsize(tmp_path / "ckpt" / "model.safetensors") < 0.1 * full_size
+
+    reloaded, reloaded_processor = load(tmp_path / "ckpt")
+    reloaded.eval()
+    again = reloaded_processor([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(reloaded(**again).logits, expected)
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load(tmp_path / "empty")
+
+
+def test_chat_with_audio_and_plain_text(clip):
+    model, processor = tiny_model()
+    model.eval()
+    answers = model.chat(processor, [conversation(None), [{"role": "user", "content": "Say hi."}]],
+                         audios=[[clip], []], max_new_tokens=5, do_sample=False)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    alone = model.chat(processor, [conversation(None)], audios=[[clip]], max_new_tokens=5, do_sample=False)
+    assert alone[0] == answers[0]  # left padding: a row's answer does not depend on its batch
+    assert isinstance(model.transcribe(processor, [clip])[0], str)
+
+
+@pytest.mark.real
+def test_real_checkpoints_transcribe_and_answer(real_models, clip):
+    import jiwer
+    from whisper.normalizers import EnglishTextNormalizer
+
+    from desta.testing import load_real_models
+
+    model, processor = load_real_models(real_models)
+    model.eval()
+    heard = model.transcribe(processor, [clip])[0]
+    normalize = EnglishTextNormalizer()
+    assert jiwer.wer(normalize("Excuse me, where is the station?"), normalize(heard)) <= 0.4
+    answer = model.chat(processor, conversation(None, "Repeat what was said."), [clip], max_new_tokens=20)[0]
+    assert answer.strip()
