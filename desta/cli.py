@@ -33,7 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"[2/3] built {kind}: {counts['total']:,} parameters, {counts['trainable']:,} trainable")
     torch.manual_seed(args.seed)
     conversation = [{"role": "user", "content": f"{processor.audio_token}\n{args.instruction}"}]
-    transcript = model.transcribe(processor, [clip])[0]
+    transcript = model.transcribe(processor, [clip], max_new_tokens=48)[0]
     answer = model.chat(processor, conversation, [clip], transcripts=[[transcript]],
                         max_new_tokens=args.max_new_tokens)[0]
     print(f"[3/3] Whisper heard: {transcript!r}")
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generation-config chatter from transformers, not the user's concern
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:

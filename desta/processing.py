@@ -31,11 +31,18 @@ Conversation = list[dict[str, Any]]
 class DestaProcessor:
     """Turns conversations with audio into DestaModel inputs.
 
-    >>> proc = DestaProcessor(WhisperFeatureExtractor(), tokenizer, num_queries=2)   # doctest: +SKIP
-    >>> batch = proc([[{"role": "user", "content": "<|AUDIO|>\\nWho speaks?"},
-    ...                {"role": "assistant", "content": "A woman."}]], audios=[[clip]], transcripts=[["hi"]])
-    >>> # input_ids: [...user header, AUDIO, AUDIO, 'hi', '\\nWho speaks?', ..., 'A woman.', <eot>, '\\n']
-    >>> # labels:    [-100, ......................................, 'A woman.', <eot>, -100]
+    >>> from desta.testing import tiny_tokenizer
+    >>> proc = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
+    >>> conv = [{"role": "user", "content": "<|AUDIO|>Who?"}, {"role": "assistant", "content": "A man."}]
+    >>> batch = proc([conv], audios=[[np.full(16000, 0.1)]], transcripts=[["hi"]])
+    >>> tokens = proc.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    >>> list(zip(tokens, batch["labels"][0].tolist()))  # doctest: +NORMALIZE_WHITESPACE
+    [('<|im_start|>', -100), ('user', -100), ('Ċ', -100), ('<|AUDIO|>', -100), ('<|AUDIO|>', -100),
+     ('Ġ', -100), ('h', -100), ('i', -100), ('Wh', -100), ('o', -100), ('?', -100), ('<|im_end|>', -100),
+     ('Ċ', -100), ('<|im_start|>', -100), ('a', -100), ('ss', -100), ('istan', -100), ('t', -100),
+     ('Ċ', -100), ('A', 35), ('Ġman', 388), ('.', 16), ('<|im_end|>', 2), ('Ċ', -100)]
+    >>> batch["input_features"].shape  # (windows, mel_bins, frames): 1 s -> 100 frames, not 3000
+    torch.Size([1, 80, 100])
     """
 
     def __init__(self, feature_extractor: WhisperFeatureExtractor, tokenizer: PreTrainedTokenizerBase,
