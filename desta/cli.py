@@ -57,6 +57,35 @@ def _tts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    """Write the synthetic espeak-ng corpus: WAV clips and a manifest with their labels."""
+    from desta.synth import synth_corpus
+
+    manifest = synth_corpus(args.out, num_clips=args.num_clips, seed=args.seed, num_proc=args.num_proc)
+    print(f"wrote {args.num_clips} clips; manifest: {manifest}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    """Turn an audio corpus into DeSTA descriptions (transcript + attributes); bad rows go to rejects."""
+    from desta.describe import DescribeConfig, describe, merge
+
+    if args.merge:
+        summary = merge(args.out)
+    else:
+        settings = {k: v for k, v in vars(args).items() if k in DescribeConfig.__dataclass_fields__ and v is not None}
+        if args.attributes:
+            settings["attributes"] = [a.strip() for a in args.attributes.split(",") if a.strip()]
+        summary = describe(DescribeConfig(**settings))
+    if "inputs" in summary:
+        print(f"inputs {summary['inputs']} = described {summary['described']} + rejected {summary['rejected']}"
+              f" ({summary['hours']} h described) -> {Path(args.out) / 'dataset'}, {Path(args.out) / 'rejects.jsonl'}")
+    else:
+        print(f"shard {summary['shard']}: {summary['chunks']} chunks done ({summary['run_now']} in this run); "
+              f"merge with: desta describe --merge --out {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from desta.tts import ACCENTS
 
@@ -73,6 +102,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit in tokens")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the tiny models")
     demo.set_defaults(run=_demo)
+
+    synth = commands.add_parser("synth", help=_synth.__doc__, description=_synth.__doc__)
+    synth.add_argument("--out", required=True, help="output folder (audio/ and manifest.jsonl)")
+    synth.add_argument("--num-clips", type=int, default=1000, help="how many clips (default 1000)")
+    synth.add_argument("--seed", type=int, default=0, help="labels and sentences depend only on (seed, index)")
+    synth.add_argument("--num-proc", type=int, default=1, help="worker processes")
+    synth.set_defaults(run=_synth)
+
+    desc = commands.add_parser("describe", help=_describe.__doc__, description=_describe.__doc__)
+    desc.add_argument("--source", help="manifest (.jsonl/.csv), save_to_disk folder, or Hub dataset id")
+    desc.add_argument("--out", required=True, help="output folder: dataset/, rejects.jsonl, summary.json")
+    desc.add_argument("--mapping", help="corpus mapping: vctk, cremad, iemocap, commonvoice, librispeech, "
+                                        "libritts_r, synthetic, or a YAML path")
+    desc.add_argument("--split", help="split of a Hub dataset (default train)")
+    desc.add_argument("--attributes", help="comma-separated attributes shown in descriptions")
+    desc.add_argument("--asr-model", help="Whisper checkpoint for clips whose metadata has no transcript")
+    desc.add_argument("--asr-backend", help="transformers (default), openai-whisper or faster-whisper")
+    desc.add_argument("--max-seconds", type=float, help="reject longer clips (default 600)")
+    desc.add_argument("--chunk-size", type=int, help="rows per resumable chunk (default 256)")
+    desc.add_argument("--num-shards", type=int, help="split the work across machines")
+    desc.add_argument("--shard-index", type=int, help="this machine's shard, 0-based")
+    desc.add_argument("--num-proc", type=int, help="worker processes for decoding and signal attributes")
+    desc.add_argument("--merge", action="store_true", help="merge finished shards in --out")
+    desc.set_defaults(run=_describe)
 
     tts = commands.add_parser("tts", help=_tts.__doc__, description=_tts.__doc__)
     tts.add_argument("text", help="what to say")

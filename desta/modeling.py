@@ -9,7 +9,6 @@ base encoder and LLM from the checkpoints the config names, and never unpickles.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from pathlib import Path
@@ -319,23 +318,11 @@ class DestaModel(PreTrainedModel):
         inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    @torch.no_grad()
     def transcribe(self, processor: DestaProcessor, audios: list[np.ndarray], max_new_tokens: int = 128) -> list[str]:
         """Whisper's own decoder transcribes each clip (batched over all 30 s windows)."""
-        from desta.audio import split_windows
+        from desta.asr import transcribe_windows
 
-        windows = [split_windows(audio) for audio in audios]
-        flat = [w for clip in windows for w in clip]
-        features = processor.feature_extractor(flat, sampling_rate=processor.sampling_rate, return_tensors="pt")
-        generation_config = copy.deepcopy(self.whisper.generation_config)
-        generation_config.max_length, generation_config.max_new_tokens = None, max_new_tokens
-        mel = features.input_features.to(self.device, self.whisper.dtype)  # (windows, mel_bins, 3000)
-        ids = self.whisper.generate(mel, generation_config=generation_config,
-                                    attention_mask=torch.ones(mel.shape[0], mel.shape[-1], dtype=torch.long,
-                                                              device=self.device))
-        texts = iter(_whisper_text_tokenizer(self.whisper.config).decode(
-            [t for t in row.tolist() if t < _WHISPER_EOT]).strip() for row in ids)
-        return [" ".join(next(texts) for _ in clip).strip() for clip in windows]
+        return transcribe_windows(self.whisper, processor.feature_extractor, audios, max_new_tokens)
 
     @torch.no_grad()
     def chat(self, processor: DestaProcessor, conversations: list[list[dict]] | list[dict],
@@ -402,17 +389,6 @@ class DestaModel(PreTrainedModel):
                              f"(e.g. {sorted(unexpected)[:3]})")
         model.load_state_dict(weights, strict=False)
         return model
-
-
-_WHISPER_EOT = 50256  # <|endoftext|>; every special token of Whisper's vocabulary comes after it
-
-
-def _whisper_text_tokenizer(whisper_config: PreTrainedConfig):
-    """openai-whisper's tokenizer (ships its vocabulary, works offline) for decoding transcripts."""
-    from whisper.tokenizer import get_tokenizer
-
-    multilingual = whisper_config.vocab_size >= 51865
-    return get_tokenizer(multilingual=multilingual, num_languages=whisper_config.vocab_size - 51765 - int(multilingual))
 
 
 def _resolve_folder(name_or_path: str | os.PathLike, revision: str | None, token: str | None) -> Path:

@@ -1,0 +1,117 @@
+"""Speech recognition with Whisper: used by describe (transcripts) and by DestaModel at inference.
+
+Backends: transformers (default, batched over 30 s windows), openai-whisper, faster-whisper
+(optional extra). All take 16 kHz mono float32 clips and return one transcript per clip.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import PreTrainedConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+from desta.audio import SAMPLE_RATE, split_windows
+
+WHISPER_EOT = 50256  # <|endoftext|>; every special token of Whisper's vocabulary comes after it
+
+
+class Transcriber(Protocol):
+    name: str
+
+    def __call__(self, clips: list[np.ndarray]) -> list[str]: ...
+
+
+def whisper_text_tokenizer(whisper_config: PreTrainedConfig):
+    """openai-whisper's tokenizer (ships its vocabulary, works offline) for decoding transcripts."""
+    from whisper.tokenizer import get_tokenizer
+
+    multilingual = whisper_config.vocab_size >= 51865
+    return get_tokenizer(multilingual=multilingual, num_languages=whisper_config.vocab_size - 51765 - int(multilingual))
+
+
+@torch.no_grad()
+def transcribe_windows(whisper: WhisperForConditionalGeneration, feature_extractor: WhisperFeatureExtractor,
+                       clips: list[np.ndarray], max_new_tokens: int = 128, batch_size: int = 16) -> list[str]:
+    """Transcribe clips with a transformers Whisper: each 30 s window decoded greedily, batched; windows joined."""
+    windows = [split_windows(clip) for clip in clips]
+    flat = [w for clip in windows for w in clip]
+    tokenizer = whisper_text_tokenizer(whisper.config)
+    generation_config = copy.deepcopy(whisper.generation_config)
+    generation_config.max_length, generation_config.max_new_tokens = None, max_new_tokens
+    texts: list[str] = []
+    for start in range(0, len(flat), batch_size):
+        features = feature_extractor(flat[start : start + batch_size], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        mel = features.input_features.to(whisper.device, whisper.dtype)  # (windows, mel_bins, 3000)
+        mask = torch.ones(mel.shape[0], mel.shape[-1], dtype=torch.long, device=whisper.device)
+        ids = whisper.generate(mel, attention_mask=mask, generation_config=generation_config)
+        texts += [tokenizer.decode([t for t in row.tolist() if t < WHISPER_EOT]).strip() for row in ids]
+    pieces = iter(texts)
+    return [" ".join(next(pieces) for _ in clip).strip() for clip in windows]
+
+
+class TransformersWhisper:
+    """Batched Whisper through transformers (the default backend)."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, device: str | None = None, batch_size: int = 16, max_new_tokens: int = 128):
+        self.model_id = model
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        self.whisper = WhisperForConditionalGeneration.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        try:
+            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
+        except OSError:
+            self.feature_extractor = WhisperFeatureExtractor(feature_size=self.whisper.config.num_mel_bins)
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+
+    def __call__(self, clips: list[np.ndarray]) -> list[str]:
+        return transcribe_windows(self.whisper, self.feature_extractor, clips, self.max_new_tokens, self.batch_size)
+
+
+class OpenAIWhisper:
+    """openai-whisper's own decoder (model name such as "tiny.en", or a .pt checkpoint path)."""
+
+    name = "openai-whisper"
+
+    def __init__(self, model: str, device: str | None = None, **_: object):
+        import whisper
+
+        self.model_id = model
+        self.model = whisper.load_model(model, device=device)
+
+    def __call__(self, clips: list[np.ndarray]) -> list[str]:
+        return [self.model.transcribe(clip, language="en", fp16=False)["text"].strip() for clip in clips]
+
+
+class FasterWhisper:
+    """CTranslate2 Whisper through faster-whisper (`pip install desta[faster-whisper]`)."""
+
+    name = "faster-whisper"
+
+    def __init__(self, model: str, device: str | None = None, **_: object):
+        try:
+            from faster_whisper import WhisperModel
+        except ImportError as err:
+            raise ImportError("the faster-whisper backend needs `pip install faster-whisper`") from err
+        self.model_id = model
+        self.model = WhisperModel(model, device=device or "auto", compute_type="default")
+
+    def __call__(self, clips: list[np.ndarray]) -> list[str]:
+        out = []
+        for clip in clips:
+            segments, _ = self.model.transcribe(clip, language="en", beam_size=1)
+            out.append(" ".join(s.text.strip() for s in segments).strip())
+        return out
+
+
+BACKENDS = {b.name: b for b in (TransformersWhisper, OpenAIWhisper, FasterWhisper)}
+
+
+def make_transcriber(backend: str, model: str, **kwargs: object) -> Transcriber:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ASR backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[backend](model, **kwargs)

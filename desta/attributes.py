@@ -1,0 +1,172 @@
+"""Attributes of a clip for its description: measured from the signal, or normalised from labels.
+
+Signal attributes (duration, pitch, volume, speaking speed, signal-to-noise) come from 10 ms
+frames of the 16 kHz waveform; label attributes (gender, emotion, age, accent) come from corpus
+metadata through `normalize_label`. Every bin threshold is a named constant below.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from desta.audio import HOP_LENGTH, SAMPLE_RATE
+
+FRAME_LENGTH = 400  # samples in an energy frame: 25 ms
+ACTIVE_RANGE_DB = 35.0  # frames within 35 dB of the loudest frame count as speech activity
+VOICED_RANGE_DB = 20.0  # frames within 20 dB of the loudest frame are used for pitch
+FLOOR_DBFS = -60.0  # never call a frame active below this level
+F0_MIN_HZ, F0_MAX_HZ = 60.0, 500.0  # search range of the YIN pitch tracker
+F0_FRAME = 1024  # YIN window: 64 ms, two periods of 60 Hz
+
+# Pitch bins (median F0 in Hz) relative to the speaker's gender: (below -> Low, above -> High).
+# Adult speech: men ~85-155 Hz (mean ~115), women ~165-255 Hz (mean ~205).
+PITCH_BINS_HZ = {"Male": (85.0, 125.0), "Female": (165.0, 235.0), None: (110.0, 200.0)}
+# Volume bins on the RMS level of active speech, dBFS: below -26 Low, above -18 High.
+VOLUME_BINS_DBFS = (-26.0, -18.0)
+# Speaking speed bins, words per second of active speech (pauses excluded): below 3.0 Slow, above 4.5 Fast.
+SPEED_BINS_WPS = (3.0, 4.5)
+# Signal-to-noise bins, dB: below 15 Noisy, above 30 Clean, else Moderate.
+SNR_BINS_DB = (15.0, 30.0)
+
+
+@dataclass
+class SignalMeasures:
+    duration: float  # seconds
+    active_seconds: float  # seconds of speech activity (energy within ACTIVE_RANGE_DB of the peak)
+    f0_hz: float | None  # median F0 of voiced frames; None if nothing voiced
+    level_dbfs: float  # RMS level of active frames
+    snr_db: float  # loudest half of frames vs quietest tenth
+
+
+def measure(samples: np.ndarray) -> SignalMeasures:
+    """Measure a 16 kHz mono clip.
+
+    >>> t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    >>> m = measure(0.1 * np.sin(2 * np.pi * 150 * t).astype(np.float32))
+    >>> round(m.duration, 2), round(m.f0_hz, -1), round(m.level_dbfs)
+    (1.0, 150.0, -23)
+    """
+    import librosa
+
+    rms = librosa.feature.rms(y=samples, frame_length=FRAME_LENGTH, hop_length=HOP_LENGTH, center=True)[0]
+    db = 20 * np.log10(np.maximum(rms, 1e-10))  # (frames,)
+    peak = db.max()
+    active = db > max(peak - ACTIVE_RANGE_DB, FLOOR_DBFS)
+    f0 = librosa.yin(samples, fmin=F0_MIN_HZ, fmax=F0_MAX_HZ, sr=SAMPLE_RATE, frame_length=F0_FRAME,
+                     hop_length=HOP_LENGTH)
+    frames = min(len(f0), len(db))
+    voiced = active[:frames] & (db[:frames] > peak - VOICED_RANGE_DB)
+    power = rms**2
+    ordered = np.sort(power)
+    loud, quiet = ordered[len(ordered) // 2 :].mean(), ordered[: max(1, len(ordered) // 10)].mean()
+    return SignalMeasures(
+        duration=len(samples) / SAMPLE_RATE,
+        active_seconds=float(active.sum()) * HOP_LENGTH / SAMPLE_RATE,
+        f0_hz=float(np.median(f0[:frames][voiced])) if voiced.any() else None,
+        level_dbfs=float(10 * np.log10(max(power[active].mean(), 1e-20))),
+        snr_db=float(10 * np.log10(max(loud, 1e-20) / max(quiet, 1e-20))),
+    )
+
+
+def _bin(value: float, bounds: tuple[float, float], words: tuple[str, str, str]) -> str:
+    low, high = bounds
+    return words[0] if value < low else words[2] if value > high else words[1]
+
+
+def pitch_word(f0_hz: float | None, gender: str | None = None) -> str | None:
+    """'Low' / 'Normal' / 'High' relative to the gender's range.
+
+    >>> pitch_word(100, "Male"), pitch_word(100, "Female"), pitch_word(260, None)
+    ('Normal', 'Low', 'High')
+    """
+    if f0_hz is None:
+        return None
+    return _bin(f0_hz, PITCH_BINS_HZ.get(gender, PITCH_BINS_HZ[None]), ("Low", "Normal", "High"))
+
+
+def volume_word(level_dbfs: float) -> str:
+    return _bin(level_dbfs, VOLUME_BINS_DBFS, ("Low", "Normal", "High"))
+
+
+def speed_word(words_per_second: float) -> str:
+    return _bin(words_per_second, SPEED_BINS_WPS, ("Slow", "Normal", "Fast"))
+
+
+def noise_word(snr_db: float) -> str:
+    return _bin(snr_db, SNR_BINS_DB, ("Noisy", "Moderate", "Clean"))
+
+
+def count_words(text: str) -> int:
+    return len(re.findall(r"[\w']+", text))
+
+
+# ----- labels from metadata -----
+
+GENDER_LABELS = {
+    "Female": ["f", "female", "woman", "w", "girl", "feminine"],
+    "Male": ["m", "male", "man", "boy", "masculine"],
+}
+EMOTION_LABELS = {
+    "Neutral": ["neutral", "neu", "n", "calm"],
+    "Happy": ["happy", "hap", "h", "joy", "happiness", "exc", "excited"],
+    "Sad": ["sad", "sa", "sadness"],
+    "Angry": ["angry", "ang", "a", "anger"],
+    "Fearful": ["fear", "fea", "fearful", "f"],
+    "Disgusted": ["disgust", "dis", "d", "disgusted"],
+    "Surprised": ["surprise", "sur", "surprised", "ps"],
+    "Frustrated": ["frustrated", "fru", "frustration"],
+}
+AGE_WORDS = {"teens": "Teenager", "twenties": "Young adult", "thirties": "Young adult", "fourties": "Middle-aged",
+             "forties": "Middle-aged", "fifties": "Middle-aged", "sixties": "Senior", "seventies": "Senior",
+             "eighties": "Senior", "nineties": "Senior"}
+AGE_BINS_YEARS = ((13, "Child"), (20, "Teenager"), (36, "Young adult"), (56, "Middle-aged"))  # else Senior
+
+
+class LabelError(ValueError):
+    """A metadata label outside the known set for its attribute."""
+
+
+def _lookup(table: dict[str, list[str]], value: str, attribute: str) -> str:
+    key = value.strip().lower()
+    for word, spellings in table.items():
+        if key == word.lower() or key in spellings:
+            return word
+    raise LabelError(f"unknown {attribute} label {value!r}; known: {sorted(table)} "
+                     f"(or their spellings); add it to the corpus mapping's labels")
+
+
+def normalize_label(attribute: str, value: object, extra: dict[str, str] | None = None) -> str | None:
+    """A metadata value as the word a description uses; None for a missing value.
+
+    `extra` maps a corpus's own codes first (e.g. CREMA-D's "HAP" -> "Happy").
+
+    >>> normalize_label("gender", "F"), normalize_label("gender", "woman"), normalize_label("emotion", "ang")
+    ('Female', 'Female', 'Angry')
+    >>> normalize_label("age", 42), normalize_label("age", "twenties"), normalize_label("accent", "scottish")
+    ('Middle-aged', 'Young adult', 'Scottish')
+    """
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() in ("", "nan", "None"):
+        return None
+    text = str(value).strip()
+    if extra:
+        lowered = {k.lower(): v for k, v in extra.items()}
+        text = lowered.get(text.lower(), text)
+    if attribute == "gender":
+        return _lookup(GENDER_LABELS, text, "gender")
+    if attribute == "emotion":
+        return _lookup(EMOTION_LABELS, text, "emotion")
+    if attribute == "age":
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            years = float(text)
+            return next((word for bound, word in AGE_BINS_YEARS if years < bound), "Senior")
+        if text.lower() in AGE_WORDS:
+            return AGE_WORDS[text.lower()]
+        if text in set(AGE_WORDS.values()) | {"Child"}:
+            return text
+        raise LabelError(f"unknown age label {value!r}; give years or one of {sorted(set(AGE_WORDS))}")
+    if attribute == "accent":  # an open set: keep the corpus's word, tidied
+        return " ".join(w.capitalize() for w in re.split(r"[\s_]+", text) if w)
+    raise LabelError(f"unknown attribute {attribute!r}; one of gender, emotion, age, accent")

@@ -1,0 +1,397 @@
+"""Stage 1, describe: audio corpus -> rich text descriptions (transcript + paralinguistic attributes).
+
+Reads a manifest (JSONL/CSV with a path column, paths relative to it), a `datasets` folder
+(`save_to_disk`) or a Hub dataset id. Writes OUT/dataset (a `datasets` dataset: the source rows
+plus id, duration, transcript, attributes, sources, description), OUT/rejects.jsonl (id, source,
+reason) and OUT/summary.json. Work goes in chunks written atomically under OUT/parts, so a killed
+run resumes where it stopped, and shards (`num_shards`, `shard_index`) split it across machines.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from desta.attributes import (
+    LabelError,
+    count_words,
+    measure,
+    noise_word,
+    normalize_label,
+    pitch_word,
+    speed_word,
+    volume_word,
+)
+from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio
+
+LABEL_ATTRIBUTES = ("gender", "emotion", "accent", "age")
+DEFAULT_ATTRIBUTES = ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed", "duration"]
+# How each attribute is named inside a description, in the order it appears.
+DESCRIPTION_NAMES = {"gender": "Gender", "emotion": "Emotion", "accent": "Accent", "age": "Age", "pitch": "Pitch",
+                     "volume": "Volume", "speaking_speed": "Speaking speed", "noise": "Noise",
+                     "duration": "Duration"}
+MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "data_prep"
+
+
+@dataclass
+class DescribeConfig:
+    """Settings of `desta describe`."""
+
+    source: str  # manifest (.jsonl/.csv), a save_to_disk folder, or a Hub dataset id
+    out: str  # output folder
+    mapping: str | None = None  # corpus mapping: a name in data_prep/ (vctk, cremad, ...) or a YAML path
+    split: str = "train"  # split of a Hub dataset
+    attributes: list[str] = field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))  # what descriptions show
+    asr_model: str | None = None  # Whisper checkpoint for clips without a transcript; None: metadata only
+    asr_backend: str = "transformers"  # transformers | openai-whisper | faster-whisper
+    asr_batch_size: int = 16  # 30 s windows per Whisper batch
+    max_seconds: float = 600.0  # longer clips are rejected
+    chunk_size: int = 256  # rows per resumable unit of work
+    num_shards: int = 1  # split the work across machines ...
+    shard_index: int = 0  # ... this machine's share
+    num_proc: int = 1  # worker processes for decoding and signal attributes
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.attributes) - set(DESCRIPTION_NAMES))
+        problems = [f"unknown attributes {unknown}; choose from {sorted(DESCRIPTION_NAMES)}"] if unknown else []
+        if not 0 <= self.shard_index < self.num_shards:
+            problems.append(f"shard_index {self.shard_index} must be in [0, {self.num_shards - 1}]")
+        if self.chunk_size < 1 or self.num_proc < 1:
+            problems.append("chunk_size and num_proc must be at least 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# ----- corpus mappings -----
+
+def load_mapping(name_or_path: str | None) -> dict[str, Any]:
+    """A corpus mapping: which column holds id, audio, transcript and each label, and label spellings."""
+    if name_or_path is None:
+        return {}
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = MAPPINGS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in MAPPINGS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"corpus mapping {name_or_path!r} not found; give a YAML path or one of {known}")
+    mapping = yaml.safe_load(path.read_text()) or {}
+    allowed = {"id", "audio", "transcript", "speaker", "labels", *LABEL_ATTRIBUTES}
+    if set(mapping) - allowed:
+        raise ValueError(f"{path}: unknown keys {sorted(set(mapping) - allowed)}; allowed: {sorted(allowed)}")
+    return mapping
+
+
+# ----- sources -----
+
+def _read_manifest(path: Path) -> tuple[list[dict], list[dict]]:
+    """Rows of a JSONL or CSV manifest, with paths made absolute; malformed rows come back as rejects."""
+    rows, rejects = [], []
+    if path.suffix == ".csv":
+        with open(path, newline="") as handle:
+            records = [(i + 2, r, None) for i, r in enumerate(csv.DictReader(handle))]  # line 1 is the header
+    else:
+        records = []
+        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records.append((line_no, record, None if isinstance(record, dict) else "not a JSON object"))
+            except json.JSONDecodeError as err:
+                records.append((line_no, None, f"malformed JSON: {err.msg}"))
+    for line_no, record, problem in records:
+        where = f"{path.name}:{line_no}"
+        if problem is None and not (record.get("path") or record.get("audio")):
+            problem = "no 'path' column value"
+        if problem:
+            rejects.append({"id": (record or {}).get("id") or where, "source": where, "reason": problem})
+            continue
+        audio_path = Path(str(record.get("path") or record.get("audio")))
+        record = {k: (None if v is None else str(v)) for k, v in record.items() if k not in ("path", "audio")}
+        record["audio"] = {"path": str(audio_path if audio_path.is_absolute() else path.parent / audio_path),
+                           "bytes": None}
+        record.setdefault("id", audio_path.stem)
+        rows.append(record)
+    return rows, rejects
+
+
+def open_source(source: str, mapping: dict[str, Any], split: str = "train"):
+    """The source as a `datasets.Dataset` with an undecoded `audio` column and an `id` column, plus rejects."""
+    from datasets import Audio, Dataset, load_dataset, load_from_disk
+
+    path = Path(source)
+    rejects: list[dict] = []
+    if path.is_file() and path.suffix in (".jsonl", ".json", ".csv"):
+        rows, rejects = _read_manifest(path)
+        if not rows and not rejects:
+            raise ValueError(f"{path} holds no rows; a manifest needs one row per clip with a 'path' column")
+        dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({"id": [], "audio": []})
+    elif path.is_dir():
+        dataset = load_from_disk(str(path))
+        if hasattr(dataset, "keys"):  # a DatasetDict
+            if split not in dataset:
+                raise ValueError(f"{path} has splits {sorted(dataset)}, not {split!r}; pass --split")
+            dataset = dataset[split]
+    elif path.exists():
+        raise ValueError(f"{path}: unsupported source; give a .jsonl/.csv manifest or a save_to_disk folder")
+    else:
+        dataset = load_dataset(source, split=split)
+    audio_column = mapping.get("audio", "audio")
+    if audio_column not in dataset.column_names:
+        raise ValueError(f"{source}: no audio column {audio_column!r} (columns: {dataset.column_names}); "
+                         "set 'audio' in the corpus mapping")
+    if audio_column != "audio":
+        dataset = dataset.rename_column(audio_column, "audio")
+    if len(dataset):
+        dataset = dataset.cast_column("audio", Audio(decode=False))
+    id_column = mapping.get("id", "id")
+    if id_column in dataset.column_names and id_column != "id":
+        dataset = dataset.add_column("id", [str(v) for v in dataset[id_column]]) \
+            if "id" not in dataset.column_names else dataset
+    if "id" not in dataset.column_names:
+        dataset = dataset.add_column("id", [f"row-{i:08d}" for i in range(len(dataset))])
+    return dataset, rejects
+
+
+# ----- one row -----
+
+def _audio_input(audio: dict) -> tuple[str | bytes, str]:
+    if audio.get("bytes"):
+        return audio["bytes"], audio.get("path") or "audio bytes"
+    return audio.get("path") or "", audio.get("path") or "missing path"
+
+
+def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float) -> dict:
+    """Decode, validate and measure one row; label attributes from metadata. Never raises for bad input:
+    returns {"reject": reason} instead."""
+    source, name = _audio_input(row["audio"] or {})
+    try:
+        samples = load_audio(source, name=name)
+    except AudioError as err:
+        return {"reject": str(err), "source": name}
+    duration = len(samples) / SAMPLE_RATE
+    if duration > max_seconds:
+        return {"reject": f"{name}: too long ({duration:.0f} s > max_seconds {max_seconds:.0f} s); "
+                          "split it or raise max_seconds", "source": name}
+    result: dict[str, Any] = {"source": name, "sources": {}}
+    labels = mapping.get("labels", {})
+    for attribute in LABEL_ATTRIBUTES:
+        column = mapping.get(attribute, attribute)
+        value = row.get(column) if column else None
+        try:
+            result[attribute] = normalize_label(attribute, value, labels.get(attribute))
+        except LabelError as err:
+            return {"reject": f"column {column!r}: {err}", "source": name}
+        if result[attribute] is not None:
+            result["sources"][attribute] = "metadata"
+    transcript_column = mapping.get("transcript", "transcript")
+    transcript = row.get(transcript_column) if transcript_column else None
+    result["transcript"] = str(transcript).strip() if transcript not in (None, "") else None
+    if result["transcript"] is not None:
+        result["sources"]["transcript"] = "metadata"
+    measures = measure(samples)
+    result.update(duration=duration, f0_hz=measures.f0_hz, level_dbfs=measures.level_dbfs,
+                  snr_db=measures.snr_db, active_seconds=measures.active_seconds)
+    result["pitch"] = pitch_word(measures.f0_hz, result["gender"])
+    result["volume"] = volume_word(measures.level_dbfs)
+    result["noise"] = noise_word(measures.snr_db)
+    result["sources"].update(duration="signal", pitch="signal", volume="signal", noise="signal")
+    if result["transcript"] is None:
+        result["samples"] = samples  # kept for the batched ASR pass
+    return result
+
+
+def _analyse_job(job: tuple[dict, dict, float]) -> dict:
+    return analyse_row(*job)
+
+
+def timestamp(seconds: float) -> str:
+    """mm:ss, e.g. 75.4 -> '01:15'."""
+    whole = int(round(seconds))
+    return f"{whole // 60:02d}:{whole % 60:02d}"
+
+
+def format_description(segments: list[tuple[float, float, str]], attributes: dict[str, str | None],
+                       shown: list[str]) -> str:
+    """The DeSTA2.5 description: one line per segment, attributes in brackets.
+
+    >>> format_description([(0.0, 2.2, "Excuse me?")], {"gender": "Female", "emotion": "Neutral",
+    ...     "accent": "British", "pitch": "High", "volume": "Low", "speaking_speed": "Slow", "duration": "2s"},
+    ...     ["gender", "emotion", "accent", "pitch", "volume", "speaking_speed", "duration"])
+    '[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, Pitch: High, Volume: Low, \
+Speaking speed: Slow, Duration: 2s)'
+    """
+    order = [name for name in DESCRIPTION_NAMES if name in shown and attributes.get(name)]
+    brackets = ", ".join(f"{DESCRIPTION_NAMES[name]}: {attributes[name]}" for name in order)
+    lines = []
+    for start, end, text in segments:
+        lines.append(f"[{timestamp(start)}-{timestamp(end)}] {text}" + (f" ({brackets})" if brackets else ""))
+    return "\n".join(lines)
+
+
+def finish_row(result: dict, shown: list[str]) -> dict:
+    """Speaking speed and description once the transcript is known; the row as stored."""
+    words = count_words(result["transcript"])
+    wps = words / result["active_seconds"] if result["active_seconds"] > 0 else 0.0
+    attributes = {name: result.get(name) for name in LABEL_ATTRIBUTES + ("pitch", "volume", "noise")}
+    attributes["speaking_speed"] = speed_word(wps)
+    attributes["duration"] = f"{max(1, round(result['duration']))}s"
+    segments = result.get("segments") or [(0.0, result["duration"], result["transcript"])]
+    sources = {**result["sources"], "speaking_speed": "signal"}
+    return {
+        "duration": round(result["duration"], 3), "transcript": result["transcript"],
+        **{name: attributes[name] for name in LABEL_ATTRIBUTES},
+        "pitch": attributes["pitch"], "volume": attributes["volume"], "speaking_speed": attributes["speaking_speed"],
+        "noise": attributes["noise"], "f0_hz": None if result["f0_hz"] is None else round(result["f0_hz"], 1),
+        "level_dbfs": round(result["level_dbfs"], 1), "words_per_second": round(wps, 2),
+        "snr_db": round(result["snr_db"], 1), "sources": json.dumps(sources, sort_keys=True),
+        "description": format_description(segments, attributes, shown),
+    }
+
+
+# ----- the stage -----
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _transcribe_pending(results: list[dict], transcriber) -> None:
+    """Fill missing transcripts with the ASR model, batched; long clips get one segment per 30 s window."""
+    from desta.audio import split_windows
+
+    pending = [r for r in results if "samples" in r]
+    if not pending:
+        return
+    windows = [split_windows(r["samples"]) for r in pending]
+    texts = iter(transcriber([w for clip in windows for w in clip]))
+    for result, clip_windows in zip(pending, windows, strict=True):
+        pieces = [next(texts) for _ in clip_windows]
+        result["transcript"] = " ".join(p for p in pieces if p).strip()
+        result["sources"]["transcript"] = "model"
+        if len(clip_windows) > 1:
+            result["segments"] = [(i * WINDOW_SECONDS, min((i + 1) * WINDOW_SECONDS, result["duration"]), text)
+                                  for i, text in enumerate(pieces)]
+
+
+def describe(config: DescribeConfig) -> dict[str, Any]:
+    """Run (or resume) this shard's chunks; merge when the run is unsharded. Returns the counts."""
+    out = Path(config.out)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    mapping = load_mapping(config.mapping)
+    dataset, load_rejects = open_source(config.source, mapping, config.split)
+    job = {"source": config.source, "mapping": config.mapping, "split": config.split, "rows": len(dataset),
+           "chunk_size": config.chunk_size, "attributes": config.attributes, "load_rejects": len(load_rejects)}
+    job_file = parts / "job.json"
+    if job_file.exists() and json.loads(job_file.read_text()) != job:
+        raise ValueError(f"{out} holds parts of a different run ({job_file}); use a new --out or delete it")
+    _write_atomic(job_file, json.dumps(job, indent=2))
+    _write_atomic(parts / "load-rejects.jsonl", _jsonl(load_rejects))
+
+    chunks = [c for c in range(math.ceil(len(dataset) / config.chunk_size)) if c % config.num_shards
+              == config.shard_index]
+    todo = [c for c in chunks if not (parts / f"part-{c:06d}.jsonl").exists()]
+    transcriber = None
+    started, audio_seconds, done_rows = time.perf_counter(), 0.0, 0
+    bar = tqdm(total=sum(min(config.chunk_size, len(dataset) - c * config.chunk_size) for c in todo),
+               desc=f"describe shard {config.shard_index}/{config.num_shards}", unit="clip",
+               disable=not config.progress)
+    pool = ProcessPoolExecutor(config.num_proc) if config.num_proc > 1 else None
+    try:
+        for chunk in todo:
+            indices = range(chunk * config.chunk_size, min((chunk + 1) * config.chunk_size, len(dataset)))
+            rows = dataset.select(indices)
+            jobs = [(dict(row), mapping, config.max_seconds) for row in rows]
+            results = list(pool.map(_analyse_job, jobs, chunksize=8)) if pool else [analyse_row(*j) for j in jobs]
+            needs_asr = any("samples" in r for r in results)
+            if needs_asr and config.asr_model is None:
+                for r in results:
+                    if r.pop("samples", None) is not None:
+                        r["reject"] = "no transcript in the metadata and no --asr-model to transcribe it"
+            elif needs_asr:
+                if transcriber is None:
+                    from desta.asr import make_transcriber
+
+                    transcriber = make_transcriber(config.asr_backend, config.asr_model,
+                                                   batch_size=config.asr_batch_size)
+                _transcribe_pending(results, transcriber)
+            described, rejected = [], []
+            for index, row, result in zip(indices, rows, results, strict=True):
+                if "reject" in result:
+                    rejected.append({"id": row["id"], "source": result["source"], "reason": result["reject"]})
+                    continue
+                audio_seconds += result["duration"]
+                described.append({"_index": index, "id": row["id"], **finish_row(result, config.attributes)})
+            # rejects first, then the part: the part's presence marks the chunk done
+            _write_atomic(parts / f"part-{chunk:06d}.rejects.jsonl", _jsonl(rejected))
+            _write_atomic(parts / f"part-{chunk:06d}.jsonl", _jsonl(described))
+            done_rows += len(indices)
+            elapsed = time.perf_counter() - started
+            bar.update(len(indices))
+            bar.set_postfix(clips_per_s=f"{done_rows / elapsed:.1f}", rtf=f"{audio_seconds / elapsed:.0f}x")
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown()
+    if config.num_shards == 1:
+        return merge(out)
+    return {"shard": config.shard_index, "chunks": len(chunks), "run_now": len(todo)}
+
+
+def merge(out: str | os.PathLike) -> dict[str, Any]:
+    """Join every shard's parts into OUT/dataset and OUT/rejects.jsonl; checks that no chunk is missing."""
+    out = Path(out)
+    parts = out / "parts"
+    if not (parts / "job.json").is_file():
+        raise FileNotFoundError(f"{parts / 'job.json'} not found; run `desta describe` into {out} first")
+    job = json.loads((parts / "job.json").read_text())
+    count = math.ceil(job["rows"] / job["chunk_size"])
+    missing = [c for c in range(count) if not (parts / f"part-{c:06d}.jsonl").exists()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {count} chunks are not done yet (e.g. chunk {missing[0]}); "
+                         "run the remaining shards, then merge again")
+    described, rejects = [], [json.loads(x) for x in (parts / "load-rejects.jsonl").read_text().splitlines()]
+    for chunk in range(count):
+        described += [json.loads(x) for x in (parts / f"part-{chunk:06d}.jsonl").read_text().splitlines()]
+        rejects += [json.loads(x) for x in (parts / f"part-{chunk:06d}.rejects.jsonl").read_text().splitlines()]
+    mapping = load_mapping(job["mapping"])
+    dataset, _ = open_source(job["source"], mapping, job["split"])
+    indices = [row.pop("_index") for row in described]
+    selected = dataset.select(indices)
+    columns = {name: [row[name] for row in described] for name in (described[0] if described else {})}
+    for name, values in columns.items():
+        if name in selected.column_names:
+            selected = selected.remove_columns(name)
+        selected = selected.add_column(name, values)
+    tmp = out / "dataset.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    selected.save_to_disk(str(tmp))
+    shutil.rmtree(out / "dataset", ignore_errors=True)
+    os.replace(tmp, out / "dataset")
+    _write_atomic(out / "rejects.jsonl", _jsonl(rejects))
+    inputs = job["rows"] + job["load_rejects"]
+    summary = {"inputs": inputs, "described": len(described), "rejected": len(rejects),
+               "hours": round(sum(selected["duration"]) / 3600, 4) if len(selected) else 0.0}
+    assert summary["described"] + summary["rejected"] == inputs, summary  # no row lost or doubled
+    _write_atomic(out / "summary.json", json.dumps({**summary, "config": job}, indent=2))
+    return summary
+
+

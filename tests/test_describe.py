@@ -1,0 +1,231 @@
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from datasets import Audio, Dataset, load_from_disk
+
+from desta.attributes import LabelError, normalize_label
+from desta.cli import main
+from desta.describe import DescribeConfig, describe, finish_row, load_mapping, merge
+from desta.synth import row_for, synth_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    return synth_corpus(folder, num_clips=12, seed=3, progress=False)
+
+
+def _rows(out):
+    dataset = load_from_disk(str(out / "dataset"))
+    return [{k: v for k, v in row.items() if k != "audio"} for row in dataset]
+
+
+def test_synthetic_corpus_labels_depend_only_on_seed_and_index(corpus, tmp_path):
+    assert row_for(5, seed=3) == row_for(5, seed=3) and row_for(5, seed=3) != row_for(5, seed=4)
+    again = synth_corpus(tmp_path, num_clips=12, seed=3, progress=False)
+    assert again.read_text() == corpus.read_text()
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert len({r["transcript"] for r in rows}) > 8 and {r["gender"] for r in rows} == {"Female", "Male"}
+
+
+def test_describe_synthetic_corpus(corpus, tmp_path):
+    summary = describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "d"), mapping="synthetic",
+                                      progress=False, chunk_size=5))
+    assert summary["inputs"] == summary["described"] == 12 and summary["rejected"] == 0
+    rows = _rows(tmp_path / "d")
+    first = rows[0]
+    assert first["description"].startswith(f"[00:00-00:0{round(first['duration'])}] {first['transcript']} (Gender: ")
+    assert json.loads(first["sources"])["gender"] == "metadata" and json.loads(first["sources"])["pitch"] == "signal"
+    agree = np.mean([r["pitch"] == r["pitch_label"] for r in rows])
+    assert agree >= 0.75  # measured pitch bins follow the voice settings
+
+
+def test_bad_inputs_land_in_rejects_and_counts_add_up(corpus, tmp_path):
+    good = json.loads(corpus.read_text().splitlines()[0])
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    y, _ = sf.read(corpus.parent / good["path"], dtype="float32")
+    sf.write(audio / "stereo8k.wav", np.stack([y[::2], y[::2]], axis=1), 8000)  # odd rate, two channels: fine
+    sf.write(audio / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    sf.write(audio / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    nan = y.copy()
+    nan[100] = np.nan
+    sf.write(audio / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(audio / "long.wav", np.tile(y, 4), 16000)
+    (audio / "corrupt.wav").write_bytes(b"RIFF not really a wave file")
+    base = {"transcript": good["transcript"], "gender": "F", "accent": "British", "emotion": "neutral"}
+    lines = [json.dumps({"path": str(corpus.parent / good["path"]), **base}),
+             json.dumps({"path": "audio/stereo8k.wav", **base}),
+             json.dumps({"path": "audio/missing.wav", **base}),
+             json.dumps({"path": "audio/corrupt.wav", **base}),
+             json.dumps({"path": "audio/empty.wav", **base}),
+             json.dumps({"path": "audio/silent.wav", **base}),
+             json.dumps({"path": "audio/nan.wav", **base}),
+             json.dumps({"path": "audio/long.wav", **base}),
+             json.dumps({"path": "audio/stereo8k.wav", **base, "gender": "robot"}),
+             '{"path": "audio/stereo8k.wav", "transcript": ',
+             json.dumps({"transcript": "no path here"})]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    max_seconds = 2.5 * len(y) / 16000
+    summary = describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
+                                      max_seconds=max_seconds, chunk_size=4))
+    rejects = [json.loads(x) for x in (tmp_path / "d" / "rejects.jsonl").read_text().splitlines()]
+    reasons = " | ".join(r["reason"] for r in rejects)
+    for expected in ["file not found", "cannot decode audio", "empty", "silent", "NaN or infinite", "too long",
+                     "unknown gender label 'robot'", "malformed JSON", "no 'path' column value"]:
+        assert expected in reasons, expected
+    assert summary == {"inputs": 11, "described": 2, "rejected": 9, "hours": summary["hours"]}
+    assert all({"id", "source", "reason"} <= set(r) for r in rejects)
+
+
+def test_missing_transcript_without_asr_is_rejected(corpus, tmp_path):
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()[:2]]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": str(corpus.parent / r["path"])}) + "\n" for r in rows))
+    summary = describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False))
+    assert summary["rejected"] == 2
+    assert "no --asr-model" in (tmp_path / "d" / "rejects.jsonl").read_text()
+
+
+def test_interrupted_run_resumes_without_redoing_or_duplicating(corpus, tmp_path, monkeypatch):
+    import desta.describe as stage
+
+    full = tmp_path / "full"
+    describe(DescribeConfig(source=str(corpus), out=str(full), progress=False, chunk_size=3))
+    calls = {"n": 0}
+    real = stage.analyse_row
+
+    def dies_on_seventh_row(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # as if killed in the middle of chunk 2
+        return real(*args)
+
+    monkeypatch.setattr(stage, "analyse_row", dies_on_seventh_row)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        describe(DescribeConfig(source=str(corpus), out=str(out), progress=False, chunk_size=3))
+    assert sorted(p.name for p in (out / "parts").glob("part-*[0-9].jsonl")) == ["part-000000.jsonl",
+                                                                                  "part-000001.jsonl"]
+    assert not list((out / "parts").glob("*.tmp"))
+    calls["n"] = 0
+    monkeypatch.setattr(stage, "analyse_row", lambda *a: (calls.__setitem__("n", calls["n"] + 1), real(*a))[1])
+    describe(DescribeConfig(source=str(corpus), out=str(out), progress=False, chunk_size=3))
+    assert calls["n"] == 6  # only the two unfinished chunks ran again
+    assert _strip_measures(_rows(out)) == _strip_measures(_rows(full))
+
+
+def _strip_measures(rows):
+    # espeak-ng audio is fixed on disk, so every field must match exactly
+    return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+
+def test_shards_merge_to_the_unsharded_output(corpus, tmp_path, capsys):
+    describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "one"), progress=False, chunk_size=4))
+    for index in range(2):
+        assert main(["describe", "--source", str(corpus), "--out", str(tmp_path / "two"), "--chunk-size", "4",
+                     "--num-shards", "2", "--shard-index", str(index)]) == 0
+    assert "merge with" in capsys.readouterr().out
+    assert main(["describe", "--merge", "--out", str(tmp_path / "two")]) == 0
+    assert "inputs 12 = described 12 + rejected 0" in capsys.readouterr().out
+    assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
+
+
+def test_merge_refuses_missing_chunks(corpus, tmp_path):
+    describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "d"), progress=False, chunk_size=4,
+                            num_shards=3, shard_index=0))
+    with pytest.raises(ValueError, match="2 of 3 chunks are not done"):
+        merge(tmp_path / "d")
+
+
+def test_description_for_a_known_row():
+    result = {"duration": 2.2, "transcript": "Excuse me?", "gender": "Female", "emotion": "Neutral",
+              "accent": "British", "age": None, "pitch": "High", "volume": "Low", "noise": "Clean",
+              "f0_hz": 250.0, "level_dbfs": -30.0, "snr_db": 40.0, "active_seconds": 1.0, "sources": {}}
+    row = finish_row(result, ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed",
+                              "duration"])
+    assert row["description"] == ("[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, "
+                                  "Pitch: High, Volume: Low, Speaking speed: Slow, Duration: 2s)")
+    short = finish_row(result, ["gender", "duration"])
+    assert short["description"] == "[00:00-00:02] Excuse me? (Gender: Female, Duration: 2s)"
+
+
+@pytest.mark.parametrize("attribute, value, expected", [
+    ("gender", "F", "Female"), ("gender", "female", "Female"), ("gender", "woman", "Female"),
+    ("gender", "M", "Male"), ("emotion", "NEU", "Neutral"), ("emotion", "hap", "Happy"), ("emotion", "exc", "Happy"),
+    ("emotion", "fru", "Frustrated"), ("age", "23", "Young adult"), ("age", "sixties", "Senior"),
+    ("accent", "northern irish", "Northern Irish"), ("gender", "", None), ("age", None, None),
+])
+def test_label_normalisation(attribute, value, expected):
+    assert normalize_label(attribute, value) == expected
+
+
+def test_unknown_label_names_the_known_set():
+    with pytest.raises(LabelError, match=r"unknown emotion label 'bored'; known: \['Angry'"):
+        normalize_label("emotion", "bored")
+
+
+CORPUS_FIXTURES = {
+    # mapping: (columns of one row as the corpus ships them, expected normalised labels)
+    "librispeech": ({"id": "84-121123-0000", "text": "GO DO YOU HEAR", "speaker_id": 84, "chapter_id": 121123},
+                    {"transcript": "GO DO YOU HEAR"}),
+    "libritts_r": ({"id": "84_121123_000007_000001", "text_normalized": "Go, do you hear?", "speaker_id": "84"},
+                   {"transcript": "Go, do you hear?"}),
+    "vctk": ({"speaker_id": "p225", "text_id": "p225_001", "text": "Please call Stella.", "age": "23",
+              "gender": "F", "accent": "Southern England"},
+             {"gender": "Female", "age": "Young adult", "accent": "Southern England"}),
+    "cremad": ({"file": "1001_DFA_ANG_XX", "sentence_text": "Don't forget a jacket.", "actor_id": "1001",
+                "sex": "Male", "age": "51", "emotion": "ANG"},
+               {"gender": "Male", "age": "Middle-aged", "emotion": "Angry"}),
+    "iemocap": ({"file": "Ses01F_impro01_F000", "transcription": "Excuse me.", "speaker": "Ses01F",
+                 "gender": "F", "major_emotion": "neu"}, {"gender": "Female", "emotion": "Neutral"}),
+    "commonvoice": ({"path": "common_voice_en_1.mp3", "sentence": "Hello there.", "client_id": "abc",
+                     "gender": "female_feminine", "age": "thirties", "accents": "Scottish English"},
+                    {"gender": "Female", "age": "Young adult", "accent": "Scottish English"}),
+    "synthetic": ({"transcript": "Hi.", "gender": "Male", "accent": "Caribbean", "emotion": "Neutral"},
+                  {"gender": "Male", "accent": "Caribbean", "emotion": "Neutral"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS_FIXTURES))
+def test_corpus_mapping_on_its_fixture(name, corpus, tmp_path):
+    columns, expected = CORPUS_FIXTURES[name]
+    clip_path = corpus.parent / json.loads(corpus.read_text().splitlines()[0])["path"]
+    data = {k: [v] for k, v in columns.items()}
+    data["audio"] = [{"bytes": clip_path.read_bytes(), "path": None}]  # audio embedded, as Hub datasets ship it
+    Dataset.from_dict(data).cast_column("audio", Audio(decode=False)).save_to_disk(str(tmp_path / "src"))
+    assert load_mapping(name)  # the mapping file parses
+    summary = describe(DescribeConfig(source=str(tmp_path / "src"), out=str(tmp_path / "d"), mapping=name,
+                                      progress=False))
+    assert summary["described"] == 1, (tmp_path / "d" / "rejects.jsonl").read_text()
+    row = _rows(tmp_path / "d")[0]
+    for key, value in expected.items():
+        assert row[key] == value, key
+    assert row["transcript"] == columns.get("text", columns.get("text_normalized", columns.get(
+        "sentence_text", columns.get("transcription", columns.get("sentence", columns.get("transcript"))))))
+
+
+@pytest.mark.real
+def test_whisper_transcribes_missing_transcripts(real_models, tmp_path):
+    import jiwer
+    from whisper.normalizers import EnglishTextNormalizer
+
+    from desta.synth import sentence
+    from desta.tts import Voice, synthesize
+
+    texts = [sentence(np.random.default_rng([9, i])) for i in range(6)]
+    lines = []
+    for i, text in enumerate(texts):  # a clear voice: American, default rate and volume
+        sf.write(tmp_path / f"{i}.wav", synthesize(text, Voice(accent="American", variant="m1")), 16000)
+        lines.append(json.dumps({"path": f"{i}.wav", "id": str(i)}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    describe(DescribeConfig(source=str(tmp_path / "m.jsonl"), out=str(tmp_path / "d"), progress=False,
+                            asr_model=str(real_models / "whisper-tiny.en")))
+    rows = _rows(tmp_path / "d")
+    normalize = EnglishTextNormalizer()
+    wer = jiwer.wer([normalize(t) for t in texts], [normalize(r["transcript"]) for r in rows])
+    assert wer < 0.35, wer
+    assert all(json.loads(r["sources"])["transcript"] == "model" for r in rows)
