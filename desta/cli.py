@@ -76,6 +76,10 @@ def _describe(args: argparse.Namespace) -> int:
         settings = {k: v for k, v in vars(args).items() if k in DescribeConfig.__dataclass_fields__ and v is not None}
         if args.attributes:
             settings["attributes"] = [a.strip() for a in args.attributes.split(",") if a.strip()]
+        bad = [c for c in args.classifier if "=" not in c]
+        if bad:
+            raise ValueError(f"--classifier takes ATTRIBUTE=MODEL, got {bad[0]!r}")
+        settings["classifiers"] = dict(c.split("=", 1) for c in args.classifier)
         summary = describe(DescribeConfig(**settings))
     if "inputs" in summary:
         print(f"inputs {summary['inputs']} = described {summary['described']} + rejected {summary['rejected']}"
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     desc.add_argument("--attributes", help="comma-separated attributes shown in descriptions")
     desc.add_argument("--asr-model", help="Whisper checkpoint for clips whose metadata has no transcript")
     desc.add_argument("--asr-backend", help="transformers (default), openai-whisper or faster-whisper")
+    desc.add_argument("--classifier", action="append", default=[], metavar="ATTRIBUTE=MODEL",
+                      help="audio-classification model for a label the metadata lacks, e.g. emotion=MODEL")
     desc.add_argument("--max-seconds", type=float, help="reject longer clips (default 600)")
     desc.add_argument("--chunk-size", type=int, help="rows per resumable chunk (default 256)")
     desc.add_argument("--num-shards", type=int, help="split the work across machines")

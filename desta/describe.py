@@ -56,6 +56,8 @@ class DescribeConfig:
     asr_model: str | None = None  # Whisper checkpoint for clips without a transcript; None: metadata only
     asr_backend: str = "transformers"  # transformers | openai-whisper | faster-whisper
     asr_batch_size: int = 16  # 30 s windows per Whisper batch
+    classifiers: dict[str, str] = field(default_factory=dict)  # attribute -> audio-classification model, for
+    # rows whose metadata lacks it, e.g. {"emotion": "superb/wav2vec2-base-superb-er"}
     max_seconds: float = 600.0  # longer clips are rejected
     chunk_size: int = 256  # rows per resumable unit of work
     num_shards: int = 1  # split the work across machines ...
@@ -66,6 +68,8 @@ class DescribeConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.attributes) - set(DESCRIPTION_NAMES))
         problems = [f"unknown attributes {unknown}; choose from {sorted(DESCRIPTION_NAMES)}"] if unknown else []
+        if set(self.classifiers) - set(LABEL_ATTRIBUTES):
+            problems.append(f"classifiers can fill {list(LABEL_ATTRIBUTES)}, not {sorted(set(self.classifiers))}")
         if not 0 <= self.shard_index < self.num_shards:
             problems.append(f"shard_index {self.shard_index} must be in [0, {self.num_shards - 1}]")
         if self.chunk_size < 1 or self.num_proc < 1:
@@ -173,9 +177,10 @@ def _audio_input(audio: dict) -> tuple[str | bytes, str]:
     return audio.get("path") or "", audio.get("path") or "missing path"
 
 
-def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float) -> dict:
+def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float, classified: tuple[str, ...] = ()) -> dict:
     """Decode, validate and measure one row; label attributes from metadata. Never raises for bad input:
-    returns {"reject": reason} instead."""
+    returns {"reject": reason} instead. Samples are kept when a model must still fill the transcript
+    or one of the `classified` attributes."""
     source, name = _audio_input(row["audio"] or {})
     try:
         samples = load_audio(source, name=name)
@@ -208,8 +213,8 @@ def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float) -> dict:
     result["volume"] = volume_word(measures.level_dbfs)
     result["noise"] = noise_word(measures.snr_db)
     result["sources"].update(duration="signal", pitch="signal", volume="signal", noise="signal")
-    if result["transcript"] is None:
-        result["samples"] = samples  # kept for the batched ASR pass
+    if result["transcript"] is None or any(result[a] is None for a in classified):
+        result["samples"] = samples  # kept for the batched model passes
     return result
 
 
@@ -273,11 +278,31 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
+def _classify_pending(results: list[dict], attribute: str, classifier) -> None:
+    """Fill a missing label attribute with an audio-classification pipeline's top label."""
+    from desta.audio import SAMPLE_RATE as RATE
+
+    pending = [r for r in results if "samples" in r and r.get(attribute) is None and "reject" not in r]
+    if not pending:
+        return
+    predictions = classifier([{"raw": r["samples"], "sampling_rate": RATE} for r in pending], top_k=1)
+    for result, prediction in zip(pending, predictions, strict=True):
+        label = prediction[0]["label"]
+        try:
+            result[attribute] = normalize_label(attribute, label)
+        except LabelError as err:
+            result["reject"] = f"{attribute} classifier: {err}"
+            continue
+        result["sources"][attribute] = "model"
+        if attribute == "gender":
+            result["pitch"] = pitch_word(result["f0_hz"], result["gender"])
+
+
 def _transcribe_pending(results: list[dict], transcriber) -> None:
     """Fill missing transcripts with the ASR model, batched; long clips get one segment per 30 s window."""
     from desta.audio import split_windows
 
-    pending = [r for r in results if "samples" in r]
+    pending = [r for r in results if "samples" in r and r["transcript"] is None and "reject" not in r]
     if not pending:
         return
     windows = [split_windows(r["samples"]) for r in pending]
@@ -299,7 +324,8 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
     mapping = load_mapping(config.mapping)
     dataset, load_rejects = open_source(config.source, mapping, config.split)
     job = {"source": config.source, "mapping": config.mapping, "split": config.split, "rows": len(dataset),
-           "chunk_size": config.chunk_size, "attributes": config.attributes, "load_rejects": len(load_rejects)}
+           "chunk_size": config.chunk_size, "attributes": config.attributes, "classifiers": config.classifiers,
+           "load_rejects": len(load_rejects)}
     job_file = parts / "job.json"
     if job_file.exists() and json.loads(job_file.read_text()) != job:
         raise ValueError(f"{out} holds parts of a different run ({job_file}); use a new --out or delete it")
@@ -310,6 +336,11 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
               == config.shard_index]
     todo = [c for c in chunks if not (parts / f"part-{c:06d}.jsonl").exists()]
     transcriber = None
+    classifiers = {}
+    for attribute, model in config.classifiers.items():
+        from transformers import pipeline
+
+        classifiers[attribute] = pipeline("audio-classification", model=model)
     started, audio_seconds, done_rows = time.perf_counter(), 0.0, 0
     bar = tqdm(total=sum(min(config.chunk_size, len(dataset) - c * config.chunk_size) for c in todo),
                desc=f"describe shard {config.shard_index}/{config.num_shards}", unit="clip",
@@ -319,12 +350,14 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
         for chunk in todo:
             indices = range(chunk * config.chunk_size, min((chunk + 1) * config.chunk_size, len(dataset)))
             rows = dataset.select(indices)
-            jobs = [(dict(row), mapping, config.max_seconds) for row in rows]
+            jobs = [(dict(row), mapping, config.max_seconds, tuple(classifiers)) for row in rows]
             results = list(pool.map(_analyse_job, jobs, chunksize=8)) if pool else [analyse_row(*j) for j in jobs]
-            needs_asr = any("samples" in r for r in results)
+            for attribute, classifier in classifiers.items():
+                _classify_pending(results, attribute, classifier)
+            needs_asr = any("samples" in r and r["transcript"] is None and "reject" not in r for r in results)
             if needs_asr and config.asr_model is None:
                 for r in results:
-                    if r.pop("samples", None) is not None:
+                    if "samples" in r and r["transcript"] is None and "reject" not in r:
                         r["reject"] = "no transcript in the metadata and no --asr-model to transcribe it"
             elif needs_asr:
                 if transcriber is None:
@@ -334,6 +367,8 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
                                                    batch_size=config.asr_batch_size)
                 _transcribe_pending(results, transcriber)
             described, rejected = [], []
+            for result in results:
+                result.pop("samples", None)
             for index, row, result in zip(indices, rows, results, strict=True):
                 if "reject" in result:
                     rejected.append({"id": row["id"], "source": result["source"], "reason": result["reject"]})

@@ -118,6 +118,29 @@ def test_interrupted_run_resumes_without_redoing_or_duplicating(corpus, tmp_path
     assert _strip_measures(_rows(out)) == _strip_measures(_rows(full))
 
 
+def test_kill_9_then_rerun_gives_every_row_once(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    manifest = synth_corpus(tmp_path / "c", num_clips=150, seed=1, progress=False)
+    command = [sys.executable, "-m", "desta.cli", "describe", "--source", str(manifest), "--out",
+               str(tmp_path / "d"), "--chunk-size", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "d" / "parts" / "part-000002.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len(list((tmp_path / "d" / "parts").glob("part-*[0-9].jsonl")))
+    assert 3 <= done_before < 75 and not (tmp_path / "d" / "dataset").exists()
+    subprocess.run(command, check=True, capture_output=True)
+    ids = [r["id"] for r in _rows(tmp_path / "d")]
+    assert sorted(ids) == [f"synth-1-{i:06d}" for i in range(150)]
+
+
 def _strip_measures(rows):
     # espeak-ng audio is fixed on disk, so every field must match exactly
     return sorted(json.dumps(r, sort_keys=True) for r in rows)
@@ -132,6 +155,20 @@ def test_shards_merge_to_the_unsharded_output(corpus, tmp_path, capsys):
     assert main(["describe", "--merge", "--out", str(tmp_path / "two")]) == 0
     assert "inputs 12 = described 12 + rejected 0" in capsys.readouterr().out
     assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
+
+
+def test_long_clip_gets_one_bracket_per_window(corpus, tmp_path):
+    from desta.testing import save_tiny_bases
+
+    y, _ = sf.read(corpus.parent / json.loads(corpus.read_text().splitlines()[0])["path"], dtype="float32")
+    sf.write(tmp_path / "long.wav", np.tile(y, int(np.ceil(45 * 16000 / len(y))))[: 45 * 16000], 16000)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "long.wav", "gender": "M"}) + "\n")
+    whisper_dir, _ = save_tiny_bases(tmp_path / "bases")
+    describe(DescribeConfig(source=str(tmp_path / "m.jsonl"), out=str(tmp_path / "d"), progress=False,
+                            asr_model=str(whisper_dir)))
+    lines = _rows(tmp_path / "d")[0]["description"].splitlines()
+    assert [line[:13] for line in lines] == ["[00:00-00:30]", "[00:30-00:45]"]
+    assert all(line.endswith("Duration: 45s)") for line in lines)
 
 
 def test_merge_refuses_missing_chunks(corpus, tmp_path):
@@ -151,6 +188,38 @@ def test_description_for_a_known_row():
                                   "Pitch: High, Volume: Low, Speaking speed: Slow, Duration: 2s)")
     short = finish_row(result, ["gender", "duration"])
     assert short["description"] == "[00:00-00:02] Excuse me? (Gender: Female, Duration: 2s)"
+
+
+def test_csv_manifest_with_worker_processes(corpus, tmp_path):
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    lines = ["path,transcript,gender"] + [f"{corpus.parent / r['path']},\"{r['transcript']}\",{r['gender'][0]}"
+                                          for r in rows[:4]]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    summary = describe(DescribeConfig(source=str(tmp_path / "m.csv"), out=str(tmp_path / "d"), progress=False,
+                                      num_proc=2, chunk_size=2))
+    assert summary["described"] == 4
+    assert [r["gender"] for r in _rows(tmp_path / "d")] == [r["gender"] for r in rows[:4]]
+
+
+def test_audio_classification_model_fills_missing_labels(corpus, tmp_path):
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
+
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_feat_extract_layers=2,
+                            vocab_size=32, id2label={0: "female", 1: "male"}, label2id={"female": 0, "male": 1})
+    model_dir = tmp_path / "gender-model"
+    Wav2Vec2ForSequenceClassification(config).save_pretrained(model_dir)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(model_dir)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()[:3]]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": str(corpus.parent / r["path"]), "transcript": r["transcript"]})
+                                + "\n" for r in rows))
+    describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
+                            classifiers={"gender": str(model_dir)}))
+    described = _rows(tmp_path / "d")
+    assert len(described) == 3
+    assert all(r["gender"] in ("Female", "Male") and json.loads(r["sources"])["gender"] == "model"
+               for r in described)
 
 
 @pytest.mark.parametrize("attribute, value, expected", [
