@@ -298,3 +298,21 @@ def test_whisper_transcribes_missing_transcripts(real_models, tmp_path):
     wer = jiwer.wer([normalize(t) for t in texts], [normalize(r["transcript"]) for r in rows])
     assert wer < 0.35, wer
     assert all(json.loads(r["sources"])["transcript"] == "model" for r in rows)
+
+
+@pytest.mark.real
+def test_faster_whisper_backend(real_models, clip):
+    pytest.importorskip("faster_whisper")
+    from desta.asr import make_transcriber
+
+    if not (real_models / "ct2-whisper-tiny.en").is_dir():
+        pytest.skip("no CTranslate2 Whisper folder")
+    transcriber = make_transcriber("faster-whisper", str(real_models / "ct2-whisper-tiny.en"), device="cpu")
+    assert "station" in transcriber([clip])[0].lower()
+
+
+def test_unknown_asr_backend_is_named():
+    from desta.asr import make_transcriber
+
+    with pytest.raises(ValueError, match=r"unknown ASR backend 'kaldi'; choose one of \['faster-whisper'"):
+        make_transcriber("kaldi", "x")
