@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from desta.attributes import (
     volume_word,
 )
 from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio
+from desta.chunks import ChunkedJob, attach_columns, read_jsonl, save_dataset_atomic, to_jsonl, write_atomic
 
 LABEL_ATTRIBUTES = ("gender", "emotion", "accent", "age")
 DEFAULT_ATTRIBUTES = ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed", "duration"]
@@ -268,16 +267,6 @@ def finish_row(result: dict, shown: list[str]) -> dict:
 
 # ----- the stage -----
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
 def _classify_pending(results: list[dict], attribute: str, classifier) -> None:
     """Fill a missing label attribute with an audio-classification pipeline's top label."""
     from desta.audio import SAMPLE_RATE as RATE
@@ -319,22 +308,15 @@ def _transcribe_pending(results: list[dict], transcriber) -> None:
 def describe(config: DescribeConfig) -> dict[str, Any]:
     """Run (or resume) this shard's chunks; merge when the run is unsharded. Returns the counts."""
     out = Path(config.out)
-    parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
     mapping = load_mapping(config.mapping)
     dataset, load_rejects = open_source(config.source, mapping, config.split)
-    job = {"source": config.source, "mapping": config.mapping, "split": config.split, "rows": len(dataset),
-           "chunk_size": config.chunk_size, "attributes": config.attributes, "classifiers": config.classifiers,
-           "load_rejects": len(load_rejects)}
-    job_file = parts / "job.json"
-    if job_file.exists() and json.loads(job_file.read_text()) != job:
-        raise ValueError(f"{out} holds parts of a different run ({job_file}); use a new --out or delete it")
-    _write_atomic(job_file, json.dumps(job, indent=2))
-    _write_atomic(parts / "load-rejects.jsonl", _jsonl(load_rejects))
-
-    chunks = [c for c in range(math.ceil(len(dataset) / config.chunk_size)) if c % config.num_shards
-              == config.shard_index]
-    todo = [c for c in chunks if not (parts / f"part-{c:06d}.jsonl").exists()]
+    job = ChunkedJob(out, {"stage": "describe", "source": config.source, "mapping": config.mapping,
+                           "split": config.split, "attributes": config.attributes, "classifiers": config.classifiers,
+                           "load_rejects": len(load_rejects)},
+                     total=len(dataset), chunk_size=config.chunk_size, num_shards=config.num_shards,
+                     shard_index=config.shard_index)
+    write_atomic(job.parts / "load-rejects.jsonl", to_jsonl(load_rejects))
+    todo = job.todo()
     transcriber = None
     classifiers = {}
     for attribute, model in config.classifiers.items():
@@ -342,13 +324,12 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
 
         classifiers[attribute] = pipeline("audio-classification", model=model)
     started, audio_seconds, done_rows = time.perf_counter(), 0.0, 0
-    bar = tqdm(total=sum(min(config.chunk_size, len(dataset) - c * config.chunk_size) for c in todo),
-               desc=f"describe shard {config.shard_index}/{config.num_shards}", unit="clip",
-               disable=not config.progress)
+    bar = tqdm(total=sum(len(job.rows_of(c)) for c in todo), unit="clip", disable=not config.progress,
+               desc=f"describe shard {config.shard_index}/{config.num_shards}")
     pool = ProcessPoolExecutor(config.num_proc) if config.num_proc > 1 else None
     try:
         for chunk in todo:
-            indices = range(chunk * config.chunk_size, min((chunk + 1) * config.chunk_size, len(dataset)))
+            indices = job.rows_of(chunk)
             rows = dataset.select(indices)
             jobs = [(dict(row), mapping, config.max_seconds, tuple(classifiers)) for row in rows]
             results = list(pool.map(_analyse_job, jobs, chunksize=8)) if pool else [analyse_row(*j) for j in jobs]
@@ -367,17 +348,14 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
                                                    batch_size=config.asr_batch_size)
                 _transcribe_pending(results, transcriber)
             described, rejected = [], []
-            for result in results:
-                result.pop("samples", None)
             for index, row, result in zip(indices, rows, results, strict=True):
+                result.pop("samples", None)
                 if "reject" in result:
                     rejected.append({"id": row["id"], "source": result["source"], "reason": result["reject"]})
                     continue
                 audio_seconds += result["duration"]
                 described.append({"_index": index, "id": row["id"], **finish_row(result, config.attributes)})
-            # rejects first, then the part: the part's presence marks the chunk done
-            _write_atomic(parts / f"part-{chunk:06d}.rejects.jsonl", _jsonl(rejected))
-            _write_atomic(parts / f"part-{chunk:06d}.jsonl", _jsonl(described))
+            job.write(chunk, described, rejected)
             done_rows += len(indices)
             elapsed = time.perf_counter() - started
             bar.update(len(indices))
@@ -388,45 +366,22 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
             pool.shutdown()
     if config.num_shards == 1:
         return merge(out)
-    return {"shard": config.shard_index, "chunks": len(chunks), "run_now": len(todo)}
+    return {"shard": config.shard_index, "chunks": len(job.mine()), "run_now": len(todo)}
 
 
 def merge(out: str | os.PathLike) -> dict[str, Any]:
     """Join every shard's parts into OUT/dataset and OUT/rejects.jsonl; checks that no chunk is missing."""
-    out = Path(out)
-    parts = out / "parts"
-    if not (parts / "job.json").is_file():
-        raise FileNotFoundError(f"{parts / 'job.json'} not found; run `desta describe` into {out} first")
-    job = json.loads((parts / "job.json").read_text())
-    count = math.ceil(job["rows"] / job["chunk_size"])
-    missing = [c for c in range(count) if not (parts / f"part-{c:06d}.jsonl").exists()]
-    if missing:
-        raise ValueError(f"{len(missing)} of {count} chunks are not done yet (e.g. chunk {missing[0]}); "
-                         "run the remaining shards, then merge again")
-    described, rejects = [], [json.loads(x) for x in (parts / "load-rejects.jsonl").read_text().splitlines()]
-    for chunk in range(count):
-        described += [json.loads(x) for x in (parts / f"part-{chunk:06d}.jsonl").read_text().splitlines()]
-        rejects += [json.loads(x) for x in (parts / f"part-{chunk:06d}.rejects.jsonl").read_text().splitlines()]
-    mapping = load_mapping(job["mapping"])
-    dataset, _ = open_source(job["source"], mapping, job["split"])
+    job = ChunkedJob.open(out)
+    described, rejects = job.collect()
+    rejects = read_jsonl(job.parts / "load-rejects.jsonl") + rejects
+    dataset, _ = open_source(job.job["source"], load_mapping(job.job["mapping"]), job.job["split"])
     indices = [row.pop("_index") for row in described]
-    selected = dataset.select(indices)
-    columns = {name: [row[name] for row in described] for name in (described[0] if described else {})}
-    for name, values in columns.items():
-        if name in selected.column_names:
-            selected = selected.remove_columns(name)
-        selected = selected.add_column(name, values)
-    tmp = out / "dataset.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    selected.save_to_disk(str(tmp))
-    shutil.rmtree(out / "dataset", ignore_errors=True)
-    os.replace(tmp, out / "dataset")
-    _write_atomic(out / "rejects.jsonl", _jsonl(rejects))
-    inputs = job["rows"] + job["load_rejects"]
+    selected = attach_columns(dataset, indices, described)
+    save_dataset_atomic(selected, job.out / "dataset")
+    write_atomic(job.out / "rejects.jsonl", to_jsonl(rejects))
+    inputs = job.total + job.job["load_rejects"]
     summary = {"inputs": inputs, "described": len(described), "rejected": len(rejects),
                "hours": round(sum(selected["duration"]) / 3600, 4) if len(selected) else 0.0}
     assert summary["described"] + summary["rejected"] == inputs, summary  # no row lost or doubled
-    _write_atomic(out / "summary.json", json.dumps({**summary, "config": job}, indent=2))
+    write_atomic(job.out / "summary.json", json.dumps({**summary, "config": job.job}, indent=2))
     return summary
-
-

@@ -1,0 +1,118 @@
+"""Resumable, shardable batch work in chunks, shared by the describe and targets stages.
+
+A job's rows are cut into fixed chunks; chunk c belongs to shard c % num_shards. Each finished
+chunk is written atomically as OUT/parts/part-<c>.jsonl (rows) after part-<c>.rejects.jsonl, so
+a killed run loses at most the chunk in flight and a rerun does only what is missing. Merging
+reads every chunk in order and refuses to run while any is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def to_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ChunkedJob:
+    """The chunks of one run in OUT/parts; `job` describes the run and must match on resume."""
+
+    def __init__(self, out: str | os.PathLike, job: dict[str, Any], total: int, chunk_size: int,
+                 num_shards: int = 1, shard_index: int = 0):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index {shard_index} must be in [0, {num_shards - 1}]")
+        self.out = Path(out)
+        self.parts = self.out / "parts"
+        self.total, self.chunk_size = total, chunk_size
+        self.num_shards, self.shard_index = num_shards, shard_index
+        self.parts.mkdir(parents=True, exist_ok=True)
+        job = {**job, "total": total, "chunk_size": chunk_size}
+        job_file = self.parts / "job.json"
+        if job_file.exists() and json.loads(job_file.read_text()) != json.loads(json.dumps(job)):
+            raise ValueError(f"{self.out} holds parts of a different run ({job_file}); use another output folder "
+                             "or delete it")
+        write_atomic(job_file, json.dumps(job, indent=2))
+        self.job = job
+
+    @classmethod
+    def open(cls, out: str | os.PathLike) -> ChunkedJob:
+        """An existing run, for merging."""
+        job_file = Path(out) / "parts" / "job.json"
+        if not job_file.is_file():
+            raise FileNotFoundError(f"{job_file} not found; run the stage into {out} first")
+        job = json.loads(job_file.read_text())
+        return cls(out, {k: v for k, v in job.items() if k not in ("total", "chunk_size")}, job["total"],
+                   job["chunk_size"])
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.total / self.chunk_size)
+
+    def rows_of(self, chunk: int) -> range:
+        return range(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.total))
+
+    def _part(self, chunk: int, kind: str = "") -> Path:
+        return self.parts / f"part-{chunk:06d}{kind}.jsonl"
+
+    def mine(self) -> list[int]:
+        return [c for c in range(self.num_chunks) if c % self.num_shards == self.shard_index]
+
+    def todo(self) -> list[int]:
+        """This shard's chunks that are not finished yet."""
+        return [c for c in self.mine() if not self._part(c).exists()]
+
+    def write(self, chunk: int, rows: list[dict], rejects: list[dict]) -> None:
+        write_atomic(self._part(chunk, ".rejects"), to_jsonl(rejects))
+        write_atomic(self._part(chunk), to_jsonl(rows))  # its presence marks the chunk done
+
+    def collect(self) -> tuple[list[dict], list[dict]]:
+        """Every chunk's rows and rejects, in order; raises while any chunk is missing."""
+        missing = [c for c in range(self.num_chunks) if not self._part(c).exists()]
+        if missing:
+            raise ValueError(f"{len(missing)} of {self.num_chunks} chunks are not done yet (e.g. chunk {missing[0]}, "
+                             f"shard {missing[0] % max(1, self.num_shards)} of a {self.num_shards}-way split); "
+                             "run the remaining shards, then merge again")
+        rows, rejects = [], []
+        for chunk in range(self.num_chunks):
+            rows += read_jsonl(self._part(chunk))
+            rejects += read_jsonl(self._part(chunk, ".rejects"))
+        return rows, rejects
+
+
+def save_dataset_atomic(dataset, folder: Path) -> None:
+    """`save_to_disk` into a temporary folder, then swap it in place."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def attach_columns(dataset, indices: list[int], rows: list[dict]):
+    """The source rows at `indices` with the new columns from `rows` (same order) added or replaced."""
+    selected = dataset.select(indices)
+    for name in rows[0] if rows else []:
+        if name in selected.column_names:
+            selected = selected.remove_columns(name)
+        selected = selected.add_column(name, [row[name] for row in rows])
+    return selected

@@ -1,0 +1,95 @@
+"""Instruction pools: the training prompts of the targets stage and the evaluation instructions.
+
+The two are kept apart on purpose: "unseen" in evaluation means no evaluation instruction (nor a
+near copy of one) is ever in a training pool. `check_disjoint` enforces it at import time.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+DEFAULT_SYSTEM_PROMPT = "Focus on the audio clips and instructions."
+
+TRAINING_POOLS: dict[str, list[str]] = {
+    # DeSTA2: one open question; the LLM's own description of what it "hears" is the target.
+    "desta2": ["What can you hear from the audio?"],
+    # DeSTA2.5-style: varied open requests about content and voice, first entry as in DeSTA2.
+    "desta25": [
+        "What can you hear from the audio?",
+        "Describe the audio in detail.",
+        "What is being said, and how is it said?",
+        "Tell me about the speaker and what they say.",
+        "Summarize the audio clip.",
+        "What can you tell about the person speaking?",
+        "Give a short report on this recording.",
+        "Explain what happens in the audio.",
+        "Listen to the clip and describe it.",
+        "What stands out in this recording?",
+        "Characterize the voice in the audio.",
+        "How would you describe this speech sample?",
+    ],
+}
+
+# Evaluation instruction templates by category ({labels} is the label set of the attribute).
+EVAL_INSTRUCTIONS: dict[str, list[str]] = {
+    "gender": ["Is the speaker male or female? Answer with one word."],
+    "accent": ["Which accent does the speaker have? Choose one of: {labels}."],
+    "emotion": ["Which emotion does the voice convey? Choose one of: {labels}."],
+    "speaking_speed": ["Is the person talking slowly, at a normal pace, or fast?"],
+    "pitch": ["Is the speaker's voice low, normal or high in pitch?"],
+    "volume": ["Is the recording quiet, normal or loud in volume?"],
+    "duration": ["Roughly how many seconds long is the clip? Answer with a number."],
+    "transcription": ["Write down exactly the words spoken, nothing else."],
+    "format_json": ['Reply in JSON with the keys "gender" and "transcript", and nothing else.'],
+    "format_words": ["In {n} words or fewer, who is talking and about what?"],
+    "format_lowercase": ["Using only lowercase letters, say what the speaker is talking about."],
+    "format_prefix": ['Begin your reply with "{prefix}" and then report what was said.'],
+    "format_bullets": ["Give exactly {n} bullet points about the recording, each starting with '- '."],
+    "open": ["Describe the speaker's voice."],
+}
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+def check_disjoint() -> None:
+    """Raise if any evaluation instruction also appears (after normalisation) in a training pool."""
+    train = {_normal(p) for pool in TRAINING_POOLS.values() for p in pool}
+    clash = [t for templates in EVAL_INSTRUCTIONS.values() for t in templates if _normal(t) in train]
+    if clash:
+        raise AssertionError(f"evaluation instructions found in a training pool: {clash}")
+
+
+def training_pool(name_or_list: str | list[str]) -> list[str]:
+    """A pool by name, or a custom list (checked against the evaluation instructions)."""
+    if isinstance(name_or_list, list):
+        pool = [p.strip() for p in name_or_list if p.strip()]
+        evals = {_normal(t) for templates in EVAL_INSTRUCTIONS.values() for t in templates}
+        clash = [p for p in pool if _normal(p) in evals]
+        if clash:
+            raise ValueError(f"these prompts are evaluation instructions and cannot be trained on: {clash}")
+        if not pool:
+            raise ValueError("the custom prompt pool is empty")
+        return pool
+    if name_or_list not in TRAINING_POOLS:
+        raise ValueError(f"unknown prompt pool {name_or_list!r}; choose one of {sorted(TRAINING_POOLS)} "
+                         "or give a list of prompts")
+    return list(TRAINING_POOLS[name_or_list])
+
+
+def pick_prompts(pool: list[str], index: int, seed: int, count: int = 1) -> list[str]:
+    """`count` distinct prompts for row `index`, a pure function of (seed, index).
+
+    >>> pick_prompts(["a", "b", "c"], index=4, seed=0, count=2) == pick_prompts(["a", "b", "c"], 4, 0, 2)
+    True
+    """
+    if count > len(pool):
+        raise ValueError(f"asked for {count} prompts per clip but the pool holds {len(pool)}")
+    rng = np.random.default_rng([seed, index])
+    return [pool[i] for i in rng.choice(len(pool), size=count, replace=False)]
+
+
+check_disjoint()
