@@ -3,9 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import re
 import sys
 import time
 from pathlib import Path
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Each config field's trailing comment, which becomes its --help text."""
+    source = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M)}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of a config dataclass; only flags given on the command line override defaults."""
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        text = helps.get(f.name, "")
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind.startswith("dict"):
+            parser.add_argument(flag, action="append", metavar="KEY=VALUE", default=None, help=text)
+        elif kind.startswith("list") or "list[str]" in kind:
+            parser.add_argument(flag, metavar="A,B,...", default=None, help=text + " (comma-separated)")
+        else:
+            convert = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, type=convert, default=None, required=required, help=text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    """The config dataclass from the flags that were given."""
+    settings = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        kind = str(f.type)
+        if kind.startswith("dict"):
+            bad = [v for v in value if "=" not in v]
+            if bad:
+                raise ValueError(f"--{f.name.replace('_', '-')} takes KEY=VALUE, got {bad[0]!r}")
+            value = dict(v.split("=", 1) for v in value)
+        elif kind.startswith("list") or "list[str]" in kind:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            if f.name == "pool" and len(value) == 1:
+                value = value[0]
+        settings[f.name] = value
+    return cls(**settings)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -70,23 +120,29 @@ def _describe(args: argparse.Namespace) -> int:
     """Turn an audio corpus into DeSTA descriptions (transcript + attributes); bad rows go to rejects."""
     from desta.describe import DescribeConfig, describe, merge
 
-    if args.merge:
-        summary = merge(args.out)
-    else:
-        settings = {k: v for k, v in vars(args).items() if k in DescribeConfig.__dataclass_fields__ and v is not None}
-        if args.attributes:
-            settings["attributes"] = [a.strip() for a in args.attributes.split(",") if a.strip()]
-        bad = [c for c in args.classifier if "=" not in c]
-        if bad:
-            raise ValueError(f"--classifier takes ATTRIBUTE=MODEL, got {bad[0]!r}")
-        settings["classifiers"] = dict(c.split("=", 1) for c in args.classifier)
-        summary = describe(DescribeConfig(**settings))
+    summary = merge(args.out) if args.merge else describe(config_from_args(DescribeConfig, args))
     if "inputs" in summary:
         print(f"inputs {summary['inputs']} = described {summary['described']} + rejected {summary['rejected']}"
               f" ({summary['hours']} h described) -> {Path(args.out) / 'dataset'}, {Path(args.out) / 'rejects.jsonl'}")
     else:
         print(f"shard {summary['shard']}: {summary['chunks']} chunks done ({summary['run_now']} in this run); "
               f"merge with: desta describe --merge --out {args.out}")
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    """The text LLM answers instructions from each description; its answers become training targets."""
+    from desta.targets import TargetsConfig, merge, targets
+
+    if not args.merge and not (args.source and args.model):
+        raise ValueError("--source and --model are required (or --merge)")
+    summary = merge(args.out) if args.merge else targets(config_from_args(TargetsConfig, args))
+    if "inputs" in summary:
+        print(f"prompts {summary['inputs']} = kept {summary['kept']} + rejected {summary['rejected']} "
+              f"{summary['reasons'] or ''} -> {Path(args.out) / 'dataset'}, {Path(args.out) / 'rejects.jsonl'}")
+    else:
+        print(f"shard {summary['shard']}: {summary['chunks']} chunks done ({summary['run_now']} in this run); "
+              f"merge with: desta targets --merge --out {args.out}")
     return 0
 
 
@@ -114,24 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-proc", type=int, default=1, help="worker processes")
     synth.set_defaults(run=_synth)
 
+    from desta.describe import DescribeConfig
+
     desc = commands.add_parser("describe", help=_describe.__doc__, description=_describe.__doc__)
+    add_config_arguments(desc, DescribeConfig, skip=("source",))
     desc.add_argument("--source", help="manifest (.jsonl/.csv), save_to_disk folder, or Hub dataset id")
-    desc.add_argument("--out", required=True, help="output folder: dataset/, rejects.jsonl, summary.json")
-    desc.add_argument("--mapping", help="corpus mapping: vctk, cremad, iemocap, commonvoice, librispeech, "
-                                        "libritts_r, synthetic, or a YAML path")
-    desc.add_argument("--split", help="split of a Hub dataset (default train)")
-    desc.add_argument("--attributes", help="comma-separated attributes shown in descriptions")
-    desc.add_argument("--asr-model", help="Whisper checkpoint for clips whose metadata has no transcript")
-    desc.add_argument("--asr-backend", help="transformers (default), openai-whisper or faster-whisper")
-    desc.add_argument("--classifier", action="append", default=[], metavar="ATTRIBUTE=MODEL",
-                      help="audio-classification model for a label the metadata lacks, e.g. emotion=MODEL")
-    desc.add_argument("--max-seconds", type=float, help="reject longer clips (default 600)")
-    desc.add_argument("--chunk-size", type=int, help="rows per resumable chunk (default 256)")
-    desc.add_argument("--num-shards", type=int, help="split the work across machines")
-    desc.add_argument("--shard-index", type=int, help="this machine's shard, 0-based")
-    desc.add_argument("--num-proc", type=int, help="worker processes for decoding and signal attributes")
     desc.add_argument("--merge", action="store_true", help="merge finished shards in --out")
     desc.set_defaults(run=_describe)
+
+    from desta.targets import TargetsConfig
+
+    tgt = commands.add_parser("targets", help=_targets.__doc__, description=_targets.__doc__)
+    add_config_arguments(tgt, TargetsConfig, skip=("source", "model", "refusal_patterns"))
+    tgt.add_argument("--source", help="described dataset folder (OUT/dataset of desta describe)")
+    tgt.add_argument("--model", help="the LLM: Hub id or folder (the served model name for --backend http)")
+    tgt.add_argument("--merge", action="store_true", help="merge finished shards in --out")
+    tgt.set_defaults(run=_targets)
 
     tts = commands.add_parser("tts", help=_tts.__doc__, description=_tts.__doc__)
     tts.add_argument("text", help="what to say")

@@ -52,17 +52,16 @@ class DescribeConfig:
     mapping: str | None = None  # corpus mapping: a name in data_prep/ (vctk, cremad, ...) or a YAML path
     split: str = "train"  # split of a Hub dataset
     attributes: list[str] = field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))  # what descriptions show
-    asr_model: str | None = None  # Whisper checkpoint for clips without a transcript; None: metadata only
+    asr_model: str | None = None  # Whisper checkpoint for clips whose metadata has no transcript
     asr_backend: str = "transformers"  # transformers | openai-whisper | faster-whisper
     asr_batch_size: int = 16  # 30 s windows per Whisper batch
-    classifiers: dict[str, str] = field(default_factory=dict)  # attribute -> audio-classification model, for
-    # rows whose metadata lacks it, e.g. {"emotion": "superb/wav2vec2-base-superb-er"}
+    classifiers: dict[str, str] = field(default_factory=dict)  # audio-classification model per missing label
     max_seconds: float = 600.0  # longer clips are rejected
     chunk_size: int = 256  # rows per resumable unit of work
-    num_shards: int = 1  # split the work across machines ...
-    shard_index: int = 0  # ... this machine's share
+    num_shards: int = 1  # split the work across this many machines
+    shard_index: int = 0  # this machine's shard, 0-based; merge with --merge when all are done
     num_proc: int = 1  # worker processes for decoding and signal attributes
-    progress: bool = True
+    progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.attributes) - set(DESCRIPTION_NAMES))
