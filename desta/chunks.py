@@ -101,9 +101,13 @@ def save_dataset_atomic(dataset, folder: Path) -> None:
     """`save_to_disk` into a temporary folder, then swap it in place."""
     import shutil
 
+    from datasets import Dataset
+
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
+    if len(dataset) == 0:  # datasets cannot load back an empty selection; an empty table with the schema it can
+        dataset = Dataset.from_dict({name: [] for name in dataset.column_names}, features=dataset.features)
+    dataset.save_to_disk(str(tmp), num_shards=1 if len(dataset) == 0 else None)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
@@ -111,7 +115,9 @@ def save_dataset_atomic(dataset, folder: Path) -> None:
 def attach_columns(dataset, indices: list[int], rows: list[dict]):
     """The source rows at `indices` with the new columns from `rows` (same order) added or replaced."""
     selected = dataset.select(indices)
-    for name in rows[0] if rows else []:
+    if not rows:
+        return selected
+    for name in rows[0]:
         if name in selected.column_names:
             selected = selected.remove_columns(name)
         selected = selected.add_column(name, [row[name] for row in rows])

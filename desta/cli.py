@@ -146,6 +146,24 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Serve a DeSTA checkpoint (or a text LLM) behind an OpenAI-compatible chat-completions API."""
+    import os
+
+    import uvicorn
+
+    from desta.serve import ServeLimits, create_app, load_engine
+
+    engine = load_engine(args.checkpoint, args.llm, args.model_name)
+    limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
+                         max_tokens=args.max_tokens, max_concurrent=args.max_concurrent)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    print(f"serving {engine.model_id!r} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    uvicorn.run(create_app(engine, limits, api_key), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from desta.tts import ACCENTS
 
@@ -186,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--model", help="the LLM: Hub id or folder (the served model name for --backend http)")
     tgt.add_argument("--merge", action="store_true", help="merge finished shards in --out")
     tgt.set_defaults(run=_targets)
+
+    serve = commands.add_parser("serve", help=_serve.__doc__, description=_serve.__doc__)
+    serve.add_argument("checkpoint", nargs="?", help="DeSTA checkpoint folder (or give --llm)")
+    serve.add_argument("--llm", help="serve a plain chat LLM (Hub id or folder) instead")
+    serve.add_argument("--model-name", help="the model id clients ask for (default: the path given)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key-env", default="DESTA_API_KEY",
+                       help="environment variable holding the key clients must send (unset: no key)")
+    serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body, MiB")
+    serve.add_argument("--max-audio-seconds", type=float, default=120.0, help="longest audio part")
+    serve.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-concurrent", type=int, default=1, help="requests generating at once; more get 503")
+    serve.add_argument("--log-level", default="warning", help="uvicorn log level")
+    serve.set_defaults(run=_serve)
 
     tts = commands.add_parser("tts", help=_tts.__doc__, description=_tts.__doc__)
     tts.add_argument("text", help="what to say")

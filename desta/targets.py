@@ -28,7 +28,7 @@ from desta.prompts import DEFAULT_SYSTEM_PROMPT, pick_prompts, training_pool
 DEFAULT_REFUSAL_PATTERNS = [
     r"\bI (?:cannot|can't|can ?not|am unable to|'m unable to|do not|don't) (?:hear|listen|access|play|process)\b",
     r"\b(?:do not|don't|cannot|can't) have (?:the ability|access) to (?:hear|listen|audio|play)",
-    r"\bas an? (?:AI|text-based|language) (?:model|assistant)\b",
+    r"\bas an? (?:AI|text-based|(?:large )?language)(?: language)? (?:model|assistant)\b",
     r"\bno audio (?:was|is|has been) (?:provided|attached|shared)\b",
     r"\b(?:cannot|can't|unable to) (?:hear|listen to|access|play) (?:the |this |any )?(?:audio|recording|clip)\b",
 ]

@@ -1,0 +1,284 @@
+"""`desta serve`: an OpenAI-compatible chat-completions server for a DeSTA checkpoint or a text LLM.
+
+Reads a checkpoint folder (DeSTA) or a chat LLM folder/Hub id (text only). Serves
+GET /v1/models and POST /v1/chat/completions with text and `input_audio` parts (base64 WAV, FLAC,
+MP3), streaming (server-sent events) or not. Binds 127.0.0.1 unless told otherwise. Oversize
+bodies, undecodable or too long audio, too many tokens, unknown models and bad keys get 4xx JSON
+errors in the OpenAI shape; a busy server answers 503 with Retry-After so clients back off.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from desta.audio import SAMPLE_RATE, AudioError, load_audio
+from desta.generation import Generation, SamplingSettings, TransformersBackend
+
+AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
+
+
+@dataclass
+class ServeLimits:
+    """What one request may ask for."""
+
+    max_body_bytes: int = 25 * 2**20  # 25 MiB of JSON, base64 audio included
+    max_audio_seconds: float = 120.0  # per audio part
+    max_tokens: int = 1024  # per answer
+    max_concurrent: int = 1  # requests generating at once; more get 503 + Retry-After
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+class TextEngine:
+    """A plain chat LLM."""
+
+    accepts_audio = False
+
+    def __init__(self, backend: TransformersBackend, model_id: str):
+        self.backend, self.model_id = backend, model_id
+
+    def prompt_tokens(self, messages: list[dict], audios: list[np.ndarray]) -> int:
+        return len(self.backend.encode(messages))
+
+    def generate(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings) -> Generation:
+        return self.backend.generate([messages], settings)[0]
+
+    def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings):
+        yield from self.backend.stream(messages, settings)
+
+
+class DestaEngine:
+    """A DeSTA speech LLM: audio parts become placeholders filled by the connector."""
+
+    accepts_audio = True
+
+    def __init__(self, model, processor, model_id: str):
+        self.model, self.processor, self.model_id = model, processor, model_id
+        self.audio_token = processor.audio_token
+
+    def _inputs(self, messages: list[dict], audios: list[np.ndarray]):
+        transcripts = [self.model.transcribe(self.processor, audios)] if audios else None
+        return self.processor([messages], audios=[audios], transcripts=transcripts,
+                              add_generation_prompt=True).to(self.model.device)
+
+    def prompt_tokens(self, messages: list[dict], audios: list[np.ndarray]) -> int:
+        return 0  # counted in generate, where the inputs are built once
+
+    def _kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
+        tokenizer = self.processor.tokenizer
+        kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                                  "repetition_penalty": settings.repetition_penalty}
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        return kwargs
+
+    def generate(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings) -> Generation:
+        import torch
+
+        torch.manual_seed(settings.seed)
+        out = self.model.generate(**self._inputs(messages, audios), **self._kwargs(settings))[0].tolist()
+        eos = {self.processor.tokenizer.eos_token_id}
+        end = next((k for k, t in enumerate(out) if t in eos), None)
+        kept = out if end is None else out[:end]
+        reason = "stop" if end is not None or len(out) < settings.max_new_tokens else "length"
+        return Generation(self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip(), reason, len(kept))
+
+    def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings):
+        import torch
+        from transformers import TextIteratorStreamer
+
+        torch.manual_seed(settings.seed)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        inputs = self._inputs(messages, audios)
+        worker = threading.Thread(target=self.model.generate,
+                                  kwargs={**inputs, **self._kwargs(settings), "streamer": streamer})
+        worker.start()
+        yield from streamer
+        worker.join()
+
+
+def _error(status: int, message: str, code: str = "invalid_request_error", param: str | None = None):
+    return JSONResponse({"error": {"message": message, "type": code, "param": param, "code": code}},
+                        status_code=status)
+
+
+def parse_messages(body: dict, engine, limits: ServeLimits) -> tuple[list[dict], list[np.ndarray]]:
+    """OpenAI messages -> chat messages with audio placeholders, and the decoded clips in order."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    chat, audios = [], []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant",
+                               param=f"messages[{i}]")
+        content = message.get("content")
+        if isinstance(content, str):
+            chat.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise RequestError(400, f"messages[{i}].content must be a string or a list of parts",
+                               param=f"messages[{i}].content")
+        pieces = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                pieces.append(str(part.get("text", "")))
+            elif kind == "input_audio":
+                if not engine.accepts_audio:
+                    raise RequestError(400, f"{where}: this server's model {engine.model_id!r} is text-only",
+                                       param=where)
+                audios.append(_decode_audio(part.get("input_audio") or {}, where, limits))
+                pieces.append(engine.audio_token)
+            else:
+                raise RequestError(400, f"{where}: unsupported part type {kind!r}; use text or input_audio",
+                                   param=where)
+        chat.append({"role": message["role"], "content": "\n".join(pieces)})
+    return chat, audios
+
+
+def _decode_audio(part: dict, where: str, limits: ServeLimits) -> np.ndarray:
+    fmt = str(part.get("format", "wav")).lower()
+    if fmt not in AUDIO_FORMATS:
+        raise RequestError(400, f"{where}: audio format {fmt!r} is not supported; use one of {AUDIO_FORMATS}",
+                           param=where)
+    try:
+        data = base64.b64decode(part.get("data") or "", validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RequestError(400, f"{where}: input_audio.data is not valid base64 ({err})", param=where) from err
+    try:
+        samples = load_audio(data, name=where)
+    except AudioError as err:
+        raise RequestError(400, str(err), param=where) from err
+    seconds = len(samples) / SAMPLE_RATE
+    if seconds > limits.max_audio_seconds:
+        raise RequestError(400, f"{where}: audio is {seconds:.0f} s long; this server accepts at most "
+                                f"{limits.max_audio_seconds:.0f} s per part", param=where)
+    return samples
+
+
+def settings_from(body: dict, limits: ServeLimits) -> SamplingSettings:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or min(256, limits.max_tokens)
+    if not isinstance(max_tokens, int) or max_tokens < 1 or max_tokens > limits.max_tokens:
+        raise RequestError(400, f"max_tokens must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
+                           param="max_tokens")
+    try:
+        return SamplingSettings(max_new_tokens=max_tokens, temperature=float(body.get("temperature") or 0.0),
+                                top_p=float(body.get("top_p") or 1.0),
+                                repetition_penalty=float(body.get("repetition_penalty") or 1.0),
+                                seed=int(body.get("seed") or 0))
+    except (TypeError, ValueError) as err:
+        raise RequestError(400, f"bad sampling setting: {err}") from err
+
+
+def create_app(engine, limits: ServeLimits | None = None, api_key: str | None = None):
+    """The FastAPI application around an engine (TextEngine or DestaEngine)."""
+    limits = limits or ServeLimits()
+    app = FastAPI(title="desta serve")
+    slots = threading.BoundedSemaphore(limits.max_concurrent)
+
+    def models_payload() -> dict:
+        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "owned_by": "desta"}]}
+
+    def authorised(request: Request) -> bool:
+        return api_key is None or request.headers.get("authorization") == f"Bearer {api_key}"
+
+    @app.get("/v1/models")
+    def list_models(request: Request):
+        if not authorised(request):
+            return _error(401, "invalid API key", "invalid_api_key")
+        return models_payload()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            return _error(413, f"request body is {int(declared)} bytes; the limit is {limits.max_body_bytes}")
+        raw = await request.body()
+        if len(raw) > limits.max_body_bytes:
+            return _error(413, f"request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}")
+        if not authorised(request):
+            return _error(401, "invalid API key", "invalid_api_key")
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise RequestError(400, "the request body must be a JSON object")
+            if body.get("model") != engine.model_id:
+                raise RequestError(404, f"model {body.get('model')!r} not found; available: [{engine.model_id!r}]",
+                                   "model_not_found", "model")
+            settings = settings_from(body, limits)
+            messages, audios = parse_messages(body, engine, limits)
+        except json.JSONDecodeError as err:
+            return _error(400, f"the request body is not valid JSON: {err.msg}")
+        except RequestError as err:
+            return _error(err.status, err.message, err.code, err.param)
+        if not slots.acquire(blocking=False):
+            response = _error(503, "the server is busy; retry shortly", "server_busy")
+            response.headers["Retry-After"] = "1"
+            return response
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if not body.get("stream"):
+            try:
+                generation = await run_in_threadpool(engine.generate, messages, audios, settings)
+                prompt_tokens = engine.prompt_tokens(messages, audios)
+            finally:
+                slots.release()
+            return JSONResponse({
+                "id": completion_id, "object": "chat.completion", "created": created, "model": engine.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
+                             "finish_reason": generation.finish_reason}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generation.completion_tokens,
+                          "total_tokens": prompt_tokens + generation.completion_tokens},
+            })
+
+        def events():
+            def chunk(delta: dict, finish: str | None = None) -> str:
+                payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                           "model": engine.model_id, "choices": [{"index": 0, "delta": delta,
+                                                                  "finish_reason": finish}]}
+                return f"data: {json.dumps(payload)}\n\n"
+
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                for piece in engine.stream(messages, audios, settings):
+                    if piece:
+                        yield chunk({"content": piece})
+                yield chunk({}, "stop")
+                yield "data: [DONE]\n\n"
+            finally:
+                slots.release()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def load_engine(checkpoint: str | None = None, llm: str | None = None, model_id: str | None = None):
+    """A DestaEngine for a DeSTA checkpoint folder, or a TextEngine for a chat LLM."""
+    if (checkpoint is None) == (llm is None):
+        raise ValueError("give a DeSTA checkpoint or --llm for a text-only model, not both")
+    if llm is not None:
+        return TextEngine(TransformersBackend(llm), model_id or llm)
+    from desta.loading import load
+
+    model, processor = load(checkpoint)
+    return DestaEngine(model, processor, model_id or checkpoint)

@@ -1,0 +1,159 @@
+import json
+
+import pytest
+from datasets import load_from_disk
+
+from desta.describe import DescribeConfig, describe
+from desta.generation import Generation, SamplingSettings, TransformersBackend
+from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS, training_pool
+from desta.synth import synth_corpus
+from desta.targets import DEFAULT_REFUSAL_PATTERNS, TargetsConfig, conversation, flag, targets
+from desta.testing import tiny_llm, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def described(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("described")
+    manifest = synth_corpus(folder / "corpus", num_clips=6, seed=5, progress=False)
+    describe(DescribeConfig(source=str(manifest), out=str(folder / "d"), mapping="synthetic", progress=False))
+    return folder / "d" / "dataset"
+
+
+@pytest.fixture
+def backend():
+    return TransformersBackend(llm=tiny_llm(), tokenizer=tiny_tokenizer(), batch_size=4)
+
+
+def _config(described, out, **kwargs):
+    settings = dict(source=str(described), out=str(out), model="tiny", max_new_tokens=6, chunk_size=2,
+                    progress=False, keep_flagged=True)
+    return TargetsConfig(**{**settings, **kwargs})
+
+
+def _output(out):
+    rows = [{k: v for k, v in r.items() if k != "audio"} for r in load_from_disk(str(out / "dataset"))]
+    return rows, (out / "rejects.jsonl").read_text()
+
+
+def test_rendered_prompt_for_a_known_row():
+    description = ("[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, Pitch: High, "
+                   "Volume: Low, Speaking speed: Slow, Duration: 2s)")
+    messages = conversation(description, "What can you hear from the audio?", "Focus on the audio clips and "
+                                                                               "instructions.")
+    rendered = tiny_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == (
+        "<|im_start|>system\nFocus on the audio clips and instructions.<|im_end|>\n"
+        "<|im_start|>user\n[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, "
+        "Pitch: High, Volume: Low, Speaking speed: Slow, Duration: 2s)\n\nWhat can you hear from the audio?"
+        "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_batched_greedy_equals_one_at_a_time(backend):
+    conversations = [[{"role": "user", "content": "describe " * k}] for k in range(1, 8)]
+    settings = SamplingSettings(max_new_tokens=10)
+    batched = backend.generate(conversations, settings)
+    assert batched == [backend.generate([c], settings)[0] for c in conversations]
+
+
+def test_stage_writes_prompt_response_generator(described, tmp_path, backend):
+    summary = targets(_config(described, tmp_path / "t", pool="desta25", prompts_per_clip=2), backend)
+    assert summary["inputs"] == 12 and summary["kept"] + summary["rejected"] == 12
+    rows, _ = _output(tmp_path / "t")
+    assert len(rows) == 12 and len({(r["id"], r["prompt"]) for r in rows}) == 12
+    assert all(r["prompt"] in TRAINING_POOLS["desta25"] and r["prompt_pool"] == "desta25" for r in rows)
+    generator = json.loads(rows[0]["generator"])
+    assert generator["backend"] == "transformers" and generator["max_new_tokens"] == 6 and "temperature" in generator
+    assert all(r["flag"] == "cut off at max_new_tokens (6)" or r["flag"] == "" for r in rows)
+
+
+def test_flagged_answers_go_to_rejects_with_reasons(described, tmp_path, backend):
+    summary = targets(_config(described, tmp_path / "t", keep_flagged=False), backend)
+    rejects = [json.loads(x) for x in (tmp_path / "t" / "rejects.jsonl").read_text().splitlines()]
+    assert summary["kept"] + len(rejects) == summary["inputs"] == 6
+    assert all({"id", "prompt", "reason", "response"} <= set(r) for r in rejects)
+
+
+def test_sampling_is_deterministic_for_a_seed(described, tmp_path, backend):
+    first = targets(_config(described, tmp_path / "a", temperature=1.0, seed=3), backend)
+    second = targets(_config(described, tmp_path / "b", temperature=1.0, seed=3), backend)
+    assert first == second and _output(tmp_path / "a") == _output(tmp_path / "b")
+
+
+def test_interrupted_run_resumes_without_redoing(described, tmp_path, backend):
+    targets(_config(described, tmp_path / "full"), backend)
+
+    class DiesOnSecondChunk:
+        name, model_id, calls = backend.name, backend.model_id, 0
+
+        def generate(self, conversations, settings):
+            DiesOnSecondChunk.calls += 1
+            if DiesOnSecondChunk.calls == 2:
+                raise KeyboardInterrupt
+            return backend.generate(conversations, settings)
+
+    with pytest.raises(KeyboardInterrupt):
+        targets(_config(described, tmp_path / "resumed"), DiesOnSecondChunk())
+    DiesOnSecondChunk.calls = 10
+    targets(_config(described, tmp_path / "resumed"), DiesOnSecondChunk())
+    assert DiesOnSecondChunk.calls == 12  # the two chunks left, not all three
+    assert _output(tmp_path / "resumed") == _output(tmp_path / "full")
+
+
+def test_shards_merge_to_the_unsharded_output(described, tmp_path, backend):
+    from desta.targets import merge
+
+    targets(_config(described, tmp_path / "one"), backend)
+    for index in range(3):
+        targets(_config(described, tmp_path / "three", num_shards=3, shard_index=index), backend)
+    merge(tmp_path / "three")
+    assert _output(tmp_path / "three") == _output(tmp_path / "one")
+
+
+@pytest.mark.parametrize("generation, reason", [
+    (Generation("   ", "stop", 0), "empty answer"),
+    (Generation("The speaker says", "length", 6), "cut off at max_new_tokens (6)"),
+    (Generation("The voice is calm. " * 12, "stop", 60), "repetition loop (compresses"),
+    (Generation("a man speaks a man speaks a man speaks a man speaks", "stop", 12), "repetition loop ('a man"),
+    (Generation("I'm sorry, but I cannot hear audio files.", "stop", 9), 'ignores the audio: "I cannot hear"'),
+    (Generation("As an AI language model, I have no ears.", "stop", 9), "ignores the audio"),
+    (Generation("A woman with a British accent asks where the station is.", "stop", 12), None),
+])
+def test_quality_filter_reasons(generation, reason):
+    found = flag(generation, 6, DEFAULT_REFUSAL_PATTERNS)
+    assert found == reason if reason is None else found.startswith(reason)
+
+
+def test_eval_instructions_are_absent_from_every_training_pool():
+    evals = {t for templates in EVAL_INSTRUCTIONS.values() for t in templates}
+    for name, pool in TRAINING_POOLS.items():
+        assert not evals & set(pool), name
+        assert training_pool(name)[0] == "What can you hear from the audio?"
+    with pytest.raises(ValueError, match="evaluation instructions and cannot be trained on"):
+        training_pool(["Describe the speaker's voice.", "Tell me more."])
+
+
+def test_bad_sources_give_clear_errors(tmp_path, backend, described):
+    with pytest.raises(FileNotFoundError, match="written by desta describe"):
+        targets(_config(tmp_path / "nothing", tmp_path / "t"), backend)
+    from datasets import Dataset
+
+    Dataset.from_dict({"id": ["a"], "text": ["b"]}).save_to_disk(str(tmp_path / "wrong"))
+    with pytest.raises(ValueError, match=r"not a described dataset: no column \['description'\]"):
+        targets(_config(tmp_path / "wrong", tmp_path / "t"), backend)
+    with pytest.raises(ValueError, match="unknown prompt pool 'desta3'"):
+        targets(_config(described, tmp_path / "t2", pool="desta3"), backend)
+
+
+@pytest.mark.real
+def test_real_smollm_answers(real_models, described, tmp_path):
+    summary = targets(TargetsConfig(source=str(described), out=str(tmp_path / "t"), progress=False,
+                                    model=str(real_models / "SmolLM2-135M-Instruct"), max_new_tokens=128,
+                                    repetition_penalty=1.2))
+    rows, _ = _output(tmp_path / "t")
+    assert summary["inputs"] == 6 and all(r["response"] for r in rows)
+
+
+def test_all_rejected_still_writes_a_loadable_dataset(described, tmp_path, backend):
+    summary = targets(_config(described, tmp_path / "t", keep_flagged=False, max_new_tokens=2), backend)
+    assert summary["kept"] == 0 and summary["rejected"] == 6
+    assert len(load_from_disk(str(tmp_path / "t" / "dataset"))) == 0
