@@ -1,0 +1,77 @@
+"""Targets-stage generation speed: batched vs one-at-a-time on the same prompts, in one run.
+
+Prompts are DeSTA descriptions of synthetic clips + "What can you hear from the audio?"; the LLM
+is the real SmolLM2-135M-Instruct when --models or DESTA_MODELS gives it, else the tiny random
+one. Greedy, fixed max_new_tokens. Prints generated tokens/s for both and their ratio, then one
+JSON line.
+
+    python bench/targets.py --prompts 32 --batch-size 16 --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from desta.describe import DescribeConfig, describe
+from desta.generation import SamplingSettings, TransformersBackend
+from desta.prompts import DEFAULT_SYSTEM_PROMPT
+from desta.synth import synth_corpus
+from desta.targets import conversation, load_described
+from desta.testing import REAL_LLM, real_models_dir, tiny_llm, tiny_tokenizer
+
+
+def timed(backend: TransformersBackend, conversations, settings: SamplingSettings, batch_size: int):
+    backend.batch_size = batch_size
+    start = time.perf_counter()
+    results = backend.generate(conversations, settings)
+    seconds = time.perf_counter() - start
+    return seconds, sum(r.completion_tokens for r in results), results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--models", default=None, help="folder with SmolLM2-135M-Instruct")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = synth_corpus(Path(tmp) / "c", num_clips=args.prompts, seed=0, progress=False)
+        describe(DescribeConfig(source=str(manifest), out=str(Path(tmp) / "d"), mapping="synthetic",
+                                progress=False))
+        descriptions = load_described(Path(tmp) / "d" / "dataset")["description"]
+    conversations = [conversation(d, "What can you hear from the audio?", DEFAULT_SYSTEM_PROMPT)
+                     for d in descriptions]
+    folder = real_models_dir(args.models)
+    if folder:
+        backend, weights = TransformersBackend(str(folder / REAL_LLM)), REAL_LLM
+    else:
+        backend, weights = TransformersBackend(llm=tiny_llm(), tokenizer=tiny_tokenizer()), "tiny random"
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
+    timed(backend, conversations[:2], settings, 2)  # warm-up
+    one_s, one_tokens, one = timed(backend, conversations, settings, 1)
+    batch_s, batch_tokens, batched = timed(backend, conversations, settings, args.batch_size)
+    same = sum(a.text == b.text for a, b in zip(one, batched, strict=True))
+    one_rate, batch_rate = one_tokens / one_s, batch_tokens / batch_s
+    print(f"{weights}, {args.prompts} prompts, greedy, max_new_tokens {args.max_new_tokens}, CPU "
+          f"{torch.get_num_threads()} threads")
+    print(f"one at a time: {one_tokens} tokens in {one_s:.1f} s = {one_rate:.1f} tokens/s")
+    print(f"batch of {args.batch_size}: {batch_tokens} tokens in {batch_s:.1f} s = {batch_rate:.1f} tokens/s")
+    print(f"batched is {batch_rate / one_rate:.1f}x faster; {same}/{args.prompts} answers identical")
+    print(json.dumps({"bench": "targets", "weights": weights, "machine": f"{platform.machine()}, "
+                      f"{torch.get_num_threads()} threads", "prompts": args.prompts, "batch_size": args.batch_size,
+                      "max_new_tokens": args.max_new_tokens, "one_tokens_per_s": round(one_rate, 1),
+                      "batched_tokens_per_s": round(batch_rate, 1), "speedup": round(batch_rate / one_rate, 2),
+                      "identical_answers": same}))
+
+
+if __name__ == "__main__":
+    main()
