@@ -164,6 +164,42 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """`desta train key=value ...` without a YAML file: the first word is an override too."""
+    if args.config and "=" in args.config and not Path(args.config).is_file():
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train the connector (and optional LoRA) on a targets dataset: CONFIG.yaml plus key=value overrides."""
+    from desta.train import run
+
+    summary = run(*_config_and_overrides(args))
+    print(f"trained {summary['steps']} steps on {summary['train_rows']} rows "
+          f"({summary['samples_per_second']} samples/s); loss {summary['first_train_loss']} -> "
+          f"{summary['last_train_loss']}; eval losses {[round(v, 4) for _, v in summary['eval_losses']]}")
+    return 0
+
+
+def _cache_features(args: argparse.Namespace) -> int:
+    """Compute the frozen encoder's tapped-layer features once for a training config's data."""
+    from desta.config import load_config
+    from desta.features import cache_features
+    from desta.train import TrainConfig, build_model, load_targets
+
+    config = load_config(TrainConfig, *_config_and_overrides(args))
+    if not config.data.feature_cache:
+        raise ValueError("set data.feature_cache=FOLDER (in the config or as an override)")
+    model, processor = build_model(config.model, Path(config.output_dir))
+    for split in (config.data.train, config.data.eval):
+        if split:
+            cache_features(model, processor, load_targets(split, "data"), config.data.feature_cache,
+                           dtype=config.data.cache_dtype)
+    print(f"features cached in {config.data.feature_cache}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from desta.tts import ACCENTS
 
@@ -205,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--merge", action="store_true", help="merge finished shards in --out")
     tgt.set_defaults(run=_targets)
 
+    for name, run, doc in (("train", _train, _train.__doc__), ("cache-features", _cache_features,
+                                                                _cache_features.__doc__)):
+        sub = commands.add_parser(name, help=doc, description=doc)
+        sub.add_argument("config", nargs="?", help="YAML config, e.g. recipes/tiny/config.yaml")
+        sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 data.train=DIR")
+        sub.set_defaults(run=run)
+
     serve = commands.add_parser("serve", help=_serve.__doc__, description=_serve.__doc__)
     serve.add_argument("checkpoint", nargs="?", help="DeSTA checkpoint folder (or give --llm)")
     serve.add_argument("--llm", help="serve a plain chat LLM (Hub id or folder) instead")
@@ -239,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # generation-config chatter from transformers, not the user's concern
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"desta {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -133,7 +133,7 @@ class DestaProcessor:
         ids = self.tokenizer(" " + transcript.strip(), add_special_tokens=False).input_ids
         return ids[: self.transcript_max_tokens]
 
-    def _encode(self, conversation: Conversation, clips: list[np.ndarray], transcripts: list[str | None],
+    def _encode(self, conversation: Conversation, windows: list[int], transcripts: list[str | None],
                 add_generation_prompt: bool, with_labels: bool) -> tuple[list[int], list[int]]:
         text = self.render(conversation, add_generation_prompt=add_generation_prompt)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -146,9 +146,9 @@ class DestaProcessor:
                     labels[i] = enc.input_ids[i]
         audio_id = self.audio_token_id
         placeholders = sum(1 for t in enc.input_ids if t == audio_id)
-        if placeholders != len(clips):
+        if placeholders != len(windows):
             raise ValueError(f"the conversation holds {placeholders} audio placeholders ({self.audio_token}) but "
-                             f"{len(clips)} audio clips were given; put one {self.audio_token} in the user message "
+                             f"{len(windows)} audio clips were given; put one {self.audio_token} in the user message "
                              "per clip")
         ids_out: list[int] = []
         labels_out: list[int] = []
@@ -158,7 +158,7 @@ class DestaProcessor:
                 ids_out.append(token)
                 labels_out.append(label)
                 continue
-            expanded = [audio_id] * (num_windows(len(clips[clip_index])) * self.num_queries)
+            expanded = [audio_id] * (windows[clip_index] * self.num_queries)
             expanded += self.transcript_ids(transcripts[clip_index])
             ids_out += expanded
             labels_out += [IGNORE_INDEX] * len(expanded)
@@ -169,14 +169,21 @@ class DestaProcessor:
 
     def __call__(self, conversations: list[Conversation], audios: list[list[np.ndarray]] | None = None,
                  transcripts: list[list[str | None]] | None = None, sampling_rate: int = SAMPLE_RATE,
-                 add_generation_prompt: bool = False, padding_side: str | None = None) -> BatchFeature:
+                 add_generation_prompt: bool = False, padding_side: str | None = None,
+                 window_counts: list[list[int]] | None = None) -> BatchFeature:
         """Batch of conversations (each with its own list of clips and transcripts) -> model inputs.
 
         Returns input_ids, attention_mask (batch, seq); labels (batch, seq) unless
         add_generation_prompt; input_features (windows, mel_bins, frames) and
         feature_attention_mask (windows, frames) when any audio is given.
         Padding is on the left for generation and on the right for training, unless set.
+        With cached encoder features, give `window_counts` (windows per clip) instead of audio:
+        the placeholders are expanded and no features are extracted.
         """
+        if window_counts is not None:
+            if audios is not None:
+                raise ValueError("give audios or window_counts, not both")
+            audios = [[None] * len(counts) for counts in window_counts]
         audios = audios if audios is not None else [[] for _ in conversations]
         transcripts = transcripts if transcripts is not None else [[None] * len(c) for c in audios]
         if not len(conversations) == len(audios) == len(transcripts):
@@ -186,12 +193,16 @@ class DestaProcessor:
         side = padding_side or ("left" if add_generation_prompt else "right")
         rows, windows = [], []
         for row, (conversation, clips, texts) in enumerate(zip(conversations, audios, transcripts, strict=True)):
-            clips = [validate_audio(np.asarray(c), sampling_rate, f"conversation {row}, clip {i}")
-                     for i, c in enumerate(clips)]
             if len(texts) != len(clips):
                 raise ValueError(f"conversation {row}: {len(clips)} clips but {len(texts)} transcripts")
-            rows.append(self._encode(conversation, clips, texts, add_generation_prompt, with_labels))
-            windows += [w for clip in clips for w in split_windows(clip)]
+            if window_counts is not None:
+                counts = list(window_counts[row])
+            else:
+                clips = [validate_audio(np.asarray(c), sampling_rate, f"conversation {row}, clip {i}")
+                         for i, c in enumerate(clips)]
+                counts = [num_windows(len(c)) for c in clips]
+                windows += [w for clip in clips for w in split_windows(clip)]
+            rows.append(self._encode(conversation, counts, texts, add_generation_prompt, with_labels))
 
         width = max(len(ids) for ids, _ in rows)
         pad_id = self.tokenizer.pad_token_id

@@ -148,3 +148,21 @@ def load_real_models(models_dir: str | os.PathLike | None = None,
         raise FileNotFoundError("no real checkpoints found; build them with "
                                 "shared/tools/fetch_offline_models.sh DEST and pass DEST (or set DESTA_MODELS)")
     return build(str(folder / REAL_WHISPER), str(folder / REAL_LLM), **config_kwargs)
+
+
+def toy_targets(described: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A targets dataset whose responses come from a template over the gold attributes (no LLM):
+    a learnable stand-in for self-output targets in tests and benchmarks. Returns the dataset folder."""
+    from datasets import load_from_disk
+
+    from desta.prompts import TRAINING_POOLS
+
+    dataset = load_from_disk(str(described))
+    responses = [f"A {g.lower() if g else 'person'} with a {a or 'neutral'} accent says: {t}"
+                 for g, a, t in zip(dataset["gender"], dataset["accent"], dataset["transcript"], strict=True)]
+    dataset = dataset.add_column("prompt", [TRAINING_POOLS["desta2"][0]] * len(dataset))
+    dataset = dataset.add_column("prompt_pool", ["desta2"] * len(dataset))
+    dataset = dataset.add_column("response", responses)
+    dataset = dataset.add_column("generator", ['{"backend": "template"}'] * len(dataset))
+    dataset.save_to_disk(str(out))
+    return Path(out)

@@ -1,0 +1,142 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from desta.config import ConfigError, load_config
+from desta.describe import DescribeConfig, describe
+from desta.synth import synth_corpus
+from desta.testing import toy_targets
+from desta.train import StopAfter, TrainConfig, replay_count, train
+
+BASE = ["optim.warmup_steps=2", "optim.batch_size=4", "optim.lr=3e-3", "log.logging_steps=1", "log.report_to=none",
+        "data.eval_fraction=0"]
+
+
+@pytest.fixture(scope="module")
+def targets_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train-data")
+    manifest = synth_corpus(folder / "c", num_clips=16, seed=4, progress=False)
+    describe(DescribeConfig(source=str(manifest), out=str(folder / "d"), mapping="synthetic", progress=False))
+    return toy_targets(folder / "d" / "dataset", folder / "targets")
+
+
+def _config(targets_dir, out, *overrides):
+    return load_config(TrainConfig, None, [f"output_dir={out}", f"data.train={targets_dir}", *BASE, *overrides])
+
+
+def _losses(out):
+    history = json.loads((out / "log_history.json").read_text())
+    return {r["step"]: r["loss"] for r in history if "loss" in r}
+
+
+class Snapshot(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.model = model
+
+
+def test_loss_falls_and_only_the_connector_changes(targets_dir, tmp_path):
+    snapshot = Snapshot()
+    summary = train(_config(targets_dir, tmp_path / "run", "optim.max_steps=40", "data.eval_fraction=0.25",
+                            "log.eval_steps=20", "log.save_steps=100"), callbacks=[snapshot])
+    assert summary["last_train_loss"] < summary["first_train_loss"] - 0.05
+    assert summary["eval_losses"][-1][1] < summary["eval_losses"][0][1]
+    for name, param in snapshot.model.named_parameters():
+        assert torch.equal(param, snapshot.before[name]) != name.startswith("connector."), name
+    files = set(os.listdir(tmp_path / "run"))
+    assert {"model.safetensors", "config.json", "desta_processor.json", "run_config.yaml", "loss_curve.png",
+            "summary.json"} <= files and "training_args.bin" not in files
+    assert summary["trainable_parameters"] < summary["total_parameters"] and summary["samples_per_second"] > 0
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(targets_dir, tmp_path):
+    steps = ["optim.max_steps=12", "log.save_steps=6"]
+    train(_config(targets_dir, tmp_path / "full", *steps))
+    train(_config(targets_dir, tmp_path / "cut", *steps), callbacks=[StopAfter(6)])
+    assert max(_losses(tmp_path / "cut")) == 6
+    summary = train(_config(targets_dir, tmp_path / "cut", *steps))
+    assert summary["resumed_from"].endswith("checkpoint-6")
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert sorted(resumed) == list(range(1, 13))  # steps 1-6 come back from the checkpoint's trainer state
+    for step in range(7, 13):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+
+
+def test_cached_features_give_the_on_the_fly_loss(targets_dir, tmp_path):
+    from desta.features import FeatureCache, cache_features
+    from desta.train import DestaCollator, DestaDataset, build_model, load_targets, speech_examples
+
+    model, processor = build_model(load_config(TrainConfig).model, tmp_path)
+    model.eval()
+    dataset = load_targets(str(targets_dir), "train")
+    cache_features(model, processor, dataset, tmp_path / "cache", dtype="float32", clips_per_shard=5, progress=False)
+    examples = speech_examples(dataset, "Focus on the audio clips and instructions.")[:6]
+    collate = DestaCollator(processor, 1024)
+    live = collate([DestaDataset(examples)[i] for i in range(6)])
+    cached = collate([DestaDataset(examples, FeatureCache(tmp_path / "cache", model))[i] for i in range(6)])
+    assert "input_features" in live and "audio_hidden_states" in cached
+    assert torch.equal(live["input_ids"], cached["input_ids"])
+    with torch.no_grad():
+        live_loss = model(**{k: v for k, v in live.items() if k != "sample_ids"}).loss
+        cached_loss = model(**{k: v for k, v in cached.items() if k != "sample_ids"}).loss
+    torch.testing.assert_close(cached_loss, live_loss, atol=1e-5, rtol=1e-5)
+    # same output folder, so the same tiny base checkpoints: the cache's encoder matches
+    summary = train(_config(targets_dir, tmp_path, "optim.max_steps=4",
+                            f"data.feature_cache={tmp_path / 'cache'}", "data.cache_dtype=float32"))
+    assert summary["steps"] == 4
+
+
+def test_text_only_rows_mix_in_at_the_ratio(targets_dir, tmp_path):
+    assert replay_count(970, 0.03) == 30 and replay_count(100, 0.0) == 0
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps({"instruction": f"What is {i}+{i}?", "response": str(2 * i)}) + "\n"
+                              for i in range(10)))
+    summary = train(_config(targets_dir, tmp_path / "run", "optim.max_steps=3", f"data.text_replay={replay}",
+                            "data.text_ratio=0.2"))
+    assert summary["replay_rows"] == 4 and summary["train_rows"] == 20  # 16 speech rows + 4 = 20 %
+
+
+def test_nan_loss_stops_with_step_and_samples(targets_dir, tmp_path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.connector.proj.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3; samples in the batch: \['synth-4-"):
+        train(_config(targets_dir, tmp_path / "run", "optim.max_steps=5"), callbacks=[Poison()])
+
+
+def test_config_errors_are_clear(targets_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.learning_rate'; did you mean 'optim.lr'\?"):
+        load_config(TrainConfig, None, ["optim.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"optim.batch_size: expected int, got 'big'"):
+        load_config(TrainConfig, None, ["optim.batch_size=big"])
+    with pytest.raises(FileNotFoundError, match="train dataset '' not found"):
+        train(load_config(TrainConfig, None, [f"output_dir={tmp_path}"]))
+    from datasets import Dataset
+
+    Dataset.from_dict({"id": ["a"], "text": ["b"]}).save_to_disk(str(tmp_path / "wrong"))
+    with pytest.raises(ValueError, match=r"lacks columns \['audio', 'prompt', 'response'\]"):
+        train(_config(tmp_path / "wrong", tmp_path / "run"))
+
+
+def test_two_process_cpu_run(targets_dir, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "desta.cli", "train", f"output_dir={out}", f"data.train={targets_dir}", "optim.max_steps=4",
+               *BASE]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        names = set(handle.keys())
+    assert names and all(name.startswith("connector.") for name in names)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
