@@ -51,7 +51,7 @@ def config_from_args(cls: type, args: argparse.Namespace):
                 raise ValueError(f"--{f.name.replace('_', '-')} takes KEY=VALUE, got {bad[0]!r}")
             value = dict(v.split("=", 1) for v in value)
         elif kind.startswith("list") or "list[str]" in kind:
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
             if f.name == "pool" and len(value) == 1:
                 value = value[0]
         settings[f.name] = value
@@ -200,6 +200,38 @@ def _cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_set(args: argparse.Namespace) -> int:
+    """Build an eval set of unseen instructions from a described dataset with gold attributes."""
+    from datasets import load_from_disk
+
+    from desta.evaluate import build_eval_set, save_eval_set
+
+    if not Path(args.source).is_dir():
+        raise FileNotFoundError(f"{args.source} not found; give the dataset folder written by desta describe")
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    items = build_eval_set(load_from_disk(args.source), seed=args.seed, categories=categories)
+    if args.max_clips:
+        keep = sorted({i["id"] for i in items})[: args.max_clips]
+        items = [i for i in items if i["id"] in set(keep)]
+    save_eval_set(items, args.out)
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["category"]] = counts.get(item["category"], 0) + 1
+    print(f"wrote {len(items)} items to {args.out}: {counts}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Score checkpoints on unseen speech instructions against the text LLM reading the gold description."""
+    from desta.evaluate import EvalConfig, evaluate
+
+    args.checkpoints = args.checkpoint
+    report = evaluate(config_from_args(EvalConfig, args))
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {Path(args.out) / 'report.json'}, report.md, scores.png; overall {report['overall']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from desta.tts import ACCENTS
 
@@ -247,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", nargs="?", help="YAML config, e.g. recipes/tiny/config.yaml")
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 data.train=DIR")
         sub.set_defaults(run=run)
+
+    es = commands.add_parser("eval-set", help=_eval_set.__doc__, description=_eval_set.__doc__)
+    es.add_argument("--source", required=True, help="described dataset folder (OUT/dataset of desta describe)")
+    es.add_argument("--out", required=True, help="eval set folder")
+    es.add_argument("--categories", help="comma-separated subset of: gender, accent, emotion, speaking_speed, pitch, "
+                                         "volume, duration, transcription, format_*, open")
+    es.add_argument("--max-clips", type=int, help="use at most this many clips")
+    es.add_argument("--seed", type=int, default=0, help="seed for the format instructions' numbers")
+    es.set_defaults(run=_eval_set)
+
+    from desta.evaluate import EvalConfig
+
+    ev = commands.add_parser("eval", help=_eval.__doc__, description=_eval.__doc__)
+    ev.add_argument("checkpoint", nargs="+", help="DeSTA checkpoint folder(s), compared side by side")
+    add_config_arguments(ev, EvalConfig, skip=("checkpoints",))
+    ev.set_defaults(run=_eval)
 
     serve = commands.add_parser("serve", help=_serve.__doc__, description=_serve.__doc__)
     serve.add_argument("checkpoint", nargs="?", help="DeSTA checkpoint folder (or give --llm)")
