@@ -232,6 +232,75 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Write a Hub-ready folder (weights, config, processor, model card); --push uploads it."""
+    from desta.export import export, files_to_upload, push
+
+    folder = export(args.checkpoint, args.out, full=args.full, encoder_id=args.encoder_id, llm_id=args.llm_id,
+                    license=args.license, report=args.report)
+    size = sum(s for _, s in files_to_upload(folder))
+    print(f"exported {args.checkpoint} -> {folder} ({size / 2**20:.1f} MiB, "
+          f"{'full model' if args.full else 'trainable weights only'})")
+    if args.push:
+        result = push(folder, args.push, private=args.private, dry_run=args.dry_run)
+        for name, size in result["files"]:
+            print(f"  {'would upload' if args.dry_run else 'uploaded'} {name} ({size:,} bytes)")
+        if not args.dry_run:
+            print(f"pushed to {result['url']}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """Talk to a checkpoint: audio files and an instruction in, the answer streamed out (or --batch FILE)."""
+    import json
+
+    from desta.audio import AudioError, load_audio
+    from desta.generation import SamplingSettings
+    from desta.loading import load
+    from desta.serve import DestaEngine
+
+    model, processor = load(args.checkpoint)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    if args.batch:
+        rows = [json.loads(line) for line in Path(args.batch).read_text().splitlines() if line.strip()]
+        out = Path(args.out or Path(args.batch).with_suffix(".answers.jsonl"))
+        results: list[dict] = [{} for _ in rows]
+        ready = []
+        for index, row in enumerate(rows):
+            paths = row.get("audio") or []
+            paths = [paths] if isinstance(paths, str) else paths
+            try:
+                clips = [load_audio(Path(args.batch).parent / p if not Path(p).is_absolute() else p) for p in paths]
+            except AudioError as err:
+                results[index] = {**row, "error": str(err)}
+                continue
+            if not row.get("instruction"):
+                results[index] = {**row, "error": "no instruction"}
+                continue
+            text = "".join(f"{processor.audio_token}\n" for _ in clips) + row["instruction"]
+            ready.append((index, system + [{"role": "user", "content": text}], clips))
+        for start in range(0, len(ready), args.batch_size):
+            chunk = ready[start : start + args.batch_size]
+            answers = model.chat(processor, [c for _, c, _ in chunk], [a for _, _, a in chunk],
+                                 max_new_tokens=args.max_new_tokens, do_sample=False)
+            for (index, _, _), answer in zip(chunk, answers, strict=True):
+                results[index] = {**rows[index], "answer": answer}
+        out.write_text("".join(json.dumps(r) + "\n" for r in results))
+        failed = sum("error" in r for r in results)
+        print(f"answered {len(rows) - failed} of {len(rows)} rows ({failed} with errors) -> {out}")
+        return 0
+    if not args.instruction:
+        raise ValueError("give an instruction (or --batch FILE.jsonl)")
+    clips = [load_audio(p) for p in args.audio]
+    text = "".join(f"{processor.audio_token}\n" for _ in clips) + args.instruction
+    engine = DestaEngine(model, processor, args.checkpoint)
+    for piece in engine.stream(system + [{"role": "user", "content": text}], clips, settings):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from desta.tts import ACCENTS
 
@@ -296,6 +365,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(ev, EvalConfig, skip=("checkpoints",))
     ev.set_defaults(run=_eval)
 
+    ex = commands.add_parser("export", help=_export.__doc__, description=_export.__doc__)
+    ex.add_argument("checkpoint", help="checkpoint folder (output of desta train)")
+    ex.add_argument("out", help="folder to write")
+    ex.add_argument("--full", action="store_true", help="the whole model, LoRA merged: no base checkpoint needed")
+    ex.add_argument("--encoder-id", help="Hub id of the Whisper base to name in the config (instead of a local path)")
+    ex.add_argument("--llm-id", help="Hub id of the LLM base to name in the config")
+    ex.add_argument("--license", default="other", help="license in the model card (follow the base models')")
+    ex.add_argument("--report", help="report.json of desta eval to put in the model card")
+    ex.add_argument("--push", metavar="REPO_ID", help="upload to this Hub repository")
+    ex.add_argument("--private", action="store_true", help="create the repository as private")
+    ex.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, send nothing")
+    ex.set_defaults(run=_export)
+
+    ch = commands.add_parser("chat", help=_chat.__doc__, description=_chat.__doc__)
+    ch.add_argument("checkpoint", help="checkpoint or exported folder")
+    ch.add_argument("instruction", nargs="?", help="what to ask")
+    ch.add_argument("--audio", action="append", default=[], help="audio file (repeat for several)")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--batch", help="JSONL with audio (path or list) and instruction per row")
+    ch.add_argument("--out", help="with --batch: where to write the answers (JSONL)")
+    ch.add_argument("--batch-size", type=int, default=8)
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ch.set_defaults(run=_chat)
+
     serve = commands.add_parser("serve", help=_serve.__doc__, description=_serve.__doc__)
     serve.add_argument("checkpoint", nargs="?", help="DeSTA checkpoint folder (or give --llm)")
     serve.add_argument("--llm", help="serve a plain chat LLM (Hub id or folder) instead")
@@ -324,13 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take `desta chat CKPT --audio a.wav "instruction"`: the instruction comes last
+    if extra and args.command == "chat" and args.instruction is None and not any(e.startswith("-") for e in extra):
+        args.instruction = " ".join(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # generation-config chatter from transformers, not the user's concern
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, PermissionError, ConnectionError) as err:
         print(f"desta {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ base encoder and LLM from the checkpoints the config names, and never unpickles.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -379,7 +380,15 @@ class DestaModel(PreTrainedModel):
         """Load a saved model (folder or Hub id): base weights from the named checkpoints + trainable weights."""
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, token=token)
         config = DestaConfig.from_pretrained(folder)
-        weights = load_file(folder / WEIGHTS_NAME)  # safetensors: no code runs while loading
+        weights = _load_weights(folder)  # safetensors: no code runs while loading
+        if any(name.startswith("whisper.") for name in weights):  # a full export: no base checkpoint needed
+            model = cls(config).to(dtype)
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            untied = [m for m in missing if not m.endswith(("proj_out.weight", "lm_head.weight"))]
+            if untied or unexpected:
+                raise ValueError(f"{folder} does not match the model: missing {untied[:3]}, unexpected "
+                                 f"{unexpected[:3]}")
+            return model.eval()
         model = cls.from_base(config, dtype=dtype)
         expected = set(model.trainable_state_dict())
         missing, unexpected = expected - set(weights), set(weights) - expected
@@ -389,6 +398,19 @@ class DestaModel(PreTrainedModel):
                              f"(e.g. {sorted(unexpected)[:3]})")
         model.load_state_dict(weights, strict=False)
         return model
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or every shard listed in model.safetensors.index.json."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weights: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            weights.update(load_file(folder / shard))
+        return weights
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}; point at a folder written by save_pretrained")
+    return load_file(folder / WEIGHTS_NAME)
 
 
 def _resolve_folder(name_or_path: str | os.PathLike, revision: str | None, token: str | None) -> Path:

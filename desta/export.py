@@ -1,0 +1,152 @@
+"""Stage 5, export: a trained checkpoint becomes a Hub-ready folder, and is pushed when asked.
+
+Reads a checkpoint folder (from desta train). Writes OUT/ with config.json, model.safetensors
+(trainable weights by default; with `full`, the whole model with LoRA merged, loadable without the
+base checkpoints), the processor and tokenizer files, and README.md: a model card with Hub
+metadata, how it was trained (run_config.yaml, summary.json) and the eval table (report.json).
+`push` creates the repository and uploads the folder with huggingface_hub; the token comes from
+$HF_TOKEN or the user's login and is never printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from desta.loading import load
+
+PROCESSOR_FILES = ("desta_processor.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "chat_template.jinja", "special_tokens_map.json")
+
+
+def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_id: str | None = None,
+           llm_id: str | None = None, license: str = "other", report: str | Path | None = None) -> Path:
+    """Write the Hub-ready folder; `encoder_id` / `llm_id` rename the base checkpoints to Hub ids."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json); give the output "
+                                "folder of desta train")
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = load(checkpoint)
+    config = model.config
+    if encoder_id:
+        config.encoder_name_or_path = encoder_id
+    if llm_id:
+        config.llm_name_or_path = llm_id
+    bases = {"encoder": config.encoder_name_or_path, "llm": config.llm_name_or_path}
+    if full:
+        save_full(model, out)
+    else:
+        model.save_pretrained(out)
+    processor.save_pretrained(out)
+    report_path = Path(report) if report else next(iter(sorted(checkpoint.glob("**/report.json"))), None)
+    (out / "README.md").write_text(model_card(checkpoint, out, bases, full, license, report_path))
+    return out
+
+
+def save_full(model, out: Path) -> None:
+    """The whole model (LoRA merged) as safetensors, with a config that needs no base checkpoint."""
+    from huggingface_hub import save_torch_state_dict
+
+    config = model.config
+    if config.lora is not None:
+        model.llm = model.llm.merge_and_unload()
+        config.lora = None
+    config.encoder_name_or_path = config.llm_name_or_path = None
+    config.save_pretrained(out)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # shared (tied) tensors are written once; loading restores the tie
+    save_torch_state_dict(state, out, filename_pattern="model{suffix}.safetensors", max_shard_size="5GB",
+                          metadata={"format": "pt", "desta": "full"})
+
+
+def _metadata_block(bases: dict[str, str | None], license: str, datasets: list[str]) -> str:
+    lines = ["---", "library_name: desta", f"license: {license}", "pipeline_tag: audio-text-to-text",
+             "tags:", "  - desta", "  - speech", "  - audio", "  - speech-language-model"]
+    hub_bases = [b for b in bases.values() if b and not Path(b).exists()]
+    if hub_bases:
+        lines += ["base_model:"] + [f"  - {b}" for b in hub_bases]
+    if datasets:
+        lines += ["datasets:"] + [f"  - {d}" for d in datasets]
+    return "\n".join(lines + ["---", ""])
+
+
+def model_card(checkpoint: Path, out: Path, bases: dict[str, str | None], full: bool, license: str,
+               report_path: Path | None) -> str:
+    import yaml
+
+    run = yaml.safe_load((checkpoint / "run_config.yaml").read_text()) if (checkpoint / "run_config.yaml").exists() \
+        else {}
+    summary = json.loads((checkpoint / "summary.json").read_text()) if (checkpoint / "summary.json").exists() else {}
+    data = run.get("data", {})
+    datasets = [Path(d).parent.name if Path(d).name == "dataset" else Path(d).name
+                for d in (data.get("train"),) if d]
+    name = out.name
+    lines = [_metadata_block(bases, license, datasets), f"# {name}", "",
+             "A DeSTA speech language model: a frozen Whisper encoder, a Q-Former connector and a frozen chat LLM"
+             + (" with LoRA" if run.get("model", {}).get("lora") else "") + ", trained with "
+             "[desta](https://pypi.org/project/desta/) on the LLM's own answers to descriptions of the audio "
+             "(self-output, as in DeSTA2).", "",
+             "| part | checkpoint |", "|---|---|",
+             f"| speech encoder (frozen) | {bases['encoder'] or 'included'} |",
+             f"| LLM (frozen) | {bases['llm'] or 'included'} |",
+             "| weights in this repository | " + ("the whole model, LoRA merged" if full else
+                                                 "connector and LoRA only") + " |",
+             ""]
+    if summary or run:
+        lines += ["## Training", "",
+                  f"- output folder: `{run.get('output_dir', checkpoint.name)}`",
+                  f"- data: `{data.get('train', 'n/a')}`, {summary.get('train_rows', 'n/a')} training rows"
+                  f" ({summary.get('replay_rows', 0)} text replay), {summary.get('eval_rows', 'n/a')} held out",
+                  f"- steps: {summary.get('steps', 'n/a')}, batch {run.get('optim', {}).get('batch_size', 'n/a')}, "
+                  f"lr {run.get('optim', {}).get('lr', 'n/a')}, Q-Former layers "
+                  f"{run.get('model', {}).get('qformer_layers', 'n/a')}",
+                  f"- train loss {summary.get('first_train_loss', 'n/a')} -> {summary.get('last_train_loss', 'n/a')}",
+                  f"- trainable parameters: {summary.get('trainable_parameters', 'n/a')} of "
+                  f"{summary.get('total_parameters', 'n/a')}", ""]
+    if report_path and report_path.exists():
+        from desta.evaluate import render_markdown
+
+        table = render_markdown(json.loads(report_path.read_text())).split("\n", 2)[2]
+        lines += ["## Evaluation on unseen instructions", "", table]
+    repo = f"YOUR_NAME/{name}"
+    lines += ["## Use", "", "```bash", "pip install desta", "```", "", "```python", "import desta",
+              "from desta.audio import load_audio", "",
+              f'model, processor = desta.load("{repo}")  # or the local folder',
+              'messages = [{"role": "user", "content": "<|AUDIO|>\\nWhat can you hear from the audio?"}]',
+              'print(model.chat(processor, messages, [load_audio("speech.wav")]))', "```", "",
+              f"From a shell: `desta chat {repo} --audio speech.wav \"What can you hear from the audio?\"`", ""]
+    return "\n".join(lines)
+
+
+def files_to_upload(folder: str | Path) -> list[tuple[str, int]]:
+    folder = Path(folder)
+    return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
+         endpoint: str | None = None) -> dict[str, Any]:
+    """Create the Hub repository and upload the folder (or, dry, only list what would go)."""
+    files = files_to_upload(folder)
+    if dry_run:
+        return {"repo_id": repo_id, "dry_run": True, "files": files}
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=endpoint)  # token: $HF_TOKEN or `hf auth login`; never read or printed here
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                   commit_message="Upload DeSTA model exported with desta")
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 403):
+            raise PermissionError(f"the Hub refused the token for {repo_id} (HTTP {status}); log in with "
+                                  "`hf auth login` or set HF_TOKEN to a token with write access") from None
+        raise RuntimeError(f"the Hub rejected the upload of {repo_id} (HTTP {status}): {str(err)[:200]}") from None
+    except (OSError, httpx.TransportError) as err:
+        raise ConnectionError(f"cannot reach the Hub at {endpoint or api.endpoint}: {type(err).__name__}; check the "
+                              "network or HF_ENDPOINT") from None
+    return {"repo_id": repo_id, "url": str(url), "commit": getattr(commit, "oid", str(commit)), "files": files}

@@ -1,0 +1,123 @@
+import http.server
+import json
+import threading
+
+import pytest
+import soundfile as sf
+import torch
+
+from desta.cli import main
+from desta.export import export, push
+from desta.loading import build, load, save
+from desta.testing import save_tiny_bases
+from desta.tts import synthesize
+from tests.conftest import conversation
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    whisper_dir, llm_dir = save_tiny_bases(folder / "bases")
+    model, processor = build(str(whisper_dir), str(llm_dir), lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    with torch.no_grad():  # stand-in for training: LoRA B starts at zero, make it matter
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    save(model, processor, folder / "ckpt")
+    report = {"items": 2, "text_reference_llm": "tiny", "judge": None, "items_per_second": {"ckpt": 1.0, "text": 2.0},
+              "categories": {"gender": {"ckpt": 0.5, "text": 1.0, "forgetting:ckpt": -0.5}},
+              "overall": {"ckpt": 0.5, "text": 1.0, "forgetting:ckpt": -0.5}, "retention_probes": {}}
+    (folder / "ckpt" / "eval").mkdir()
+    (folder / "ckpt" / "eval" / "report.json").write_text(json.dumps(report))
+    return folder / "ckpt"
+
+
+def _logits(folder, clip):
+    model, processor = load(folder)
+    batch = processor([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_export_reloads_to_identical_logits(checkpoint, tmp_path, clip, full):
+    expected = _logits(checkpoint, clip)
+    out = export(checkpoint, tmp_path / "out", full=full)
+    got = _logits(out, clip)
+    torch.testing.assert_close(got, expected, atol=1e-5 if full else 0, rtol=1e-5 if full else 0)
+    config = json.loads((out / "config.json").read_text())
+    if full:  # loadable without the base checkpoints
+        assert config["encoder_name_or_path"] is None and config["lora"] is None
+        (checkpoint.parent / "bases").rename(checkpoint.parent / "bases-hidden")
+        try:
+            torch.testing.assert_close(_logits(out, clip), expected, atol=1e-5, rtol=1e-5)
+        finally:
+            (checkpoint.parent / "bases-hidden").rename(checkpoint.parent / "bases")
+    else:
+        assert (out / "model.safetensors").stat().st_size < 2_000_000
+
+
+def test_model_card_has_metadata_usage_and_eval_table(checkpoint, tmp_path):
+    out = export(checkpoint, tmp_path / "out", encoder_id="openai/whisper-tiny.en",
+                 llm_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: desta\nlicense: apache-2.0\n")
+    assert "base_model:\n  - openai/whisper-tiny.en\n  - HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "| gender | 0.500 | 1.000 | -50.0% |" in card
+    assert "desta.load(" in card and "desta chat" in card
+    assert json.loads((out / "config.json").read_text())["llm_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_dry_run_push_lists_the_files(checkpoint, tmp_path, capsys):
+    assert main(["export", str(checkpoint), str(tmp_path / "out"), "--push", "me/tiny-desta", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("README.md", "config.json", "model.safetensors", "desta_processor.json", "tokenizer.json"):
+        assert f"would upload {name} (" in printed
+
+
+class _Refuses(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+def test_push_errors_are_clear_and_never_show_the_token(tmp_path, monkeypatch):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "config.json").write_text("{}")
+    secret = "hf_thisisnotarealtoken123"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(PermissionError, match="refused the token") as err:
+            push(tmp_path / "f", "me/x", endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+        assert secret not in str(err.value)
+    finally:
+        server.shutdown()
+    with pytest.raises(ConnectionError, match="cannot reach the Hub") as err:
+        push(tmp_path / "f", "me/x", endpoint="http://127.0.0.1:9")
+    assert secret not in str(err.value)
+
+
+def test_chat_streams_an_answer_and_answers_a_batch(checkpoint, tmp_path, capsys):
+    sf.write(tmp_path / "a.wav", synthesize("Where is the station?"), 16000)
+    assert main(["chat", str(checkpoint), "--audio", str(tmp_path / "a.wav"), "What can you hear?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["chat", str(checkpoint), "Hello without audio", "--max-new-tokens", "3"]) == 0
+    rows = [{"audio": "a.wav", "instruction": "Who speaks?"}, {"audio": ["a.wav", "a.wav"], "instruction": "Same?"},
+            {"audio": "missing.wav", "instruction": "?"}, {"instruction": "Just text."}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["chat", str(checkpoint), "--batch", str(tmp_path / "rows.jsonl"), "--max-new-tokens", "3"]) == 0
+    answers = [json.loads(x) for x in (tmp_path / "rows.answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and "answer" in answers[0] and "answer" in answers[1] and "answer" in answers[3]
+    assert "file not found" in answers[2]["error"]
