@@ -7,7 +7,6 @@ import dataclasses
 import inspect
 import re
 import sys
-import time
 from pathlib import Path
 
 
@@ -59,37 +58,10 @@ def config_from_args(cls: type, args: argparse.Namespace):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Speak a question with espeak-ng and let a DeSTA model answer it from the audio."""
-    import soundfile as sf
-    import torch
+    """The whole DeSTA loop on a built-in tiny default: synth, describe, targets, train, eval, export, report."""
+    from desta.demo import MINIMAL, run_demo
 
-    from desta.audio import SAMPLE_RATE
-    from desta.testing import load_real_models, tiny_model
-    from desta.tts import Voice, synthesize
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    clip = synthesize(args.question, Voice(accent="British", variant="f2", pitch=60))
-    sf.write(out / "question.wav", clip, SAMPLE_RATE)
-    print(f"[1/3] spoke the question with espeak-ng: {len(clip) / SAMPLE_RATE:.1f} s -> {out / 'question.wav'}")
-    if args.models:
-        model, processor = load_real_models(args.models)
-        kind = f"real Whisper tiny.en + SmolLM2-135M-Instruct from {args.models} (untrained connector)"
-    else:
-        model, processor = tiny_model(seed=args.seed)
-        kind = "tiny random models (the answer is noise until the pipeline trains a real one)"
-    counts = model.parameter_counts()
-    print(f"[2/3] built {kind}: {counts['total']:,} parameters, {counts['trainable']:,} trainable")
-    torch.manual_seed(args.seed)
-    conversation = [{"role": "user", "content": f"{processor.audio_token}\n{args.instruction}"}]
-    transcript = model.transcribe(processor, [clip], max_new_tokens=48)[0]
-    answer = model.chat(processor, conversation, [clip], transcripts=[[transcript]],
-                        max_new_tokens=args.max_new_tokens)[0]
-    print(f"[3/3] Whisper heard: {transcript!r}")
-    print(f"      instruction:   {args.instruction!r}")
-    print(f"      answer:        {answer!r}")
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    run_demo(args.out, models=args.models, size=MINIMAL if args.minimal else None)
     return 0
 
 
@@ -308,14 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser("demo", help=_demo.__doc__, description=_demo.__doc__)
-    demo.add_argument("--out", default="desta-demo", help="folder for the demo's files (default: desta-demo)")
+    demo.add_argument("--out", default="desta-demo", help="folder for every stage's output (default: desta-demo)")
     demo.add_argument("--models", default=None,
-                      help="folder from fetch_offline_models.sh: use real Whisper tiny.en + SmolLM2-135M-Instruct")
-    demo.add_argument("--question", default="What is the capital of France?", help="the text espeak-ng speaks")
-    demo.add_argument("--instruction", default="Answer the question in the audio.",
-                      help="the written instruction that goes with the audio")
-    demo.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit in tokens")
-    demo.add_argument("--seed", type=int, default=0, help="random seed for the tiny models")
+                      help="folder holding whisper-tiny.en/ and SmolLM2-135M-Instruct/: the real small models")
+    demo.add_argument("--minimal", action="store_true", help="the smallest sizes (a smoke test in seconds)")
     demo.set_defaults(run=_demo)
 
     synth = commands.add_parser("synth", help=_synth.__doc__, description=_synth.__doc__)

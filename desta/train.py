@@ -87,6 +87,7 @@ class LogSection:
     eval_steps: int = 200
     save_steps: int = 500  # checkpoint every N steps (weights, optimizer, scheduler, RNG)
     save_total_limit: int = 3  # keep this many checkpoints
+    progress: bool = True  # progress bar and printed logs (TensorBoard logging is unaffected)
 
 
 @dataclass
@@ -435,7 +436,8 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
                                                      config.data.max_length, config.data.overlength)
     if not train_examples:
         raise ValueError(f"no training rows left after the length rule (max_length {config.data.max_length})")
-    print(f"train rows: {len(train_examples)} ({replay} text-only replay); eval rows: {len(eval_examples)}; "
+    log = print if config.log.progress else (lambda *a, **k: None)
+    log(f"train rows: {len(train_examples)} ({replay} text-only replay); eval rows: {len(eval_examples)}; "
           f"over max_length {config.data.max_length}: {over_train} train + {over_eval} eval "
           f"({'dropped' if config.data.overlength == 'drop' else 'truncated'})", flush=True)
 
@@ -453,7 +455,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         save_strategy="steps", save_steps=config.log.save_steps, save_total_limit=config.log.save_total_limit,
         report_to=[] if config.log.report_to == "none" else [config.log.report_to], seed=config.optim.seed,
         remove_unused_columns=False, dataloader_num_workers=config.data.num_workers,
-        ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+        ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=not config.log.progress,
         **_precision(config.optim.precision),
     )
     trainer = DestaTrainer(
@@ -462,6 +464,10 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         data_collator=DestaCollator(processor, config.data.max_length), processing_class=processor,
         callbacks=callbacks, lengths=[e.duration for e in train_examples] if config.data.group_by_duration else None,
     )
+    if not config.log.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     resume = _last_checkpoint(out) if config.resume else None
     started = time.perf_counter()
     if torch.cuda.is_available():
