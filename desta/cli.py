@@ -65,6 +65,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_models(args: argparse.Namespace) -> int:
+    """Write the tiny random Whisper and chat LLM (with tokenizer) as model folders, for smoke runs."""
+    from desta.testing import save_tiny_bases
+
+    whisper_dir, llm_dir = save_tiny_bases(args.out, seed=args.seed)
+    print(f"wrote {whisper_dir} and {llm_dir}")
+    return 0
+
+
 def _tts(args: argparse.Namespace) -> int:
     """Speak text to a 16 kHz WAV file with espeak-ng."""
     import soundfile as sf
@@ -372,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent", type=int, default=1, help="requests generating at once; more get 503")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level")
     serve.set_defaults(run=_serve)
+
+    tiny = commands.add_parser("tiny-models", help=_tiny_models.__doc__, description=_tiny_models.__doc__)
+    tiny.add_argument("out", help="folder for tiny-whisper/ and tiny-llm/")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_tiny_models)
 
     tts = commands.add_parser("tts", help=_tts.__doc__, description=_tts.__doc__)
     tts.add_argument("text", help="what to say")
