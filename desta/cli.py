@@ -163,6 +163,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _posttrain(args: argparse.Namespace) -> int:
+    """Post-train a chat LLM on a new task with strategies against forgetting; compare them."""
+    from desta.posttrain import render_comparison, run
+
+    print(render_comparison(run(*_config_and_overrides(args))))
+    return 0
+
+
+def _magpie(args: argparse.Namespace) -> int:
+    """Pseudo replay data: the model writes instructions from its bare user header and answers them."""
+    import json
+
+    from desta.generation import TransformersBackend
+    from desta.posttrain import magpie
+
+    rows, dropped = magpie(TransformersBackend(args.model), args.count, args.max_new_tokens, seed=args.seed)
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(rows)} rows to {args.out}; dropped {dropped}")
+    return 0
+
+
 def _cache_features(args: argparse.Namespace) -> int:
     """Compute the frozen encoder's tapped-layer features once for a training config's data."""
     from desta.config import load_config
@@ -319,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--merge", action="store_true", help="merge finished shards in --out")
     tgt.set_defaults(run=_targets)
 
-    for name, run, doc in (("train", _train, _train.__doc__), ("cache-features", _cache_features,
-                                                                _cache_features.__doc__)):
+    for name, run, doc in (("train", _train, _train.__doc__),
+                           ("cache-features", _cache_features, _cache_features.__doc__),
+                           ("posttrain", _posttrain, _posttrain.__doc__)):
         sub = commands.add_parser(name, help=doc, description=doc)
         sub.add_argument("config", nargs="?", help="YAML config, e.g. recipes/tiny/config.yaml")
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 data.train=DIR")
@@ -366,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ch.set_defaults(run=_chat)
+
+    mp = commands.add_parser("magpie", help=_magpie.__doc__, description=_magpie.__doc__)
+    mp.add_argument("--model", required=True, help="the chat LLM (Hub id or folder)")
+    mp.add_argument("--out", required=True, help="JSONL to write (instruction, answer)")
+    mp.add_argument("--count", type=int, default=64, help="instructions to sample before filtering")
+    mp.add_argument("--max-new-tokens", type=int, default=64, help="instruction length limit")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.set_defaults(run=_magpie)
 
     serve = commands.add_parser("serve", help=_serve.__doc__, description=_serve.__doc__)
     serve.add_argument("checkpoint", nargs="?", help="DeSTA checkpoint folder (or give --llm)")
