@@ -101,13 +101,20 @@ def _describe(args: argparse.Namespace) -> int:
     """Turn an audio corpus into DeSTA descriptions (transcript + attributes); bad rows go to rejects."""
     from desta.describe import DescribeConfig, describe, merge
 
+    if not args.merge and not args.source:
+        raise ValueError("--source is required (or --merge)")
     summary = merge(args.out) if args.merge else describe(config_from_args(DescribeConfig, args))
+    return _print_counts("describe", summary, args.out, lambda s: (
+        f"inputs {s['inputs']} = described {s['described']} + rejected {s['rejected']} ({s['hours']} h described)"))
+
+
+def _print_counts(stage: str, summary: dict, out: str, counts) -> int:
+    """The end-of-run line of a chunked stage: counts after a merge, or this shard's progress."""
     if "inputs" in summary:
-        print(f"inputs {summary['inputs']} = described {summary['described']} + rejected {summary['rejected']}"
-              f" ({summary['hours']} h described) -> {Path(args.out) / 'dataset'}, {Path(args.out) / 'rejects.jsonl'}")
+        print(f"{counts(summary)} -> {Path(out) / 'dataset'}, {Path(out) / 'rejects.jsonl'}")
     else:
         print(f"shard {summary['shard']}: {summary['chunks']} chunks done ({summary['run_now']} in this run); "
-              f"merge with: desta describe --merge --out {args.out}")
+              f"merge with: desta {stage} --merge --out {out}")
     return 0
 
 
@@ -118,13 +125,8 @@ def _targets(args: argparse.Namespace) -> int:
     if not args.merge and not (args.source and args.model):
         raise ValueError("--source and --model are required (or --merge)")
     summary = merge(args.out) if args.merge else targets(config_from_args(TargetsConfig, args))
-    if "inputs" in summary:
-        print(f"prompts {summary['inputs']} = kept {summary['kept']} + rejected {summary['rejected']} "
-              f"{summary['reasons'] or ''} -> {Path(args.out) / 'dataset'}, {Path(args.out) / 'rejects.jsonl'}")
-    else:
-        print(f"shard {summary['shard']}: {summary['chunks']} chunks done ({summary['run_now']} in this run); "
-              f"merge with: desta targets --merge --out {args.out}")
-    return 0
+    return _print_counts("targets", summary, args.out, lambda s: (
+        f"prompts {s['inputs']} = kept {s['kept']} + rejected {s['rejected']} {s['reasons'] or ''}"))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from desta.describe import DescribeConfig, describe
+from desta.synth import synth_corpus
 from desta.testing import real_models_dir
 from desta.tts import Voice, synthesize
 
@@ -29,3 +33,10 @@ def conversation(response: str | None = "A woman asks for the station.", instruc
     if response is not None:
         messages.append({"role": "assistant", "content": response})
     return messages
+
+
+def described_dataset(folder: Path, num_clips: int, seed: int) -> Path:
+    """Synthetic clips run through describe; returns the dataset folder."""
+    manifest = synth_corpus(folder / "corpus", num_clips=num_clips, seed=seed, progress=False)
+    describe(DescribeConfig(source=str(manifest), out=str(folder / "d"), mapping="synthetic", progress=False))
+    return folder / "d" / "dataset"

@@ -3,7 +3,6 @@ import pytest
 from datasets import Audio, Dataset, load_from_disk
 
 from desta.cli import main
-from desta.describe import DescribeConfig, describe
 from desta.evaluate import BENCHMARK_COLUMNS, EvalConfig, build_eval_set, evaluate, load_eval_set, score_item
 from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS
 from desta.scoring import (
@@ -17,7 +16,7 @@ from desta.scoring import (
     score_number,
     score_transcript,
 )
-from desta.synth import synth_corpus
+from tests.conftest import described_dataset
 
 GENDERS = ["Female", "Male"]
 
@@ -75,10 +74,7 @@ def test_eval_instructions_never_train():
 
 @pytest.fixture(scope="module")
 def described(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("eval")
-    manifest = synth_corpus(folder / "c", num_clips=4, seed=8, progress=False)
-    describe(DescribeConfig(source=str(manifest), out=str(folder / "d"), mapping="synthetic", progress=False))
-    return folder / "d" / "dataset"
+    return described_dataset(tmp_path_factory.mktemp("eval"), num_clips=4, seed=8)
 
 
 def test_eval_set_covers_categories(described, tmp_path):

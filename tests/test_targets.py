@@ -3,20 +3,16 @@ import json
 import pytest
 from datasets import load_from_disk
 
-from desta.describe import DescribeConfig, describe
 from desta.generation import Generation, SamplingSettings, TransformersBackend
 from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS, training_pool
-from desta.synth import synth_corpus
 from desta.targets import DEFAULT_REFUSAL_PATTERNS, TargetsConfig, conversation, flag, targets
 from desta.testing import tiny_llm, tiny_tokenizer
+from tests.conftest import described_dataset
 
 
 @pytest.fixture(scope="module")
 def described(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("described")
-    manifest = synth_corpus(folder / "corpus", num_clips=6, seed=5, progress=False)
-    describe(DescribeConfig(source=str(manifest), out=str(folder / "d"), mapping="synthetic", progress=False))
-    return folder / "d" / "dataset"
+    return described_dataset(tmp_path_factory.mktemp("described"), num_clips=6, seed=5)
 
 
 @pytest.fixture

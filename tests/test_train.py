@@ -8,10 +8,9 @@ import torch
 from transformers import TrainerCallback
 
 from desta.config import ConfigError, load_config
-from desta.describe import DescribeConfig, describe
-from desta.synth import synth_corpus
 from desta.testing import toy_targets
 from desta.train import StopAfter, TrainConfig, replay_count, train
+from tests.conftest import described_dataset
 
 BASE = ["optim.warmup_steps=2", "optim.batch_size=4", "optim.lr=3e-3", "log.logging_steps=1", "log.report_to=none",
         "data.eval_fraction=0"]
@@ -20,9 +19,7 @@ BASE = ["optim.warmup_steps=2", "optim.batch_size=4", "optim.lr=3e-3", "log.logg
 @pytest.fixture(scope="module")
 def targets_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train-data")
-    manifest = synth_corpus(folder / "c", num_clips=16, seed=4, progress=False)
-    describe(DescribeConfig(source=str(manifest), out=str(folder / "d"), mapping="synthetic", progress=False))
-    return toy_targets(folder / "d" / "dataset", folder / "targets")
+    return toy_targets(described_dataset(folder, num_clips=16, seed=4), folder / "targets")
 
 
 def _config(targets_dir, out, *overrides):
