@@ -28,7 +28,7 @@ class DemoSize:
 
 TINY = DemoSize(train_clips=160, eval_clips=8, max_new_tokens=24, steps=60, batch_size=8, lr=1e-3, eval_tokens=16)
 MINIMAL = DemoSize(train_clips=16, eval_clips=2, max_new_tokens=6, steps=4, batch_size=4, lr=1e-3, eval_tokens=4)
-REAL = DemoSize(train_clips=400, eval_clips=12, max_new_tokens=128, steps=200, batch_size=8, lr=3e-4, eval_tokens=96)
+REAL = DemoSize(train_clips=200, eval_clips=6, max_new_tokens=96, steps=80, batch_size=8, lr=3e-4, eval_tokens=64)
 
 
 def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, size: DemoSize | None = None,
