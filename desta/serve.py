@@ -53,11 +53,10 @@ class TextEngine:
     def __init__(self, backend: TransformersBackend, model_id: str):
         self.backend, self.model_id = backend, model_id
 
-    def prompt_tokens(self, messages: list[dict], audios: list[np.ndarray]) -> int:
-        return len(self.backend.encode(messages))
-
-    def generate(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings) -> Generation:
-        return self.backend.generate([messages], settings)[0]
+    def generate(self, messages: list[dict], audios: list[np.ndarray],
+                 settings: SamplingSettings) -> tuple[Generation, int]:
+        """The answer and the prompt's length in tokens."""
+        return self.backend.generate([messages], settings)[0], len(self.backend.encode(messages))
 
     def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings):
         yield from self.backend.stream(messages, settings)
@@ -77,9 +76,6 @@ class DestaEngine:
         return self.processor([messages], audios=[audios], transcripts=transcripts,
                               add_generation_prompt=True).to(self.model.device)
 
-    def prompt_tokens(self, messages: list[dict], audios: list[np.ndarray]) -> int:
-        return 0  # counted in generate, where the inputs are built once
-
     def _kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
         tokenizer = self.processor.tokenizer
         kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
@@ -90,16 +86,20 @@ class DestaEngine:
             kwargs.update(do_sample=False)
         return kwargs
 
-    def generate(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings) -> Generation:
+    def generate(self, messages: list[dict], audios: list[np.ndarray],
+                 settings: SamplingSettings) -> tuple[Generation, int]:
+        """The answer and the prompt's length in tokens (audio positions and transcript included)."""
         import torch
 
         torch.manual_seed(settings.seed)
-        out = self.model.generate(**self._inputs(messages, audios), **self._kwargs(settings))[0].tolist()
+        inputs = self._inputs(messages, audios)
+        out = self.model.generate(**inputs, **self._kwargs(settings))[0].tolist()
         eos = {self.processor.tokenizer.eos_token_id}
         end = next((k for k, t in enumerate(out) if t in eos), None)
         kept = out if end is None else out[:end]
         reason = "stop" if end is not None or len(out) < settings.max_new_tokens else "length"
-        return Generation(self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip(), reason, len(kept))
+        text = self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return Generation(text, reason, len(kept)), int(inputs["attention_mask"].sum())
 
     def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings):
         import torch
@@ -238,8 +238,7 @@ def create_app(engine, limits: ServeLimits | None = None, api_key: str | None = 
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not body.get("stream"):
             try:
-                generation = await run_in_threadpool(engine.generate, messages, audios, settings)
-                prompt_tokens = engine.prompt_tokens(messages, audios)
+                generation, prompt_tokens = await run_in_threadpool(engine.generate, messages, audios, settings)
             finally:
                 slots.release()
             return JSONResponse({

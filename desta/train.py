@@ -451,7 +451,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         warmup_steps=config.optim.warmup_steps, max_steps=config.optim.max_steps,
         num_train_epochs=config.optim.epochs, max_grad_norm=config.optim.max_grad_norm,
         logging_steps=config.log.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no", eval_steps=config.log.eval_steps,
+        eval_strategy="steps" if has_eval else "no", eval_steps=config.log.eval_steps, eval_on_start=has_eval,
         save_strategy="steps", save_steps=config.log.save_steps, save_total_limit=config.log.save_total_limit,
         report_to=[] if config.log.report_to == "none" else [config.log.report_to], seed=config.optim.seed,
         remove_unused_columns=False, dataloader_num_workers=config.data.num_workers,

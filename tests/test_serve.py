@@ -140,7 +140,7 @@ def test_speech_model_answers_audio_parts(desta_server):
                {"type": "text", "text": "What can you hear from the audio?"}]
     reply = client.chat.completions.create(model="tiny-desta", messages=[{"role": "user", "content": content}],
                                            max_tokens=4)
-    assert isinstance(reply.choices[0].message.content, str)
+    assert isinstance(reply.choices[0].message.content, str) and reply.usage.prompt_tokens > 64  # 64 audio slots
     flac = [{"type": "input_audio", "input_audio": {"data": _wav_b64(synthesize("Hello."), "FLAC"),
                                                     "format": "flac"}}, {"type": "text", "text": "Who?"}]
     stream = client.chat.completions.create(model="tiny-desta", messages=[{"role": "user", "content": flac}],
