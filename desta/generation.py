@@ -59,14 +59,16 @@ class TransformersBackend:
 
     def __init__(self, model: str | None = None, batch_size: int = 16, device: str | None = None,
                  dtype: torch.dtype | None = None, llm=None, tokenizer=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from desta.loading import load_causal_lm
 
         if llm is None and model is None:
             raise ValueError("give a model id or folder, or an in-memory llm and tokenizer")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.llm = llm if llm is not None else AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        self.llm = llm if llm is not None else load_causal_lm(model, dtype=dtype)
         self.llm = self.llm.to(self.device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model)
         if not getattr(self.tokenizer, "chat_template", None):

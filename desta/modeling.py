@@ -119,9 +119,12 @@ class DestaConfig(PreTrainedConfig):
     @classmethod
     def from_components(cls, encoder: str, llm: str, **kwargs: Any) -> DestaConfig:
         """A config naming a Whisper checkpoint and a chat LLM checkpoint (Hub ids or folders)."""
+        text_config = AutoConfig.from_pretrained(llm).to_dict()
+        if (text_config.get("quantization_config") or {}).get("quant_method") == "gguf":
+            text_config.pop("quantization_config")  # see desta.loading.load_causal_lm
         return cls(
             encoder_config=AutoConfig.from_pretrained(encoder).to_dict(),
-            text_config=AutoConfig.from_pretrained(llm).to_dict(),
+            text_config=text_config,
             encoder_name_or_path=str(encoder),
             llm_name_or_path=str(llm),
             **kwargs,
@@ -371,7 +374,9 @@ class DestaModel(PreTrainedModel):
         if config.encoder_name_or_path:
             whisper = WhisperForConditionalGeneration.from_pretrained(config.encoder_name_or_path, dtype=dtype)
         if config.llm_name_or_path:
-            llm = AutoModelForCausalLM.from_pretrained(config.llm_name_or_path, dtype=dtype)
+            from desta.loading import load_causal_lm
+
+            llm = load_causal_lm(config.llm_name_or_path, dtype=dtype)
         return cls(config, whisper=whisper, llm=llm).to(dtype).eval()
 
     @classmethod

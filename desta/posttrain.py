@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from desta.generation import Generation, SamplingSettings, TransformersBackend
 from desta.verifiers import make_verifier
@@ -348,7 +348,9 @@ def retained_score(metrics: dict) -> float:
 def _load_base(model: str):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device), AutoTokenizer.from_pretrained(model)
+    from desta.loading import load_causal_lm
+
+    return load_causal_lm(model, dtype=dtype).to(device), AutoTokenizer.from_pretrained(model)
 
 
 def train_strategy(name: str, config: PostTrainConfig, train_rows: list[dict], eval_rows: list[dict],
