@@ -90,7 +90,7 @@ def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, s
     target_summary = targets(TargetsConfig(
         source=str(out / "described" / "dataset"), out=str(out / "targets"), model=llm,
         max_new_tokens=size.max_new_tokens, repetition_penalty=1.2 if real else 1.0,
-        keep_flagged=not real, progress=False))
+        keep_flagged=not real, trim_cut_off=real, progress=False))
     done("targets", started, f"prompts {target_summary['inputs']} = kept {target_summary['kept']} + rejected "
                              f"{target_summary['rejected']}" + ("" if real else
                                                                 " (tiny random LLM: flagged answers kept)"))

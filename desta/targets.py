@@ -63,6 +63,7 @@ class TargetsConfig:
     shard_index: int = 0  # this machine's shard, 0-based; merge with --merge when all are done
     refusal_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
     keep_flagged: bool = False  # True: flagged answers stay in the dataset with a `flag` column
+    trim_cut_off: bool = False  # answers cut at max_new_tokens end at their last full sentence instead
     progress: bool = True  # show a progress bar
 
     def sampling(self, chunk: int = 0) -> SamplingSettings:
@@ -111,6 +112,21 @@ def flag(generation: Generation, max_new_tokens: int, refusal_patterns: list[str
         if match:
             return f'ignores the audio: "{match.group(0)}"'
     return None
+
+
+def trim_to_sentence(generation: Generation, min_chars: int = 40) -> Generation:
+    """An answer cut at max_new_tokens, shortened to its last complete sentence (if one is long enough).
+
+    >>> trim_to_sentence(Generation("It is a man. He speaks slowly and", "length", 9)).text
+    'It is a man.'
+    """
+    if generation.finish_reason != "length":
+        return generation
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", generation.text)]
+    if not ends or ends[-1] < min(min_chars, len(generation.text)) // 4:
+        return generation
+    text = generation.text[: ends[-1]].strip()
+    return Generation(text, "stop", generation.completion_tokens) if len(text) >= 8 else generation
 
 
 def _backend(config: TargetsConfig) -> Backend:
@@ -168,6 +184,8 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
         rows, rejects = [], []
         for (row, prompt), generation in zip(chunk_items, generations, strict=True):
             tokens += generation.completion_tokens
+            if config.trim_cut_off:
+                generation = trim_to_sentence(generation)
             reason = flag(generation, config.max_new_tokens, config.refusal_patterns)
             record = {"_index": row, "prompt": prompt, "prompt_pool": pool_name, "response": generation.text,
                       "generator": generator}

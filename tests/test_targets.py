@@ -119,6 +119,18 @@ def test_quality_filter_reasons(generation, reason):
     assert found == reason if reason is None else found.startswith(reason)
 
 
+def test_cut_off_answers_can_be_trimmed_to_their_last_sentence():
+    from desta.targets import trim_to_sentence
+
+    cut = Generation("A woman speaks. She sounds calm and the clip is short. Then she", "length", 16)
+    trimmed = trim_to_sentence(cut)
+    assert trimmed.text == "A woman speaks. She sounds calm and the clip is short." and trimmed.finish_reason == "stop"
+    assert flag(trimmed, 16, DEFAULT_REFUSAL_PATTERNS) is None
+    assert trim_to_sentence(Generation("no sentence end at all here", "length", 6)).finish_reason == "length"
+    finished = Generation("Done.", "stop", 2)
+    assert trim_to_sentence(finished) is finished
+
+
 def test_eval_instructions_are_absent_from_every_training_pool():
     evals = {t for templates in EVAL_INSTRUCTIONS.values() for t in templates}
     for name, pool in TRAINING_POOLS.items():
