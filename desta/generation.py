@@ -181,6 +181,7 @@ class OpenAIBackend:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.retries = 0  # retried requests so far, for logs and tests
+        self.failures: list[str] = []  # why each failed attempt failed, newest last
 
     def _models(self) -> list[str]:
         try:
@@ -205,6 +206,7 @@ class OpenAIBackend:
                 response = self.client.post("/chat/completions", json=body)
             except (httpx.TimeoutException, httpx.TransportError) as err:
                 last = f"{type(err).__name__}: {err}"
+                self.failures.append(last)
                 continue
             if response.status_code in (401, 403):
                 raise BackendError(f"{self.base_url} refused the API key (HTTP {response.status_code}); set "
@@ -214,6 +216,7 @@ class OpenAIBackend:
                                    f"(HTTP {response.status_code}); available: {self._models()}")
             if response.status_code == 429 or response.status_code >= 500:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
+                self.failures.append(last)
                 continue
             if response.status_code != 200:
                 raise BackendError(f"{self.base_url} rejected the request (HTTP {response.status_code}): "

@@ -5,7 +5,8 @@ import pytest
 from desta.config import load_config
 from desta.train import TrainConfig
 
-RECIPES = sorted(p.parent.name for p in Path(__file__).resolve().parent.parent.glob("recipes/*/config.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted(p.parent.name for p in ROOT.glob("recipes/*/config.yaml") if p.parent.name != "forgetting")
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -23,3 +24,10 @@ def test_paper_recipes_match_the_papers():
     assert (desta25.model.encoder, desta25.model.qformer_layers, desta25.optim.warmup_steps) == (
         "openai/whisper-large-v3", 6, 5000)
     assert desta2.optim.lr == desta25.optim.lr == 1e-4 and desta25.optim.batch_size == 12
+
+
+def test_forgetting_recipe_is_valid():
+    from desta.posttrain import STRATEGIES, PostTrainConfig
+
+    config = load_config(PostTrainConfig, ROOT / "recipes" / "forgetting" / "config.yaml")
+    assert config.strategies == list(STRATEGIES) and config.replay_ratio == 0.03
