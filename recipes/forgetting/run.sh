@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compare strategies against forgetting on SmolLM2-135M-Instruct, 2-core CPU (about 25 minutes).
+# Compare strategies against forgetting on SmolLM2-135M-Instruct, CPU (33 minutes on one core).
 #   bash recipes/forgetting/run.sh MODELS [OUT]
 set -euo pipefail
 MODELS=${1:?give the folder holding SmolLM2-135M-Instruct}
