@@ -76,6 +76,13 @@ def load_audio(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     return validate_audio(samples, SAMPLE_RATE, name)
 
 
+def load_audio_ref(audio: dict, name: str | None = None) -> np.ndarray:
+    """Decode an undecoded `datasets` Audio value ({"bytes": ..., "path": ...}): bytes first, else the path."""
+    if audio.get("bytes"):
+        return load_audio(audio["bytes"], name=name or audio.get("path") or "audio bytes")
+    return load_audio(audio.get("path") or "", name=name or audio.get("path") or "missing path")
+
+
 def split_windows(samples: np.ndarray, window: int = N_SAMPLES) -> list[np.ndarray]:
     """Cut a waveform into consecutive windows of at most `window` samples, in order.
 

@@ -135,12 +135,12 @@ def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, s
 def _asr_check(encoder: str, dataset, clips: int = 16) -> dict[str, Any]:
     """Whisper's word error rate on a few held-out clips (their transcripts are known)."""
     from desta.asr import TransformersWhisper
-    from desta.audio import load_audio
+    from desta.audio import load_audio_ref
     from desta.scoring import word_error_rate
 
     rows = list(dataset.select(range(min(clips, len(dataset)))))
     heard = TransformersWhisper(encoder, max_new_tokens=64)(
-        [load_audio(r["audio"].get("bytes") or r["audio"]["path"]) for r in rows])
+        [load_audio_ref(r["audio"]) for r in rows])
     wers = [word_error_rate(r["transcript"], h) for r, h in zip(rows, heard, strict=True)]
     return {"clips": len(rows), "wer": sum(wers) / len(wers), "example": {"gold": rows[0]["transcript"],
                                                                           "heard": heard[0][:120]}}

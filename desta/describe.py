@@ -31,7 +31,7 @@ from desta.attributes import (
     speed_word,
     volume_word,
 )
-from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio
+from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio_ref
 from desta.chunks import ChunkedJob, attach_columns, read_jsonl, save_dataset_atomic, to_jsonl, write_atomic
 
 LABEL_ATTRIBUTES = ("gender", "emotion", "accent", "age")
@@ -169,19 +169,14 @@ def open_source(source: str, mapping: dict[str, Any], split: str = "train"):
 
 # ----- one row -----
 
-def _audio_input(audio: dict) -> tuple[str | bytes, str]:
-    if audio.get("bytes"):
-        return audio["bytes"], audio.get("path") or "audio bytes"
-    return audio.get("path") or "", audio.get("path") or "missing path"
-
-
 def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float, classified: tuple[str, ...] = ()) -> dict:
     """Decode, validate and measure one row; label attributes from metadata. Never raises for bad input:
     returns {"reject": reason} instead. Samples are kept when a model must still fill the transcript
     or one of the `classified` attributes."""
-    source, name = _audio_input(row["audio"] or {})
+    audio = row["audio"] or {}
+    name = audio.get("path") or ("audio bytes" if audio.get("bytes") else "missing path")
     try:
-        samples = load_audio(source, name=name)
+        samples = load_audio_ref(audio, name=name)
     except AudioError as err:
         return {"reject": str(err), "source": name}
     duration = len(samples) / SAMPLE_RATE

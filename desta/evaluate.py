@@ -157,7 +157,7 @@ def speech_answers(model, processor, items: list[dict], batch_size: int, max_new
                    system_prompt: str | None, use_gold_transcripts: bool = False, progress: bool = True
                    ) -> tuple[list[str], float]:
     """The speech model's answers from the audio (Whisper transcribes first unless gold is asked)."""
-    from desta.audio import load_audio
+    from desta.audio import load_audio_ref
 
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     answers: list[str] = []
@@ -165,7 +165,7 @@ def speech_answers(model, processor, items: list[dict], batch_size: int, max_new
     started = time.perf_counter()
     for start in tqdm(range(0, len(order), batch_size), desc="speech model", disable=not progress):
         batch = [items[i] for i in order[start : start + batch_size]]
-        clips = [load_audio(i["audio"].get("bytes") or i["audio"].get("path"), name=i["item_id"]) for i in batch]
+        clips = [load_audio_ref(i["audio"], name=i["item_id"]) for i in batch]
         conversations = [system + [{"role": "user", "content": f"{processor.audio_token}\n{i['instruction']}"}]
                          for i in batch]
         transcripts = [[i.get("transcript")] for i in batch] if use_gold_transcripts else None

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from desta.audio import load_audio, split_windows
+from desta.audio import load_audio_ref, split_windows
 from desta.chunks import write_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,10 +32,6 @@ def cache_signature(model) -> dict[str, Any]:
     config = model.config
     return {"encoder": config.encoder_name_or_path, "tapped_layers": list(config.tapped_layers),
             "pad_to_30s": config.pad_to_30s, "d_model": config.encoder_config.d_model}
-
-
-def _audio_input(audio: dict) -> bytes | str:
-    return audio.get("bytes") or audio.get("path")
 
 
 @torch.no_grad()
@@ -68,7 +64,7 @@ def cache_features(model, processor, dataset, folder: str | os.PathLike, dtype: 
             batch_ids = ids[batch_start : batch_start + batch_size]
             owners, windows = [], []
             for clip_id in batch_ids:
-                audio = load_audio(_audio_input(dataset[first_row[clip_id]]["audio"]), name=clip_id)
+                audio = load_audio_ref(dataset[first_row[clip_id]]["audio"], name=clip_id)
                 pieces = split_windows(audio)
                 counts[clip_id] = len(pieces)
                 owners += [(clip_id, w) for w in range(len(pieces))]

@@ -51,6 +51,25 @@ class BackendError(RuntimeError):
     """A generation backend failed in a way a retry will not fix; the message says what to do."""
 
 
+def generate_kwargs(settings: SamplingSettings, pad_id: int) -> dict[str, Any]:
+    """transformers `generate` arguments for the settings: greedy at temperature 0, sampled above."""
+    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": pad_id,
+                              "repetition_penalty": settings.repetition_penalty}
+    if settings.temperature > 0:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def finish_generation(new_ids: list[int], eos_ids: set[int], limit: int, tokenizer) -> Generation:
+    """New token ids -> text up to the first end-of-turn token, and whether the limit cut it off."""
+    end = next((k for k, t in enumerate(new_ids) if t in eos_ids), None)
+    kept = new_ids if end is None else new_ids[:end]
+    reason = "stop" if end is not None or len(new_ids) < limit else "length"
+    return Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), reason, len(kept))
+
+
 class TransformersBackend:
     """Batched generation with a transformers causal LM: left padding, batches sorted by prompt
     length (less padding), KV cache, greedy or sampled."""
@@ -87,13 +106,7 @@ class TransformersBackend:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _generate_kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": self.pad_id,
-                                  "repetition_penalty": settings.repetition_penalty}
-        if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
+        return generate_kwargs(settings, self.pad_id)
 
     @torch.no_grad()
     def generate(self, conversations: list[Conversation], settings: SamplingSettings) -> list[Generation]:
@@ -116,10 +129,7 @@ class TransformersBackend:
         return results  # type: ignore[return-value]
 
     def _finish(self, new_ids: list[int], limit: int) -> Generation:
-        end = next((k for k, t in enumerate(new_ids) if t in self.eos_ids), None)
-        kept = new_ids if end is None else new_ids[:end]
-        reason = "stop" if end is not None or len(new_ids) < limit else "length"
-        return Generation(self.tokenizer.decode(kept, skip_special_tokens=True).strip(), reason, len(kept))
+        return finish_generation(new_ids, self.eos_ids, limit, self.tokenizer)
 
     def stream(self, conversation: Conversation, settings: SamplingSettings):
         """Yield text pieces of one answer as they are generated."""

@@ -24,7 +24,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
-from desta.generation import Generation, SamplingSettings, TransformersBackend
+from desta.generation import (
+    Generation,
+    SamplingSettings,
+    TransformersBackend,
+    finish_generation,
+    generate_kwargs,
+)
 
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
 
@@ -77,14 +83,7 @@ class DestaEngine:
                               add_generation_prompt=True).to(self.model.device)
 
     def _kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
-        tokenizer = self.processor.tokenizer
-        kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                                  "repetition_penalty": settings.repetition_penalty}
-        if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            kwargs.update(do_sample=False)
-        return kwargs
+        return generate_kwargs(settings, self.processor.tokenizer.pad_token_id)
 
     def generate(self, messages: list[dict], audios: list[np.ndarray],
                  settings: SamplingSettings) -> tuple[Generation, int]:
@@ -94,12 +93,9 @@ class DestaEngine:
         torch.manual_seed(settings.seed)
         inputs = self._inputs(messages, audios)
         out = self.model.generate(**inputs, **self._kwargs(settings))[0].tolist()
-        eos = {self.processor.tokenizer.eos_token_id}
-        end = next((k for k, t in enumerate(out) if t in eos), None)
-        kept = out if end is None else out[:end]
-        reason = "stop" if end is not None or len(out) < settings.max_new_tokens else "length"
-        text = self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return Generation(text, reason, len(kept)), int(inputs["attention_mask"].sum())
+        tokenizer = self.processor.tokenizer
+        generation = finish_generation(out, {tokenizer.eos_token_id}, settings.max_new_tokens, tokenizer)
+        return generation, int(inputs["attention_mask"].sum())
 
     def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings):
         import torch

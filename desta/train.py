@@ -25,7 +25,7 @@ import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from desta.audio import load_audio, num_windows
+from desta.audio import load_audio_ref, num_windows
 from desta.config import load_config, to_dict
 from desta.modeling import WEIGHTS_NAME, DestaModel
 from desta.processing import DestaProcessor
@@ -189,7 +189,7 @@ class DestaDataset(torch.utils.data.Dataset):
         if self.cache is not None:
             item["cached"] = self.cache[example.id]
         else:
-            item["audio"] = load_audio(example.audio.get("bytes") or example.audio.get("path"), name=example.id)
+            item["audio"] = load_audio_ref(example.audio, name=example.id)
         return item
 
 
