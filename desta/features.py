@@ -102,12 +102,6 @@ class FeatureCache:
                 raise ValueError(f"{self.folder} holds features for {found}, but the model needs {expected}")
         self._handles: dict[int, Any] = {}
 
-    def __contains__(self, clip_id: str) -> bool:
-        return clip_id in self.meta["clips"]
-
-    def window_count(self, clip_id: str) -> int:
-        return self.meta["clips"][clip_id][1]
-
     def __getitem__(self, clip_id: str) -> list[torch.Tensor]:
         if clip_id not in self.meta["clips"]:
             raise KeyError(f"clip {clip_id!r} is not in the feature cache {self.folder}; rerun cache-features")

@@ -152,7 +152,7 @@ def magpie(backend: TransformersBackend, count: int, max_new_tokens: int = 64, m
            seed: int = 0, answer_tokens: int = 160) -> tuple[list[dict[str, str]], dict[str, int]]:
     """Pseudo replay: the model writes instructions from the bare user header (temperature 1.0), then
     answers them greedily. Returns the rows and how many were dropped for each reason."""
-    from desta.targets import REPEATED_NGRAM  # same loop test as the targets filter
+    from desta.targets import repeated_ngram  # the same loop test as the targets filter
 
     tokenizer, llm = backend.tokenizer, backend.llm
     prefix = tokenizer(magpie_prefix(tokenizer), add_special_tokens=False, return_tensors="pt").input_ids
@@ -171,14 +171,13 @@ def magpie(backend: TransformersBackend, count: int, max_new_tokens: int = 64, m
                 continue
             instructions.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     kept, seen = [], set()
-    n, times = REPEATED_NGRAM
     for text in instructions:
         words = re.findall(r"\w+", text.lower())
         if not text:
             dropped["empty"] += 1
         elif len(words) < min_words:
             dropped["too short"] += 1
-        elif any(words[i : i + n] * times == words[i : i + n * times] for i in range(len(words) - n * times + 1)):
+        elif repeated_ngram(words):
             dropped["repetition"] += 1
         elif " ".join(words) in seen:
             dropped["duplicate"] += 1

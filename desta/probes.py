@@ -106,7 +106,3 @@ def retention_probes(backend: TransformersBackend, max_new_tokens: int = 96,
         "items": items,
     }
 
-
-# Direction of each probe: +1 when higher is better, -1 when lower is better.
-PROBE_DIRECTIONS = {"format_following": 1, "json_validity": 1, "refusal_rate": 1, "over_refusal_rate": -1,
-                    "heldout_loglik": 1}

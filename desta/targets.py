@@ -85,6 +85,20 @@ def conversation(description: str, instruction: str, system_prompt: str | None) 
     return messages + [{"role": "user", "content": user_turn(description, instruction)}]
 
 
+def repeated_ngram(words: list[str]) -> str | None:
+    """The first 3-word sequence repeated 4 times in a row, or None.
+
+    >>> repeated_ngram("a man speaks a man speaks a man speaks a man speaks".split())
+    'a man speaks'
+    """
+    n, times = REPEATED_NGRAM
+    for start in range(len(words) - n * times + 1):
+        gram = words[start : start + n]
+        if all(words[start + k * n : start + (k + 1) * n] == gram for k in range(times)):
+            return " ".join(gram)
+    return None
+
+
 def flag(generation: Generation, max_new_tokens: int, refusal_patterns: list[str]) -> str | None:
     """Why an answer is unfit as a target, or None.
 
@@ -101,12 +115,9 @@ def flag(generation: Generation, max_new_tokens: int, refusal_patterns: list[str
     if len(text) >= REPETITION_MIN_CHARS and len(text.encode()) / len(zlib.compress(text.encode())) > \
             REPETITION_COMPRESSION:
         return f"repetition loop (compresses more than {REPETITION_COMPRESSION}x)"
-    words = re.findall(r"\w+", text.lower())
-    n, times = REPEATED_NGRAM
-    for start in range(len(words) - n * times + 1):
-        gram = words[start : start + n]
-        if all(words[start + k * n : start + (k + 1) * n] == gram for k in range(times)):
-            return f"repetition loop ({' '.join(gram)!r} {times} times in a row)"
+    gram = repeated_ngram(re.findall(r"\w+", text.lower()))
+    if gram:
+        return f"repetition loop ({gram!r} {REPEATED_NGRAM[1]} times in a row)"
     for pattern in refusal_patterns:
         match = re.search(pattern, text, flags=re.IGNORECASE)
         if match:
