@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from desta.demo import small_models_dir
 from desta.describe import DescribeConfig, describe
 from desta.synth import synth_corpus
-from desta.testing import real_models_dir, save_tiny_bases
+from desta.tiny import save_tiny_bases
 
 
 def run(manifest: Path, out: Path, **kwargs) -> tuple[float, dict]:
@@ -50,7 +51,7 @@ def main() -> None:
         bare = tmp / "bare.jsonl"
         bare.write_text("".join(json.dumps({"path": str(manifest.parent / r["path"]), "id": r["id"]}) + "\n"
                                 for r in rows[: args.asr_clips]))
-        folder = real_models_dir(args.models)
+        folder = small_models_dir(args.models)
         asr_model = str(folder / "whisper-tiny.en") if folder else str(save_tiny_bases(tmp / "tiny")[0])
         seconds, summary = run(bare, tmp / "asr", asr_model=asr_model)
         asr = {"clips_per_s": args.asr_clips / seconds, "rtf": summary["hours"] * 3600 / seconds,

@@ -18,7 +18,7 @@ import torch
 
 from desta.modeling import DestaConfig, DestaModel
 from desta.processing import DestaProcessor
-from desta.testing import tiny_llm_config, tiny_tokenizer, tiny_whisper_config
+from desta.tiny import tiny_llm_config, tiny_tokenizer, tiny_whisper_config
 from desta.tts import Voice, synthesize
 
 # (d_model, layers, heads, ffn) of the released Whisper sizes.

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from desta.core.generation import SamplingSettings, TransformersBackend
+from desta.demo import SMALL_LLM, small_models_dir
 from desta.describe import DescribeConfig, describe
-from desta.generation import SamplingSettings, TransformersBackend
-from desta.prompts import DEFAULT_SYSTEM_PROMPT
+from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn
 from desta.synth import synth_corpus
-from desta.targets import conversation, load_described
-from desta.testing import REAL_LLM, real_models_dir, tiny_llm, tiny_tokenizer
+from desta.targets import load_described
+from desta.tiny import tiny_llm, tiny_tokenizer
 
 
 def timed(backend: TransformersBackend, conversations, settings: SamplingSettings, batch_size: int):
@@ -48,11 +49,11 @@ def main() -> None:
         describe(DescribeConfig(source=str(manifest), out=str(Path(tmp) / "d"), mapping="synthetic",
                                 progress=False))
         descriptions = load_described(Path(tmp) / "d" / "dataset")["description"]
-    conversations = [conversation(d, "What can you hear from the audio?", DEFAULT_SYSTEM_PROMPT)
+    conversations = [text_turn(d, "What can you hear from the audio?", DEFAULT_SYSTEM_PROMPT)
                      for d in descriptions]
-    folder = real_models_dir(args.models)
+    folder = small_models_dir(args.models)
     if folder:
-        backend, weights = TransformersBackend(str(folder / REAL_LLM)), REAL_LLM
+        backend, weights = TransformersBackend(str(folder / SMALL_LLM)), SMALL_LLM
     else:
         backend, weights = TransformersBackend(llm=tiny_llm(), tokenizer=tiny_tokenizer()), "tiny random"
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens)

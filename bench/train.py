@@ -24,17 +24,19 @@ import torch
 
 def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size: int, cache: str,
              queue) -> None:
+    from desta.data import DestaCollator, DestaDataset, load_targets, speech_examples
+    from desta.demo import SMALL_LLM, SMALL_WHISPER
     from desta.features import FeatureCache
-    from desta.testing import REAL_LLM, REAL_WHISPER
-    from desta.train import DestaCollator, DestaDataset, ModelSection, build_model, load_targets, speech_examples
+    from desta.train import ModelSection, build_model
 
     torch.manual_seed(0)
     section = ModelSection(pad_to_30s=mode == "padded_30s")
     if models:
-        section.encoder, section.llm = str(Path(models) / REAL_WHISPER), str(Path(models) / REAL_LLM)
+        section.encoder, section.llm = str(Path(models) / SMALL_WHISPER), str(Path(models) / SMALL_LLM)
     model, processor = build_model(section, Path(cache).parent)
     model.train()
-    examples = speech_examples(load_targets(targets, "bench"), None)
+    processor.system_prompt = None
+    examples = speech_examples(load_targets(targets, "bench"), processor)
     dataset = DestaDataset(examples, FeatureCache(cache, model) if mode == "cached" else None)
     collate = DestaCollator(processor, 4096)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -56,11 +58,14 @@ def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size
 
 
 def main() -> None:
+    from desta.data import load_targets
+    from desta.demo import SMALL_LLM, SMALL_WHISPER, small_models_dir
     from desta.describe import DescribeConfig, describe
     from desta.features import cache_features
     from desta.synth import synth_corpus
-    from desta.testing import REAL_LLM, REAL_WHISPER, real_models_dir, toy_targets
-    from desta.train import ModelSection, build_model, load_targets
+    from desta.targets import TargetsConfig
+    from desta.targets import targets as write_targets
+    from desta.train import ModelSection, build_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -68,15 +73,17 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--models", default=None)
     args = parser.parse_args()
-    models = real_models_dir(args.models)
+    models = small_models_dir(args.models)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = synth_corpus(tmp / "corpus", num_clips=args.clips, seed=0, progress=False)
         describe(DescribeConfig(source=str(manifest), out=str(tmp / "d"), mapping="synthetic", progress=False))
-        targets = str(toy_targets(tmp / "d" / "dataset", tmp / "targets"))
+        write_targets(TargetsConfig(source=str(tmp / "d" / "dataset"), out=str(tmp / "targets"), kind="labels",
+                                    progress=False))
+        targets = str(tmp / "targets" / "dataset")
         section = ModelSection()
         if models:
-            section.encoder, section.llm = str(models / REAL_WHISPER), str(models / REAL_LLM)
+            section.encoder, section.llm = str(models / SMALL_WHISPER), str(models / SMALL_LLM)
         model, processor = build_model(section, tmp)
         start = time.perf_counter()
         cache_features(model, processor, load_targets(targets, "bench"), tmp / "cache", dtype="float32",

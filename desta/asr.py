@@ -15,8 +15,6 @@ from transformers import PreTrainedConfig, WhisperFeatureExtractor, WhisperForCo
 
 from desta.audio import SAMPLE_RATE, split_windows
 
-WHISPER_EOT = 50256  # <|endoftext|>; every special token of Whisper's vocabulary comes after it
-
 
 class Transcriber(Protocol):
     name: str
@@ -47,7 +45,8 @@ def transcribe_windows(whisper: WhisperForConditionalGeneration, feature_extract
         mel = features.input_features.to(whisper.device, whisper.dtype)  # (windows, mel_bins, 3000)
         mask = torch.ones(mel.shape[0], mel.shape[-1], dtype=torch.long, device=whisper.device)
         ids = whisper.generate(mel, attention_mask=mask, generation_config=generation_config)
-        texts += [tokenizer.decode([t for t in row.tolist() if t < WHISPER_EOT]).strip() for row in ids]
+        # every special token of Whisper's vocabulary comes at or after end-of-text (50256 English, 50257 multilingual)
+        texts += [tokenizer.decode([t for t in row.tolist() if t < tokenizer.eot]).strip() for row in ids]
     pieces = iter(texts)
     return [" ".join(next(pieces) for _ in clip).strip() for clip in windows]
 

@@ -1,7 +1,8 @@
 """Audio constants and helpers shared by every stage: load, validate, window.
 
 Reads audio files or arrays; returns mono float32 at 16 kHz, checked, and cut into
-Whisper-sized windows. No torchaudio (see DESIGN.md): soundfile decodes, librosa/soxr resample.
+Whisper-sized windows. No torchaudio (its CPU build is not installable everywhere, and a CUDA build
+breaks `import transformers` on a machine without CUDA): soundfile decodes, librosa/soxr resample.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ SAMPLE_RATE = 16000  # Hz, what Whisper was trained on
 HOP_LENGTH = 160  # samples between mel frames: 10 ms
 WINDOW_SECONDS = 30  # Whisper's context
 N_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # 480000 samples in one 30 s window
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in one window
 FRAMES_PER_ENCODER_STEP = 2  # the encoder's second convolution has stride 2: 1500 steps per window
 SILENCE_PEAK = 1e-4  # a clip whose absolute peak stays under this is treated as silent (-80 dBFS)
 

@@ -1,7 +1,7 @@
 """`desta demo`: the whole DeSTA loop in one command, with a report to look at.
 
 synthetic corpus -> describe -> targets (self-output) -> train -> eval (speech vs text reference)
--> export, on tiny random models by default (about a minute on 2 CPU cores) or on the real small
+-> export, on tiny random models by default (about a minute on 2 CPU cores) or on the small real
 checkpoints with `models`. Writes one folder with every stage's output, report.md and report.html.
 """
 
@@ -9,10 +9,29 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from desta.core.artifacts import DATASET, REPORT_JSON, WEIGHTS
+
+SMALL_WHISPER = "whisper-tiny.en"
+SMALL_LLM = "SmolLM2-135M-Instruct"
+# Hub ids of the same checkpoints, for machines that reach the Hub.
+SMALL_HUB_IDS = {SMALL_WHISPER: "openai/whisper-tiny.en", SMALL_LLM: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def small_models_dir(models_dir: str | os.PathLike | None = None) -> Path | None:
+    """A folder holding both small real checkpoints (the argument, $DESTA_MODELS, or the default of
+    fetch_offline_models.sh), or None."""
+    candidates = [models_dir, os.environ.get("DESTA_MODELS"), Path.home() / ".cache" / "desta-offline-models"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / SMALL_WHISPER / WEIGHTS).is_file() and (
+                Path(candidate) / SMALL_LLM / WEIGHTS).is_file():
+            return Path(candidate)
+    return None
 
 
 @dataclass
@@ -31,20 +50,39 @@ MINIMAL = DemoSize(train_clips=16, eval_clips=2, max_new_tokens=6, steps=4, batc
 REAL = DemoSize(train_clips=200, eval_clips=6, max_new_tokens=96, steps=80, batch_size=8, lr=3e-4, eval_tokens=64)
 
 
+@dataclass
+class DemoConfig:
+    """The whole DeSTA loop on a built-in tiny default: synth, describe, targets, train, eval, export, report."""
+
+    out: str = "desta-demo"
+    """folder for every stage's output"""
+    models: str | None = None
+    """folder holding whisper-tiny.en/ and SmolLM2-135M-Instruct/: the small real models"""
+    minimal: bool = False
+    """the smallest sizes (a smoke test in seconds)"""
+
+
+class Stages:
+    """Runs the demo's stages in order, printing each with its time."""
+
+    def __init__(self, count: int, log=print):
+        self.count, self.log, self.index, self.times = count, log, 0, {}
+
+    def run(self, name: str, what: str, work, describe_result):
+        self.index += 1
+        self.log(f"[{self.index}/{self.count}] {name}: {what}")
+        started = time.perf_counter()
+        result = work()
+        self.times[name] = time.perf_counter() - started
+        self.log(f"      {describe_result(result)} ({self.times[name]:.1f} s)")
+        return result
+
+
 def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, size: DemoSize | None = None,
              log=print) -> dict[str, Any]:
+    """Every stage of the loop into `out`; returns the facts the report shows."""
     import datasets
-    from datasets import load_from_disk
     from transformers.utils import logging as hf_logging
-
-    from desta.config import load_config
-    from desta.describe import DescribeConfig, describe
-    from desta.evaluate import EvalConfig, build_eval_set, evaluate, save_eval_set
-    from desta.export import export, files_to_upload
-    from desta.synth import synth_corpus
-    from desta.targets import TargetsConfig, targets
-    from desta.testing import REAL_LLM, REAL_WHISPER, real_models_dir, save_tiny_bases
-    from desta.train import TrainConfig, train
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
@@ -52,84 +90,121 @@ def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, s
     out.mkdir(parents=True, exist_ok=True)
     real = models is not None
     size = size or (REAL if real else TINY)
-    if real:
-        folder = real_models_dir(models)
-        if folder is None:
-            raise FileNotFoundError(f"{models} does not hold {REAL_WHISPER}/ and {REAL_LLM}/; build them with "
-                                    "fetch_offline_models.sh or download them from the Hub")
-        encoder, llm = str(folder / REAL_WHISPER), str(folder / REAL_LLM)
-    else:
+    encoder, llm = _bases(out, models)
+    stages = Stages(7, log)
+    facts: dict[str, Any] = {"real": real, "encoder": encoder, "llm": llm}
+    manifests = stages.run("synth", f"{size.train_clips} + {size.eval_clips} clips spoken by espeak-ng",
+                           lambda: _synth(out, size), lambda _: f"{out / 'corpus'}")
+    facts.update(stages.run("describe", "attributes from the signal, labels from the metadata, Whisper ASR check",
+                            lambda: _describe(out, manifests, encoder), _describe_line))
+    facts["targets"] = stages.run("targets", "the LLM answers \"What can you hear from the audio?\" from each "
+                                  "description", lambda: _targets(out, llm, size, real), _targets_line(real))
+    facts["train"] = stages.run("train", f"{size.steps} steps of the Q-Former connector (LLM and Whisper frozen)",
+                                lambda: _train(out, encoder, llm, size),
+                                lambda t: f"loss {t['first_train_loss']:.3f} -> {t['last_train_loss']:.3f}")
+    facts["eval"] = stages.run("eval", "unseen instructions; speech model vs the LLM reading the gold description",
+                               lambda: _eval(out, size), _eval_line)
+    facts["export"] = stages.run("export", "Hub-ready folder with a model card", lambda: _export(out),
+                                 lambda e: f"{e['path']} ({e['bytes'] / 2**20:.2f} MiB)")
+    facts["times"] = stages.times
+    stages.run("report", "report.md and report.html", lambda: _report(out, facts),
+               lambda _: f"{out / 'report.md'}, {out / 'report.html'}")
+    log(f"done in {sum(stages.times.values()):.0f} s: open {out / 'report.html'}")
+    return facts
+
+
+def _bases(out: Path, models: str | Path | None) -> tuple[str, str]:
+    """The Whisper and LLM folders: the small real pair, or tiny random models written into `out`."""
+    from desta.tiny import save_tiny_bases
+
+    if models is None:
         whisper_dir, llm_dir = save_tiny_bases(out / "bases")
-        encoder, llm = str(whisper_dir), str(llm_dir)
-    times: dict[str, float] = {}
-    stages = 7
+        return str(whisper_dir), str(llm_dir)
+    folder = small_models_dir(models)
+    if folder is None:
+        downloads = "; ".join(f"hf download {hub} --local-dir {Path(models) / name}" for name, hub in
+                              SMALL_HUB_IDS.items())
+        raise FileNotFoundError(f"{models} does not hold {SMALL_WHISPER}/ and {SMALL_LLM}/; download them: {downloads}")
+    return str(folder / SMALL_WHISPER), str(folder / SMALL_LLM)
 
-    def stage(index: int, name: str, what: str):
-        log(f"[{index}/{stages}] {name}: {what}")
-        return time.perf_counter()
 
-    def done(name: str, started: float, detail: str) -> None:
-        times[name] = time.perf_counter() - started
-        log(f"      {detail} ({times[name]:.1f} s)")
+def _synth(out: Path, size: DemoSize) -> tuple[Path, Path]:
+    from desta.synth import synth_corpus
 
-    started = stage(1, "synth", f"{size.train_clips} + {size.eval_clips} clips spoken by espeak-ng")
-    train_manifest = synth_corpus(out / "corpus" / "train", num_clips=size.train_clips, seed=0, progress=False)
-    eval_manifest = synth_corpus(out / "corpus" / "eval", num_clips=size.eval_clips, seed=1, progress=False)
-    done("synth", started, f"{out / 'corpus'}")
+    return (synth_corpus(out / "corpus" / "train", num_clips=size.train_clips, seed=0, progress=False),
+            synth_corpus(out / "corpus" / "eval", num_clips=size.eval_clips, seed=1, progress=False))
 
-    started = stage(2, "describe", "attributes from the signal, labels from the metadata, Whisper ASR check")
-    described = describe(DescribeConfig(source=str(train_manifest), out=str(out / "described"),
-                                        mapping="synthetic", progress=False))
-    held_out = describe(DescribeConfig(source=str(eval_manifest), out=str(out / "described-eval"),
+
+def _describe(out: Path, manifests: tuple[Path, Path], encoder: str) -> dict[str, Any]:
+    from datasets import load_from_disk
+
+    from desta.describe import DescribeConfig, describe
+
+    described = describe(DescribeConfig(source=str(manifests[0]), out=str(out / "described"), mapping="synthetic",
+                                        progress=False))
+    held_out = describe(DescribeConfig(source=str(manifests[1]), out=str(out / "described-eval"),
                                        mapping="synthetic", progress=False))
-    asr = _asr_check(encoder, load_from_disk(str(out / "described-eval" / "dataset")))
-    done("describe", started, f"inputs {described['inputs']} = described {described['described']} + rejected "
-                              f"{described['rejected']}; Whisper WER on {asr['clips']} clips: {asr['wer']:.2f}")
+    asr = _asr_check(encoder, load_from_disk(str(out / "described-eval" / DATASET)))
+    return {"described": described, "held_out": held_out, "asr": asr}
 
-    started = stage(3, "targets", "the LLM answers \"What can you hear from the audio?\" from each description")
-    target_summary = targets(TargetsConfig(
-        source=str(out / "described" / "dataset"), out=str(out / "targets"), model=llm,
-        max_new_tokens=size.max_new_tokens, repetition_penalty=1.2 if real else 1.0,
-        keep_flagged=not real, trim_cut_off=real, progress=False))
-    done("targets", started, f"prompts {target_summary['inputs']} = kept {target_summary['kept']} + rejected "
-                             f"{target_summary['rejected']}" + ("" if real else
-                                                                " (tiny random LLM: flagged answers kept)"))
 
-    started = stage(4, "train", f"{size.steps} steps of the Q-Former connector (LLM and Whisper frozen)")
-    train_summary = train(load_config(TrainConfig, None, [
+def _describe_line(facts: dict[str, Any]) -> str:
+    d, asr = facts["described"], facts["asr"]
+    return (f"inputs {d['inputs']} = described {d['described']} + rejected {d['rejected']}; Whisper WER on "
+            f"{asr['clips']} clips: {asr['wer']:.2f}")
+
+
+def _targets(out: Path, llm: str, size: DemoSize, real: bool) -> dict[str, Any]:
+    from desta.targets import TargetsConfig, targets
+
+    return targets(TargetsConfig(source=str(out / "described" / DATASET), out=str(out / "targets"), model=llm,
+                                 max_new_tokens=size.max_new_tokens, repetition_penalty=1.2 if real else 1.0,
+                                 keep_flagged=not real, trim_cut_off=real, progress=False))
+
+
+def _targets_line(real: bool):
+    return lambda t: (f"prompts {t['inputs']} = kept {t['kept']} + rejected {t['rejected']}"
+                      + ("" if real else " (tiny random LLM: flagged answers kept)"))
+
+
+def _train(out: Path, encoder: str, llm: str, size: DemoSize) -> dict[str, Any]:
+    from desta.core.args import load_config
+    from desta.train import TrainConfig, train
+
+    return train(load_config(TrainConfig, None, [
         f"output_dir={out / 'train'}", f"model.encoder={encoder}", f"model.llm={llm}",
-        f"data.train={out / 'targets' / 'dataset'}", "data.eval_fraction=0.1", f"optim.max_steps={size.steps}",
+        f"data.train={out / 'targets' / DATASET}", "data.eval_fraction=0.1", f"optim.max_steps={size.steps}",
         f"optim.batch_size={size.batch_size}", f"optim.lr={size.lr}", f"optim.warmup_steps={max(1, size.steps // 10)}",
         f"log.logging_steps={max(1, size.steps // 20)}", f"log.eval_steps={max(1, size.steps // 4)}",
         f"log.save_steps={size.steps}", "log.report_to=none", "log.progress=false", "data.max_length=512"]))
-    done("train", started, f"loss {train_summary['first_train_loss']:.3f} -> {train_summary['last_train_loss']:.3f}")
 
-    started = stage(5, "eval", "unseen instructions; speech model vs the LLM reading the gold description")
-    items = build_eval_set(load_from_disk(str(out / "described-eval" / "dataset")))
-    save_eval_set(items, out / "evalset")
-    report = evaluate(EvalConfig(checkpoints=[str(out / "train")], eval_set=str(out / "evalset"),
-                                 out=str(out / "eval"), max_new_tokens=size.eval_tokens,
-                                 probe_max_new_tokens=size.eval_tokens, progress=False))
-    overall = report["overall"]
-    done("eval", started, f"{report['items']} items; overall speech {overall['train']:.3f} vs text "
-                          f"{overall['text']:.3f}")
 
-    started = stage(6, "export", "Hub-ready folder with a model card")
-    exported = export(out / "train", out / "export", report=out / "eval" / "report.json")
-    export_bytes = sum(s for _, s in files_to_upload(exported))
-    done("export", started, f"{exported} ({export_bytes / 2**20:.2f} MiB)")
+def _eval(out: Path, size: DemoSize) -> dict[str, Any]:
+    from desta.evaluate import EvalConfig, EvalSetConfig, evaluate, write_eval_set
 
-    started = stage(7, "report", "report.md and report.html")
-    facts = {"real": real, "encoder": encoder, "llm": llm, "described": described, "held_out": held_out,
-             "asr": asr, "targets": target_summary, "train": train_summary, "eval": report, "times": times,
-             "export": {"path": str(exported), "bytes": export_bytes}}
+    write_eval_set(EvalSetConfig(source=str(out / "described-eval" / DATASET), out=str(out / "evalset")))
+    return evaluate(EvalConfig(checkpoints=[str(out / "train")], eval_set=str(out / "evalset"), out=str(out / "eval"),
+                               max_new_tokens=size.eval_tokens, probe_max_new_tokens=size.eval_tokens,
+                               progress=False))
+
+
+def _eval_line(report: dict[str, Any]) -> str:
+    overall, speech = report["overall"], report["systems"][0]
+    return f"{report['items']} items; overall speech {overall[speech]:.3f} vs text {overall['text']:.3f}"
+
+
+def _export(out: Path) -> dict[str, Any]:
+    from desta.export import export, files_to_upload
+
+    exported = export(out / "train", out / "export", report=out / "eval" / REPORT_JSON)
+    return {"path": str(exported), "bytes": sum(s for _, s in files_to_upload(exported))}
+
+
+def _report(out: Path, facts: dict[str, Any]) -> None:
     (out / "demo_summary.json").write_text(json.dumps(facts, indent=2, default=str))
     samples = _samples(out)
     (out / "report.md").write_text(render_report_md(facts, samples))
     (out / "report.html").write_text(render_report_html(facts, samples))
-    done("report", started, f"{out / 'report.md'}, {out / 'report.html'}")
-    log(f"done in {sum(times.values()):.0f} s: open {out / 'report.html'}")
-    return facts
 
 
 def _asr_check(encoder: str, dataset, clips: int = 16) -> dict[str, Any]:
@@ -149,7 +224,7 @@ def _asr_check(encoder: str, dataset, clips: int = 16) -> dict[str, Any]:
 def _samples(out: Path, count: int = 3) -> list[dict[str, str]]:
     from datasets import load_from_disk
 
-    dataset = load_from_disk(str(out / "targets" / "dataset"))
+    dataset = load_from_disk(str(out / "targets" / DATASET))
     return [{"description": r["description"], "prompt": r["prompt"], "response": r["response"]}
             for r in dataset.select(range(min(count, len(dataset))))]
 
@@ -165,9 +240,10 @@ def _eval_rows(report: dict) -> list[list[str]]:
     def fmt(value, percent=False):
         return "n/a" if value is None else (f"{value:+.0%}" if percent else f"{value:.2f}")
 
+    speech = report["systems"][0]
     rows = []
     for category, row in list(report["categories"].items()) + [("overall", report["overall"])]:
-        rows.append([category, fmt(row.get("train")), fmt(row.get("text")), fmt(row.get("forgetting:train"), True)])
+        rows.append([category, fmt(row.get(speech)), fmt(row.get("text")), fmt(row.get(f"forgetting:{speech}"), True)])
     return rows
 
 
@@ -236,3 +312,7 @@ loss {t['first_train_loss']:.3f} &rarr; {t['last_train_loss']:.3f}.</p>
 {facts['export']['bytes'] / 2**20:.2f} MiB (trainable weights, config, processor, model card)</p>
 </body></html>
 """
+
+
+def demo(config: DemoConfig) -> dict[str, Any]:
+    return run_demo(config.out, models=config.models, size=MINIMAL if config.minimal else None)

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from tqdm import tqdm
@@ -32,7 +32,9 @@ from desta.attributes import (
     volume_word,
 )
 from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio_ref
-from desta.chunks import ChunkedJob, attach_columns, read_jsonl, save_dataset_atomic, to_jsonl, write_atomic
+from desta.core.args import raise_problems
+from desta.core.artifacts import DATASET, REJECTS, SUMMARY
+from desta.core.chunks import ChunkedJob, attach_columns, read_jsonl, save_dataset_atomic, to_jsonl, write_atomic
 
 LABEL_ATTRIBUTES = ("gender", "emotion", "accent", "age")
 DEFAULT_ATTRIBUTES = ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed", "duration"]
@@ -45,35 +47,60 @@ MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "data_prep"
 
 @dataclass
 class DescribeConfig:
-    """Settings of `desta describe`."""
+    """Turn an audio corpus into DeSTA descriptions (transcript + attributes); bad rows go to rejects."""
 
-    source: str  # manifest (.jsonl/.csv), a save_to_disk folder, or a Hub dataset id
-    out: str  # output folder
-    mapping: str | None = None  # corpus mapping: a name in data_prep/ (vctk, cremad, ...) or a YAML path
-    split: str = "train"  # split of a Hub dataset
-    attributes: list[str] = field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))  # what descriptions show
-    asr_model: str | None = None  # Whisper checkpoint for clips whose metadata has no transcript
-    asr_backend: str = "transformers"  # transformers | openai-whisper | faster-whisper
-    asr_batch_size: int = 16  # 30 s windows per Whisper batch
-    classifiers: dict[str, str] = field(default_factory=dict)  # audio-classification model per missing label
-    max_seconds: float = 600.0  # longer clips are rejected
-    chunk_size: int = 256  # rows per resumable unit of work
-    num_shards: int = 1  # split the work across this many machines
-    shard_index: int = 0  # this machine's shard, 0-based; merge with --merge when all are done
-    num_proc: int = 1  # worker processes for decoding and signal attributes
-    progress: bool = True  # show a progress bar
+    source: str = ""
+    """manifest (.jsonl/.csv), a save_to_disk folder, or a Hub dataset id"""
+    out: str = ""
+    """output folder"""
+    mapping: str | None = None
+    """corpus mapping: a name in data_prep/ (vctk, cremad, ...) or a YAML path"""
+    split: str = "train"
+    """split of a Hub dataset or a DatasetDict folder"""
+    attributes: list[str] = field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))
+    """what descriptions show, in this order"""
+    asr_model: str | None = None
+    """Whisper checkpoint for clips whose metadata has no transcript"""
+    asr_backend: Literal["transformers", "openai-whisper", "faster-whisper"] = "transformers"
+    """speech recognition backend"""
+    asr_batch_size: int = 16
+    """30 s windows per Whisper batch"""
+    classifiers: dict[str, str] = field(default_factory=dict)
+    """audio-classification model per label the metadata lacks, e.g. emotion=MODEL"""
+    max_seconds: float = 600.0
+    """longer clips are rejected"""
+    chunk_size: int = 256
+    """rows per resumable unit of work"""
+    num_shards: int = 1
+    """split the work across this many machines"""
+    shard_index: int = 0
+    """this machine's shard, 0-based; merge when all are done"""
+    num_proc: int = 1
+    """worker processes for decoding and signal attributes"""
+    merge: bool = False
+    """only join the finished shards in `out`"""
+    progress: bool = True
+    """show a progress bar"""
 
     def __post_init__(self) -> None:
+        problems = []
+        if not self.out:
+            problems.append(("out", "required: the output folder"))
+        if not self.source and not self.merge:
+            problems.append(("source", "required: a manifest (.jsonl/.csv), a save_to_disk folder or a Hub dataset "
+                                       "id (or merge)"))
         unknown = sorted(set(self.attributes) - set(DESCRIPTION_NAMES))
-        problems = [f"unknown attributes {unknown}; choose from {sorted(DESCRIPTION_NAMES)}"] if unknown else []
+        if unknown:
+            problems.append(("attributes", f"unknown {unknown}; choose from {sorted(DESCRIPTION_NAMES)}"))
         if set(self.classifiers) - set(LABEL_ATTRIBUTES):
-            problems.append(f"classifiers can fill {list(LABEL_ATTRIBUTES)}, not {sorted(set(self.classifiers))}")
+            problems.append(("classifiers", f"can fill {list(LABEL_ATTRIBUTES)}, not {sorted(set(self.classifiers))}"))
         if not 0 <= self.shard_index < self.num_shards:
-            problems.append(f"shard_index {self.shard_index} must be in [0, {self.num_shards - 1}]")
-        if self.chunk_size < 1 or self.num_proc < 1:
-            problems.append("chunk_size and num_proc must be at least 1")
-        if problems:
-            raise ValueError("; ".join(problems))
+            problems.append(("shard_index", f"must be in [0, {self.num_shards - 1}], got {self.shard_index}"))
+        if self.chunk_size < 1 or self.num_proc < 1 or self.asr_batch_size < 1:
+            problems.append(("chunk_size", "chunk_size, num_proc and asr_batch_size must be at least 1"))
+        if not self.max_seconds > 0:
+            problems.append(("max_seconds", f"must be positive, got {self.max_seconds}"))
+        raise_problems(problems)
 
 
 # ----- corpus mappings -----
@@ -301,6 +328,8 @@ def _transcribe_pending(results: list[dict], transcriber) -> None:
 
 def describe(config: DescribeConfig) -> dict[str, Any]:
     """Run (or resume) this shard's chunks; merge when the run is unsharded. Returns the counts."""
+    if config.merge:
+        return merge(config.out)
     out = Path(config.out)
     mapping = load_mapping(config.mapping)
     dataset, load_rejects = open_source(config.source, mapping, config.split)
@@ -371,11 +400,11 @@ def merge(out: str | os.PathLike) -> dict[str, Any]:
     dataset, _ = open_source(job.job["source"], load_mapping(job.job["mapping"]), job.job["split"])
     indices = [row.pop("_index") for row in described]
     selected = attach_columns(dataset, indices, described)
-    save_dataset_atomic(selected, job.out / "dataset")
-    write_atomic(job.out / "rejects.jsonl", to_jsonl(rejects))
+    save_dataset_atomic(selected, job.out / DATASET)
+    write_atomic(job.out / REJECTS, to_jsonl(rejects))
     inputs = job.total + job.job["load_rejects"]
     summary = {"inputs": inputs, "described": len(described), "rejected": len(rejects),
                "hours": round(sum(selected["duration"]) / 3600, 4) if len(selected) else 0.0}
     assert summary["described"] + summary["rejected"] == inputs, summary  # no row lost or doubled
-    write_atomic(job.out / "summary.json", json.dumps({**summary, "config": job.job}, indent=2))
+    write_atomic(job.out / SUMMARY, json.dumps({**summary, "config": job.job}, indent=2))
     return summary

@@ -17,18 +17,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from desta.generation import Backend, SamplingSettings, TransformersBackend
-from desta.prompts import DEFAULT_SYSTEM_PROMPT, EVAL_INSTRUCTIONS
-from desta.scoring import check_format, score_label, score_number, score_transcript
+from desta.core.args import raise_problems
+from desta.core.artifacts import REPORT_JSON, REPORT_MD, SCORES_PLOT
+from desta.core.generation import Backend, SamplingSettings, TransformersBackend
+from desta.core.instructions import check_format
+from desta.prompts import EVAL_INSTRUCTIONS, text_turn
+from desta.scoring import score_label, score_number, score_transcript
 
 CLOSED = ("gender", "accent", "emotion", "speaking_speed", "pitch", "volume")
-FORMATS = ("format_json", "format_words", "format_lowercase", "format_prefix", "format_bullets")
 ITEM_COLUMNS = ["item_id", "id", "category", "instruction", "answer", "choices", "check", "description"]
 JUDGE_PROMPT = ("You are grading an answer about an audio clip. The clip's description is:\n{description}\n\n"
                 "Question: {instruction}\nAnswer: {answer}\n\nIs the answer accurate and relevant to the clip? "
@@ -97,6 +99,46 @@ def save_eval_set(items: list[dict[str, Any]], out: str | os.PathLike) -> Path:
     return Path(out)
 
 
+@dataclass
+class EvalSetConfig:
+    """Build an eval set of unseen instructions from a described dataset with gold attributes."""
+
+    source: str
+    """described dataset folder (OUT/dataset of desta describe)"""
+    out: str
+    """eval set folder to write"""
+    categories: list[str] | None = None
+    """subset of the categories (gender, accent, ..., format_*, open); null: all"""
+    max_clips: int | None = None
+    """use at most this many clips (the first by id)"""
+    seed: int = 0
+    """the instructions drawn and their numbers depend only on it"""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.categories or []) - set(EVAL_INSTRUCTIONS))
+        problems = [("categories", f"unknown {unknown}; choose from {sorted(EVAL_INSTRUCTIONS)}")] if unknown else []
+        if self.max_clips is not None and self.max_clips < 1:
+            problems.append(("max_clips", f"must be at least 1, got {self.max_clips}"))
+        raise_problems(problems)
+
+
+def write_eval_set(config: EvalSetConfig) -> dict[str, int]:
+    """Build and save the eval set; returns the item count per category."""
+    from datasets import load_from_disk
+
+    if not Path(config.source).is_dir():
+        raise FileNotFoundError(f"{config.source} not found; give the dataset folder written by desta describe")
+    items = build_eval_set(load_from_disk(config.source), seed=config.seed, categories=config.categories)
+    if config.max_clips:
+        keep = set(sorted({i["id"] for i in items})[: config.max_clips])
+        items = [i for i in items if i["id"] in keep]
+    save_eval_set(items, config.out)
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["category"]] = counts.get(item["category"], 0) + 1
+    return counts
+
+
 def load_eval_set(path: str | os.PathLike, columns: dict[str, str] | None = None):
     """An eval set written by `desta eval-set`, or any dataset with audio / instruction / answer columns
     (`columns` maps our names to its names, e.g. BENCHMARK_COLUMNS["mmau"])."""
@@ -154,20 +196,17 @@ def judge(backend: Backend, items: list[dict], answers: list[str]) -> list[dict[
 
 @torch.no_grad()
 def speech_answers(model, processor, items: list[dict], batch_size: int, max_new_tokens: int,
-                   system_prompt: str | None, use_gold_transcripts: bool = False, progress: bool = True
-                   ) -> tuple[list[str], float]:
+                   use_gold_transcripts: bool = False, progress: bool = True) -> tuple[list[str], float]:
     """The speech model's answers from the audio (Whisper transcribes first unless gold is asked)."""
     from desta.audio import load_audio_ref
 
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     answers: list[str] = []
     order = list(range(len(items)))
     started = time.perf_counter()
     for start in tqdm(range(0, len(order), batch_size), desc="speech model", disable=not progress):
         batch = [items[i] for i in order[start : start + batch_size]]
         clips = [load_audio_ref(i["audio"], name=i["item_id"]) for i in batch]
-        conversations = [system + [{"role": "user", "content": f"{processor.audio_token}\n{i['instruction']}"}]
-                         for i in batch]
+        conversations = [processor.conversation(i["instruction"]) for i in batch]
         transcripts = [[i.get("transcript")] for i in batch] if use_gold_transcripts else None
         answers += model.chat(processor, conversations, [[c] for c in clips], transcripts=transcripts,
                               max_new_tokens=max_new_tokens, do_sample=False)
@@ -177,10 +216,8 @@ def speech_answers(model, processor, items: list[dict], batch_size: int, max_new
 def text_answers(backend: TransformersBackend, items: list[dict], max_new_tokens: int,
                  system_prompt: str | None) -> tuple[list[str], float]:
     """The text reference: the same LLM reading the gold description instead of hearing the audio."""
-    from desta.targets import conversation
-
     started = time.perf_counter()
-    generations = backend.generate([conversation(i["description"], i["instruction"], system_prompt) for i in items],
+    generations = backend.generate([text_turn(i["description"], i["instruction"], system_prompt) for i in items],
                                    SamplingSettings(max_new_tokens=max_new_tokens))
     return [g.text for g in generations], time.perf_counter() - started
 
@@ -206,28 +243,74 @@ def category_table(items: list[dict], scores: dict[str, list[dict]]) -> dict[str
 
 @dataclass
 class EvalConfig:
-    """Settings of `desta eval`."""
+    """Score checkpoints on unseen speech instructions against the text LLM reading the gold description."""
 
-    checkpoints: list[str]  # DeSTA checkpoint folders, compared side by side
-    eval_set: str  # folder from `desta eval-set` (or a benchmark with --columns)
-    out: str  # report folder
-    columns: dict[str, str] = field(default_factory=dict)  # our column -> the benchmark's column
+    POSITIONAL = ("checkpoints",)
+    checkpoints: list[str]
+    """DeSTA checkpoint folders, compared side by side"""
+    eval_set: str
+    """folder from `desta eval-set` (or a benchmark with columns)"""
+    out: str
+    """report folder"""
+    columns: dict[str, str] = field(default_factory=dict)
+    """our column -> the benchmark's column, e.g. instruction=question"""
     batch_size: int = 8
+    """items per generate call"""
     max_new_tokens: int = 96
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    gold_transcripts: bool = False  # give the speech model the gold transcript instead of Whisper's
-    judge_model: str | None = None  # LLM judge for open questions (Hub id/folder, or served name)
-    judge_backend: str = "transformers"  # transformers | vllm | http
+    """answer length limit"""
+    system_prompt: str | None = None
+    """null: the system prompt each checkpoint was trained with; "": none"""
+    gold_transcripts: bool = False
+    """give the speech model the gold transcript instead of Whisper's"""
+    judge_model: str | None = None
+    """LLM judge for open questions (Hub id/folder, or the served name)"""
+    judge_backend: Literal["transformers", "vllm", "http"] = "transformers"
+    """where the judge runs"""
     judge_base_url: str | None = None
-    limit: int | None = None  # evaluate the first N items only
-    probes: bool = True  # also run the text retention probes on each model's LLM
-    probe_max_new_tokens: int = 96  # answer length for the probes
+    """http judge: the server, e.g. http://127.0.0.1:8000/v1"""
+    limit: int | None = None
+    """evaluate the first N items only"""
+    probes: bool = True
+    """also run the text retention probes on each model's LLM"""
+    probe_max_new_tokens: int = 96
+    """answer length limit for the probes"""
     progress: bool = True
+    """show progress bars"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.checkpoints:
+            problems.append(("checkpoints", "give at least one checkpoint folder"))
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.probe_max_new_tokens < 1:
+            problems.append(("batch_size", "batch_size, max_new_tokens and probe_max_new_tokens must be at least 1"))
+        if self.limit is not None and self.limit < 1:
+            problems.append(("limit", f"must be at least 1 (or null: every item), got {self.limit}"))
+        if self.judge_backend == "http" and self.judge_model and not self.judge_base_url:
+            problems.append(("judge_base_url", "the http judge needs judge_base_url"))
+        raise_problems(problems)
+
+
+def system_names(checkpoints: list[str]) -> list[str]:
+    """Report names of the speech systems: "speech" for one checkpoint, else their folder names made unique.
+
+    >>> system_names(["runs/a/train"]), system_names(["x/train", "y/train", "z/lora"])
+    (['speech'], ['train', 'train-2', 'lora'])
+    """
+    if len(checkpoints) == 1:
+        return ["speech"]
+    names: list[str] = []
+    for path in checkpoints:
+        name, k = Path(path).name or "checkpoint", 1
+        while name in names or name == "text":
+            k += 1
+            name = f"{Path(path).name}-{k}"
+        names.append(name)
+    return names
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     from desta.loading import load
-    from desta.probes import retention_probes
+    from desta.posttrain.probes import retention_probes
 
     dataset = load_eval_set(config.eval_set, config.columns or None)
     if config.limit:
@@ -244,20 +327,20 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     timing: dict[str, float] = {}
     probes: dict[str, Any] = {}
     text_llm = None
-    for index, path in enumerate(config.checkpoints):
-        name = Path(path).name if len(config.checkpoints) == 1 else f"{index}:{Path(path).name}"
+    for name, path in zip(system_names(config.checkpoints), config.checkpoints, strict=True):
         model, processor = load(path)
         model.eval()
+        if config.system_prompt is not None:
+            processor.system_prompt = config.system_prompt or None
         answers[name], timing[name] = speech_answers(model, processor, items, config.batch_size,
-                                                     config.max_new_tokens, config.system_prompt,
-                                                     config.gold_transcripts, config.progress)
+                                                     config.max_new_tokens, config.gold_transcripts, config.progress)
         backend = TransformersBackend(llm=model.llm, tokenizer=processor.tokenizer, batch_size=config.batch_size)
         if text_llm is None:
             text_llm = model.config.llm_name_or_path
             # the reference is the base LLM: LoRA adapters, if any, are switched off for it
             with model.llm.disable_adapter() if model.config.lora else contextlib.nullcontext():
                 answers["text"], timing["text"] = text_answers(backend, items, config.max_new_tokens,
-                                                               config.system_prompt)
+                                                               processor.system_prompt)
         elif model.config.llm_name_or_path != text_llm:
             raise ValueError(f"{path} is built on {model.config.llm_name_or_path}, not {text_llm}; compare "
                              "checkpoints of the same LLM in one report")
@@ -268,7 +351,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
               for system, system_answers in answers.items()}
     judge_id = None
     if config.judge_model:
-        from desta.generation import make_backend
+        from desta.core.generation import make_backend
 
         kwargs = {"base_url": config.judge_base_url} if config.judge_backend == "http" else {}
         judge_backend = make_backend(config.judge_backend, config.judge_model, **kwargs)
@@ -281,6 +364,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     table = category_table(items, scores)
     report = {
         "eval_set": str(config.eval_set), "items": len(items), "checkpoints": config.checkpoints,
+        "systems": [s for s in answers if s != "text"],
         "text_reference_llm": text_llm, "judge": judge_id,
         "items_per_second": {s: round(len(items) / t, 3) for s, t in timing.items()},
         "categories": table, "overall": _overall(table, list(answers)),
@@ -290,9 +374,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                       **{f"{s}_score": scores[s][k]["score"] for s in answers},
                       **{f"{s}_reason": scores[s][k]["reason"] for s in answers}} for k, i in enumerate(items)],
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render_markdown(report))
-    plot_scores(table, [s for s in answers], out / "scores.png")
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2))
+    (out / REPORT_MD).write_text(render_markdown(report))
+    plot_scores(table, [s for s in answers], out / SCORES_PLOT)
     return report
 
 

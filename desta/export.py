@@ -11,20 +11,20 @@ $HF_TOKEN or the user's login and is never printed or written.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from desta.core.args import raise_problems
+from desta.core.artifacts import CONFIG, DATASET, MODEL_CARD, REPORT_MD, RUN_CONFIG, SUMMARY
 from desta.loading import load
-
-PROCESSOR_FILES = ("desta_processor.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "chat_template.jinja", "special_tokens_map.json")
 
 
 def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_id: str | None = None,
            llm_id: str | None = None, license: str = "other", report: str | Path | None = None) -> Path:
     """Write the Hub-ready folder; `encoder_id` / `llm_id` rename the base checkpoints to Hub ids."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if not (checkpoint / "config.json").is_file():
+    if not (checkpoint / CONFIG).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json); give the output "
                                 "folder of desta train")
     out.mkdir(parents=True, exist_ok=True)
@@ -40,9 +40,18 @@ def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_
     else:
         model.save_pretrained(out)
     processor.save_pretrained(out)
-    report_path = Path(report) if report else next(iter(sorted(checkpoint.glob("**/report.json"))), None)
-    (out / "README.md").write_text(model_card(checkpoint, out, bases, full, license, report_path))
+    report_path = _report_markdown(Path(report)) if report else next(iter(sorted(checkpoint.glob(f"**/{REPORT_MD}"))),
+                                                                        None)
+    (out / MODEL_CARD).write_text(model_card(checkpoint, out, bases, full, license, report_path))
     return out
+
+
+def _report_markdown(path: Path) -> Path:
+    """The report.md of an eval: given its folder, its report.json or itself."""
+    markdown = path / REPORT_MD if path.is_dir() else path.with_name(REPORT_MD)
+    if not markdown.is_file():
+        raise FileNotFoundError(f"{markdown} not found; give the output folder of desta eval (or its report.json)")
+    return markdown
 
 
 def save_full(model, out: Path) -> None:
@@ -76,11 +85,10 @@ def model_card(checkpoint: Path, out: Path, bases: dict[str, str | None], full: 
                report_path: Path | None) -> str:
     import yaml
 
-    run = yaml.safe_load((checkpoint / "run_config.yaml").read_text()) if (checkpoint / "run_config.yaml").exists() \
-        else {}
-    summary = json.loads((checkpoint / "summary.json").read_text()) if (checkpoint / "summary.json").exists() else {}
+    run = yaml.safe_load((checkpoint / RUN_CONFIG).read_text()) if (checkpoint / RUN_CONFIG).exists() else {}
+    summary = json.loads((checkpoint / SUMMARY).read_text()) if (checkpoint / SUMMARY).exists() else {}
     data = run.get("data", {})
-    datasets = [Path(d).parent.name if Path(d).name == "dataset" else Path(d).name
+    datasets = [Path(d).parent.name if Path(d).name == DATASET else Path(d).name
                 for d in (data.get("train"),) if d]
     name = out.name
     lines = [_metadata_block(bases, license, datasets), f"# {name}", "",
@@ -106,15 +114,13 @@ def model_card(checkpoint: Path, out: Path, bases: dict[str, str | None], full: 
                   f"- trainable parameters: {summary.get('trainable_parameters', 'n/a')} of "
                   f"{summary.get('total_parameters', 'n/a')}", ""]
     if report_path and report_path.exists():
-        from desta.evaluate import render_markdown
-
-        table = render_markdown(json.loads(report_path.read_text())).split("\n", 2)[2]
+        table = report_path.read_text().split("\n", 2)[2]  # the eval report without its title
         lines += ["## Evaluation on unseen instructions", "", table]
     repo = f"YOUR_NAME/{name}"
     lines += ["## Use", "", "```bash", "pip install desta", "```", "", "```python", "import desta",
               "from desta.audio import load_audio", "",
               f'model, processor = desta.load("{repo}")  # or the local folder',
-              'messages = [{"role": "user", "content": "<|AUDIO|>\\nWhat can you hear from the audio?"}]',
+              "messages = processor.conversation('What can you hear from the audio?')  # system prompt + audio slot",
               'print(model.chat(processor, messages, [load_audio("speech.wav")]))', "```", "",
               f"From a shell: `desta chat {repo} --audio speech.wav \"What can you hear from the audio?\"`", ""]
     return "\n".join(lines)
@@ -150,3 +156,45 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
         raise ConnectionError(f"cannot reach the Hub at {endpoint or api.endpoint}: {type(err).__name__}; check the "
                               "network or HF_ENDPOINT") from None
     return {"repo_id": repo_id, "url": str(url), "commit": getattr(commit, "oid", str(commit)), "files": files}
+
+
+@dataclass
+class ExportConfig:
+    """Write a Hub-ready folder (weights, config, processor, model card); push uploads it."""
+
+    POSITIONAL = ("checkpoint", "out")
+    checkpoint: str
+    """checkpoint folder (output of desta train)"""
+    out: str
+    """folder to write"""
+    full: bool = False
+    """the whole model, LoRA merged: no base checkpoint needed to load it"""
+    encoder_id: str | None = None
+    """Hub id of the Whisper base to name in the config (instead of a local path)"""
+    llm_id: str | None = None
+    """Hub id of the LLM base to name in the config"""
+    license: str = "other"
+    """license in the model card (follow the base models')"""
+    report: str | None = None
+    """desta eval output folder (or its report.json) whose table goes in the model card"""
+    push: str | None = None
+    """upload to this Hub repository id"""
+    private: bool = False
+    """create the repository as private"""
+    dry_run: bool = False
+    """with push: list what would be uploaded, send nothing"""
+
+    def __post_init__(self) -> None:
+        if (self.private or self.dry_run) and not self.push:
+            raise_problems([("push", "private and dry_run only apply with push=REPO_ID")])
+
+
+def export_command(config: ExportConfig) -> dict[str, Any]:
+    """Export, then push when asked; returns the folder, its size and what was (or would be) uploaded."""
+    folder = export(config.checkpoint, config.out, full=config.full, encoder_id=config.encoder_id,
+                    llm_id=config.llm_id, license=config.license, report=config.report)
+    result: dict[str, Any] = {"folder": str(folder), "bytes": sum(s for _, s in files_to_upload(folder)),
+                              "full": config.full}
+    if config.push:
+        result["push"] = push(folder, config.push, private=config.private, dry_run=config.dry_run)
+    return result

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from desta.audio import load_audio_ref, split_windows
-from desta.chunks import write_atomic
+from desta.core.chunks import write_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-from desta.modeling import DestaConfig, DestaModel
+from desta.modeling import DestaConfig, DestaModel, resolve_checkpoint
 from desta.processing import DestaProcessor
 
 
@@ -28,9 +27,7 @@ def build(encoder: str, llm: str, dtype: torch.dtype = torch.float32,
 
 def load(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[DestaModel, DestaProcessor]:
     """A saved model and its processor, from a folder written by `save` or a Hub repository id."""
-    from desta.modeling import _resolve_folder
-
-    folder = _resolve_folder(checkpoint, revision=None, token=None)
+    folder = resolve_checkpoint(checkpoint)
     return DestaModel.from_pretrained(folder, dtype=dtype), DestaProcessor.from_pretrained(folder)
 
 
@@ -38,21 +35,6 @@ def save(model: DestaModel, processor: DestaProcessor, folder: str | os.PathLike
     """Trainable weights, config and processor files in one folder that `load` reads back."""
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-
-
-def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
-    """AutoModelForCausalLM.from_pretrained, except that a GGUF quantization entry left in the config of
-    a folder that holds plain safetensors weights (what GGUF-to-transformers conversions write) is
-    ignored: the weights load as ordinary, trainable tensors instead of being re-packed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(name)
-    quantization = getattr(config, "quantization_config", None)
-    folder = Path(name)
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf" and folder.is_dir() \
-            and any(folder.glob("*.safetensors")) and not any(folder.glob("*.gguf")):
-        del config.quantization_config
-    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
 
 
 def _feature_extractor(encoder: str, config: DestaConfig) -> WhisperFeatureExtractor:

@@ -33,14 +33,15 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from desta.audio import FRAMES_PER_ENCODER_STEP
+from desta.core.artifacts import WEIGHTS, WEIGHTS_INDEX
+from desta.core.llm import load_causal_lm
 
 if TYPE_CHECKING:
     import numpy as np
 
     from desta.processing import DestaProcessor
 
-WEIGHTS_NAME = "model.safetensors"
-# Tapped encoder layers per Whisper depth ("layer i" = output of block i), as in DESIGN.md.
+# Tapped encoder layers per Whisper depth ("layer i" = output of block i), as in the DeSTA papers.
 DEFAULT_TAPPED_LAYERS = {
     4: [0, 1, 2, 3],  # tiny
     6: [1, 2, 3, 5],  # base
@@ -121,7 +122,7 @@ class DestaConfig(PreTrainedConfig):
         """A config naming a Whisper checkpoint and a chat LLM checkpoint (Hub ids or folders)."""
         text_config = AutoConfig.from_pretrained(llm).to_dict()
         if (text_config.get("quantization_config") or {}).get("quant_method") == "gguf":
-            text_config.pop("quantization_config")  # see desta.loading.load_causal_lm
+            text_config.pop("quantization_config")  # see desta.core.llm.load_causal_lm
         return cls(
             encoder_config=AutoConfig.from_pretrained(encoder).to_dict(),
             text_config=text_config,
@@ -205,6 +206,9 @@ class DestaModel(PreTrainedModel):
     def apply_freezing(self) -> None:
         for name, param in self.named_parameters():
             param.requires_grad_(self.is_trainable_name(name))
+        # Checkpoints hold the trainable weights only; this tells transformers' Trainer that the frozen
+        # ones are missing from them on purpose (it warns about any other missing weight).
+        self._keys_to_ignore_on_save = [k for k in self.state_dict() if not self.is_trainable_name(k)]
 
     def parameter_counts(self) -> dict[str, int | float]:
         """Trainable and total parameter counts, and the trainable share."""
@@ -360,7 +364,7 @@ class DestaModel(PreTrainedModel):
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
-        save_file(self.trainable_state_dict(), folder / WEIGHTS_NAME, metadata={"format": "pt", "desta": "trainable"})
+        save_file(self.trainable_state_dict(), folder / WEIGHTS, metadata={"format": "pt", "desta": "trainable"})
 
     @classmethod
     def from_base(cls, config: DestaConfig, dtype: torch.dtype = torch.float32) -> DestaModel:
@@ -374,8 +378,6 @@ class DestaModel(PreTrainedModel):
         if config.encoder_name_or_path:
             whisper = WhisperForConditionalGeneration.from_pretrained(config.encoder_name_or_path, dtype=dtype)
         if config.llm_name_or_path:
-            from desta.loading import load_causal_lm
-
             llm = load_causal_lm(config.llm_name_or_path, dtype=dtype)
         return cls(config, whisper=whisper, llm=llm).to(dtype).eval()
 
@@ -383,7 +385,7 @@ class DestaModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         revision: str | None = None, token: str | None = None, **_: Any) -> DestaModel:
         """Load a saved model (folder or Hub id): base weights from the named checkpoints + trainable weights."""
-        folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, token=token)
+        folder = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, token=token)
         config = DestaConfig.from_pretrained(folder)
         weights = _load_weights(folder)  # safetensors: no code runs while loading
         if any(name.startswith("whisper.") for name in weights):  # a full export: no base checkpoint needed
@@ -398,7 +400,7 @@ class DestaModel(PreTrainedModel):
         expected = set(model.trainable_state_dict())
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not match the model: {len(missing)} missing weights "
+            raise ValueError(f"{folder / WEIGHTS} does not match the model: {len(missing)} missing weights "
                              f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
                              f"(e.g. {sorted(unexpected)[:3]})")
         model.load_state_dict(weights, strict=False)
@@ -407,18 +409,21 @@ class DestaModel(PreTrainedModel):
 
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or every shard listed in model.safetensors.index.json."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / WEIGHTS_INDEX
     if index.is_file():
         weights: dict[str, torch.Tensor] = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             weights.update(load_file(folder / shard))
         return weights
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}; point at a folder written by save_pretrained")
-    return load_file(folder / WEIGHTS_NAME)
+    if not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder} holds no {WEIGHTS}; point at a folder written by save_pretrained")
+    return load_file(folder / WEIGHTS)
 
 
-def _resolve_folder(name_or_path: str | os.PathLike, revision: str | None, token: str | None) -> Path:
+def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None,
+                       token: str | None = None) -> Path:
+    """A checkpoint folder: the local folder given, or a Hub repository's files downloaded (weights,
+    configs, tokenizer; never pickles)."""
     path = Path(name_or_path)
     if path.is_dir():
         if not (path / "config.json").is_file():

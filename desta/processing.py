@@ -19,19 +19,18 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
 from desta.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, num_windows, split_windows, validate_audio
+from desta.core.artifacts import PROCESSOR_CONFIG
+from desta.core.sequences import IGNORE_INDEX, Conversation, chat_tokens, pad_batch, render_chat, strip_answers
+from desta.prompts import DEFAULT_SYSTEM_PROMPT, speech_turn
 
-IGNORE_INDEX = -100  # label of a token that carries no loss
-PROCESSOR_CONFIG = "desta_processor.json"
 # Pad variable-length windows to a whole number of encoder steps (2 mel frames of 160 samples).
 PAD_MULTIPLE = 2 * HOP_LENGTH
-
-Conversation = list[dict[str, Any]]
 
 
 class DestaProcessor:
     """Turns conversations with audio into DestaModel inputs.
 
-    >>> from desta.testing import tiny_tokenizer
+    >>> from desta.tiny import tiny_tokenizer
     >>> proc = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
     >>> conv = [{"role": "user", "content": "<|AUDIO|>Who?"}, {"role": "assistant", "content": "A man."}]
     >>> batch = proc([conv], audios=[[np.full(16000, 0.1)]], transcripts=[["hi"]])
@@ -47,7 +46,7 @@ class DestaProcessor:
 
     def __init__(self, feature_extractor: WhisperFeatureExtractor, tokenizer: PreTrainedTokenizerBase,
                  audio_token: str = "<|AUDIO|>", num_queries: int = 64, transcript_max_tokens: int = 100,
-                 pad_to_30s: bool = False):
+                 pad_to_30s: bool = False, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path or 'in memory'}) has "
                              "no chat template; use a chat (instruct) model's tokenizer or set "
@@ -67,6 +66,7 @@ class DestaProcessor:
         self.num_queries = num_queries
         self.transcript_max_tokens = transcript_max_tokens
         self.pad_to_30s = pad_to_30s
+        self.system_prompt = system_prompt
 
     sampling_rate = SAMPLE_RATE
 
@@ -94,7 +94,8 @@ class DestaProcessor:
         self.feature_extractor.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         settings = {"audio_token": self.audio_token, "num_queries": self.num_queries,
-                    "transcript_max_tokens": self.transcript_max_tokens, "pad_to_30s": self.pad_to_30s}
+                    "transcript_max_tokens": self.transcript_max_tokens, "pad_to_30s": self.pad_to_30s,
+                    "system_prompt": self.system_prompt}
         (folder / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
     @classmethod
@@ -109,23 +110,12 @@ class DestaProcessor:
     # ----- text -----
 
     def render(self, conversation: Conversation, add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return render_chat(self.tokenizer, strip_answers(conversation), add_generation_prompt)
 
-    def response_spans(self, conversation: Conversation, text: str) -> list[tuple[int, int]]:
-        """Character spans of each assistant message's content within the rendered `text`."""
-        spans = []
-        for index, message in enumerate(conversation):
-            if message["role"] != "assistant":
-                continue
-            prefix = self.render(conversation[:index], add_generation_prompt=True)
-            content = str(message["content"]).strip()
-            start = text.find(content, len(prefix)) if text.startswith(prefix) else -1
-            if start < 0 or not content:
-                raise ValueError(f"cannot locate assistant message {index} ({content[:40]!r}) in the rendered "
-                                 "chat; the chat template must render history as a prefix of the full conversation")
-            spans.append((start, start + len(content)))
-        return spans
+    def conversation(self, instruction: str, response: str | None = None, clips: int = 1) -> Conversation:
+        """The speech chat turn: the system prompt this model was trained with, a user message holding
+        one audio placeholder per clip and the instruction, and the answer when given."""
+        return speech_turn(self.audio_token, instruction, self.system_prompt, response, clips)
 
     def transcript_ids(self, transcript: str | None) -> list[int]:
         if not transcript:
@@ -135,17 +125,9 @@ class DestaProcessor:
 
     def _encode(self, conversation: Conversation, windows: list[int], transcripts: list[str | None],
                 add_generation_prompt: bool, with_labels: bool) -> tuple[list[int], list[int]]:
-        text = self.render(conversation, add_generation_prompt=add_generation_prompt)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        labels = [IGNORE_INDEX] * len(enc.input_ids)
-        if with_labels:
-            for start, end in self.response_spans(conversation, text):
-                inside = [i for i, (a, b) in enumerate(enc.offset_mapping) if a < end and b > start]
-                after = [i for i, (a, _) in enumerate(enc.offset_mapping) if a >= end]
-                for i in inside + after[:1]:  # the response, then the token that ends the turn
-                    labels[i] = enc.input_ids[i]
+        ids, labels = chat_tokens(self.tokenizer, conversation, add_generation_prompt, with_labels)
         audio_id = self.audio_token_id
-        placeholders = sum(1 for t in enc.input_ids if t == audio_id)
+        placeholders = sum(1 for t in ids if t == audio_id)
         if placeholders != len(windows):
             raise ValueError(f"the conversation holds {placeholders} audio placeholders ({self.audio_token}) but "
                              f"{len(windows)} audio clips were given; put one {self.audio_token} in the user message "
@@ -153,7 +135,7 @@ class DestaProcessor:
         ids_out: list[int] = []
         labels_out: list[int] = []
         clip_index = 0
-        for token, label in zip(enc.input_ids, labels, strict=True):
+        for token, label in zip(ids, labels, strict=True):
             if token != audio_id:
                 ids_out.append(token)
                 labels_out.append(label)
@@ -204,19 +186,8 @@ class DestaProcessor:
                 windows += [w for clip in clips for w in split_windows(clip)]
             rows.append(self._encode(conversation, counts, texts, add_generation_prompt, with_labels))
 
-        width = max(len(ids) for ids, _ in rows)
-        pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, labs) in enumerate(rows):
-            span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
-            input_ids[i, span] = torch.tensor(ids)
-            attention_mask[i, span] = 1
-            labels[i, span] = torch.tensor(labs)
-        data: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if with_labels:
-            data["labels"] = labels
+        data = pad_batch([ids for ids, _ in rows], self.tokenizer.pad_token_id, side,
+                         labels=[labels for _, labels in rows] if with_labels else None)
         if windows:
             data.update(self.extract_features(windows))
         return BatchFeature(data)

@@ -1,16 +1,51 @@
-"""Instruction pools: the training prompts of the targets stage and the evaluation instructions.
+"""Prompts: the chat turns both LLMs see, the training prompt pools and the evaluation instructions.
 
-The two are kept apart on purpose: "unseen" in evaluation means no evaluation instruction (nor a
-near copy of one) is ever in a training pool. `check_disjoint` enforces it at import time.
+The text LLM reads a description and an instruction (`text_turn`: the targets stage and the eval's
+text reference); the speech LLM hears the clip in its place (`speech_turn`: training, eval, chat,
+serving). Training pools and evaluation instructions are kept apart on purpose: "unseen" in
+evaluation means no evaluation instruction (nor a near copy of one) is ever in a training pool;
+`check_disjoint` enforces it at import time.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
 DEFAULT_SYSTEM_PROMPT = "Focus on the audio clips and instructions."
+Conversation = list[dict[str, Any]]
+
+
+def _system(system_prompt: str | None) -> Conversation:
+    return [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+
+def user_turn(description: str, instruction: str) -> str:
+    """The text LLM's user message: the description, a blank line, the instruction.
+
+    >>> user_turn("[00:00-00:01] Hi. (Gender: Male)", "What can you hear from the audio?")
+    '[00:00-00:01] Hi. (Gender: Male)\\n\\nWhat can you hear from the audio?'
+    """
+    return f"{description.strip()}\n\n{instruction.strip()}"
+
+
+def text_turn(description: str, instruction: str, system_prompt: str | None) -> Conversation:
+    """What the text LLM reads: the system prompt, then the description and the instruction."""
+    return _system(system_prompt) + [{"role": "user", "content": user_turn(description, instruction)}]
+
+
+def speech_turn(audio_token: str, instruction: str, system_prompt: str | None, response: str | None = None,
+                clips: int = 1) -> Conversation:
+    """What the speech LLM reads: the same system prompt, one audio placeholder per clip in place of the
+    description, the instruction, and the answer when training.
+
+    >>> speech_turn("<|AUDIO|>", "Who speaks?", None, "A man.")
+    [{'role': 'user', 'content': '<|AUDIO|>\\nWho speaks?'}, {'role': 'assistant', 'content': 'A man.'}]
+    """
+    messages = _system(system_prompt) + [{"role": "user", "content": f"{audio_token}\n" * clips + instruction}]
+    return messages + ([{"role": "assistant", "content": response}] if response is not None else [])
 
 TRAINING_POOLS: dict[str, list[str]] = {
     # DeSTA2: one open question; the LLM's own description of what it "hears" is the target.

@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -24,13 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
-from desta.generation import (
-    Generation,
-    SamplingSettings,
-    TransformersBackend,
-    finish_generation,
-    generate_kwargs,
-)
+from desta.core.args import raise_problems
+from desta.core.generation import SamplingSettings
 
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
 
@@ -49,66 +43,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, code: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
-
-
-class TextEngine:
-    """A plain chat LLM."""
-
-    accepts_audio = False
-
-    def __init__(self, backend: TransformersBackend, model_id: str):
-        self.backend, self.model_id = backend, model_id
-
-    def generate(self, messages: list[dict], audios: list[np.ndarray],
-                 settings: SamplingSettings) -> tuple[Generation, int]:
-        """The answer and the prompt's length in tokens."""
-        return self.backend.generate([messages], settings)[0], len(self.backend.encode(messages))
-
-    def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings):
-        yield from self.backend.stream(messages, settings)
-
-
-class DestaEngine:
-    """A DeSTA speech LLM: audio parts become placeholders filled by the connector."""
-
-    accepts_audio = True
-
-    def __init__(self, model, processor, model_id: str):
-        self.model, self.processor, self.model_id = model, processor, model_id
-        self.audio_token = processor.audio_token
-
-    def _inputs(self, messages: list[dict], audios: list[np.ndarray]):
-        transcripts = [self.model.transcribe(self.processor, audios)] if audios else None
-        return self.processor([messages], audios=[audios], transcripts=transcripts,
-                              add_generation_prompt=True).to(self.model.device)
-
-    def _kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
-        return generate_kwargs(settings, self.processor.tokenizer.pad_token_id)
-
-    def generate(self, messages: list[dict], audios: list[np.ndarray],
-                 settings: SamplingSettings) -> tuple[Generation, int]:
-        """The answer and the prompt's length in tokens (audio positions and transcript included)."""
-        import torch
-
-        torch.manual_seed(settings.seed)
-        inputs = self._inputs(messages, audios)
-        out = self.model.generate(**inputs, **self._kwargs(settings))[0].tolist()
-        tokenizer = self.processor.tokenizer
-        generation = finish_generation(out, {tokenizer.eos_token_id}, settings.max_new_tokens, tokenizer)
-        return generation, int(inputs["attention_mask"].sum())
-
-    def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings):
-        import torch
-        from transformers import TextIteratorStreamer
-
-        torch.manual_seed(settings.seed)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
-        inputs = self._inputs(messages, audios)
-        worker = threading.Thread(target=self.model.generate,
-                                  kwargs={**inputs, **self._kwargs(settings), "streamer": streamer})
-        worker.start()
-        yield from streamer
-        worker.join()
 
 
 def _error(status: int, message: str, code: str = "invalid_request_error", param: str | None = None):
@@ -267,13 +201,60 @@ def create_app(engine, limits: ServeLimits | None = None, api_key: str | None = 
     return app
 
 
-def load_engine(checkpoint: str | None = None, llm: str | None = None, model_id: str | None = None):
-    """A DestaEngine for a DeSTA checkpoint folder, or a TextEngine for a chat LLM."""
-    if (checkpoint is None) == (llm is None):
-        raise ValueError("give a DeSTA checkpoint or --llm for a text-only model, not both")
-    if llm is not None:
-        return TextEngine(TransformersBackend(llm), model_id or llm)
-    from desta.loading import load
+@dataclass
+class ServeConfig:
+    """Serve a DeSTA checkpoint (or a text LLM) behind an OpenAI-compatible chat-completions API."""
 
-    model, processor = load(checkpoint)
-    return DestaEngine(model, processor, model_id or checkpoint)
+    POSITIONAL = ("checkpoint",)
+    checkpoint: str | None = None
+    """DeSTA checkpoint folder (or give llm)"""
+    llm: str | None = None
+    """serve a plain chat LLM (Hub id or folder) instead"""
+    model_name: str | None = None
+    """the model id clients ask for (default: the path given)"""
+    host: str = "127.0.0.1"
+    """bind address; 127.0.0.1 serves this machine only"""
+    port: int = 8000
+    """TCP port"""
+    api_key_env: str = "DESTA_API_KEY"
+    """environment variable holding the key clients must send (unset: no key)"""
+    max_body_mb: float = 25.0
+    """largest request body, MiB"""
+    max_audio_seconds: float = 120.0
+    """longest audio part"""
+    max_tokens: int = 1024
+    """largest max_tokens a request may ask"""
+    max_concurrent: int = 1
+    """requests generating at once; more get 503"""
+    log_level: str = "warning"
+    """uvicorn log level"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if (self.checkpoint is None) == (self.llm is None):
+            problems.append(("checkpoint", "give a DeSTA checkpoint or llm=MODEL for a text-only model, not both"))
+        if not 0 < self.port < 65536:
+            problems.append(("port", f"must be in 1-65535, got {self.port}"))
+        if min(self.max_body_mb, self.max_audio_seconds) <= 0 or min(self.max_tokens, self.max_concurrent) < 1:
+            problems.append(("max_body_mb", "the size, duration, token and concurrency limits must be positive"))
+        raise_problems(problems)
+
+    def limits(self) -> ServeLimits:
+        return ServeLimits(max_body_bytes=int(self.max_body_mb * 2**20), max_audio_seconds=self.max_audio_seconds,
+                           max_tokens=self.max_tokens, max_concurrent=self.max_concurrent)
+
+
+def serve(config: ServeConfig) -> None:
+    """Load the model and serve until interrupted."""
+    import os
+
+    import uvicorn
+
+    from desta.inference import load_engine
+
+    engine = load_engine(config.checkpoint, config.llm, config.model_name)
+    api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
+    print(f"serving {engine.model_id!r} on http://{config.host}:{config.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    uvicorn.run(create_app(engine, config.limits(), api_key), host=config.host, port=config.port,
+                log_level=config.log_level)

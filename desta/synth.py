@@ -17,6 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from desta.audio import SAMPLE_RATE
+from desta.core.args import raise_problems
+from desta.core.artifacts import MANIFEST
 from desta.tts import ACCENTS, VOICES, Voice, synthesize
 
 _SUBJECTS = ["The old fisherman", "My younger sister", "A tired student", "The new manager", "Our neighbour",
@@ -112,8 +114,31 @@ def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, n
             _render(job)
             bar.update()
     bar.close()
-    manifest = out / "manifest.jsonl"
+    manifest = out / MANIFEST
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(asdict(row)) + "\n" for row in rows))
     os.replace(tmp, manifest)
     return manifest
+
+
+@dataclass
+class SynthConfig:
+    """Write the synthetic espeak-ng corpus: WAV clips and a manifest with their labels."""
+
+    out: str
+    """output folder (audio/ and manifest.jsonl)"""
+    num_clips: int = 1000
+    """how many clips"""
+    seed: int = 0
+    """labels and sentences depend only on (seed, clip index)"""
+    num_proc: int = 1
+    """worker processes"""
+
+    def __post_init__(self) -> None:
+        if self.num_clips < 1 or self.num_proc < 1:
+            raise_problems([("num_clips", f"num_clips and num_proc must be at least 1, got {self.num_clips} and "
+                                          f"{self.num_proc}")])
+
+
+def write_corpus(config: SynthConfig) -> Path:
+    return synth_corpus(config.out, num_clips=config.num_clips, seed=config.seed, num_proc=config.num_proc)

@@ -1,10 +1,14 @@
-"""Stage 2, targets (self-output): the text LLM answers an instruction from each description.
+"""Stage 2, targets: what the speech model will learn to answer, one row per (clip, prompt).
 
-Reads a described dataset (OUT/dataset of `desta describe`). Writes OUT/dataset: the same rows,
-one per (clip, prompt), plus `prompt`, `prompt_pool`, `response` and `generator` (model id,
-backend, sampling settings as JSON); OUT/rejects.jsonl for answers the quality filter flags
-(empty, cut off, looping, ignoring the audio), each with its reason; OUT/summary.json. Chunks
-make it resumable and shardable like describe.
+Reads a described dataset (OUT/dataset of `desta describe`). Two kinds of target:
+- self_output (DeSTA2): the text LLM reads each description and answers a prompt from the pool;
+  its own answer is the target;
+- labels: an answer written from the gold labels and transcript by a template, no LLM: the targets a
+  conventional speech-instruction set has, kept for comparison.
+Writes OUT/dataset: the described rows plus `prompt`, `prompt_pool`, `system_prompt` (what the LLM
+read, carried to training), `response` and `generator` (model id, backend, sampling settings as
+JSON); OUT/rejects.jsonl for answers the quality filter flags (empty, cut off, looping, ignoring the
+audio), each with its reason; OUT/summary.json. Chunks make it resumable and shardable like describe.
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ import json
 import os
 import re
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
-from desta.chunks import ChunkedJob, attach_columns, save_dataset_atomic, to_jsonl, write_atomic
-from desta.generation import Backend, Conversation, Generation, SamplingSettings, make_backend
-from desta.prompts import DEFAULT_SYSTEM_PROMPT, pick_prompts, training_pool
+from desta.core.args import raise_problems
+from desta.core.artifacts import DATASET, REJECTS, SUMMARY
+from desta.core.chunks import ChunkedJob, attach_columns, save_dataset_atomic, to_jsonl, write_atomic
+from desta.core.generation import Backend, Generation, SamplingSettings, make_backend
+from desta.core.quality import looping
+from desta.prompts import DEFAULT_SYSTEM_PROMPT, pick_prompts, text_turn, training_pool
 
 # Answers that show the model did not "hear" the description (case-insensitive regular expressions).
 DEFAULT_REFUSAL_PATTERNS = [
@@ -32,71 +38,128 @@ DEFAULT_REFUSAL_PATTERNS = [
     r"\bno audio (?:was|is|has been) (?:provided|attached|shared)\b",
     r"\b(?:cannot|can't|unable to) (?:hear|listen to|access|play) (?:the |this |any )?(?:audio|recording|clip)\b",
 ]
-REPETITION_COMPRESSION = 2.4  # like Whisper: text that gzip shrinks more than 2.4x is looping
-REPETITION_MIN_CHARS = 80  # shorter answers are too short for the compression test
-REPEATED_NGRAM = (3, 4)  # ... or the same 3 words 4 times in a row
 
 
 @dataclass
 class TargetsConfig:
-    """Settings of `desta targets`."""
+    """The text LLM answers instructions from each description; its answers become training targets."""
 
-    source: str  # a described dataset folder (OUT/dataset of desta describe)
-    out: str  # output folder
-    model: str  # the LLM (Hub id or folder; the served model name for the http backend)
-    backend: str = "transformers"  # transformers | vllm | http
-    base_url: str | None = None  # http backend: e.g. http://127.0.0.1:8000/v1
-    pool: str | list[str] = "desta2"  # prompt pool name (desta2, desta25) or a list of prompts
-    prompts_per_clip: int = 1  # distinct prompts per clip: one output row each
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: no system turn
-    max_new_tokens: int = 256  # longer answers are cut and flagged
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0  # nucleus sampling mass (with temperature > 0)
-    repetition_penalty: float = 1.0  # >1 discourages repeats
-    seed: int = 0  # prompts and sampling depend only on it (and the row)
-    batch_size: int = 16  # prompts per generate call (transformers)
-    concurrency: int = 8  # requests in flight (http)
-    timeout: float = 120.0  # seconds per request (http)
-    max_retries: int = 4  # per request (http)
-    chunk_size: int = 128  # prompts per resumable unit of work
-    num_shards: int = 1  # split the work across this many machines
-    shard_index: int = 0  # this machine's shard, 0-based; merge with --merge when all are done
+    source: str = ""
+    """a described dataset folder (OUT/dataset of desta describe)"""
+    out: str = ""
+    """output folder"""
+    kind: Literal["self_output", "labels"] = "self_output"
+    """self_output: the LLM's own answers (DeSTA2); labels: a template over the gold labels, no LLM"""
+    model: str = ""
+    """the LLM (Hub id or folder; the served model name for the http backend)"""
+    backend: Literal["transformers", "vllm", "http"] = "transformers"
+    """generation backend: transformers (batched, CPU or GPU), vllm (GPU), http (an OpenAI-compatible server)"""
+    base_url: str | None = None
+    """http backend: the server, e.g. http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY)"""
+    pool: str | list[str] = "desta2"
+    """prompt pool name (desta2, desta25) or a list of prompts"""
+    prompts_per_clip: int = 1
+    """distinct prompts per clip: one output row each"""
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    """system turn the LLM reads (null: none); stored with each row, so training uses the same"""
+    max_new_tokens: int = 256
+    """longer answers are cut and flagged"""
+    temperature: float = 0.0
+    """0: greedy"""
+    top_p: float = 1.0
+    """nucleus sampling mass (with temperature > 0)"""
+    repetition_penalty: float = 1.0
+    """above 1 discourages repeats"""
+    seed: int = 0
+    """prompts and sampling depend only on it (and the row)"""
+    batch_size: int = 16
+    """prompts per generate call (transformers)"""
+    concurrency: int = 8
+    """requests in flight (http)"""
+    timeout: float = 120.0
+    """seconds per request (http)"""
+    max_retries: int = 4
+    """retries per request (http)"""
+    chunk_size: int = 128
+    """prompts per resumable unit of work"""
+    num_shards: int = 1
+    """split the work across this many machines"""
+    shard_index: int = 0
+    """this machine's shard, 0-based; merge when all are done"""
     refusal_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
-    keep_flagged: bool = False  # True: flagged answers stay in the dataset with a `flag` column
-    trim_cut_off: bool = False  # answers cut at max_new_tokens end at their last full sentence instead
-    progress: bool = True  # show a progress bar
+    """regular expressions of answers that ignore the audio"""
+    keep_flagged: bool = False
+    """keep flagged answers in the dataset with a `flag` column instead of rejecting them"""
+    trim_cut_off: bool = False
+    """answers cut at max_new_tokens end at their last full sentence instead of being rejected"""
+    merge: bool = False
+    """only join the finished shards in `out`"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.out:
+            problems.append(("out", "required: the output folder"))
+        if not self.merge:
+            if not self.source:
+                problems.append(("source", "required: the described dataset folder (OUT/dataset of desta describe)"))
+            if self.kind == "self_output" and not self.model:
+                problems.append(("model", "required for self_output targets: the LLM's Hub id or folder"))
+            if self.backend == "http" and not self.base_url:
+                problems.append(("base_url", "the http backend needs base_url, e.g. http://127.0.0.1:8000/v1"))
+            try:
+                training_pool(self.pool)
+            except ValueError as err:
+                problems.append(("pool", str(err)))
+        if self.max_new_tokens < 1 or self.prompts_per_clip < 1 or self.chunk_size < 1 or self.batch_size < 1:
+            problems.append(("max_new_tokens", "max_new_tokens, prompts_per_clip, chunk_size and batch_size must be "
+                                               "at least 1"))
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            problems.append(("temperature", f"temperature must be 0 or more and top_p in (0, 1], got "
+                                            f"{self.temperature} and {self.top_p}"))
+        if not 0 <= self.shard_index < self.num_shards:
+            problems.append(("shard_index", f"must be in [0, {self.num_shards - 1}], got {self.shard_index}"))
+        for pattern in self.refusal_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(("refusal_patterns", f"{pattern!r} is not a regular expression ({err})"))
+        raise_problems(problems)
 
     def sampling(self, chunk: int = 0) -> SamplingSettings:
         return SamplingSettings(self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty,
                                 self.seed + chunk)
 
 
-def user_turn(description: str, instruction: str) -> str:
-    """The user message: the description, a blank line, the instruction.
+# ----- label targets: what a conventional speech-instruction set has -----
 
-    >>> user_turn("[00:00-00:01] Hi. (Gender: Male)", "What can you hear from the audio?")
-    '[00:00-00:01] Hi. (Gender: Male)\\n\\nWhat can you hear from the audio?'
+def label_response(row: dict[str, Any]) -> str:
+    """An answer written from the gold labels and transcript only (never the description text).
+
+    >>> print(label_response({"gender": "Female", "accent": "British", "emotion": "Neutral",
+    ...     "speaking_speed": "Slow", "pitch": "High", "volume": "Low", "duration": 2.2, "transcript": "Excuse me?"}))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    A female speaker with a British accent says: "Excuse me?" The voice sounds neutral, the pace is slow,
+    the pitch high and the volume low. The clip lasts about 2 seconds.
     """
-    return f"{description.strip()}\n\n{instruction.strip()}"
-
-
-def conversation(description: str, instruction: str, system_prompt: str | None) -> Conversation:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": user_turn(description, instruction)}]
-
-
-def repeated_ngram(words: list[str]) -> str | None:
-    """The first 3-word sequence repeated 4 times in a row, or None.
-
-    >>> repeated_ngram("a man speaks a man speaks a man speaks a man speaks".split())
-    'a man speaks'
-    """
-    n, times = REPEATED_NGRAM
-    for start in range(len(words) - n * times + 1):
-        gram = words[start : start + n]
-        if all(words[start + k * n : start + (k + 1) * n] == gram for k in range(times)):
-            return " ".join(gram)
-    return None
+    who = f"A {row['gender'].lower()} speaker" if row.get("gender") else "A speaker"
+    if row.get("accent"):
+        who += f" with {'an' if row['accent'][0] in 'AEIOU' else 'a'} {row['accent']} accent"
+    if row.get("age"):
+        who += f" (age {row['age']})"
+    text = f'{who} says: "{(row.get("transcript") or "").strip()}"'
+    voice = [f"the voice sounds {row['emotion'].lower()}" if row.get("emotion") else None,
+             f"the pace is {row['speaking_speed'].lower()}" if row.get("speaking_speed") else None,
+             f"the pitch {row['pitch'].lower()}" if row.get("pitch") else None,
+             f"the volume {row['volume'].lower()}" if row.get("volume") else None]
+    voice = [v for v in voice if v]
+    if voice:
+        sentence = ", ".join(voice[:-1]) + (" and " if len(voice) > 1 else "") + voice[-1]
+        text += " " + sentence[0].upper() + sentence[1:] + "."
+    if row.get("duration"):
+        text += f" The clip lasts about {max(1, round(float(row['duration'])))} seconds."
+    return text
 
 
 def flag(generation: Generation, max_new_tokens: int, refusal_patterns: list[str]) -> str | None:
@@ -112,12 +175,9 @@ def flag(generation: Generation, max_new_tokens: int, refusal_patterns: list[str
         return "empty answer"
     if generation.finish_reason == "length":
         return f"cut off at max_new_tokens ({max_new_tokens})"
-    if len(text) >= REPETITION_MIN_CHARS and len(text.encode()) / len(zlib.compress(text.encode())) > \
-            REPETITION_COMPRESSION:
-        return f"repetition loop (compresses more than {REPETITION_COMPRESSION}x)"
-    gram = repeated_ngram(re.findall(r"\w+", text.lower()))
-    if gram:
-        return f"repetition loop ({gram!r} {REPEATED_NGRAM[1]} times in a row)"
+    loop = looping(text)
+    if loop:
+        return loop
     for pattern in refusal_patterns:
         match = re.search(pattern, text, flags=re.IGNORECASE)
         if match:
@@ -166,21 +226,31 @@ def load_described(source: str | os.PathLike):
     return dataset
 
 
+GOLD_COLUMNS = ("transcript", "gender", "accent", "emotion", "age", "pitch", "volume", "speaking_speed", "duration")
+
+
 def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, Any]:
-    """Generate (or resume) this shard's answers; merge when unsharded. `backend` overrides config's."""
+    """Write (or resume) this shard's targets; merge when unsharded. `backend` overrides the config's."""
+    if config.merge:
+        return merge(config.out)
     dataset = load_described(config.source)
     pool = training_pool(config.pool)
     pool_name = config.pool if isinstance(config.pool, str) else "custom"
     items = [(row, prompt) for row in range(len(dataset))
              for prompt in pick_prompts(pool, row, config.seed, config.prompts_per_clip)]
-    job = ChunkedJob(config.out, {"stage": "targets", "source": str(config.source), "model": config.model,
-                                  "backend": config.backend, "pool": pool, "pool_name": pool_name,
+    labels = config.kind == "labels"
+    job = ChunkedJob(config.out, {"stage": "targets", "kind": config.kind, "source": str(config.source),
+                                  "model": None if labels else config.model, "backend": None if labels else
+                                  config.backend, "pool": pool, "pool_name": pool_name,
                                   "system_prompt": config.system_prompt, "sampling": config.sampling().as_dict(),
                                   "keep_flagged": config.keep_flagged, "inputs": len(items)},
                      total=len(items), chunk_size=config.chunk_size, num_shards=config.num_shards,
                      shard_index=config.shard_index)
     todo = job.todo()
-    backend = backend or (_backend(config) if todo else None)
+    if labels:
+        gold = dataset.select_columns([c for c in GOLD_COLUMNS if c in dataset.column_names]).to_list()
+    else:
+        backend = backend or (_backend(config) if todo else None)
     descriptions, ids = dataset["description"], dataset["id"]
     bar = tqdm(total=sum(len(job.rows_of(c)) for c in todo), unit="prompt", disable=not config.progress,
                desc=f"targets shard {config.shard_index}/{config.num_shards}")
@@ -188,17 +258,22 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
     for chunk in todo:
         chunk_items = [items[i] for i in job.rows_of(chunk)]
         settings = config.sampling(chunk)  # seeded per chunk: a resumed chunk samples the same
-        generator = json.dumps({"model": backend.model_id, "backend": backend.name, **settings.as_dict(),
-                                "seed": config.seed}, sort_keys=True)
-        generations = backend.generate([conversation(descriptions[r], p, config.system_prompt)
-                                        for r, p in chunk_items], settings)
+        if labels:
+            generator = json.dumps({"backend": "labels", "template": "label_response"}, sort_keys=True)
+            generations = [Generation(label_response(gold[r]), "stop", 0) for r, _ in chunk_items]
+        else:
+            generator = json.dumps({"model": backend.model_id, "backend": backend.name, **settings.as_dict(),
+                                    "seed": config.seed}, sort_keys=True)
+            generations = backend.generate([text_turn(descriptions[r], p, config.system_prompt)
+                                            for r, p in chunk_items], settings)
         rows, rejects = [], []
         for (row, prompt), generation in zip(chunk_items, generations, strict=True):
             tokens += generation.completion_tokens
             if config.trim_cut_off:
                 generation = trim_to_sentence(generation)
             reason = flag(generation, config.max_new_tokens, config.refusal_patterns)
-            record = {"_index": row, "prompt": prompt, "prompt_pool": pool_name, "response": generation.text,
+            record = {"_index": row, "prompt": prompt, "prompt_pool": pool_name,
+                      "system_prompt": config.system_prompt or "", "response": generation.text,
                       "generator": generator}
             if reason and not config.keep_flagged:
                 rejects.append({"id": ids[row], "prompt": prompt, "reason": reason, "response": generation.text})
@@ -221,12 +296,12 @@ def merge(out: str | os.PathLike) -> dict[str, Any]:
     rows, rejects = job.collect()
     dataset = load_described(job.job["source"])
     indices = [row.pop("_index") for row in rows]
-    save_dataset_atomic(attach_columns(dataset, indices, rows), job.out / "dataset")
-    write_atomic(job.out / "rejects.jsonl", to_jsonl(rejects))
+    save_dataset_atomic(attach_columns(dataset, indices, rows), job.out / DATASET)
+    write_atomic(job.out / REJECTS, to_jsonl(rejects))
     summary = {"inputs": job.total, "kept": len(rows), "rejected": len(rejects),
                "reasons": _count(r["reason"].split(" (")[0].split(":")[0] for r in rejects)}
     assert summary["kept"] + summary["rejected"] == job.total, summary  # no prompt lost or doubled
-    write_atomic(job.out / "summary.json", json.dumps({**summary, "config": job.job}, indent=2))
+    write_atomic(job.out / SUMMARY, json.dumps({**summary, "config": job.job}, indent=2))
     return summary
 
 

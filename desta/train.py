@@ -1,123 +1,185 @@
 """Stage 3, train: fit the connector (and optional LoRA) so the speech LLM answers like the text LLM.
 
-Reads a targets dataset (audio, transcript, prompt, response), optional text-only replay rows and
-an optional frozen-encoder feature cache. Writes OUTPUT/ (final trainable weights as safetensors,
-config, processor files), OUTPUT/checkpoint-* (weights, optimizer, scheduler, sampler and RNG
-state for resuming), run_config.yaml, TensorBoard logs, loss_curve.png and summary.json.
-Built on transformers' Trainer, so `accelerate launch` runs it on several GPUs (DDP, FSDP,
-DeepSpeed) with nothing custom in between.
+Reads a targets dataset (audio, transcript, prompt, response, system prompt), optional text-only
+replay rows and an optional frozen-encoder feature cache. Writes OUTPUT/ (final trainable weights
+as safetensors, config, processor files), OUTPUT/checkpoint-* (weights, optimizer, scheduler,
+sampler and RNG state for resuming), run_config.yaml, TensorBoard logs, loss_curve.png and
+summary.json. `train()` reads as setup -> fit -> save. Built on transformers' Trainer, so
+`accelerate launch` runs it on several GPUs (DDP, FSDP, DeepSpeed) with nothing custom in between.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import yaml
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers import Trainer, TrainerCallback
 
-from desta.audio import load_audio_ref, num_windows
-from desta.config import load_config, to_dict
-from desta.modeling import WEIGHTS_NAME, DestaModel
+from desta.core.args import raise_problems, to_dict
+from desta.core.artifacts import LOG_HISTORY, LOSS_CURVE, RUN_CONFIG, SUMMARY, WEIGHTS
+from desta.core.optim import OptimSection, training_arguments
+from desta.core.replay import replay_count
+from desta.data import (
+    DestaCollator,
+    DestaDataset,
+    EpochSeededSampler,
+    apply_length_rule,
+    load_targets,
+    load_text_rows,
+    speech_examples,
+    targets_system_prompt,
+    text_examples,
+)
+from desta.modeling import DestaModel
 from desta.processing import DestaProcessor
-from desta.prompts import DEFAULT_SYSTEM_PROMPT
+from desta.tiny import TINY
 
-TINY = "tiny"  # model.encoder / model.llm value that builds the tiny random models (CPU smoke runs)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class ModelSection:
-    encoder: str = TINY  # Whisper checkpoint (Hub id or folder); "tiny": a tiny random Whisper
-    llm: str = TINY  # chat LLM checkpoint; "tiny": a tiny random Llama-style model
-    tapped_layers: list[int] | None = None  # None: per Whisper size (small [2,5,8,11], large-v3 [7,15,23,31])
-    num_queries: int = 64  # vectors per 30 s window
-    qformer_layers: int = 2  # 2 in DeSTA2, 6 in DeSTA2.5
+    """What to build."""
+
+    encoder: str = TINY
+    """Whisper checkpoint (Hub id or folder); "tiny": a tiny random Whisper for smoke runs"""
+    llm: str = TINY
+    """chat LLM checkpoint; "tiny": a tiny random Llama-style model for smoke runs"""
+    tapped_layers: list[int] | None = None
+    """encoder blocks feeding the connector; null: per Whisper size (small [2,5,8,11], large-v3 [7,15,23,31])"""
+    num_queries: int = 64
+    """connector vectors per 30 s window"""
+    qformer_layers: int = 2
+    """Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5"""
     qformer_dropout: float = 0.1
-    transcript_max_tokens: int = 100  # transcript tokens after the audio vectors
-    pad_to_30s: bool = False  # the papers' padding; slower, kept for comparison
-    lora: dict | None = None  # LoRA on the LLM, e.g. {r: 8, lora_alpha: 16}; None: LLM frozen
-    init_from: str | None = None  # start from a saved DeSTA checkpoint's trainable weights
-    dtype: str = "float32"  # weights of the frozen parts: float32, bfloat16 (GPU), float16
+    """dropout inside the Q-Former"""
+    transcript_max_tokens: int = 100
+    """transcript tokens after the audio vectors"""
+    pad_to_30s: bool = False
+    """pad every window to 30 s as the papers do: slower, kept for comparison"""
+    lora: dict | None = None
+    """LoRA on the LLM, e.g. {r: 8, lora_alpha: 16}; null: the LLM stays frozen"""
+    init_from: str | None = None
+    """start from a saved DeSTA checkpoint's trainable weights"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """weights of the frozen parts (bfloat16 halves their memory on a GPU)"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_queries < 1 or self.qformer_layers < 1 or self.transcript_max_tokens < 0:
+            problems.append(("num_queries", "num_queries and qformer_layers must be at least 1, "
+                                            "transcript_max_tokens 0 or more"))
+        if not 0 <= self.qformer_dropout < 1:
+            problems.append(("qformer_dropout", f"must be in [0, 1), got {self.qformer_dropout}"))
+        raise_problems(problems)
 
 
 @dataclass
 class DataSection:
-    train: str = ""  # targets dataset folder (OUT/dataset of desta targets)
-    eval: str | None = None  # held-out targets dataset; None: eval_fraction of train, split by clip
-    eval_fraction: float = 0.05  # share of clips held out when eval is None (0: no evaluation)
-    text_replay: str | None = None  # dataset with instruction and response columns (no audio)
-    text_ratio: float = 0.0  # share of training rows that are text-only replay, e.g. 0.03
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # the same as the targets stage used
-    max_length: int = 1024  # tokens per sequence, audio positions included
-    overlength: str = "drop"  # longer sequences: drop (counted) or truncate
-    feature_cache: str | None = None  # folder of cached encoder features; built first if missing
-    cache_dtype: str = "float16"  # float16 halves the disk; float32 matches on-the-fly exactly
-    group_by_duration: bool = True  # batches of similar length: less padding
-    num_workers: int = 0  # dataloader worker processes (audio decoding)
+    """What to train on."""
 
+    train: str = ""
+    """targets dataset folder (OUT/dataset of desta targets)"""
+    eval: str | None = None
+    """held-out targets dataset; null: eval_fraction of train, split by clip"""
+    eval_fraction: float = 0.05
+    """share of clips held out when eval is null (0: no evaluation)"""
+    text_replay: str | None = None
+    """JSONL or dataset with instruction and response columns (no audio)"""
+    text_ratio: float = 0.0
+    """share of training rows that are text-only replay, e.g. 0.03"""
+    system_prompt: str | None = None
+    """null: the system prompt the targets stage used (its system_prompt column); "": none"""
+    max_length: int = 1024
+    """tokens per sequence, audio positions included"""
+    overlength: Literal["drop", "truncate"] = "drop"
+    """longer sequences: drop (counted) or truncate"""
+    feature_cache: str | None = None
+    """folder of cached encoder features; built first if missing"""
+    cache_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    """float16 halves the disk; float32 matches on-the-fly exactly"""
+    group_by_duration: bool = True
+    """batches of similar length: less padding"""
+    num_workers: int = 0
+    """dataloader worker processes (audio decoding)"""
 
-@dataclass
-class OptimSection:
-    lr: float = 1e-4  # the papers' learning rate
-    warmup_steps: int = 2000  # the papers: 2000 (DeSTA2), 5000 (DeSTA2.5)
-    max_steps: int = -1  # -1: run `epochs`
-    epochs: float = 5.0
-    batch_size: int = 12  # per device; DeSTA2.5 used 12 on each of 8 GPUs
-    grad_accum: int = 1  # optimizer step every N batches
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # gradient clipping
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16
-    gradient_checkpointing: bool = False  # trade compute for memory in the LLM
-    seed: int = 42
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.train:
+            problems.append(("train", "required: the targets dataset folder (OUT/dataset of desta targets)"))
+        if not 0 <= self.eval_fraction < 1:
+            problems.append(("eval_fraction", f"is the share of clips held out, in [0, 1); got {self.eval_fraction}"))
+        if not 0 <= self.text_ratio < 1:
+            problems.append(("text_ratio", f"is a share of the training rows, in [0, 1); got {self.text_ratio}"))
+        if self.text_ratio > 0 and not self.text_replay:
+            problems.append(("text_ratio", "needs data.text_replay, the instruction/response rows to mix in"))
+        if self.max_length < 1 or self.num_workers < 0:
+            problems.append(("max_length", "max_length must be at least 1 and num_workers 0 or more"))
+        raise_problems(problems)
 
 
 @dataclass
 class LogSection:
-    report_to: str = "tensorboard"  # tensorboard, wandb, none
+    """What to record and when."""
+
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """where training curves go"""
     logging_steps: int = 10
+    """log the training loss every N steps"""
     eval_steps: int = 200
-    save_steps: int = 500  # checkpoint every N steps (weights, optimizer, scheduler, RNG)
-    save_total_limit: int = 3  # keep this many checkpoints
-    progress: bool = True  # progress bar and printed logs (TensorBoard logging is unaffected)
+    """validation loss every N steps"""
+    save_steps: int = 500
+    """checkpoint every N steps (weights, optimizer, scheduler, RNG)"""
+    save_total_limit: int = 3
+    """keep this many checkpoints"""
+    progress: bool = True
+    """progress bar and printed logs (TensorBoard logging is unaffected)"""
+
+    def __post_init__(self) -> None:
+        if min(self.logging_steps, self.eval_steps, self.save_steps, self.save_total_limit) < 1:
+            raise_problems([("logging_steps", "logging_steps, eval_steps, save_steps and save_total_limit must be "
+                                              "at least 1")])
 
 
 @dataclass
 class TrainConfig:
-    """Everything `desta train` needs; YAML plus key=value overrides."""
+    """Train the connector (and optional LoRA) on a targets dataset: CONFIG.yaml plus key=value overrides."""
 
     output_dir: str = "runs/desta"
-    resume: bool = True  # continue from the newest checkpoint in output_dir
+    """run folder: checkpoints, logs, the final weights"""
+    resume: bool = True
+    """continue from the newest checkpoint in output_dir"""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     log: LogSection = field(default_factory=LogSection)
 
 
-# ----- model -----
+# ----- setup -----
 
-def build_model(section: ModelSection, output_dir: Path) -> tuple[DestaModel, DestaProcessor]:
+def build_model(section: ModelSection, output_dir: Path, seed: int = 0) -> tuple[DestaModel, DestaProcessor]:
+    """A fresh model from the section (tiny bases are written under OUTPUT/bases the first time)."""
     from desta.loading import build, load
 
     encoder, llm = section.encoder, section.llm
     if TINY in (encoder, llm):
-        from desta.testing import save_tiny_bases
+        from desta.tiny import save_tiny_bases
 
         whisper_dir, llm_dir = output_dir / "bases" / "tiny-whisper", output_dir / "bases" / "tiny-llm"
         if not (llm_dir / "config.json").exists():
             save_tiny_bases(output_dir / "bases")
         encoder = str(whisper_dir) if encoder == TINY else encoder
         llm = str(llm_dir) if llm == TINY else llm
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[section.dtype]
-    model, processor = build(encoder, llm, dtype=dtype, tapped_layers=section.tapped_layers,
+    torch.manual_seed(seed)  # the connector starts from the same weights on every (re)run
+    model, processor = build(encoder, llm, dtype=DTYPES[section.dtype], tapped_layers=section.tapped_layers,
                              num_queries=section.num_queries, qformer_layers=section.qformer_layers,
                              qformer_dropout=section.qformer_dropout,
                              transcript_max_tokens=section.transcript_max_tokens, pad_to_30s=section.pad_to_30s,
@@ -129,188 +191,25 @@ def build_model(section: ModelSection, output_dir: Path) -> tuple[DestaModel, De
     return model, processor
 
 
-# ----- data -----
+def split_held_out(dataset, fraction: float, seed: int):
+    """(train, held-out) split by clip id, so no clip is on both sides; held-out is None when empty."""
+    clips = sorted(set(dataset["id"]))
+    if fraction <= 0 or len(clips) < 2:
+        return dataset, None
+    count = max(1, math.ceil(len(clips) * fraction))
+    held = set(np.random.default_rng(seed).permutation(clips)[:count].tolist())
+    return dataset.filter(lambda r: r["id"] not in held), dataset.filter(lambda r: r["id"] in held)
 
-def load_targets(path: str, what: str):
-    from datasets import load_from_disk
-
-    if not path or not Path(path).is_dir():
-        raise FileNotFoundError(f"{what} dataset {path!r} not found; give the folder written by desta targets "
-                                "(OUT/dataset)")
-    dataset = load_from_disk(path)
-    needed = ["id", "audio", "prompt", "response"]
-    missing = [c for c in needed if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{path} lacks columns {missing} (has {dataset.column_names}); train on the output "
-                         "of desta targets")
-    if len(dataset) == 0:
-        raise ValueError(f"{path} holds no rows; nothing to train on")
-    return dataset
-
-
-def load_text_rows(path: str) -> list[dict[str, str]]:
-    from datasets import load_from_disk
-
-    if Path(path).is_file():
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    else:
-        rows = list(load_from_disk(path))
-    bad = [i for i, r in enumerate(rows) if not r.get("instruction") or not r.get("response")]
-    if not rows or bad:
-        raise ValueError(f"{path}: text replay rows need non-empty instruction and response columns "
-                         f"({len(bad)} of {len(rows)} rows do not)")
-    return [{"instruction": r["instruction"], "response": r["response"]} for r in rows]
-
-
-@dataclass
-class Example:
-    id: str
-    conversation: list[dict[str, str]]
-    audio: dict | None  # {"bytes" | "path"}; None for text-only rows
-    transcript: str | None
-    duration: float
-
-
-class DestaDataset(torch.utils.data.Dataset):
-    """Examples decoded lazily: audio is read from disk (or the feature cache) when a batch needs it."""
-
-    def __init__(self, examples: list[Example], cache=None):
-        self.examples, self.cache = examples, cache
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.examples[index]
-        item: dict[str, Any] = {"id": example.id, "conversation": example.conversation,
-                                "transcript": example.transcript, "audio": None, "cached": None}
-        if example.audio is None:
-            return item
-        if self.cache is not None:
-            item["cached"] = self.cache[example.id]
-        else:
-            item["audio"] = load_audio_ref(example.audio, name=example.id)
-        return item
-
-
-def speech_examples(dataset, system_prompt: str | None) -> list[Example]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    durations = dataset["duration"] if "duration" in dataset.column_names else [10.0] * len(dataset)
-    transcripts = dataset["transcript"] if "transcript" in dataset.column_names else [None] * len(dataset)
-    return [Example(id=clip_id, audio=audio, transcript=transcript, duration=float(duration),
-                    conversation=system + [{"role": "user", "content": f"<|AUDIO|>\n{prompt}"},
-                                           {"role": "assistant", "content": response}])
-            for clip_id, audio, transcript, duration, prompt, response in zip(
-                dataset["id"], dataset["audio"], transcripts, durations, dataset["prompt"], dataset["response"],
-                strict=True)]
-
-
-def text_examples(rows: list[dict[str, str]], count: int, seed: int, system_prompt: str | None) -> list[Example]:
-    """`count` replay rows drawn with replacement (seeded)."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    picks = np.random.default_rng(seed).integers(0, len(rows), size=count)
-    return [Example(id=f"text-{i}", audio=None, transcript=None, duration=0.0,
-                    conversation=system + [{"role": "user", "content": rows[i]["instruction"]},
-                                           {"role": "assistant", "content": rows[i]["response"]}])
-            for i in picks.tolist()]
-
-
-def replay_count(speech_rows: int, ratio: float) -> int:
-    """Text rows to add so they make `ratio` of the training set.
-
-    >>> replay_count(970, 0.03)
-    30
-    """
-    if not 0 <= ratio < 1:
-        raise ValueError(f"text_ratio must be in [0, 1), got {ratio}")
-    return round(speech_rows * ratio / (1 - ratio))
-
-
-def token_count(processor: DestaProcessor, example: Example) -> int:
-    """Sequence length the processor will produce (audio positions and transcript included)."""
-    text = processor.render(example.conversation)
-    count = len(processor.tokenizer(text, add_special_tokens=False).input_ids)
-    if example.audio is not None:
-        windows = num_windows(int(example.duration * 16000))
-        count += windows * processor.num_queries - 1 + len(processor.transcript_ids(example.transcript))
-    return count
-
-
-def apply_length_rule(processor: DestaProcessor, examples: list[Example], max_length: int,
-                      rule: str) -> tuple[list[Example], int]:
-    """Drop sequences over the budget (rule "drop"), or keep them for the collator to cut ("truncate")."""
-    if rule not in ("drop", "truncate"):
-        raise ValueError(f"data.overlength must be drop or truncate, got {rule!r}")
-    over = [token_count(processor, e) > max_length for e in examples]
-    if rule == "drop":
-        return [e for e, long in zip(examples, over, strict=True) if not long], sum(over)
-    return examples, sum(over)
-
-
-class DestaCollator:
-    """Items -> one padded batch: ids, masks, labels (-100 outside responses), audio features or cached
-    encoder states, and the sample ids (for error messages)."""
-
-    def __init__(self, processor: DestaProcessor, max_length: int):
-        self.processor, self.max_length = processor, max_length
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        from desta.features import pad_cached
-
-        conversations = [item["conversation"] for item in items]
-        transcripts = [[item["transcript"]] if item["audio"] is not None or item["cached"] is not None else []
-                       for item in items]
-        if any(item["cached"] is not None for item in items):
-            counts = [[len(item["cached"])] if item["cached"] is not None else [] for item in items]
-            batch = dict(self.processor(conversations, transcripts=transcripts, window_counts=counts))
-            windows = [w for item in items if item["cached"] is not None for w in item["cached"]]
-            batch["audio_hidden_states"], batch["audio_step_mask"] = pad_cached(windows)
-        else:
-            audios = [[item["audio"]] if item["audio"] is not None else [] for item in items]
-            batch = dict(self.processor(conversations, audios=audios, transcripts=transcripts))
-        if batch["input_ids"].shape[1] > self.max_length:  # only with overlength "truncate"
-            for key in ("input_ids", "attention_mask", "labels"):
-                batch[key] = batch[key][:, : self.max_length]
-            self._check_audio_kept(batch)
-        batch["sample_ids"] = [item["id"] for item in items]
-        return batch
-
-    def _check_audio_kept(self, batch: dict[str, Any]) -> None:
-        audio_id = self.processor.audio_token_id
-        kept = int((batch["input_ids"] == audio_id).sum())
-        expected = (batch["input_features"].shape[0] if "input_features" in batch
-                    else batch.get("audio_step_mask", torch.zeros(0, 0)).shape[0]) * self.processor.num_queries
-        if kept != expected:
-            raise ValueError(f"max_length {self.max_length} cuts into the audio positions; raise data.max_length "
-                             "or use data.overlength: drop")
-
-
-class EpochSeededSampler(LengthGroupedSampler):
-    """Duration-grouped batches whose order depends only on (seed, epoch), so a resumed run sees the
-    same batches as an uninterrupted one."""
-
-    def __init__(self, batch_size: int, lengths: list[float], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
-
-
-# ----- trainer -----
 
 class DestaTrainer(Trainer):
-    """Trainer with duration-grouped sampling, a NaN/inf guard that names the step and samples, and
-    checkpoints that hold only the trainable weights."""
+    """Trainer with duration-grouped sampling and a NaN/inf guard that names the step and samples."""
 
     def __init__(self, *args, lengths: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lengths = lengths
 
+    # No public hook takes the sampler: Trainer groups by length only for `datasets` tables with a length
+    # column, and overriding the public get_train_dataloader would re-implement accelerate's preparation.
     def _get_train_sampler(self, train_dataset=None):
         if self.lengths is None:
             return super()._get_train_sampler(train_dataset)
@@ -332,46 +231,115 @@ class DestaTrainer(Trainer):
         inputs = {k: v for k, v in inputs.items() if k != "sample_ids"}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from safetensors.torch import load_file
 
-        model = model or self.model
-        model = getattr(model, "module", model)
-        weights = load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME))
-        expected = set(model.trainable_state_dict())
-        if set(weights) != expected:
-            raise ValueError(f"{resume_from_checkpoint} does not hold this model's trainable weights "
-                             f"({len(set(weights) ^ expected)} names differ); was the config changed?")
-        model.load_state_dict(weights, strict=False)
+@dataclass
+class Run:
+    """A set-up training run: what fit and save need."""
 
-
-class StopAfter(TrainerCallback):
-    """Stop after a given step (used to show that resuming reproduces the uninterrupted run)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_save = True
-            control.should_training_stop = True
+    config: TrainConfig
+    out: Path
+    model: DestaModel
+    processor: DestaProcessor
+    trainer: DestaTrainer
+    counts: dict[str, Any]  # rows: train, replay, eval, over max_length
+    resume_from: str | None
 
 
-def _precision(choice: str) -> dict[str, bool]:
-    cuda = torch.cuda.is_available()
-    if choice == "auto":
-        return {"bf16": cuda and torch.cuda.is_bf16_supported()}
-    if choice in ("bf16", "fp16") and not cuda:
-        raise ValueError(f"optim.precision {choice} needs a CUDA GPU; use fp32 or auto on CPU")
-    if choice not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"optim.precision must be auto, fp32, bf16 or fp16, got {choice!r}")
-    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
-
-
-def _last_checkpoint(output_dir: Path) -> str | None:
+def last_checkpoint(output_dir: Path) -> str | None:
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return str(checkpoints[-1]) if checkpoints else None
 
+
+def check_checkpoint(folder: str, model: DestaModel) -> None:
+    """Refuse to resume from a checkpoint that does not hold this model's trainable weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as handle:
+        names = set(handle.keys())
+    expected = set(model.trainable_state_dict())
+    if names != expected:
+        raise ValueError(f"{folder} does not hold this model's trainable weights ({len(names ^ expected)} names "
+                         "differ); was the model config changed? Use a new output_dir or resume=false")
+
+
+def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Run:
+    """Data first (cheap to check), then the model, the examples and the Trainer."""
+    from desta.features import FeatureCache, cache_features
+
+    data = config.data
+    train_set = load_targets(data.train, "train")
+    eval_set = load_targets(data.eval, "eval") if data.eval else None
+    text_rows = load_text_rows(data.text_replay) if data.text_replay and data.text_ratio > 0 else []
+    if eval_set is None:
+        train_set, eval_set = split_held_out(train_set, data.eval_fraction, config.optim.seed)
+    system_prompt = targets_system_prompt(train_set, data.system_prompt)
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    model, processor = build_model(config.model, out, config.optim.seed)
+    processor.system_prompt = system_prompt
+    cache = None
+    if data.feature_cache:
+        for part in (train_set, eval_set):
+            if part is not None:
+                cache_features(model, processor, part, data.feature_cache, dtype=data.cache_dtype,
+                               progress=config.log.progress)
+        cache = FeatureCache(data.feature_cache, model)
+
+    train_examples = speech_examples(train_set, processor)
+    replay = replay_count(len(train_examples), data.text_ratio) if text_rows else 0
+    train_examples += text_examples(text_rows, replay, config.optim.seed, system_prompt)
+    train_examples, over_train = apply_length_rule(processor, train_examples, data.max_length, data.overlength)
+    eval_examples, over_eval = apply_length_rule(processor, speech_examples(eval_set, processor), data.max_length,
+                                                 data.overlength) if eval_set is not None else ([], 0)
+    if not train_examples:
+        raise ValueError(f"no training rows left after the length rule (data.max_length {data.max_length}); raise "
+                         "data.max_length or use data.overlength=truncate")
+    counts = {"train_rows": len(train_examples), "replay_rows": replay, "eval_rows": len(eval_examples),
+              "over_max_length": {"train": over_train, "eval": over_eval, "rule": data.overlength}}
+    if config.log.progress:
+        print(f"train rows: {len(train_examples)} ({replay} text-only replay); eval rows: {len(eval_examples)}; "
+              f"over max_length {data.max_length}: {over_train} train + {over_eval} eval "
+              f"({'dropped' if data.overlength == 'drop' else 'truncated'})", flush=True)
+
+    if config.optim.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    has_eval = bool(eval_examples)
+    log = config.log
+    args = training_arguments(
+        config.optim, str(out), logging_steps=log.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no", eval_steps=log.eval_steps, eval_on_start=has_eval,
+        save_strategy="steps", save_steps=log.save_steps, save_total_limit=log.save_total_limit,
+        report_to=[] if log.report_to == "none" else [log.report_to], dataloader_num_workers=data.num_workers,
+        ddp_find_unused_parameters=False, disable_tqdm=not log.progress)
+    trainer = DestaTrainer(
+        model=model, args=args, train_dataset=DestaDataset(train_examples, cache),
+        eval_dataset=DestaDataset(eval_examples, cache) if has_eval else None,
+        data_collator=DestaCollator(processor, data.max_length), processing_class=processor, callbacks=callbacks,
+        lengths=[e.duration for e in train_examples] if data.group_by_duration else None)
+    if not log.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    resume_from = last_checkpoint(out) if config.resume else None
+    if resume_from:
+        check_checkpoint(resume_from, model)
+    return Run(config, out, model, processor, trainer, counts, resume_from)
+
+
+# ----- fit -----
+
+def fit(run: Run) -> dict[str, Any]:
+    """Train (or resume) to the end; the Trainer's metrics and the wall time."""
+    started = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = run.trainer.train(resume_from_checkpoint=run.resume_from)
+    return {**result.metrics, "seconds": time.perf_counter() - started}
+
+
+# ----- save -----
 
 def plot_losses(log_history: list[dict], path: Path) -> dict[str, list]:
     import matplotlib
@@ -397,107 +365,50 @@ def plot_losses(log_history: list[dict], path: Path) -> dict[str, list]:
     return {"train": train, "eval": evals}
 
 
-def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary written to OUTPUT/summary.json."""
-    from desta.features import FeatureCache, cache_features
-
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    torch.manual_seed(config.optim.seed)
-    model, processor = build_model(config.model, out)
-
-    train_set = load_targets(config.data.train, "train")
-    eval_set = load_targets(config.data.eval, "eval") if config.data.eval else None
-    if eval_set is None and config.data.eval_fraction > 0:
-        clips = sorted(set(train_set["id"]))
-        held = set(np.random.default_rng(config.optim.seed).permutation(clips)[
-            : max(1, math.ceil(len(clips) * config.data.eval_fraction))].tolist()) if len(clips) > 1 else set()
-        eval_set = train_set.filter(lambda r: r["id"] in held) if held else None
-        train_set = train_set.filter(lambda r: r["id"] not in held) if held else train_set
-    cache = None
-    if config.data.feature_cache:
-        for part in (train_set, eval_set):
-            if part is not None:
-                cache_features(model, processor, part, config.data.feature_cache, dtype=config.data.cache_dtype)
-        cache = FeatureCache(config.data.feature_cache, model)
-
-    system = config.data.system_prompt
-    train_examples = speech_examples(train_set, system)
-    replay = 0
-    if config.data.text_replay and config.data.text_ratio > 0:
-        replay = replay_count(len(train_examples), config.data.text_ratio)
-        train_examples += text_examples(load_text_rows(config.data.text_replay), replay, config.optim.seed, system)
-    train_examples, over_train = apply_length_rule(processor, train_examples, config.data.max_length,
-                                                   config.data.overlength)
-    eval_examples, over_eval = [], 0
-    if eval_set is not None:
-        eval_examples, over_eval = apply_length_rule(processor, speech_examples(eval_set, system),
-                                                     config.data.max_length, config.data.overlength)
-    if not train_examples:
-        raise ValueError(f"no training rows left after the length rule (max_length {config.data.max_length})")
-    log = print if config.log.progress else (lambda *a, **k: None)
-    log(f"train rows: {len(train_examples)} ({replay} text-only replay); eval rows: {len(eval_examples)}; "
-          f"over max_length {config.data.max_length}: {over_train} train + {over_eval} eval "
-          f"({'dropped' if config.data.overlength == 'drop' else 'truncated'})", flush=True)
-
-    if config.optim.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    has_eval = bool(eval_examples)
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=config.optim.batch_size,
-        per_device_eval_batch_size=config.optim.batch_size, gradient_accumulation_steps=config.optim.grad_accum,
-        learning_rate=config.optim.lr, weight_decay=config.optim.weight_decay, lr_scheduler_type="cosine",
-        warmup_steps=config.optim.warmup_steps, max_steps=config.optim.max_steps,
-        num_train_epochs=config.optim.epochs, max_grad_norm=config.optim.max_grad_norm,
-        logging_steps=config.log.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no", eval_steps=config.log.eval_steps, eval_on_start=has_eval,
-        save_strategy="steps", save_steps=config.log.save_steps, save_total_limit=config.log.save_total_limit,
-        report_to=[] if config.log.report_to == "none" else [config.log.report_to], seed=config.optim.seed,
-        remove_unused_columns=False, dataloader_num_workers=config.data.num_workers,
-        ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(), disable_tqdm=not config.log.progress,
-        **_precision(config.optim.precision),
-    )
-    trainer = DestaTrainer(
-        model=model, args=args, train_dataset=DestaDataset(train_examples, cache),
-        eval_dataset=DestaDataset(eval_examples, cache) if has_eval else None,
-        data_collator=DestaCollator(processor, config.data.max_length), processing_class=processor,
-        callbacks=callbacks, lengths=[e.duration for e in train_examples] if config.data.group_by_duration else None,
-    )
-    if not config.log.progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    resume = _last_checkpoint(out) if config.resume else None
-    started = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - started
+def save(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Final weights and processor, the log history, the loss curve and summary.json."""
+    out, trainer = run.out, run.trainer
     trainer.save_model(str(out))
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle Trainer writes; nothing reads it back
     history = trainer.state.log_history
-    (out / "log_history.json").write_text(json.dumps(history, indent=1))
-    curve = plot_losses(history, out / "loss_curve.png")
-    counts = model.parameter_counts()
+    (out / LOG_HISTORY).write_text(json.dumps(history, indent=1))
+    curve = plot_losses(history, out / LOSS_CURVE)
+    parameters = run.model.parameter_counts()
+    cuda = torch.cuda.is_available()
     summary = {
-        "steps": trainer.state.global_step, "train_rows": len(train_examples), "replay_rows": replay,
-        "eval_rows": len(eval_examples), "over_max_length": {"train": over_train, "eval": over_eval,
-                                                             "rule": config.data.overlength},
-        "samples_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
-        "seconds": round(seconds, 1),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+        "steps": trainer.state.global_step, **run.counts,
+        "samples_per_second": round(metrics.get("train_samples_per_second", 0.0), 3),
+        "seconds": round(metrics["seconds"], 1),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30 if cuda
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "peak_memory_kind": "GPU allocated" if torch.cuda.is_available() else "process max RSS",
-        "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
+        "peak_memory_kind": "GPU allocated" if cuda else "process max RSS",
+        "trainable_parameters": parameters["trainable"], "total_parameters": parameters["total"],
         "first_train_loss": curve["train"][0][1] if curve["train"] else None,
         "last_train_loss": curve["train"][-1][1] if curve["train"] else None,
-        "eval_losses": curve["eval"], "resumed_from": resume,
+        "eval_losses": curve["eval"], "resumed_from": run.resume_from,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def run(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
-    return train(load_config(TrainConfig, config_path, overrides))
+def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the summary written to OUTPUT/summary.json."""
+    run = setup(config, callbacks)
+    metrics = fit(run)
+    return save(run, metrics)
 
+
+def cache_features_for(config: TrainConfig) -> Path:
+    """The frozen encoder's tapped-layer features of the config's train and eval data, in data.feature_cache."""
+    from desta.features import cache_features
+
+    if not config.data.feature_cache:
+        raise ValueError("set data.feature_cache=FOLDER (in the config or as an override)")
+    train_set = load_targets(config.data.train, "train")
+    eval_set = load_targets(config.data.eval, "eval") if config.data.eval else None
+    model, processor = build_model(config.model, Path(config.output_dir), config.optim.seed)
+    for part in (train_set, eval_set):
+        if part is not None:
+            cache_features(model, processor, part, config.data.feature_cache, dtype=config.data.cache_dtype,
+                           progress=config.log.progress)
+    return Path(config.data.feature_cache)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from desta.audio import SAMPLE_RATE
+from desta.core.args import raise_problems
 
 # espeak-ng's C API constants (speak_lib.h)
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -105,3 +106,44 @@ def synthesize(text: str, voice: Voice = Voice()) -> np.ndarray:
         _chunks.clear()
     samples = pcm.astype(np.float32) / 32768.0
     return librosa.resample(samples, orig_sr=_native_rate, target_sr=SAMPLE_RATE, res_type="soxr_hq")
+
+
+@dataclass
+class TTSConfig:
+    """Speak text to a 16 kHz WAV file with espeak-ng."""
+
+    POSITIONAL = ("text",)
+    text: str
+    """what to say"""
+    out: str = "speech.wav"
+    """output WAV path"""
+    accent: str = "American"
+    """English accent: American, British, Scottish, Caribbean, Northern English, West Midlands"""
+    variant: str = "m1"
+    """voice variant: f1-f4 (female), m1-m4 (male)"""
+    rate: int = 170
+    """words per minute"""
+    pitch: int = 50
+    """base pitch, 0-100"""
+    volume: int = 100
+    """amplitude, 0-200"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.accent not in ACCENTS:
+            problems.append(("accent", f"choose one of {sorted(ACCENTS)}, got {self.accent!r}"))
+        if self.variant not in VOICES["Female"] + VOICES["Male"]:
+            problems.append(("variant", f"choose one of {VOICES['Female'] + VOICES['Male']}, got {self.variant!r}"))
+        if not (0 <= self.pitch <= 100 and 0 <= self.volume <= 200 and 20 <= self.rate <= 600):
+            problems.append(("rate", "rate must be 20-600 words per minute, pitch 0-100, volume 0-200"))
+        raise_problems(problems)
+
+
+def speak(config: TTSConfig) -> float:
+    """Write the WAV file; returns its duration in seconds."""
+    import soundfile as sf
+
+    samples = synthesize(config.text, Voice(accent=config.accent, variant=config.variant, rate=config.rate,
+                                            pitch=config.pitch, volume=config.volume))
+    sf.write(config.out, samples, SAMPLE_RATE)
+    return len(samples) / SAMPLE_RATE

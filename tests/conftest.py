@@ -2,10 +2,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import TrainerCallback
 
+from desta.demo import SMALL_LLM, SMALL_WHISPER, small_models_dir
 from desta.describe import DescribeConfig, describe
 from desta.synth import synth_corpus
-from desta.testing import real_models_dir
 from desta.tts import Voice, synthesize
 
 
@@ -22,7 +23,7 @@ def short_clip() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def real_models():
-    folder = real_models_dir()
+    folder = small_models_dir()
     if folder is None:
         pytest.skip("real checkpoints absent: run shared/tools/fetch_offline_models.sh (or set DESTA_MODELS)")
     return folder
@@ -40,3 +41,30 @@ def described_dataset(folder: Path, num_clips: int, seed: int) -> Path:
     manifest = synth_corpus(folder / "corpus", num_clips=num_clips, seed=seed, progress=False)
     describe(DescribeConfig(source=str(manifest), out=str(folder / "d"), mapping="synthetic", progress=False))
     return folder / "d" / "dataset"
+
+
+def load_real_models(folder: Path, **config_kwargs):
+    """A DestaModel on real Whisper tiny.en + SmolLM2-135M-Instruct (fresh connector)."""
+    from desta.loading import build
+
+    return build(str(folder / SMALL_WHISPER), str(folder / SMALL_LLM), **config_kwargs)
+
+
+class StopAfter(TrainerCallback):
+    """Stop after a given step, with a checkpoint (an interrupted run to resume)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def label_targets(described: Path, out: Path) -> Path:
+    """Targets written by template from the gold labels (no LLM): learnable, fast; returns the dataset folder."""
+    from desta.targets import TargetsConfig, targets
+
+    targets(TargetsConfig(source=str(described), out=str(out), kind="labels", progress=False))
+    return out / "dataset"

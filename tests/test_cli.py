@@ -1,14 +1,63 @@
+import importlib
 import subprocess
 import sys
 
-from desta.cli import main
+import pytest
+
+from desta.cli import COMMANDS, main
+from desta.core.args import ConfigError, parse_command, setting_docs
+from desta.train import TrainConfig
 
 
-def test_help_lists_subcommands():
+def _config_class(command):
+    module, name = command.config.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_help_lists_every_command_once():
     out = subprocess.run([sys.executable, "-m", "desta.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo", "synth", "describe", "targets", "train", "cache-features", "eval-set", "eval", "export",
-                    "chat", "serve", "tts"):
-        assert command in out.stdout
+    listed = [line.split()[0] for line in out.stdout.split("commands:")[1].splitlines()[1:] if line.startswith("  ")]
+    assert listed == [c.name for c in COMMANDS]
+    assert {"demo", "describe", "targets", "train", "eval-set", "eval", "export", "chat", "serve"} <= set(listed)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
+def test_every_setting_of_every_command_is_documented(command):
+    docs = setting_docs(_config_class(command))
+    assert docs and [name for name, doc in docs.items() if not doc] == []
+
+
+def test_one_mechanism_yaml_overrides_and_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: runs/x\ndata: {train: data/t}\noptim: {lr: 1.0e-3, batch_size: 4}\n")
+    config = parse_command(TrainConfig, [str(path), "optim.lr=3e-4", "--optim.batch-size", "8", "--no-resume",
+                                         "--model.tapped_layers", "0,2"])
+    assert (config.optim.lr, config.optim.batch_size, config.resume, config.model.tapped_layers) == (3e-4, 8, False,
+                                                                                                     [0, 2])
+    assert config.data.train == "data/t" and config.output_dir == "runs/x" and config.optim.warmup_steps == 2000
+
+
+def test_every_problem_is_reported_at_once_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        parse_command(TrainConfig, ["optim.learning_rate=1", "optim.max_steps=0", "data.eval_fraction=1.5",
+                                    "model.dtype=float8", "optim.precision=fp8"])
+    problems = caught.value.problems
+    assert "unknown key 'optim.learning_rate'; did you mean 'optim.lr'?" in problems
+    assert any(p.startswith("model.dtype: expected one of ['float32', 'bfloat16', 'float16'], got 'float8'")
+               for p in problems)
+    assert any(p.startswith("optim.precision: expected one of") for p in problems)
+    assert "data.train: required: the targets dataset folder (OUT/dataset of desta targets)" in problems
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optim: {lr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+: not valid YAML"):
+        parse_command(TrainConfig, [str(bad_yaml)])
+
+
+def test_command_line_errors_name_the_setting(capsys):
+    assert main(["train", "optim.lr=-1", "data.train=x"]) == 2
+    assert "optim.lr: must be positive, got -1.0" in capsys.readouterr().err
+    assert main(["evaluate"]) == 2
+    assert "unknown command 'evaluate'; did you mean 'eval'?" in capsys.readouterr().err
 
 
 def test_demo_runs_the_whole_pipeline_at_minimal_size(tmp_path, capsys):

@@ -158,7 +158,7 @@ def test_shards_merge_to_the_unsharded_output(corpus, tmp_path, capsys):
 
 
 def test_long_clip_gets_one_bracket_per_window(corpus, tmp_path):
-    from desta.testing import save_tiny_bases
+    from desta.tiny import save_tiny_bases
 
     y, _ = sf.read(corpus.parent / json.loads(corpus.read_text().splitlines()[0])["path"], dtype="float32")
     sf.write(tmp_path / "long.wav", np.tile(y, int(np.ceil(45 * 16000 / len(y))))[: 45 * 16000], 16000)

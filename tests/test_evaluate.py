@@ -3,19 +3,17 @@ import pytest
 from datasets import Audio, Dataset, load_from_disk
 
 from desta.cli import main
-from desta.evaluate import BENCHMARK_COLUMNS, EvalConfig, build_eval_set, evaluate, load_eval_set, score_item
-from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS
-from desta.scoring import (
+from desta.core.instructions import (
     check_bullets,
     check_json_keys,
     check_lowercase,
     check_max_words,
     check_prefix,
     is_refusal,
-    score_label,
-    score_number,
-    score_transcript,
 )
+from desta.evaluate import BENCHMARK_COLUMNS, EvalConfig, build_eval_set, evaluate, load_eval_set, score_item
+from desta.prompts import EVAL_INSTRUCTIONS
+from desta.scoring import score_label, score_number, score_transcript
 from tests.conftest import described_dataset
 
 GENDERS = ["Female", "Male"]
@@ -67,11 +65,6 @@ def test_refusal_detection():
     assert not is_refusal("To stop a stuck process, run kill -9 PID.")
 
 
-def test_eval_instructions_never_train():
-    evals = {t for templates in EVAL_INSTRUCTIONS.values() for t in templates}
-    assert not evals & {p for pool in TRAINING_POOLS.values() for p in pool}
-
-
 @pytest.fixture(scope="module")
 def described(tmp_path_factory):
     return described_dataset(tmp_path_factory.mktemp("eval"), num_clips=4, seed=8)
@@ -81,7 +74,9 @@ def test_eval_set_covers_categories(described, tmp_path):
     items = build_eval_set(load_from_disk(str(described)))
     categories = {i["category"] for i in items}
     assert {"transcription", "duration", "format_json", "format_bullets", "open", "accent"} <= categories
-    assert all(i["instruction"] in str(EVAL_INSTRUCTIONS) or "{" not in i["instruction"] for i in items)
+    templates = {t for ts in EVAL_INSTRUCTIONS.values() for t in ts}
+    filled = [i for i in items if i["instruction"] not in templates]  # templates with {labels}, {n} or {prefix}
+    assert filled and all("{" not in i["instruction"] for i in items)
     accent = next(i for i in items if i["category"] == "accent")
     assert all(label in accent["instruction"] for label in accent["choices"])
     assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set")]) == 0
@@ -90,7 +85,7 @@ def test_eval_set_covers_categories(described, tmp_path):
 
 def test_eval_writes_report_for_a_tiny_checkpoint(described, tmp_path):
     from desta.loading import build, save
-    from desta.testing import save_tiny_bases
+    from desta.tiny import save_tiny_bases
 
     whisper_dir, llm_dir = save_tiny_bases(tmp_path / "bases")
     model, processor = build(str(whisper_dir), str(llm_dir))
@@ -101,17 +96,17 @@ def test_eval_writes_report_for_a_tiny_checkpoint(described, tmp_path):
                                  eval_set=str(tmp_path / "set"), out=str(tmp_path / "report"), max_new_tokens=4,
                                  probe_max_new_tokens=6, progress=False))
     assert set(report) >= {"categories", "overall", "per_item", "items_per_second", "retention_probes"}
-    systems = {"0:ckpt", "1:ckpt", "text"}
-    assert set(report["items_per_second"]) == systems
+    assert report["systems"] == ["ckpt", "ckpt-2"]
+    assert set(report["items_per_second"]) == {"ckpt", "ckpt-2", "text"}
     gender = report["categories"]["gender"]
-    assert {"0:ckpt", "text", "forgetting:0:ckpt", "forgetting:1:ckpt"} <= set(gender)
+    assert {"ckpt", "text", "forgetting:ckpt", "forgetting:ckpt-2"} <= set(gender)
     assert report["categories"]["open"]["text"] is None  # no judge: unscored, not guessed
     item = report["per_item"][0]
-    assert {"0:ckpt_answer", "text_answer", "0:ckpt_score", "text_reason"} <= set(item)
+    assert {"ckpt_answer", "text_answer", "ckpt_score", "text_reason"} <= set(item)
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "| category | speech 0:ckpt | speech 1:ckpt | text reference |" in markdown
+    assert "| category | speech ckpt | speech ckpt-2 | text reference |" in markdown
     assert (tmp_path / "report" / "scores.png").stat().st_size > 5000
-    assert set(report["retention_probes"]["0:ckpt"]) >= {"format_following", "refusal_rate", "heldout_loglik"}
+    assert set(report["retention_probes"]["ckpt"]) >= {"format_following", "refusal_rate", "heldout_loglik"}
 
 
 def test_forgetting_rate_definition():

@@ -7,9 +7,10 @@ import soundfile as sf
 import torch
 
 from desta.cli import main
+from desta.evaluate import render_markdown
 from desta.export import export, push
 from desta.loading import build, load, save
-from desta.testing import save_tiny_bases
+from desta.tiny import save_tiny_bases
 from desta.tts import synthesize
 from tests.conftest import conversation
 
@@ -25,10 +26,12 @@ def checkpoint(tmp_path_factory):
                 param.normal_(0, 0.05)
     save(model, processor, folder / "ckpt")
     report = {"items": 2, "text_reference_llm": "tiny", "judge": None, "items_per_second": {"ckpt": 1.0, "text": 2.0},
+              "systems": ["ckpt"],
               "categories": {"gender": {"ckpt": 0.5, "text": 1.0, "forgetting:ckpt": -0.5}},
               "overall": {"ckpt": 0.5, "text": 1.0, "forgetting:ckpt": -0.5}, "retention_probes": {}}
     (folder / "ckpt" / "eval").mkdir()
     (folder / "ckpt" / "eval" / "report.json").write_text(json.dumps(report))
+    (folder / "ckpt" / "eval" / "report.md").write_text(render_markdown(report))
     return folder / "ckpt"
 
 

@@ -7,7 +7,7 @@ import torch
 from desta.audio import SAMPLE_RATE
 from desta.loading import build, load, save
 from desta.modeling import DestaConfig, default_tapped_layers
-from desta.testing import save_tiny_bases, tiny_model
+from desta.tiny import save_tiny_bases, tiny_model
 from tests.conftest import conversation
 
 
@@ -192,7 +192,7 @@ def test_real_checkpoints_transcribe_and_answer(real_models, clip):
     import jiwer
     from whisper.normalizers import EnglishTextNormalizer
 
-    from desta.testing import load_real_models
+    from tests.conftest import load_real_models
 
     model, processor = load_real_models(real_models)
     model.eval()

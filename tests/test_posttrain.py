@@ -3,34 +3,32 @@ import json
 import pytest
 import torch
 
-from desta.generation import Generation, TransformersBackend
-from desta.posttrain import (
-    PostTrainConfig,
-    TaskSection,
+from desta.core.generation import Generation, TransformersBackend
+from desta.core.replay import mix
+from desta.posttrain import PostTrainConfig, TaskSection, posttrain
+from desta.posttrain.strategies import (
     answer_nll,
-    arithmetic_task,
     encode,
     filter_tokens,
     keep_paraphrase,
     magpie,
     magpie_prefix,
-    mix_replay,
     pick_verified,
-    posttrain,
 )
-from desta.testing import save_tiny_bases, tiny_llm, tiny_tokenizer
-from desta.verifiers import exact_match, json_schema, last_number, make_verifier, python_tests, regex
+from desta.posttrain.tasks import arithmetic_task
+from desta.posttrain.verifiers import exact_match, json_schema, last_number, make_verifier, python_tests, regex
+from desta.tiny import save_tiny_bases, tiny_llm, tiny_tokenizer
 
 
 def test_replay_ratio_over_many_batches():
     train = [{"instruction": f"t{i}", "answer": "x"} for i in range(970)]
     replay = [{"instruction": f"r{i}", "answer": "y"} for i in range(50)]
-    mixed = mix_replay(train, replay, 0.03, seed=1)
+    mixed = mix(train, replay, 0.03, seed=1)
     share = sum(r["instruction"].startswith("r") for r in mixed) / len(mixed)
     assert share == pytest.approx(0.03, abs=0.001) and len(mixed) == 1000
     batches = [mixed[i : i + 100] for i in range(0, 1000, 100)]
     assert all(sum(r["instruction"].startswith("r") for r in b) <= 10 for b in batches)  # spread, not bunched
-    assert mixed == mix_replay(train, replay, 0.03, seed=1)  # reproducible for a seed
+    assert mixed == mix(train, replay, 0.03, seed=1)  # reproducible for a seed
 
 
 def test_magpie_prompt_is_the_template_up_to_the_user_header():

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from desta.generation import BackendError, OpenAIBackend, SamplingSettings
+from desta.core.generation import BackendError, OpenAIBackend, SamplingSettings
 from desta.loading import build, save
-from desta.testing import save_tiny_bases
+from desta.tiny import save_tiny_bases
 from desta.tts import synthesize
 
 KEY = "test-key-not-a-secret"
@@ -93,7 +93,7 @@ def test_text_completion_with_the_openai_client(text_server):
 
 
 def test_http_backend_success_matches_local_generation(text_server, bases):
-    from desta.generation import TransformersBackend
+    from desta.core.generation import TransformersBackend
 
     backend = OpenAIBackend(text_server, "tiny-llm", api_key=KEY)
     conversations = [[{"role": "user", "content": f"Say {word}"}] for word in ("one", "two", "three")]
@@ -182,7 +182,7 @@ def test_bad_requests_get_4xx_json_errors(desta_server):
 
 
 def test_server_binds_loopback_by_default():
-    from desta.cli import build_parser
+    from desta.core.args import parse_command
+    from desta.serve import ServeConfig
 
-    args = build_parser().parse_args(["serve", "--llm", "x"])
-    assert args.host == "127.0.0.1"
+    assert parse_command(ServeConfig, ["--llm", "x"]).host == "127.0.0.1"

@@ -3,10 +3,10 @@ import json
 import pytest
 from datasets import load_from_disk
 
-from desta.generation import Generation, SamplingSettings, TransformersBackend
-from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS, training_pool
-from desta.targets import DEFAULT_REFUSAL_PATTERNS, TargetsConfig, conversation, flag, targets
-from desta.testing import tiny_llm, tiny_tokenizer
+from desta.core.generation import Generation, SamplingSettings, TransformersBackend
+from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS, text_turn, training_pool
+from desta.targets import DEFAULT_REFUSAL_PATTERNS, TargetsConfig, flag, targets
+from desta.tiny import tiny_llm, tiny_tokenizer
 from tests.conftest import described_dataset
 
 
@@ -34,7 +34,7 @@ def _output(out):
 def test_rendered_prompt_for_a_known_row():
     description = ("[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, Pitch: High, "
                    "Volume: Low, Speaking speed: Slow, Duration: 2s)")
-    messages = conversation(description, "What can you hear from the audio?", "Focus on the audio clips and "
+    messages = text_turn(description, "What can you hear from the audio?", "Focus on the audio clips and "
                                                                                "instructions.")
     rendered = tiny_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == (
@@ -131,13 +131,15 @@ def test_cut_off_answers_can_be_trimmed_to_their_last_sentence():
     assert trim_to_sentence(finished) is finished
 
 
-def test_eval_instructions_are_absent_from_every_training_pool():
-    evals = {t for templates in EVAL_INSTRUCTIONS.values() for t in templates}
-    for name, pool in TRAINING_POOLS.items():
-        assert not evals & set(pool), name
-        assert training_pool(name)[0] == "What can you hear from the audio?"
+def test_training_pools_refuse_eval_instructions(monkeypatch):
+    from desta import prompts
+
+    assert all(training_pool(name)[0] == "What can you hear from the audio?" for name in TRAINING_POOLS)
     with pytest.raises(ValueError, match="evaluation instructions and cannot be trained on"):
         training_pool(["Describe the speaker's voice.", "Tell me more."])
+    monkeypatch.setitem(prompts.TRAINING_POOLS, "leaky", ["Tell me more.", EVAL_INSTRUCTIONS["gender"][0].upper()])
+    with pytest.raises(AssertionError, match="evaluation instructions found in a training pool"):
+        prompts.check_disjoint()
 
 
 def test_bad_sources_give_clear_errors(tmp_path, backend, described):

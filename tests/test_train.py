@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from desta.config import ConfigError, load_config
-from desta.testing import toy_targets
-from desta.train import StopAfter, TrainConfig, replay_count, train
-from tests.conftest import described_dataset
+from desta.core.args import ConfigError, load_config
+from desta.core.replay import replay_count
+from desta.train import ModelSection, TrainConfig, train
+from tests.conftest import StopAfter, described_dataset, label_targets
 
 BASE = ["optim.warmup_steps=2", "optim.batch_size=4", "optim.lr=3e-3", "log.logging_steps=1", "log.report_to=none",
         "data.eval_fraction=0"]
@@ -19,7 +19,7 @@ BASE = ["optim.warmup_steps=2", "optim.batch_size=4", "optim.lr=3e-3", "log.logg
 @pytest.fixture(scope="module")
 def targets_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train-data")
-    return toy_targets(described_dataset(folder, num_clips=16, seed=4), folder / "targets")
+    return label_targets(described_dataset(folder, num_clips=16, seed=4), folder / "targets")
 
 
 def _config(targets_dir, out, *overrides):
@@ -65,14 +65,15 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(targets_dir, tmp_path):
 
 
 def test_cached_features_give_the_on_the_fly_loss(targets_dir, tmp_path):
+    from desta.data import DestaCollator, DestaDataset, load_targets, speech_examples
     from desta.features import FeatureCache, cache_features
-    from desta.train import DestaCollator, DestaDataset, build_model, load_targets, speech_examples
+    from desta.train import build_model
 
-    model, processor = build_model(load_config(TrainConfig).model, tmp_path)
+    model, processor = build_model(ModelSection(), tmp_path)
     model.eval()
     dataset = load_targets(str(targets_dir), "train")
     cache_features(model, processor, dataset, tmp_path / "cache", dtype="float32", clips_per_shard=5, progress=False)
-    examples = speech_examples(dataset, "Focus on the audio clips and instructions.")[:6]
+    examples = speech_examples(dataset, processor)[:6]
     collate = DestaCollator(processor, 1024)
     live = collate([DestaDataset(examples)[i] for i in range(6)])
     cached = collate([DestaDataset(examples, FeatureCache(tmp_path / "cache", model))[i] for i in range(6)])
@@ -114,8 +115,10 @@ def test_config_errors_are_clear(targets_dir, tmp_path):
         load_config(TrainConfig, None, ["optim.learning_rate=1e-4"])
     with pytest.raises(ConfigError, match=r"optim.batch_size: expected int, got 'big'"):
         load_config(TrainConfig, None, ["optim.batch_size=big"])
-    with pytest.raises(FileNotFoundError, match="train dataset '' not found"):
-        train(load_config(TrainConfig, None, [f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="data.train: required"):
+        load_config(TrainConfig, None, [f"output_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="train dataset .*nothing' not found"):
+        train(load_config(TrainConfig, None, [f"output_dir={tmp_path}", f"data.train={tmp_path / 'nothing'}"]))
     from datasets import Dataset
 
     Dataset.from_dict({"id": ["a"], "text": ["b"]}).save_to_disk(str(tmp_path / "wrong"))

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from desta.generation import SamplingSettings, TransformersBackend
-from desta.scoring import check_format, is_refusal
+from desta.core.generation import SamplingSettings, TransformersBackend
+from desta.core.instructions import check_format, is_refusal
 
 FORMAT_PROBES: list[tuple[str, dict[str, Any]]] = [
     ('Describe a sunny beach. Reply in JSON with the keys "place" and "mood", and nothing else.',

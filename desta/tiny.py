@@ -1,14 +1,15 @@
-"""Tiny offline fixtures: random Whisper and Llama-style models and an in-memory chat tokenizer.
+"""Tiny random models for smoke runs: a Whisper, a Llama-style LLM and an in-memory chat tokenizer.
 
-Everything here builds without network in well under a second. Tests, benchmarks and the tiny
-default use it; `load_real_models` reads the small real checkpoints that
-shared/tools/fetch_offline_models.sh builds (Whisper tiny.en + SmolLM2-135M-Instruct).
+Everything here builds without network in well under a second, with weights fixed by the seed.
+`model.encoder=tiny` / `model.llm=tiny` in a training config, `desta demo` and `desta tiny-models`
+use them; so do the tests and benchmarks. Their answers are noise; what they exercise is the code.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from transformers import (
 from desta.modeling import DestaConfig, DestaModel
 from desta.processing import DestaProcessor
 
+TINY = "tiny"  # the model name that stands for these models in configs
 # ChatML, as SmolLM2 and Qwen use.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -40,10 +42,6 @@ _CORPUS = [
     "Pitch: High, Volume: Low, Speaking speed: Slow, Duration: 2s", "system user assistant",
     "You are a helpful assistant.", "0123456789 [00:00-00:02] ( ) , . ? ! : ; ' \"",
 ]
-REAL_WHISPER = "whisper-tiny.en"
-REAL_LLM = "SmolLM2-135M-Instruct"
-# Hub ids of the same checkpoints, for machines that reach the Hub.
-REAL_HUB_IDS = {REAL_WHISPER: "openai/whisper-tiny.en", REAL_LLM: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,13 +64,22 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _english_whisper_tokenizer():
+    """openai-whisper's English-only tokenizer: the special token ids a Whisper .en model uses."""
+    from whisper.tokenizer import get_tokenizer
+
+    return get_tokenizer(multilingual=False)
+
+
 def tiny_whisper_config(**overrides: Any) -> WhisperConfig:
     """A 4-layer, 64-wide Whisper with the English-only vocabulary (ids match openai-whisper's)."""
+    tokens = _english_whisper_tokenizer()
     settings = dict(
-        vocab_size=51864, d_model=64, encoder_layers=4, decoder_layers=2, encoder_attention_heads=2,
+        vocab_size=tokens.encoding.n_vocab, d_model=64, encoder_layers=4, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
-        max_source_positions=1500, max_target_positions=448, decoder_start_token_id=50257,
-        bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
+        max_source_positions=1500, max_target_positions=448, decoder_start_token_id=tokens.sot,
+        bos_token_id=tokens.eot, eos_token_id=tokens.eot, pad_token_id=tokens.eot,
     )
     return WhisperConfig(**{**settings, **overrides})
 
@@ -89,10 +96,12 @@ def tiny_llm_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
 
 
 def _english_whisper_generation_config() -> GenerationConfig:
+    tokens = _english_whisper_tokenizer()
+    space = tokens.encoding.encode(" ")[0]
     return GenerationConfig(
-        decoder_start_token_id=50257, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
-        no_timestamps_token_id=50362, is_multilingual=False, max_length=448, begin_suppress_tokens=[220, 50256],
-        return_timestamps=False,
+        decoder_start_token_id=tokens.sot, bos_token_id=tokens.eot, eos_token_id=tokens.eot, pad_token_id=tokens.eot,
+        no_timestamps_token_id=tokens.no_timestamps, is_multilingual=False, max_length=448,
+        begin_suppress_tokens=[space, tokens.eot], return_timestamps=False,
     )
 
 
@@ -128,41 +137,16 @@ def save_tiny_bases(folder: str | os.PathLike, seed: int = 0) -> tuple[Path, Pat
     return whisper_dir, llm_dir
 
 
-def real_models_dir(models_dir: str | os.PathLike | None = None) -> Path | None:
-    """The folder of fetch_offline_models.sh (argument, $DESTA_MODELS, or its default), if it holds both."""
-    candidates = [models_dir, os.environ.get("DESTA_MODELS"), Path.home() / ".cache" / "desta-offline-models"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / REAL_WHISPER / "model.safetensors").is_file() and (
-                Path(candidate) / REAL_LLM / "model.safetensors").is_file():
-            return Path(candidate)
-    return None
+@dataclass
+class TinyModelsConfig:
+    """Write the tiny random Whisper and chat LLM (with tokenizer) as model folders, for smoke runs."""
+
+    POSITIONAL = ("out",)
+    out: str
+    """folder for tiny-whisper/ and tiny-llm/"""
+    seed: int = 0
+    """the weights depend only on it"""
 
 
-def load_real_models(models_dir: str | os.PathLike | None = None,
-                     **config_kwargs: Any) -> tuple[DestaModel, DestaProcessor]:
-    """A DestaModel on real Whisper tiny.en + SmolLM2-135M-Instruct (fresh connector)."""
-    from desta.loading import build
-
-    folder = real_models_dir(models_dir)
-    if folder is None:
-        raise FileNotFoundError("no real checkpoints found; build them with "
-                                "shared/tools/fetch_offline_models.sh DEST and pass DEST (or set DESTA_MODELS)")
-    return build(str(folder / REAL_WHISPER), str(folder / REAL_LLM), **config_kwargs)
-
-
-def toy_targets(described: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """A targets dataset whose responses come from a template over the gold attributes (no LLM):
-    a learnable stand-in for self-output targets in tests and benchmarks. Returns the dataset folder."""
-    from datasets import load_from_disk
-
-    from desta.prompts import TRAINING_POOLS
-
-    dataset = load_from_disk(str(described))
-    responses = [f"A {g.lower() if g else 'person'} with a {a or 'neutral'} accent says: {t}"
-                 for g, a, t in zip(dataset["gender"], dataset["accent"], dataset["transcript"], strict=True)]
-    dataset = dataset.add_column("prompt", [TRAINING_POOLS["desta2"][0]] * len(dataset))
-    dataset = dataset.add_column("prompt_pool", ["desta2"] * len(dataset))
-    dataset = dataset.add_column("response", responses)
-    dataset = dataset.add_column("generator", ['{"backend": "template"}'] * len(dataset))
-    dataset.save_to_disk(str(out))
-    return Path(out)
+def write_tiny_models(config: TinyModelsConfig) -> tuple[Path, Path]:
+    return save_tiny_bases(config.out, seed=config.seed)

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
-Conversation = list[dict[str, Any]]
+from desta.core.llm import load_chat_llm
+from desta.core.sequences import Conversation, chat_tokens, end_of_turn_ids, pad_batch
 
 
 @dataclass
@@ -78,32 +79,23 @@ class TransformersBackend:
 
     def __init__(self, model: str | None = None, batch_size: int = 16, device: str | None = None,
                  dtype: torch.dtype | None = None, llm=None, tokenizer=None):
-        from transformers import AutoTokenizer
-
-        from desta.loading import load_causal_lm
-
         if llm is None and model is None:
             raise ValueError("give a model id or folder, or an in-memory llm and tokenizer")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.llm = llm if llm is not None else load_causal_lm(model, dtype=dtype)
-        self.llm = self.llm.to(self.device).eval()
-        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model)
-        if not getattr(self.tokenizer, "chat_template", None):
+        if llm is None:
+            llm, tokenizer = load_chat_llm(model, device=device, dtype=dtype)
+        if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {model or 'the given model'} has no chat template; "
                              "use a chat (instruct) model")
+        self.device = device or str(next(llm.parameters()).device)
+        self.llm = llm.to(self.device).eval()
+        self.tokenizer = tokenizer
         self.model_id = str(model or getattr(self.llm.config, "_name_or_path", "") or "in-memory")
         self.batch_size = batch_size
-        eos = self.llm.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else self.tokenizer.eos_token_id
+        self.eos_ids = end_of_turn_ids(tokenizer, self.llm.generation_config)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, conversation: Conversation) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return chat_tokens(self.tokenizer, conversation, add_generation_prompt=True, with_labels=False)[0]
 
     def _generate_kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
         return generate_kwargs(settings, self.pad_id)
@@ -117,13 +109,9 @@ class TransformersBackend:
         kwargs = self._generate_kwargs(settings)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
-            out = self.llm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            inputs = pad_batch([encoded[i] for i in batch], self.pad_id, side="left")
+            width = inputs["input_ids"].shape[1]
+            out = self.llm.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **kwargs)
             for row, i in enumerate(batch):
                 results[i] = self._finish(out[row, width:].tolist(), settings.max_new_tokens)
         return results  # type: ignore[return-value]

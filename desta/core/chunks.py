@@ -14,6 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from desta.core.artifacts import PARTS
+
+JOB = "job.json"  # what a run was made from; a resume must match it
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file and rename: readers never see half a file."""
@@ -40,12 +44,12 @@ class ChunkedJob:
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} must be in [0, {num_shards - 1}]")
         self.out = Path(out)
-        self.parts = self.out / "parts"
+        self.parts = self.out / PARTS
         self.total, self.chunk_size = total, chunk_size
         self.num_shards, self.shard_index = num_shards, shard_index
         self.parts.mkdir(parents=True, exist_ok=True)
         job = {**job, "total": total, "chunk_size": chunk_size}
-        job_file = self.parts / "job.json"
+        job_file = self.parts / JOB
         if job_file.exists() and json.loads(job_file.read_text()) != json.loads(json.dumps(job)):
             raise ValueError(f"{self.out} holds parts of a different run ({job_file}); use another output folder "
                              "or delete it")
@@ -55,7 +59,7 @@ class ChunkedJob:
     @classmethod
     def open(cls, out: str | os.PathLike) -> ChunkedJob:
         """An existing run, for merging."""
-        job_file = Path(out) / "parts" / "job.json"
+        job_file = Path(out) / PARTS / JOB
         if not job_file.is_file():
             raise FileNotFoundError(f"{job_file} not found; run the stage into {out} first")
         job = json.loads(job_file.read_text())

@@ -1,0 +1,115 @@
+"""`desta chat`: talk to a checkpoint from the shell, one question streamed or a JSONL file of them.
+
+Reads a checkpoint (or exported folder), audio files and an instruction; or `batch`, a JSONL file
+whose rows hold `audio` (a path or a list, relative to the file) and `instruction`. Writes the
+streamed answer to stdout, or BATCH.answers.jsonl (each row with its `answer`, or its `error`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from desta.audio import AudioError, load_audio
+from desta.core.args import raise_problems
+from desta.core.generation import SamplingSettings
+
+
+@dataclass
+class ChatConfig:
+    """Talk to a checkpoint: audio files and an instruction in, the answer streamed out (or a batch file)."""
+
+    POSITIONAL = ("checkpoint", "instruction")
+    checkpoint: str
+    """checkpoint or exported folder"""
+    instruction: str | None = None
+    """what to ask"""
+    audio: list[str] = field(default_factory=list)
+    """audio file(s), in the order the model hears them"""
+    system: str | None = None
+    """system prompt; null: the one the model was trained with"""
+    batch: str | None = None
+    """JSONL with audio (path or list) and instruction per row"""
+    out: str | None = None
+    """with batch: where to write the answers (default BATCH.answers.jsonl)"""
+    batch_size: int = 8
+    """rows per generate call (batch mode)"""
+    max_new_tokens: int = 256
+    """answer length limit"""
+    temperature: float = 0.0
+    """0: greedy"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.instruction and not self.batch:
+            problems.append(("instruction", "give an instruction (or batch=FILE.jsonl)"))
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.temperature < 0:
+            problems.append(("batch_size", "batch_size and max_new_tokens must be at least 1, temperature 0 or more"))
+        raise_problems(problems)
+
+
+def answer_batch(model, processor, path: Path, out: Path, batch_size: int, max_new_tokens: int) -> dict[str, int]:
+    """Answer every row of a JSONL file; a row with an unreadable clip or no instruction keeps its error."""
+    lines = path.read_text().splitlines()
+    results: list[dict[str, Any]] = []
+    ready = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            results.append({"line": number, "error": f"malformed JSON: {err.msg}"})
+            continue
+        if not isinstance(row, dict):
+            results.append({"line": number, "error": "not a JSON object"})
+            continue
+        paths = row.get("audio") or []
+        paths = [paths] if isinstance(paths, str) else paths
+        try:
+            clips = [load_audio(p if Path(p).is_absolute() else path.parent / p) for p in paths]
+        except AudioError as err:
+            results.append({**row, "error": str(err)})
+            continue
+        if not row.get("instruction"):
+            results.append({**row, "error": "no instruction"})
+            continue
+        results.append(row)
+        ready.append((len(results) - 1, processor.conversation(row["instruction"], clips=len(clips)), clips))
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start : start + batch_size]
+        answers = model.chat(processor, [c for _, c, _ in chunk], [a for _, _, a in chunk],
+                             max_new_tokens=max_new_tokens, do_sample=False)
+        for (index, _, _), answer in zip(chunk, answers, strict=True):
+            results[index] = {**results[index], "answer": answer}
+    out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    failed = sum("error" in r for r in results)
+    return {"rows": len(results), "answered": len(results) - failed, "failed": failed}
+
+
+def chat(config: ChatConfig, stream: TextIO | None = None) -> dict[str, Any]:
+    """Answer the instruction (streamed to `stream`, stdout by default) or the batch file."""
+    from desta.inference import DestaEngine
+    from desta.loading import load
+
+    model, processor = load(config.checkpoint)
+    if config.system is not None:
+        processor.system_prompt = config.system or None
+    if config.batch:
+        out = Path(config.out or Path(config.batch).with_suffix(".answers.jsonl"))
+        counts = answer_batch(model, processor, Path(config.batch), out, config.batch_size, config.max_new_tokens)
+        return {**counts, "out": str(out)}
+    clips = [load_audio(p) for p in config.audio]
+    engine = DestaEngine(model, processor, config.checkpoint)
+    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    stream = stream or sys.stdout
+    pieces = []
+    for piece in engine.stream(processor.conversation(config.instruction, clips=len(clips)), clips, settings):
+        pieces.append(piece)
+        stream.write(piece)
+        stream.flush()
+    stream.write("\n")
+    return {"answer": "".join(pieces)}

@@ -1,0 +1,43 @@
+"""Loading a chat LLM the same way everywhere: device, dtype and one fix for converted folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | None = None) -> torch.dtype:
+    """bfloat16 on a GPU, float32 on a CPU."""
+    return torch.bfloat16 if (device or default_device()).startswith("cuda") else torch.float32
+
+
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
+    """AutoModelForCausalLM.from_pretrained, except that a GGUF quantization entry left in the config of
+    a folder that holds plain safetensors weights (what GGUF-to-transformers conversions write) is
+    ignored: the weights load as ordinary, trainable tensors instead of being re-packed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name)
+    quantization = getattr(config, "quantization_config", None)
+    folder = Path(name)
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf" and folder.is_dir() \
+            and any(folder.glob("*.safetensors")) and not any(folder.glob("*.gguf")):
+        del config.quantization_config
+    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
+
+
+def load_chat_llm(name: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """A chat LLM on the device in evaluation mode, and its tokenizer (which must have a chat template)."""
+    from transformers import AutoTokenizer
+
+    device = device or default_device()
+    llm = load_causal_lm(name, dtype=dtype or default_dtype(device)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of {name} has no chat template; use a chat (instruct) model")
+    return llm, tokenizer

@@ -1,0 +1,84 @@
+"""The optimisation settings both training commands share, and the transformers Trainer arguments
+built from them: one precision rule, one schedule, one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from desta.core.args import raise_problems
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class OptimSection:
+    """How to optimise."""
+
+    lr: float = 1e-4
+    """peak learning rate (the papers: 1e-4)"""
+    warmup_steps: int = 2000
+    """linear warm-up steps before the cosine decay (DeSTA2: 2000, DeSTA2.5: 5000)"""
+    max_steps: int = -1
+    """optimizer steps to run; -1: run `epochs`"""
+    epochs: float = 5.0
+    """passes over the training data when max_steps is -1"""
+    batch_size: int = 12
+    """rows per device per step (DeSTA2.5: 12 on each of 8 GPUs)"""
+    grad_accum: int = 1
+    """optimizer step every N batches; effective batch = batch_size x grad_accum x devices"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    precision: Precision = "auto"
+    """auto (bf16 on a GPU that has it, else fp32), fp32, bf16 (GPU, or CPU autocast), fp16 (GPU only)"""
+    gradient_checkpointing: bool = False
+    """recompute the LLM's activations in the backward pass: less memory, about a third more compute"""
+    seed: int = 42
+    """data order, initialisation and sampling depend only on it"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.lr > 0:
+            problems.append(("lr", f"must be positive, got {self.lr}"))
+        if self.warmup_steps < 0:
+            problems.append(("warmup_steps", f"must be 0 or more, got {self.warmup_steps}"))
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(("max_steps", f"must be -1 (run `epochs`) or at least 1, got {self.max_steps}"))
+        if self.max_steps == -1 and not self.epochs > 0:
+            problems.append(("epochs", f"must be positive when max_steps is -1, got {self.epochs}"))
+        if self.batch_size < 1 or self.grad_accum < 1:
+            problems.append(("batch_size", f"batch_size and grad_accum must be at least 1, got {self.batch_size} "
+                                           f"and {self.grad_accum}"))
+        if self.weight_decay < 0 or not self.max_grad_norm > 0:
+            problems.append(("weight_decay", f"weight_decay must be 0 or more and max_grad_norm positive, got "
+                                             f"{self.weight_decay} and {self.max_grad_norm}"))
+        if self.precision == "fp16" and not torch.cuda.is_available():
+            problems.append(("precision", "fp16 needs a CUDA GPU; use fp32, bf16 or auto on a CPU"))
+        raise_problems(problems)
+
+
+def precision_flags(choice: Precision) -> dict[str, bool]:
+    """TrainingArguments' bf16/fp16 flags for a precision setting."""
+    if choice == "auto":
+        return {"bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+def training_arguments(optim: OptimSection, output_dir: str, **extra: Any):
+    """transformers TrainingArguments for these settings: AdamW, cosine schedule with warm-up,
+    clipping, precision, CPU when there is no GPU; `extra` adds or replaces arguments."""
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = dict(
+        output_dir=output_dir, per_device_train_batch_size=optim.batch_size,
+        per_device_eval_batch_size=optim.batch_size, gradient_accumulation_steps=optim.grad_accum,
+        learning_rate=optim.lr, weight_decay=optim.weight_decay, lr_scheduler_type="cosine",
+        warmup_steps=optim.warmup_steps, max_steps=optim.max_steps, num_train_epochs=optim.epochs,
+        max_grad_norm=optim.max_grad_norm, seed=optim.seed, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), **precision_flags(optim.precision))
+    settings.update(extra)
+    return TrainingArguments(**settings)
