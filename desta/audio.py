@@ -92,6 +92,21 @@ def split_windows(samples: np.ndarray, window: int = N_SAMPLES) -> list[np.ndarr
     return [samples[start : start + window] for start in range(0, len(samples), window)]
 
 
+def timestamp(seconds: float) -> str:
+    """mm:ss, as descriptions write times.
+
+    >>> timestamp(75.4), timestamp(2.6)
+    ('01:15', '00:03')
+    """
+    whole = int(round(seconds))
+    return f"{whole // 60:02d}:{whole % 60:02d}"
+
+
+def time_span(seconds: float) -> str:
+    """The span a description gives a whole clip, e.g. '[00:00-00:03]'."""
+    return f"[{timestamp(0)}-{timestamp(seconds)}]"
+
+
 def num_windows(num_samples: int, window: int = N_SAMPLES) -> int:
     """How many 30 s windows a clip of `num_samples` needs (at least one)."""
     return max(1, math.ceil(num_samples / window))

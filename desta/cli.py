@@ -79,6 +79,8 @@ COMMANDS = [
     Command("eval-set", "desta.evaluate:EvalSetConfig", "desta.evaluate:write_eval_set",
             lambda c, r: f"wrote {sum(r.values())} items to {c.out}: {r}"),
     Command("eval", "desta.evaluate:EvalConfig", "desta.evaluate:evaluate", _evaluated),
+    Command("compare", "desta.compare:CompareConfig", "desta.compare:compare", lambda c, r: (
+        (Path(c.out) / "compare.md").read_text() + f"wrote {c.out}/compare.md, compare.json, compare.png")),
     Command("export", "desta.export:ExportConfig", "desta.export:export_command", _exported),
     Command("chat", "desta.chat:ChatConfig", "desta.chat:chat", lambda c, r: (
         f"answered {r['answered']} of {r['rows']} rows ({r['failed']} with errors) -> {r['out']}" if c.batch

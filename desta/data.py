@@ -19,9 +19,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from desta.audio import SAMPLE_RATE, load_audio_ref, num_windows
 from desta.core.replay import draw
-from desta.core.sequences import Conversation
+from desta.core.sequences import Conversation, chat_tokens, pad_batch
 from desta.processing import DestaProcessor
-from desta.prompts import DEFAULT_SYSTEM_PROMPT
+from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn
 
 TARGET_COLUMNS = ["id", "audio", "prompt", "response"]
 
@@ -82,18 +82,26 @@ class Example:
     audio: dict | None  # {"bytes" | "path"}; None for text-only rows
     transcript: str | None
     duration: float  # seconds; 0 for text-only rows
+    teacher: Conversation | None = None  # distillation: the text turn the LLM reads, with the same response
 
 
-def speech_examples(dataset, processor: DestaProcessor) -> list[Example]:
-    """One example per targets row: the processor's speech turn with the row's prompt and response."""
+def speech_examples(dataset, processor: DestaProcessor, teacher: bool = False) -> list[Example]:
+    """One example per targets row: the processor's speech turn with the row's prompt and response; with
+    `teacher`, also the text LLM's turn (description + prompt) with the same response, for distillation."""
     columns = dataset.column_names
+    if teacher and "description" not in columns:
+        raise ValueError("distillation (optim.loss kl) needs the targets' description column; train on the output "
+                         "of desta targets")
     durations = dataset["duration"] if "duration" in columns else [10.0] * len(dataset)
     transcripts = dataset["transcript"] if "transcript" in columns else [None] * len(dataset)
+    descriptions = dataset["description"] if teacher else [None] * len(dataset)
     return [Example(id=clip_id, audio=audio, transcript=transcript, duration=float(duration),
-                    conversation=processor.conversation(prompt, response))
-            for clip_id, audio, transcript, duration, prompt, response in zip(
+                    conversation=processor.conversation(prompt, response),
+                    teacher=text_turn(description, prompt, processor.system_prompt)
+                    + [{"role": "assistant", "content": response}] if teacher else None)
+            for clip_id, audio, transcript, duration, prompt, response, description in zip(
                 dataset["id"], dataset["audio"], transcripts, durations, dataset["prompt"], dataset["response"],
-                strict=True)]
+                descriptions, strict=True)]
 
 
 def text_examples(rows: list[dict[str, str]], count: int, seed: int, system_prompt: str | None) -> list[Example]:
@@ -110,7 +118,8 @@ def token_count(processor: DestaProcessor, example: Example) -> int:
     count = len(processor.tokenizer(processor.render(example.conversation), add_special_tokens=False).input_ids)
     if example.audio is not None:
         windows = num_windows(int(example.duration * SAMPLE_RATE))
-        count += windows * processor.num_queries - 1 + len(processor.transcript_ids(example.transcript))
+        count += windows * processor.num_queries - 1 + len(processor.transcript_ids(example.transcript,
+                                                                                    example.duration))
     return count
 
 
@@ -136,7 +145,8 @@ class DestaDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
         item: dict[str, Any] = {"id": example.id, "conversation": example.conversation,
-                                "transcript": example.transcript, "audio": None, "cached": None}
+                                "transcript": example.transcript, "duration": example.duration, "audio": None,
+                                "cached": None, "teacher": example.teacher}
         if example.audio is None:
             return item
         if self.cache is not None:
@@ -161,7 +171,9 @@ class DestaCollator:
                        for item in items]
         if any(item["cached"] is not None for item in items):
             counts = [[len(item["cached"])] if item["cached"] is not None else [] for item in items]
-            batch = dict(self.processor(conversations, transcripts=transcripts, window_counts=counts))
+            durations = [[item["duration"]] if item["cached"] is not None else [] for item in items]
+            batch = dict(self.processor(conversations, transcripts=transcripts, window_counts=counts,
+                                        durations=durations))
             windows = [w for item in items if item["cached"] is not None for w in item["cached"]]
             batch["audio_hidden_states"], batch["audio_step_mask"] = pad_cached(windows)
         else:
@@ -171,6 +183,12 @@ class DestaCollator:
             for key in ("input_ids", "attention_mask", "labels"):
                 batch[key] = batch[key][:, : self.max_length]
             self._check_audio_kept(batch)
+        if any(item.get("teacher") for item in items):
+            # the text LLM's turns with the same responses: its next-token distributions are the targets
+            tokens = [chat_tokens(self.processor.tokenizer, item["teacher"] or item["conversation"]) for item in items]
+            teacher = pad_batch([ids for ids, _ in tokens], self.processor.tokenizer.pad_token_id, "right",
+                                labels=[labels for _, labels in tokens])
+            batch.update({f"teacher_{k}": v for k, v in teacher.items()})
         batch["sample_ids"] = [item["id"] for item in items]
         return batch
 

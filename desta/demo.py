@@ -189,8 +189,9 @@ def _eval(out: Path, size: DemoSize) -> dict[str, Any]:
 
 
 def _eval_line(report: dict[str, Any]) -> str:
-    overall, speech = report["overall"], report["systems"][0]
-    return f"{report['items']} items; overall speech {overall[speech]:.3f} vs text {overall['text']:.3f}"
+    overall = report["overall"]["values"]
+    return (f"{report['items']} items; overall speech {overall['speech']:.3f}, text-ASR "
+            f"{overall.get('text_asr') or 0:.3f}, text-gold {overall['text']:.3f}")
 
 
 def _export(out: Path) -> dict[str, Any]:
@@ -236,14 +237,18 @@ def _data_rows(facts: dict) -> list[list[str]]:
             ["targets (prompts)", str(t["inputs"]), str(t["kept"]), str(t["rejected"]), ""]]
 
 
-def _eval_rows(report: dict) -> list[list[str]]:
-    def fmt(value, percent=False):
-        return "n/a" if value is None else (f"{value:+.0%}" if percent else f"{value:.2f}")
+EVAL_HEAD = ["category", "n", "speech model", "text-ASR (Whisper transcript)", "text-gold (gold transcript)",
+             "forgetting vs text-ASR (connector)", "forgetting vs text-gold"]
 
-    speech = report["systems"][0]
+
+def _eval_rows(report: dict) -> list[list[str]]:
+    """The eval table's rows: scores and forgetting rates with their 95 % intervals."""
+    from desta.evaluate import format_cell as cell
+
     rows = []
     for category, row in list(report["categories"].items()) + [("overall", report["overall"])]:
-        rows.append([category, fmt(row.get(speech)), fmt(row.get("text")), fmt(row.get(f"forgetting:{speech}"), True)])
+        rows.append([category, str(row["n"]), cell(row, "speech"), cell(row, "text_asr"), cell(row, "text"),
+                     cell(row, "forgetting_asr:speech", True), cell(row, "forgetting:speech", True)])
     return rows
 
 
@@ -267,7 +272,7 @@ def render_report_md(facts: dict, samples: list[dict[str, str]]) -> str:
               f"samples/s; loss {t['first_train_loss']:.3f} -> {t['last_train_loss']:.3f}; validation "
               + ", ".join(f"{v:.3f}" for _, v in t["eval_losses"]), "", "![loss curve](train/loss_curve.png)", "",
               "## Evaluation on unseen instructions", "",
-              "| category | speech model | text reference | forgetting |", "|---|---|---|---|"]
+              "| " + " | ".join(EVAL_HEAD) + " |", "|" + "---|" * len(EVAL_HEAD)]
     lines += ["| " + " | ".join(row) + " |" for row in _eval_rows(facts["eval"])]
     lines += ["", "![scores](eval/scores.png)", "", "## Export", "",
               f"`{facts['export']['path']}`: {facts['export']['bytes'] / 2**20:.2f} MiB "
@@ -306,7 +311,7 @@ code {{ font-size: 0.85rem; }} li {{ margin-bottom: 0.6rem; }}
 loss {t['first_train_loss']:.3f} &rarr; {t['last_train_loss']:.3f}.</p>
 <img src="train/loss_curve.png" alt="loss curve">
 <h2>Evaluation on unseen instructions</h2>
-{_table(["category", "speech model", "text reference", "forgetting"], _eval_rows(facts["eval"]))}
+{_table(EVAL_HEAD, _eval_rows(facts["eval"]))}
 <img src="eval/scores.png" alt="scores per category">
 <h2>Export</h2><p><code>{html.escape(facts['export']['path'])}</code>:
 {facts['export']['bytes'] / 2**20:.2f} MiB (trainable weights, config, processor, model card)</p>

@@ -31,7 +31,7 @@ from desta.attributes import (
     speed_word,
     volume_word,
 )
-from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio_ref
+from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio_ref, timestamp
 from desta.core.args import raise_problems
 from desta.core.artifacts import DATASET, REJECTS, SUMMARY
 from desta.core.chunks import ChunkedJob, attach_columns, read_jsonl, save_dataset_atomic, to_jsonl, write_atomic
@@ -240,12 +240,6 @@ def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float, classifi
 
 def _analyse_job(job: tuple[dict, dict, float]) -> dict:
     return analyse_row(*job)
-
-
-def timestamp(seconds: float) -> str:
-    """mm:ss, e.g. 75.4 -> '01:15'."""
-    whole = int(round(seconds))
-    return f"{whole // 60:02d}:{whole % 60:02d}"
 
 
 def format_description(segments: list[tuple[float, float, str]], attributes: dict[str, str | None],

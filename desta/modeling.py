@@ -97,6 +97,7 @@ class DestaConfig(PreTrainedConfig):
     audio_token: str = "<|AUDIO|>"  # placeholder string in chat messages
     audio_token_id: int | None = None  # its id in the processor's tokenizer (set by the processor)
     transcript_max_tokens: int = 100  # transcript tokens after the audio vectors; longer ones are cut
+    transcript_format: str = "bare"  # "timestamped": the clip's time span before the transcript
     pad_to_30s: bool = False  # True: pad every window to 30 s as the papers do (slower, same as official code)
     lora: dict | None = None  # LoRA on the LLM, e.g. {"r": 8, "lora_alpha": 16}; None: LLM frozen
     tie_word_embeddings: bool = False

@@ -18,11 +18,14 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
-from desta.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, num_windows, split_windows, validate_audio
+from desta.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, num_windows, split_windows, time_span, validate_audio
 from desta.core.artifacts import PROCESSOR_CONFIG
 from desta.core.sequences import IGNORE_INDEX, Conversation, chat_tokens, pad_batch, render_chat, strip_answers
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, speech_turn
 
+# What the transcript slot after the audio vectors reads: the bare transcript (the papers), or the
+# clip's time span before it, as the text LLM's description line has it.
+TRANSCRIPT_FORMATS = ("bare", "timestamped")
 # Pad variable-length windows to a whole number of encoder steps (2 mel frames of 160 samples).
 PAD_MULTIPLE = 2 * HOP_LENGTH
 
@@ -46,7 +49,8 @@ class DestaProcessor:
 
     def __init__(self, feature_extractor: WhisperFeatureExtractor, tokenizer: PreTrainedTokenizerBase,
                  audio_token: str = "<|AUDIO|>", num_queries: int = 64, transcript_max_tokens: int = 100,
-                 pad_to_30s: bool = False, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT):
+                 pad_to_30s: bool = False, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                 transcript_format: str = "bare"):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path or 'in memory'}) has "
                              "no chat template; use a chat (instruct) model's tokenizer or set "
@@ -67,6 +71,9 @@ class DestaProcessor:
         self.transcript_max_tokens = transcript_max_tokens
         self.pad_to_30s = pad_to_30s
         self.system_prompt = system_prompt
+        if transcript_format not in TRANSCRIPT_FORMATS:
+            raise ValueError(f"transcript_format must be one of {TRANSCRIPT_FORMATS}, got {transcript_format!r}")
+        self.transcript_format = transcript_format
 
     sampling_rate = SAMPLE_RATE
 
@@ -82,6 +89,7 @@ class DestaProcessor:
             feature_size=config.encoder_config.num_mel_bins)
         processor = cls(feature_extractor, tokenizer, audio_token=config.audio_token,
                         num_queries=config.num_queries, transcript_max_tokens=config.transcript_max_tokens,
+                        transcript_format=config.transcript_format,
                         pad_to_30s=config.pad_to_30s)
         config.audio_token_id = processor.audio_token_id
         return processor
@@ -95,7 +103,7 @@ class DestaProcessor:
         self.tokenizer.save_pretrained(folder)
         settings = {"audio_token": self.audio_token, "num_queries": self.num_queries,
                     "transcript_max_tokens": self.transcript_max_tokens, "pad_to_30s": self.pad_to_30s,
-                    "system_prompt": self.system_prompt}
+                    "system_prompt": self.system_prompt, "transcript_format": self.transcript_format}
         (folder / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
     @classmethod
@@ -117,14 +125,30 @@ class DestaProcessor:
         one audio placeholder per clip and the instruction, and the answer when given."""
         return speech_turn(self.audio_token, instruction, self.system_prompt, response, clips)
 
-    def transcript_ids(self, transcript: str | None) -> list[int]:
-        if not transcript:
+    def transcript_text(self, transcript: str | None, seconds: float | None = None) -> str:
+        """What the transcript slot reads: the transcript, or (transcript_format "timestamped") the clip's
+        time span and the transcript, as the description's line gives them to the text LLM.
+
+        >>> from desta.tiny import tiny_tokenizer
+        >>> DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), transcript_format="timestamped"
+        ...                ).transcript_text("Excuse me?", 2.4)
+        '[00:00-00:02] Excuse me?'
+        """
+        text = (transcript or "").strip()
+        if self.transcript_format == "timestamped" and seconds is not None:
+            return f"{time_span(seconds)} {text}".strip()
+        return text
+
+    def transcript_ids(self, transcript: str | None, seconds: float | None = None) -> list[int]:
+        text = self.transcript_text(transcript, seconds)
+        if not text:
             return []
-        ids = self.tokenizer(" " + transcript.strip(), add_special_tokens=False).input_ids
+        ids = self.tokenizer(" " + text, add_special_tokens=False).input_ids
         return ids[: self.transcript_max_tokens]
 
     def _encode(self, conversation: Conversation, windows: list[int], transcripts: list[str | None],
-                add_generation_prompt: bool, with_labels: bool) -> tuple[list[int], list[int]]:
+                add_generation_prompt: bool, with_labels: bool,
+                seconds: list[float | None] | None = None) -> tuple[list[int], list[int]]:
         ids, labels = chat_tokens(self.tokenizer, conversation, add_generation_prompt, with_labels)
         audio_id = self.audio_token_id
         placeholders = sum(1 for t in ids if t == audio_id)
@@ -141,7 +165,7 @@ class DestaProcessor:
                 labels_out.append(label)
                 continue
             expanded = [audio_id] * (windows[clip_index] * self.num_queries)
-            expanded += self.transcript_ids(transcripts[clip_index])
+            expanded += self.transcript_ids(transcripts[clip_index], (seconds or [None] * len(windows))[clip_index])
             ids_out += expanded
             labels_out += [IGNORE_INDEX] * len(expanded)
             clip_index += 1
@@ -152,7 +176,8 @@ class DestaProcessor:
     def __call__(self, conversations: list[Conversation], audios: list[list[np.ndarray]] | None = None,
                  transcripts: list[list[str | None]] | None = None, sampling_rate: int = SAMPLE_RATE,
                  add_generation_prompt: bool = False, padding_side: str | None = None,
-                 window_counts: list[list[int]] | None = None) -> BatchFeature:
+                 window_counts: list[list[int]] | None = None,
+                 durations: list[list[float]] | None = None) -> BatchFeature:
         """Batch of conversations (each with its own list of clips and transcripts) -> model inputs.
 
         Returns input_ids, attention_mask (batch, seq); labels (batch, seq) unless
@@ -160,7 +185,8 @@ class DestaProcessor:
         feature_attention_mask (windows, frames) when any audio is given.
         Padding is on the left for generation and on the right for training, unless set.
         With cached encoder features, give `window_counts` (windows per clip) instead of audio:
-        the placeholders are expanded and no features are extracted.
+        the placeholders are expanded and no features are extracted; `durations` (seconds per clip)
+        then give the timestamped transcript format its time spans.
         """
         if window_counts is not None:
             if audios is not None:
@@ -179,12 +205,14 @@ class DestaProcessor:
                 raise ValueError(f"conversation {row}: {len(clips)} clips but {len(texts)} transcripts")
             if window_counts is not None:
                 counts = list(window_counts[row])
+                seconds = list(durations[row]) if durations is not None else [None] * len(counts)
             else:
                 clips = [validate_audio(np.asarray(c), sampling_rate, f"conversation {row}, clip {i}")
                          for i, c in enumerate(clips)]
                 counts = [num_windows(len(c)) for c in clips]
+                seconds = [len(c) / SAMPLE_RATE for c in clips]
                 windows += [w for clip in clips for w in split_windows(clip)]
-            rows.append(self._encode(conversation, counts, texts, add_generation_prompt, with_labels))
+            rows.append(self._encode(conversation, counts, texts, add_generation_prompt, with_labels, seconds))
 
         data = pad_batch([ids for ids, _ in rows], self.tokenizer.pad_token_id, side,
                          labels=[labels for _, labels in rows] if with_labels else None)

@@ -67,22 +67,94 @@ TRAINING_POOLS: dict[str, list[str]] = {
     ],
 }
 
-# Evaluation instruction templates by category ({labels} is the label set of the attribute).
+# Evaluation instructions by category, in the styles of Speech-IFEval and Dynamic-SUPERB: a one-word
+# answer, a choice from a list ({labels}: the attribute's label set), yes/no about a candidate label
+# ({candidate}: the gold label or another, drawn per item), free form and a full sentence. One template
+# is drawn per item (seeded), so a score is not one phrasing's luck.
 EVAL_INSTRUCTIONS: dict[str, list[str]] = {
-    "gender": ["Is the speaker male or female? Answer with one word."],
-    "accent": ["Which accent does the speaker have? Choose one of: {labels}."],
-    "emotion": ["Which emotion does the voice convey? Choose one of: {labels}."],
-    "speaking_speed": ["Is the person talking slowly, at a normal pace, or fast?"],
-    "pitch": ["Is the speaker's voice low, normal or high in pitch?"],
-    "volume": ["Is the recording quiet, normal or loud in volume?"],
-    "duration": ["Roughly how many seconds long is the clip? Answer with a number."],
-    "transcription": ["Write down exactly the words spoken, nothing else."],
-    "format_json": ['Reply in JSON with the keys "gender" and "transcript", and nothing else.'],
-    "format_words": ["In {n} words or fewer, who is talking and about what?"],
-    "format_lowercase": ["Using only lowercase letters, say what the speaker is talking about."],
-    "format_prefix": ['Begin your reply with "{prefix}" and then report what was said.'],
-    "format_bullets": ["Give exactly {n} bullet points about the recording, each starting with '- '."],
-    "open": ["Describe the speaker's voice."],
+    "gender": [
+        "Is the speaker male or female? Answer with one word.",
+        "What is the gender of the person speaking?",
+        "Choose the speaker's gender from this list: {labels}.",
+        "Is the speaker {candidate}? Answer yes or no.",
+        "In one sentence, tell me whether a man or a woman is talking.",
+        "Would you say this voice belongs to a man or a woman?",
+    ],
+    "accent": [
+        "Which accent does the speaker have? Choose one of: {labels}.",
+        "Where is the speaker's accent from? Pick from: {labels}.",
+        "Identify the accent of the voice. Options: {labels}.",
+        "Is the speaker's accent {candidate}? Answer yes or no.",
+        "In one sentence, describe the speaker's accent, choosing among {labels}.",
+        "Name the speaker's accent in one word ({labels}).",
+    ],
+    "emotion": [
+        "Which emotion does the voice convey? Choose one of: {labels}.",
+        "How does the speaker feel? Pick from: {labels}.",
+        "Identify the emotion in this recording. Options: {labels}.",
+        "Does the speaker sound {candidate}? Answer yes or no.",
+        "In one sentence, describe the speaker's emotional state ({labels}).",
+        "Name the speaker's emotion in one word ({labels}).",
+    ],
+    "speaking_speed": [
+        "Is the person talking slowly, at a normal pace, or fast?",
+        "How fast does the speaker talk: slow, normal or fast?",
+        "Rate the speaking rate of the voice. Options: {labels}.",
+        "Would you describe the speaking pace as {candidate}? Answer yes or no.",
+        "Describe the pace of the speech in one sentence.",
+        "What is the speaking rate in this recording? Answer with one word.",
+    ],
+    "pitch": [
+        "Is the speaker's voice low, normal or high in pitch?",
+        "How high or low is the voice? Answer with one word: {labels}.",
+        "Describe the pitch of the speaker's voice in one sentence.",
+        "Would you describe the speaker's pitch as {candidate}? Answer yes or no.",
+        "Is this voice deep, average or high-pitched?",
+        "Rate the voice's pitch from these options: {labels}.",
+    ],
+    "volume": [
+        "Is the recording quiet, normal or loud in volume?",
+        "How loud is the speech? Choose from: {labels}.",
+        "Describe the loudness of the recording in one sentence.",
+        "Is the volume of this clip {candidate}? Answer yes or no.",
+        "Would you call the speech soft, moderate or loud?",
+        "What is the volume level of the audio? One word, please.",
+    ],
+    "duration": [
+        "Roughly how many seconds long is the clip? Answer with a number.",
+        "How long does the recording last, in seconds?",
+        "Estimate the duration of the audio in seconds.",
+        "What is the length of this clip? Give a number of seconds.",
+        "In seconds, how long is the speech?",
+        "In one sentence, tell me the approximate duration of the recording in seconds.",
+    ],
+    "transcription": [
+        "Write down exactly the words spoken, nothing else.",
+        "Transcribe the speech verbatim.",
+        "What words does the speaker say? Reply with the words only.",
+        "Give me a word-for-word transcript of the audio.",
+        "Repeat exactly what was said in the clip.",
+        "Type out the spoken sentence and nothing more.",
+    ],
+    # A question about the clip plus one verifiable format instruction (desta.core.instructions):
+    # scored on the format only, as Speech-IFEval scores instruction following.
+    "instruction_following": [
+        "What does the speaker say?",
+        "Describe the speaker's voice.",
+        "What is the speaker's emotion?",
+        "Summarise the content of the recording.",
+        "What is the gender of the speaker, and what do they talk about?",
+        "Tell me what the speaker is talking about.",
+        "What is the speaker's accent, and what do they say?",
+    ],
+    "open": [
+        "Describe the speaker's voice.",
+        "What is the mood of this recording, and why do you think so?",
+        "Who might be speaking here, and in what situation?",
+        "Give your impression of the speaker.",
+        "What can you infer about the speaker from how they talk?",
+        "What impression does the speaker's tone give?",
+    ],
 }
 
 

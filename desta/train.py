@@ -14,6 +14,7 @@ import json
 import math
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from desta.core.args import raise_problems, to_dict
 from desta.core.artifacts import LOG_HISTORY, LOSS_CURVE, RUN_CONFIG, SUMMARY, WEIGHTS
 from desta.core.optim import OptimSection, training_arguments
 from desta.core.replay import replay_count
+from desta.core.sequences import IGNORE_INDEX
 from desta.data import (
     DestaCollator,
     DestaDataset,
@@ -63,6 +65,9 @@ class ModelSection:
     """dropout inside the Q-Former"""
     transcript_max_tokens: int = 100
     """transcript tokens after the audio vectors"""
+    transcript_format: Literal["bare", "timestamped"] = "bare"
+    """what the transcript slot reads: the bare transcript (the papers), or "[00:00-00:03] transcript" as the
+    text LLM's description gives it (the model then hears the clip's length in words)"""
     pad_to_30s: bool = False
     """pad every window to 30 s as the papers do: slower, kept for comparison"""
     lora: dict | None = None
@@ -92,6 +97,8 @@ class DataSection:
     """held-out targets dataset; null: eval_fraction of train, split by clip"""
     eval_fraction: float = 0.05
     """share of clips held out when eval is null (0: no evaluation)"""
+    max_clips: int | None = None
+    """train on the first N clips (by id) of data.train only; null: all"""
     text_replay: str | None = None
     """JSONL or dataset with instruction and response columns (no audio)"""
     text_ratio: float = 0.0
@@ -121,6 +128,8 @@ class DataSection:
             problems.append(("text_ratio", f"is a share of the training rows, in [0, 1); got {self.text_ratio}"))
         if self.text_ratio > 0 and not self.text_replay:
             problems.append(("text_ratio", "needs data.text_replay, the instruction/response rows to mix in"))
+        if self.max_clips is not None and self.max_clips < 2:
+            problems.append(("max_clips", f"must be at least 2 (or null: all), got {self.max_clips}"))
         if self.max_length < 1 or self.num_workers < 0:
             problems.append(("max_length", "max_length must be at least 1 and num_workers 0 or more"))
         raise_problems(problems)
@@ -138,6 +147,8 @@ class LogSection:
     """validation loss every N steps"""
     save_steps: int = 500
     """checkpoint every N steps (weights, optimizer, scheduler, RNG)"""
+    save_strategy: Literal["steps", "epoch"] = "steps"
+    """when to checkpoint: every save_steps, or at the end of every epoch"""
     save_total_limit: int = 3
     """keep this many checkpoints"""
     progress: bool = True
@@ -150,6 +161,22 @@ class LogSection:
 
 
 @dataclass
+class TrainOptim(OptimSection):
+    """How to optimise a speech model: the shared settings and what the loss compares."""
+
+    loss: Literal["ce", "kl"] = "ce"
+    """ce: cross-entropy on the target response; kl: distillation, the KL divergence to the text LLM's
+    next-token distributions when it reads the description (as Ultravox and DiVA train), on the same positions"""
+    kl_temperature: float = 1.0
+    """softens both distributions for the kl loss (the loss is scaled by its square)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.kl_temperature > 0:
+            raise_problems([("kl_temperature", f"must be positive, got {self.kl_temperature}")])
+
+
+@dataclass
 class TrainConfig:
     """Train the connector (and optional LoRA) on a targets dataset: CONFIG.yaml plus key=value overrides."""
 
@@ -159,7 +186,7 @@ class TrainConfig:
     """continue from the newest checkpoint in output_dir"""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
+    optim: TrainOptim = field(default_factory=TrainOptim)
     log: LogSection = field(default_factory=LogSection)
 
 
@@ -183,6 +210,7 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0) -> tuple
                              num_queries=section.num_queries, qformer_layers=section.qformer_layers,
                              qformer_dropout=section.qformer_dropout,
                              transcript_max_tokens=section.transcript_max_tokens, pad_to_30s=section.pad_to_30s,
+                             transcript_format=section.transcript_format,
                              lora=section.lora)
     model.connector.float()  # the trainable part stays in float32; autocast handles bf16
     if section.init_from:
@@ -201,12 +229,33 @@ def split_held_out(dataset, fraction: float, seed: int):
     return dataset.filter(lambda r: r["id"] not in held), dataset.filter(lambda r: r["id"] in held)
 
 
-class DestaTrainer(Trainer):
-    """Trainer with duration-grouped sampling and a NaN/inf guard that names the step and samples."""
+def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                      teacher_labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student), averaged over the positions that predict each response token.
 
-    def __init__(self, *args, lengths: list[float] | None = None, **kwargs):
+    student_logits (batch, seq, vocab) with labels (batch, seq); teacher_logits (batch, seq_t, vocab) with
+    teacher_labels (batch, seq_t). The two sequences differ before the response (audio vs description)
+    but hold the same response tokens, so the k-th response position of one is the k-th of the other.
+    """
+    student = student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]  # (positions, vocab)
+    teacher = teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX]
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"the student's sequences hold {student.shape[0]} response positions but the teacher's "
+                         f"{teacher.shape[0]}; both must carry the same responses (was a sequence truncated? raise "
+                         "data.max_length)")
+    log_student = torch.log_softmax(student.float() / temperature, dim=-1)
+    log_teacher = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    return kl.mean() * temperature**2
+
+
+class DestaTrainer(Trainer):
+    """Trainer with duration-grouped sampling, optional distillation from the text LLM, and a NaN/inf guard
+    that names the step and samples."""
+
+    def __init__(self, *args, lengths: list[float] | None = None, kl_temperature: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.lengths = lengths
+        self.lengths, self.kl_temperature = lengths, kl_temperature
 
     # No public hook takes the sampler: Trainer groups by length only for `datasets` tables with a length
     # column, and overriding the public get_train_dataloader would re-implement accelerate's preparation.
@@ -218,10 +267,17 @@ class DestaTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", [])
-        if num_items_in_batch is not None:
+        teacher = {key[len("teacher_"):]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
+        if num_items_in_batch is not None and not teacher:
             inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs)
         loss = outputs.loss
+        if teacher and self.kl_temperature is not None:
+            llm = getattr(model, "module", model).llm
+            with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
+                teacher_logits = llm(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"]).logits
+            loss = distillation_loss(outputs.logits, inputs["labels"], teacher_logits, teacher["labels"],
+                                     self.kl_temperature)
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"loss is {loss.detach().float().item()} at step {self.state.global_step + 1}; "
                                      f"samples in the batch: {sample_ids}")
@@ -268,6 +324,9 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
 
     data = config.data
     train_set = load_targets(data.train, "train")
+    if data.max_clips:
+        keep = set(sorted(set(train_set["id"]))[: data.max_clips])
+        train_set = train_set.filter(lambda row: row["id"] in keep)
     eval_set = load_targets(data.eval, "eval") if data.eval else None
     text_rows = load_text_rows(data.text_replay) if data.text_replay and data.text_ratio > 0 else []
     if eval_set is None:
@@ -287,12 +346,13 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
                                progress=config.log.progress)
         cache = FeatureCache(data.feature_cache, model)
 
-    train_examples = speech_examples(train_set, processor)
+    distill = config.optim.loss == "kl"
+    train_examples = speech_examples(train_set, processor, teacher=distill)
     replay = replay_count(len(train_examples), data.text_ratio) if text_rows else 0
     train_examples += text_examples(text_rows, replay, config.optim.seed, system_prompt)
     train_examples, over_train = apply_length_rule(processor, train_examples, data.max_length, data.overlength)
-    eval_examples, over_eval = apply_length_rule(processor, speech_examples(eval_set, processor), data.max_length,
-                                                 data.overlength) if eval_set is not None else ([], 0)
+    eval_examples, over_eval = apply_length_rule(processor, speech_examples(eval_set, processor, teacher=distill),
+                                                 data.max_length, data.overlength) if eval_set is not None else ([], 0)
     if not train_examples:
         raise ValueError(f"no training rows left after the length rule (data.max_length {data.max_length}); raise "
                          "data.max_length or use data.overlength=truncate")
@@ -310,14 +370,15 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     args = training_arguments(
         config.optim, str(out), logging_steps=log.logging_steps, logging_first_step=True,
         eval_strategy="steps" if has_eval else "no", eval_steps=log.eval_steps, eval_on_start=has_eval,
-        save_strategy="steps", save_steps=log.save_steps, save_total_limit=log.save_total_limit,
+        save_strategy=log.save_strategy, save_steps=log.save_steps, save_total_limit=log.save_total_limit,
         report_to=[] if log.report_to == "none" else [log.report_to], dataloader_num_workers=data.num_workers,
         ddp_find_unused_parameters=False, disable_tqdm=not log.progress)
     trainer = DestaTrainer(
         model=model, args=args, train_dataset=DestaDataset(train_examples, cache),
         eval_dataset=DestaDataset(eval_examples, cache) if has_eval else None,
         data_collator=DestaCollator(processor, data.max_length), processing_class=processor, callbacks=callbacks,
-        lengths=[e.duration for e in train_examples] if data.group_by_duration else None)
+        lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
+        kl_temperature=config.optim.kl_temperature if distill else None)
     if not log.progress:
         from transformers.trainer_callback import PrinterCallback
 

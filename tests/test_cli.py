@@ -68,7 +68,8 @@ def test_demo_runs_the_whole_pipeline_at_minimal_size(tmp_path, capsys):
         assert stage in printed
     report = (tmp_path / "report.md").read_text()
     assert "| train clips | 16 | 16 | 0 |" in report and "![loss curve](train/loss_curve.png)" in report
-    assert "| category | speech model | text reference | forgetting |" in report
+    assert ("| category | n | speech model | text-ASR (Whisper transcript) | text-gold (gold transcript) | "
+            "forgetting vs text-ASR (connector) | forgetting vs text-gold |") in report
     html = (tmp_path / "report.html").read_text()
     for image in ("train/loss_curve.png", "eval/scores.png"):
         assert f'src="{image}"' in html and (tmp_path / image).stat().st_size > 5000

@@ -1,19 +1,24 @@
+import re
 
+import numpy as np
 import pytest
 from datasets import Audio, Dataset, load_from_disk
 
 from desta.cli import main
-from desta.core.instructions import (
-    check_bullets,
-    check_json_keys,
-    check_lowercase,
-    check_max_words,
-    check_prefix,
-    is_refusal,
+from desta.core.instructions import INSTRUCTION_KINDS, follows, instruction_text, is_refusal
+from desta.core.stats import bootstrap_table, mean_interval
+from desta.evaluate import (
+    BENCHMARK_COLUMNS,
+    EvalConfig,
+    agreement,
+    build_eval_set,
+    evaluate,
+    load_eval_set,
+    score_item,
+    with_transcript,
 )
-from desta.evaluate import BENCHMARK_COLUMNS, EvalConfig, build_eval_set, evaluate, load_eval_set, score_item
-from desta.prompts import EVAL_INSTRUCTIONS
-from desta.scoring import score_label, score_number, score_transcript
+from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS
+from desta.scoring import score_label, score_number, score_transcript, score_yesno
 from tests.conftest import described_dataset
 
 GENDERS = ["Female", "Male"]
@@ -44,19 +49,55 @@ def test_accent_and_number_and_transcript():
     assert score_transcript("", "excuse me").value == 0.0
 
 
-def test_format_checkers():
-    assert check_json_keys('```json\n{"gender": "f", "transcript": "x"}\n```', ["gender", "transcript"]).value == 1
-    assert check_json_keys('{"gender": "f"}', ["gender", "transcript"]).value == 0
-    assert check_json_keys("gender: f", ["gender"]).reason == "not valid JSON"
-    assert check_json_keys("[1, 2]", ["gender"]).reason == "JSON but not an object"
-    assert check_max_words("a woman asks a question", 5).value == 1
-    assert check_max_words("a woman asks a short question", 5).value == 0
-    assert check_lowercase("a quiet voice.").value == 1 and check_lowercase("A quiet voice.").value == 0
-    assert check_prefix("The clip holds speech.", "The clip").value == 1
-    assert check_prefix("This clip holds speech.", "The clip").value == 0
-    assert check_bullets("- one\n- two\n- three", 3).value == 1
-    assert check_bullets("Here:\n- one\n- two\n- three", 3).value == 0
-    assert check_bullets("- one\n- two", 3).value == 0
+# One passing and one failing answer per IFEval instruction kind desta draws from.
+IFEVAL_CASES = {
+    "detectable_format:json_format": ({}, '```json\n{"gender": "female"}\n```', "gender: female"),
+    "length_constraints:number_words": ({"num_words": 5, "relation": "less than"}, "A woman speaks.",
+                                        "A woman speaks slowly and calmly here."),
+    "change_case:english_lowercase": ({}, "a woman asks where the station is.", "A woman asks where the station is."),
+    "change_case:english_capital": ({}, "A WOMAN ASKS WHERE THE STATION IS.", "A woman asks where the station is."),
+    "startend:end_checker": ({"end_phrase": "That is all."}, "A woman speaks. That is all.",
+                             "That is all. A woman speaks."),
+    "combination:repeat_prompt": ({"prompt_to_repeat": "Who speaks?"}, "Who speaks? A woman.", "A woman speaks."),
+    "detectable_format:number_bullet_lists": ({"num_bullets": 2}, "* calm voice\n* British accent",
+                                              "* calm voice\n* British accent\n* slow"),
+    "keywords:existence": ({"keywords": ["voice", "tone"]}, "Her voice has a calm tone.", "She sounds calm."),
+    "keywords:forbidden_words": ({"forbidden_words": ["speaker", "voice"]}, "She sounds calm.",
+                                 "The speaker sounds calm."),
+    "keywords:frequency": ({"keyword": "voice", "frequency": 2, "relation": "at least"},
+                           "A calm voice, a low voice.", "A calm voice."),
+    "startend:quotation": ({}, '"A woman asks for the station."', "A woman asks for the station."),
+    "detectable_format:title": ({}, "<<The station>> A woman asks for it.", "A woman asks for the station."),
+    "detectable_format:multiple_sections": ({"section_spliter": "Section", "num_sections": 2},
+                                            "Section 1\nA woman.\nSection 2\nShe asks.", "A woman asks."),
+    "detectable_content:postscript": ({"postscript_marker": "P.S."}, "A woman asks.\nP.S. She is calm.",
+                                      "A woman asks."),
+    "punctuation:no_comma": ({}, "A woman asks calmly.", "A woman asks, calmly."),
+    "length_constraints:number_paragraphs": ({"num_paragraphs": 2}, "A woman asks.\n\n***\n\nShe is calm.",
+                                             "A woman asks. She is calm."),
+    "detectable_format:number_highlighted_sections": ({"num_highlights": 1}, "A *calm* woman asks.",
+                                                      "A calm woman asks."),
+    "detectable_content:number_placeholders": ({"num_placeholders": 1}, "Meet me at [address].", "Meet me there."),
+}
+
+
+def test_every_drawn_instruction_kind_is_tested():
+    assert set(IFEVAL_CASES) == set(INSTRUCTION_KINDS) and len(INSTRUCTION_KINDS) >= 15
+
+
+@pytest.mark.parametrize("kind", sorted(IFEVAL_CASES))
+def test_ifeval_checkers_on_known_answers(kind):
+    kwargs, passing, failing = IFEVAL_CASES[kind]
+    spec = {"id": kind, "kwargs": kwargs}
+    assert instruction_text(spec)  # IFEval's own wording
+    assert follows(passing, spec).value == 1.0, passing
+    assert follows(failing, spec).value == 0.0, failing
+    assert follows("   ", spec).value == 0.0  # an empty answer never follows
+
+
+def test_yes_no_items():
+    assert score_yesno("Yes, it is a woman.", "yes").value == 1 and score_yesno("No.", "yes").value == 0
+    assert score_yesno("It might be.", "no").reason == "says neither yes nor no"
 
 
 def test_refusal_detection():
@@ -70,52 +111,124 @@ def described(tmp_path_factory):
     return described_dataset(tmp_path_factory.mktemp("eval"), num_clips=4, seed=8)
 
 
-def test_eval_set_covers_categories(described, tmp_path):
-    items = build_eval_set(load_from_disk(str(described)))
-    categories = {i["category"] for i in items}
-    assert {"transcription", "duration", "format_json", "format_bullets", "open", "accent"} <= categories
-    templates = {t for ts in EVAL_INSTRUCTIONS.values() for t in ts}
-    filled = [i for i in items if i["instruction"] not in templates]  # templates with {labels}, {n} or {prefix}
-    assert filled and all("{" not in i["instruction"] for i in items)
-    accent = next(i for i in items if i["category"] == "accent")
-    assert all(label in accent["instruction"] for label in accent["choices"])
-    assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set")]) == 0
-    assert len(load_eval_set(tmp_path / "set")) == len(items)
+def _normal(text):
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
 
 
-def test_eval_writes_report_for_a_tiny_checkpoint(described, tmp_path):
+def test_eval_set_draws_seeded_phrasings_disjoint_from_training(described, tmp_path):
+    dataset = load_from_disk(str(described))
+    items = build_eval_set(dataset, seed=3)
+    assert [i["instruction"] for i in items] == [i["instruction"] for i in build_eval_set(dataset, seed=3)]
+    assert [i["instruction"] for i in items] != [i["instruction"] for i in build_eval_set(dataset, seed=4)]
+    single = {a for a in ("gender", "accent", "emotion", "speaking_speed", "pitch", "volume")
+              if len(set(dataset[a]) - {None}) < 2}  # nothing to tell apart (synthetic speech has one emotion)
+    assert "emotion" in single and {i["category"] for i in items} == set(EVAL_INSTRUCTIONS) - single
+    assert all(len(templates) >= 6 for templates in EVAL_INSTRUCTIONS.values())
+    training = {_normal(p) for pool in TRAINING_POOLS.values() for p in pool}
+    assert not [i["instruction"] for i in items if _normal(i["instruction"].split("\n")[0]) in training]
+    many = [i for seed in range(4) for i in build_eval_set(dataset, seed=seed)]
+    assert len({i["instruction"] for i in many if i["category"] == "gender"}) >= 4  # phrasings vary per item
+    yesno = [i for i in many if i["check"]["style"] == "yesno"]
+    assert yesno and {i["answer"] for i in yesno} == {"yes", "no"}
+    following = [i for i in items if i["category"] == "instruction_following"]
+    assert len(following) == 2 * len(dataset)
+    per_clip: dict[str, list[str]] = {}
+    for item in following:
+        per_clip.setdefault(item["id"], []).append(item["check"]["instruction"]["id"])
+    assert all(len(set(kinds)) == 2 for kinds in per_clip.values())  # two different instruction kinds per clip
+    assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"), "--seed", "3"]) == 0
+    assert [r["instruction"] for r in load_eval_set(tmp_path / "set")] == [i["instruction"] for i in items]
+
+
+def test_bootstrap_on_a_fixed_input_gives_the_known_interval():
+    from scipy import stats
+
+    scores = [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]
+    assert mean_interval(scores, resamples=2000, seed=0) == (0.7, 0.4, 1.0)
+    scipy_ci = stats.bootstrap((np.array(scores, float),), np.mean, n_resamples=2000, method="percentile",
+                               rng=np.random.default_rng(0)).confidence_interval
+    assert (scipy_ci.low, scipy_ci.high) == pytest.approx((0.4, 1.0), abs=0.05)
+    table = bootstrap_table(["a"] * 10 + ["b"] * 10, {"s": scores + [0] * 10, "t": [1] * 20,
+                                                      "same": scores + [0] * 10}, {"f": ("s", "t"), "d": ("s", "same")})
+    assert table["a"]["values"]["f"] == pytest.approx(-0.3) and table["a"]["ci"]["f"] == pytest.approx([-0.6, 0.0])
+    assert table["b"]["values"]["f"] == -1.0 and table["b"]["ci"]["f"] == [-1.0, -1.0]
+    assert table["overall"]["values"]["s"] == pytest.approx(0.35)  # the mean of the category means
+    assert table["a"]["ci"]["d"] == [0.0, 0.0]  # paired: identical systems differ by exactly nothing
+
+
+def test_rouge_l_and_label_agreement_with_the_text_reference():
+    item = {"category": "gender", "choices": ["Female", "Male"], "check": {"style": "label"}, "answer": "Female"}
+    same, rouge = agreement(item, "The speaker is a woman.", "The speaker is female.")
+    assert same == 1.0 and rouge == pytest.approx(2 / 3)  # "the speaker is": P 3/5, R 3/4
+    assert agreement(item, "A man.", "A woman.")[0] == 0.0
+    assert agreement(item, "Hard to say.", "Hard to say.")[0] == 0.0  # deciding nothing is not agreeing
+    open_item = {"category": "open", "choices": None, "check": {"style": "open"}, "answer": None}
+    assert agreement(open_item, "a calm voice", "a calm voice") == (None, 1.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
     from desta.loading import build, save
     from desta.tiny import save_tiny_bases
 
-    whisper_dir, llm_dir = save_tiny_bases(tmp_path / "bases")
+    folder = tmp_path_factory.mktemp("ckpt")
+    whisper_dir, llm_dir = save_tiny_bases(folder / "bases")
     model, processor = build(str(whisper_dir), str(llm_dir))
-    save(model, processor, tmp_path / "ckpt")
+    save(model, processor, folder / "ckpt")
+    return folder / "ckpt"
+
+
+def test_asr_reference_reads_the_whisper_transcript_not_the_gold(described, checkpoint, tmp_path, monkeypatch):
+    import desta.evaluate as evaluation
+    from desta.audio import load_audio_ref
+    from desta.loading import load
+
+    assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"), "--max-clips", "2",
+                 "--categories", "gender,transcription"]) == 0
+    read: list[list[str]] = []
+    real = evaluation.text_answers
+
+    def recording(backend, items, descriptions, *args):
+        read.append(list(descriptions))
+        return real(backend, items, descriptions, *args)
+
+    monkeypatch.setattr(evaluation, "text_answers", recording)
+    report = evaluate(EvalConfig(checkpoints=[str(checkpoint)], eval_set=str(tmp_path / "set"),
+                                 out=str(tmp_path / "report"), max_new_tokens=4, probes=False, progress=False))
+    gold_read, asr_read = read
+    model, processor = load(checkpoint)
+    for item, gold_description, asr_description in zip(load_eval_set(tmp_path / "set"), gold_read, asr_read,
+                                                        strict=True):
+        heard = model.transcribe(processor, [load_audio_ref(item["audio"])])[0]
+        assert gold_description == item["description"] and item["transcript"] in gold_description
+        assert asr_description == with_transcript(item["description"], heard)
+        assert item["transcript"] not in asr_description
+    assert report["asr_reference_of"] == {"speech": "text_asr"} and report["whisper_wer"]["speech"] > 0.5
+
+
+def test_eval_writes_report_for_a_tiny_checkpoint(described, checkpoint, tmp_path):
     assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"),
-                 "--categories", "gender,transcription,format_json,duration,open", "--max-clips", "2"]) == 0
-    report = evaluate(EvalConfig(checkpoints=[str(tmp_path / "ckpt"), str(tmp_path / "ckpt")],
-                                 eval_set=str(tmp_path / "set"), out=str(tmp_path / "report"), max_new_tokens=4,
-                                 probe_max_new_tokens=6, progress=False))
-    assert set(report) >= {"categories", "overall", "per_item", "items_per_second", "retention_probes"}
+                 "--categories", "gender,transcription,instruction_following,duration,open", "--max-clips", "2"]) == 0
+    report = evaluate(EvalConfig(checkpoints=[str(checkpoint), str(checkpoint)], eval_set=str(tmp_path / "set"),
+                                 out=str(tmp_path / "report"), max_new_tokens=4, probe_max_new_tokens=6,
+                                 progress=False))
     assert report["systems"] == ["ckpt", "ckpt-2"]
-    assert set(report["items_per_second"]) == {"ckpt", "ckpt-2", "text"}
+    assert set(report["items_per_second"]) == {"ckpt", "ckpt-2", "text", "text_asr"}  # one Whisper: one ASR reference
     gender = report["categories"]["gender"]
-    assert {"ckpt", "text", "forgetting:ckpt", "forgetting:ckpt-2"} <= set(gender)
-    assert report["categories"]["open"]["text"] is None  # no judge: unscored, not guessed
-    item = report["per_item"][0]
-    assert {"ckpt_answer", "text_answer", "ckpt_score", "text_reason"} <= set(item)
+    assert {"ckpt", "text", "text_asr", "forgetting:ckpt", "forgetting_asr:ckpt-2", "agreement:ckpt", "rouge_l:ckpt",
+            "asr_cost:text_asr"} <= set(gender["values"])
+    assert all(ci[0] <= gender["values"][name] <= ci[1] for name, ci in gender["ci"].items() if ci)
+    assert report["categories"]["open"]["values"]["text"] is None  # no judge: unscored, not guessed
+    assert report["instruction_following_kinds"] and set(report["instruction_following_kinds"]) <= set(
+        INSTRUCTION_KINDS)
+    assert {"ckpt_answer", "text_answer", "text_asr_answer", "ckpt_score", "text_reason"} <= set(
+        report["per_item"][0])
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "| category | speech ckpt | speech ckpt-2 | text reference |" in markdown
+    assert "| category | n | speech ckpt | speech ckpt-2 | text-ASR | text-gold |" in markdown
+    assert "## Examples" in markdown and "## Instruction following by IFEval instruction" in markdown
+    assert re.search(r"\| gender \| 2 \| \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", markdown)
     assert (tmp_path / "report" / "scores.png").stat().st_size > 5000
     assert set(report["retention_probes"]["ckpt"]) >= {"format_following", "refusal_rate", "heldout_loglik"}
-
-
-def test_forgetting_rate_definition():
-    from desta.evaluate import category_table
-
-    items = [{"category": "gender"}] * 4
-    scores = {"m": [{"score": s} for s in (1, 0, 0, 1)], "text": [{"score": s} for s in (1, 1, 1, 1)]}
-    row = category_table(items, scores)["gender"]
-    assert row["m"] == 0.5 and row["text"] == 1.0 and row["forgetting:m"] == -0.5
 
 
 def test_benchmark_columns_load_through_the_same_path(described, tmp_path):
@@ -140,3 +253,25 @@ def test_eval_errors(described, tmp_path):
                             out=str(tmp_path / "r")))
 
 
+
+
+def test_a_repeated_eval_reuses_its_cached_answers(described, checkpoint, tmp_path, monkeypatch):
+    import desta.evaluate as evaluation
+
+    assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"), "--max-clips", "1",
+                 "--categories", "gender,duration"]) == 0
+    config = EvalConfig(checkpoints=[str(checkpoint)], eval_set=str(tmp_path / "set"), out=str(tmp_path / "r1"),
+                        max_new_tokens=4, probes=False, progress=False, cache=str(tmp_path / "cache"))
+    first = evaluate(config)
+
+    def never(*args):
+        raise AssertionError("computed again")
+
+    for name in ("speech_answers", "text_answers", "clip_transcripts"):
+        monkeypatch.setattr(evaluation, name, never)
+    config.out = str(tmp_path / "r2")
+    again = evaluate(config)
+    assert again["per_item"] == first["per_item"] and again["overall"] == first["overall"]
+    config.max_new_tokens = 5  # another setting: not the same answers
+    with pytest.raises(AssertionError, match="computed again"):
+        evaluate(config)

@@ -25,10 +25,11 @@ def checkpoint(tmp_path_factory):
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     save(model, processor, folder / "ckpt")
+    row = {"n": 2, "values": {"ckpt": 0.5, "text": 1.0, "forgetting:ckpt": -0.5},
+           "ci": {"ckpt": [0.0, 1.0], "text": [1.0, 1.0], "forgetting:ckpt": [-1.0, 0.0]}}
     report = {"items": 2, "text_reference_llm": "tiny", "judge": None, "items_per_second": {"ckpt": 1.0, "text": 2.0},
-              "systems": ["ckpt"],
-              "categories": {"gender": {"ckpt": 0.5, "text": 1.0, "forgetting:ckpt": -0.5}},
-              "overall": {"ckpt": 0.5, "text": 1.0, "forgetting:ckpt": -0.5}, "retention_probes": {}}
+              "systems": ["ckpt"], "interval": "bootstrap 95 %", "categories": {"gender": row}, "overall": row,
+              "retention_probes": {}, "per_item": []}
     (folder / "ckpt" / "eval").mkdir()
     (folder / "ckpt" / "eval" / "report.json").write_text(json.dumps(report))
     (folder / "ckpt" / "eval" / "report.md").write_text(render_markdown(report))
@@ -66,7 +67,7 @@ def test_model_card_has_metadata_usage_and_eval_table(checkpoint, tmp_path):
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: desta\nlicense: apache-2.0\n")
     assert "base_model:\n  - openai/whisper-tiny.en\n  - HuggingFaceTB/SmolLM2-135M-Instruct" in card
-    assert "| gender | 0.500 | 1.000 | -50.0% |" in card
+    assert "| gender | 2 | 0.50 [0.00, 1.00] | 1.00 [1.00, 1.00] | -50% [-100%, +0%] ~ |" in card
     assert "desta.load(" in card and "desta chat" in card
     assert json.loads((out / "config.json").read_text())["llm_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 

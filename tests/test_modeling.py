@@ -201,3 +201,27 @@ def test_real_checkpoints_transcribe_and_answer(real_models, clip):
     assert jiwer.wer(normalize("Excuse me, where is the station?"), normalize(heard)) <= 0.4
     answer = model.chat(processor, conversation(None, "Repeat what was said."), [clip], max_new_tokens=20)[0]
     assert answer.strip()
+
+
+def test_timestamped_transcripts_change_only_the_transcript_slot(clip):
+    from transformers import WhisperFeatureExtractor
+
+    from desta.processing import DestaProcessor
+    from desta.tiny import tiny_tokenizer
+
+    bare = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
+    stamped = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2,
+                             transcript_format="timestamped")
+    batch_bare = bare([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
+    batch_stamped = stamped([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
+    ids_bare, ids_stamped = batch_bare["input_ids"][0].tolist(), batch_stamped["input_ids"][0].tolist()
+    audio_end = max(i for i, t in enumerate(ids_bare) if t == bare.audio_token_id) + 1
+    slot_bare, slot_stamped = bare.transcript_ids("excuse me"), stamped.transcript_ids("excuse me", len(clip) / 16000)
+    assert stamped.tokenizer.decode(slot_stamped).strip() == "[00:00-00:02] excuse me"
+    assert ids_bare[:audio_end] == ids_stamped[:audio_end]  # the audio positions are the same
+    assert ids_bare[audio_end:audio_end + len(slot_bare)] == slot_bare
+    assert ids_stamped[audio_end:audio_end + len(slot_stamped)] == slot_stamped
+    assert ids_bare[audio_end + len(slot_bare):] == ids_stamped[audio_end + len(slot_stamped):]  # the rest too
+    assert batch_bare["labels"][0].tolist()[audio_end + len(slot_bare):] == \
+        batch_stamped["labels"][0].tolist()[audio_end + len(slot_stamped):]
+    torch.testing.assert_close(batch_bare["input_features"], batch_stamped["input_features"])

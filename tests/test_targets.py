@@ -167,3 +167,18 @@ def test_all_rejected_still_writes_a_loadable_dataset(described, tmp_path, backe
     summary = targets(_config(described, tmp_path / "t", keep_flagged=False, max_new_tokens=2), backend)
     assert summary["kept"] == 0 and summary["rejected"] == 6
     assert len(load_from_disk(str(tmp_path / "t" / "dataset"))) == 0
+
+
+def test_label_targets_come_from_the_gold_fields_only(described, tmp_path):
+    from datasets import load_from_disk
+
+    from desta.targets import label_response
+
+    summary = targets(_config(described, tmp_path / "labels", kind="labels", model="", keep_flagged=False))
+    rows, _ = _output(tmp_path / "labels")
+    assert summary["kept"] == 6 and json.loads(rows[0]["generator"])["backend"] == "labels"
+    row = load_from_disk(str(described))[0]
+    assert rows[0]["response"] == label_response(row) and row["transcript"] in rows[0]["response"]
+    assert label_response({**row, "description": "something else entirely"}) == rows[0]["response"]
+    other = "Male" if row["gender"] == "Female" else "Female"
+    assert label_response({**row, "gender": other}) != rows[0]["response"]

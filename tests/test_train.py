@@ -140,3 +140,34 @@ def test_two_process_cpu_run(targets_dir, tmp_path):
         names = set(handle.keys())
     assert names and all(name.startswith("connector.") for name in names)
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_kl_loss_is_zero_when_the_student_matches_the_teacher():
+    from desta.core.sequences import IGNORE_INDEX
+    from desta.train import distillation_loss
+
+    torch.manual_seed(0)
+    vocab = 11
+    teacher_logits = torch.randn(1, 7, vocab)
+    teacher_labels = torch.full((1, 7), IGNORE_INDEX)
+    teacher_labels[0, 4:7] = torch.tensor([3, 5, 2])  # a 3-token response after a 4-token prompt
+    student_logits = torch.randn(1, 12, vocab)  # a longer prompt: audio positions and a transcript
+    labels = torch.full((1, 12), IGNORE_INDEX)
+    labels[0, 9:12] = torch.tensor([3, 5, 2])
+    student_logits[0, 8:11] = teacher_logits[0, 3:6]  # the positions that predict each response token
+    same = distillation_loss(student_logits, labels, teacher_logits, teacher_labels)
+    assert same.item() == pytest.approx(0, abs=1e-6)
+    student_logits[0, 9] += torch.randn(vocab)
+    assert distillation_loss(student_logits, labels, teacher_logits, teacher_labels).item() > 0.01
+    labels[0, 8] = 7  # one more response token than the teacher's
+    with pytest.raises(ValueError, match="4 response positions but the teacher's 3"):
+        distillation_loss(student_logits, labels, teacher_logits, teacher_labels)
+
+
+def test_kl_training_distills_from_the_text_llm(targets_dir, tmp_path):
+    snapshot = Snapshot()
+    summary = train(_config(targets_dir, tmp_path / "kl", "optim.max_steps=6", "optim.loss=kl"), callbacks=[snapshot])
+    assert summary["steps"] == 6 and 0 < summary["first_train_loss"] and summary["last_train_loss"] < summary[
+        "first_train_loss"]
+    for name, param in snapshot.model.named_parameters():
+        assert torch.equal(param, snapshot.before[name]) != name.startswith("connector."), name

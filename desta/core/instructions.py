@@ -1,85 +1,107 @@
-"""Verifiable instructions (IFEval-style format checks) and refusal detection.
+"""Verifiable instructions and refusals: IFEval's checkers from a maintained package, and a keyword test.
 
-Shared by the speech eval (format items), the text retention probes and post-training reports.
-Each check takes an answer and returns a Score: a value in [0, 1] and the reason.
+An instruction is a spec, {"id": "detectable_format:json_format", "kwargs": {...}}, named by
+IFEval's instruction ids. Its wording (`instruction_text`) and its check (`follows`) come from the
+`if-verifiable` package, which ships Google's IFEval checker code as published; lm-eval carries the
+same code but pulls ~70 packages and tries to download NLTK data when imported. Answers are
+checked strictly, as IFEval's strict accuracy and Speech-IFEval do. `draw_instruction` picks one of
+the kinds in INSTRUCTION_KINDS with its settings, a pure function of the random generator.
 """
 
 from __future__ import annotations
 
-import json
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 
 @dataclass
 class Score:
-    value: float  # 0..1
+    """A score in [0, 1] (1 = right) and why."""
+
+    value: float
     reason: str
 
 
-# ----- verifiable formats (IFEval-style) -----
+# The IFEval kinds desta draws from, each with how to draw its settings for a question. Left out:
+# sentence counts and capital-word frequency (they need NLTK data no package ships), the response
+# language (English answers pass it trivially), and two-responses (meaningless for one clip).
+InstructionKwargs = Callable[[np.random.Generator, str], dict[str, Any]]
+INSTRUCTION_KINDS: dict[str, InstructionKwargs] = {
+    "detectable_format:json_format": lambda rng, q: {},
+    "length_constraints:number_words": lambda rng, q: (
+        {"num_words": int(rng.integers(8, 20)), "relation": "less than"} if rng.random() < 0.5
+        else {"num_words": int(rng.integers(20, 40)), "relation": "at least"}),
+    "change_case:english_lowercase": lambda rng, q: {},
+    "change_case:english_capital": lambda rng, q: {},
+    "startend:end_checker": lambda rng, q: {"end_phrase": str(rng.choice(
+        ["Is there anything else I can help with?", "That is all.", "Any other questions?"]))},
+    "combination:repeat_prompt": lambda rng, q: {"prompt_to_repeat": q},
+    "detectable_format:number_bullet_lists": lambda rng, q: {"num_bullets": int(rng.integers(2, 5))},
+    "keywords:existence": lambda rng, q: {"keywords": [str(k) for k in rng.choice(
+        ["voice", "speaker", "recording", "sound", "tone"], size=2, replace=False)]},
+    "keywords:forbidden_words": lambda rng, q: {"forbidden_words": [str(k) for k in rng.choice(
+        ["speaker", "voice", "audio", "clip"], size=2, replace=False)]},
+    "keywords:frequency": lambda rng, q: {"keyword": str(rng.choice(["voice", "speaker", "clip"])),
+                                          "frequency": int(rng.integers(2, 4)), "relation": "at least"},
+    "startend:quotation": lambda rng, q: {},
+    "detectable_format:title": lambda rng, q: {},
+    "detectable_format:multiple_sections": lambda rng, q: {"section_spliter": str(rng.choice(["Section", "PART"])),
+                                                           "num_sections": int(rng.integers(2, 4))},
+    "detectable_content:postscript": lambda rng, q: {"postscript_marker": str(rng.choice(["P.S.", "P.P.S"]))},
+    "punctuation:no_comma": lambda rng, q: {},
+    "length_constraints:number_paragraphs": lambda rng, q: {"num_paragraphs": int(rng.integers(2, 4))},
+    "detectable_format:number_highlighted_sections": lambda rng, q: {"num_highlights": int(rng.integers(1, 4))},
+    "detectable_content:number_placeholders": lambda rng, q: {"num_placeholders": int(rng.integers(1, 3))},
+}
 
-def _strip_fences(text: str) -> str:
-    match = re.fullmatch(r"\s*```(?:json)?\s*(.*?)\s*```\s*", text, flags=re.S)
-    return match.group(1) if match else text.strip()
+
+def _checker(spec: dict[str, Any]):
+    """The IFEval checker object for a spec, with its settings applied."""
+    import langdetect
+    from if_verifiable.ifeval import instructions_registry
+
+    langdetect.DetectorFactory.seed = 0  # the case checks detect the language: deterministic from here on
+    kind, known = spec["id"], instructions_registry.INSTRUCTION_DICT
+    if kind not in known:
+        raise ValueError(f"unknown IFEval instruction {kind!r}; known: {sorted(known)}")
+    checker = known[kind](kind)
+    checker.build_description(**spec.get("kwargs", {}))
+    return checker
 
 
-def check_json_keys(answer: str, keys: list[str]) -> Score:
-    """A JSON object with exactly these keys (a ```json fence around it is allowed).
+def draw_instruction(rng: np.random.Generator, question: str, kinds: list[str] | None = None) -> dict[str, Any]:
+    """One instruction spec for a question: a kind drawn from `kinds` (default: all) and its settings.
 
-    >>> check_json_keys('{"gender": "male", "transcript": "hi"}', ["gender", "transcript"]).value
-    1.0
-    >>> check_json_keys('{"gender": "male",}', ["gender"]).reason
-    'not valid JSON'
+    >>> spec = draw_instruction(np.random.default_rng(0), "What does the speaker say?")
+    >>> sorted(spec), spec["id"] in INSTRUCTION_KINDS
+    (['id', 'kwargs'], True)
     """
-    try:
-        value = json.loads(_strip_fences(answer))
-    except json.JSONDecodeError:
-        return Score(0.0, "not valid JSON")
-    if not isinstance(value, dict):
-        return Score(0.0, "JSON but not an object")
-    if sorted(value) != sorted(keys):
-        return Score(0.0, f"keys {sorted(value)}, wanted {sorted(keys)}")
-    return Score(1.0, "valid JSON with the keys")
+    kinds = kinds or list(INSTRUCTION_KINDS)
+    kind = str(rng.choice(kinds))
+    return {"id": kind, "kwargs": INSTRUCTION_KINDS[kind](rng, question)}
 
 
-def check_max_words(answer: str, limit: int) -> Score:
-    count = len(re.findall(r"\S+", answer))
-    return Score(float(0 < count <= limit), f"{count} words (limit {limit})")
+def instruction_text(spec: dict[str, Any]) -> str:
+    """The instruction in IFEval's own wording.
+
+    >>> spec = {"id": "length_constraints:number_words", "kwargs": {"num_words": 12, "relation": "less than"}}
+    >>> instruction_text(spec)
+    'Answer with less than 12 words.'
+    """
+    return _checker(spec).build_description(**spec.get("kwargs", {}))
 
 
-def check_lowercase(answer: str) -> Score:
-    ok = bool(answer.strip()) and not any(c.isupper() for c in answer)
-    return Score(float(ok), "all lowercase" if ok else "has capital letters or is empty")
+def follows(answer: str, spec: dict[str, Any]) -> Score:
+    """Whether the answer follows the instruction (IFEval strict: the raw answer, and an empty one fails).
 
-
-def check_prefix(answer: str, prefix: str) -> Score:
-    ok = answer.strip().startswith(prefix)
-    return Score(float(ok), "starts with the phrase" if ok else f"does not start with {prefix!r}")
-
-
-def check_bullets(answer: str, count: int) -> Score:
-    """Exactly `count` bullet lines ("- " or "* "), nothing else but blank lines."""
-    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
-    bullets = [line for line in lines if re.match(r"^[-*•]\s+\S", line)]
-    ok = len(bullets) == count and len(bullets) == len(lines)
-    return Score(float(ok), f"{len(bullets)} bullets in {len(lines)} lines (wanted {count})")
-
-
-def check_format(answer: str, check: dict) -> Score:
-    """Dispatch on an item's check spec, e.g. {"kind": "max_words", "n": 12}."""
-    kind = check["kind"]
-    if kind == "json_keys":
-        return check_json_keys(answer, check["keys"])
-    if kind == "max_words":
-        return check_max_words(answer, check["n"])
-    if kind == "lowercase":
-        return check_lowercase(answer)
-    if kind == "prefix":
-        return check_prefix(answer, check["prefix"])
-    if kind == "bullets":
-        return check_bullets(answer, check["n"])
-    raise ValueError(f"unknown format check {kind!r}")
+    >>> follows('{"gender": "female"}', {"id": "detectable_format:json_format", "kwargs": {}}).value
+    1.0
+    """
+    ok = bool(answer.strip()) and bool(_checker(spec).check_following(answer))
+    return Score(float(ok), f"{'follows' if ok else 'does not follow'} {spec['id']}")
 
 
 # ----- refusals -----
