@@ -7,7 +7,7 @@ Backends: transformers (default, batched over 30 s windows), openai-whisper, fas
 from __future__ import annotations
 
 import copy
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -15,14 +15,20 @@ from transformers import PreTrainedConfig, WhisperFeatureExtractor, WhisperForCo
 
 from desta.audio import SAMPLE_RATE, split_windows
 
+if TYPE_CHECKING:
+    from whisper.tokenizer import Tokenizer
+
 
 class Transcriber(Protocol):
+    """What every ASR backend offers: a name, and clips in, one transcript per clip out."""
+
     name: str
 
-    def __call__(self, clips: list[np.ndarray]) -> list[str]: ...
+    def __call__(self, clips: list[np.ndarray]) -> list[str]:
+        """16 kHz mono float32 clips, each (samples,) -> one transcript per clip, in order."""
 
 
-def whisper_text_tokenizer(whisper_config: PreTrainedConfig):
+def whisper_text_tokenizer(whisper_config: PreTrainedConfig) -> Tokenizer:
     """openai-whisper's tokenizer (ships its vocabulary, works offline) for decoding transcripts."""
     from whisper.tokenizer import get_tokenizer
 
@@ -68,6 +74,7 @@ class TransformersWhisper:
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def __call__(self, clips: list[np.ndarray]) -> list[str]:
+        """Clips, each (samples,) at 16 kHz -> one transcript per clip (30 s windows decoded greedily, joined)."""
         return transcribe_windows(self.whisper, self.feature_extractor, clips, self.max_new_tokens, self.batch_size)
 
 
@@ -83,6 +90,7 @@ class OpenAIWhisper:
         self.model = whisper.load_model(model, device=device)
 
     def __call__(self, clips: list[np.ndarray]) -> list[str]:
+        """Clips, each (samples,) at 16 kHz -> one English transcript per clip, one clip at a time."""
         return [self.model.transcribe(clip, language="en", fp16=False)["text"].strip() for clip in clips]
 
 
@@ -100,6 +108,7 @@ class FasterWhisper:
         self.model = WhisperModel(model, device=device or "auto", compute_type="default")
 
     def __call__(self, clips: list[np.ndarray]) -> list[str]:
+        """Clips, each (samples,) at 16 kHz -> one English transcript per clip (greedy, segments joined)."""
         out = []
         for clip in clips:
             segments, _ = self.model.transcribe(clip, language="en", beam_size=1)
@@ -111,6 +120,7 @@ BACKENDS = {b.name: b for b in (TransformersWhisper, OpenAIWhisper, FasterWhispe
 
 
 def make_transcriber(backend: str, model: str, **kwargs: object) -> Transcriber:
+    """An ASR backend by name (transformers, openai-whisper or faster-whisper) loaded with `model`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown ASR backend {backend!r}; choose one of {sorted(BACKENDS)}")
     return BACKENDS[backend](model, **kwargs)

@@ -34,6 +34,8 @@ SNR_BINS_DB = (15.0, 30.0)
 
 @dataclass
 class SignalMeasures:
+    """What `measure` reads from a clip's waveform, before binning into words."""
+
     duration: float  # seconds
     active_seconds: float  # seconds of speech activity (energy within ACTIVE_RANGE_DB of the peak)
     f0_hz: float | None  # median F0 of voiced frames; None if nothing voiced
@@ -88,18 +90,38 @@ def pitch_word(f0_hz: float | None, gender: str | None = None) -> str | None:
 
 
 def volume_word(level_dbfs: float) -> str:
+    """'Low' / 'Normal' / 'High' from the RMS level of active speech (VOLUME_BINS_DBFS).
+
+    >>> volume_word(-30.0), volume_word(-22.0), volume_word(-10.0)
+    ('Low', 'Normal', 'High')
+    """
     return _bin(level_dbfs, VOLUME_BINS_DBFS, ("Low", "Normal", "High"))
 
 
 def speed_word(words_per_second: float) -> str:
+    """'Slow' / 'Normal' / 'Fast' from words per second of active speech (SPEED_BINS_WPS).
+
+    >>> speed_word(2.0), speed_word(3.5), speed_word(5.0)
+    ('Slow', 'Normal', 'Fast')
+    """
     return _bin(words_per_second, SPEED_BINS_WPS, ("Slow", "Normal", "Fast"))
 
 
 def noise_word(snr_db: float) -> str:
+    """'Noisy' / 'Moderate' / 'Clean' from the signal-to-noise ratio in dB (SNR_BINS_DB).
+
+    >>> noise_word(10.0), noise_word(20.0), noise_word(40.0)
+    ('Noisy', 'Moderate', 'Clean')
+    """
     return _bin(snr_db, SNR_BINS_DB, ("Noisy", "Moderate", "Clean"))
 
 
 def count_words(text: str) -> int:
+    """Words in a transcript: runs of letters, digits and apostrophes.
+
+    >>> count_words("It's 5 o'clock, Bob.")
+    4
+    """
     return len(re.findall(r"[\w']+", text))
 
 

@@ -11,11 +11,15 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from desta.audio import AudioError, load_audio
 from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings
+
+if TYPE_CHECKING:
+    from desta.modeling import DestaModel
+    from desta.processing import DestaProcessor
 
 
 @dataclass
@@ -51,7 +55,8 @@ class ChatConfig:
         raise_problems(problems)
 
 
-def answer_batch(model, processor, path: Path, out: Path, batch_size: int, max_new_tokens: int) -> dict[str, int]:
+def answer_batch(model: DestaModel, processor: DestaProcessor, path: Path, out: Path, batch_size: int,
+                 max_new_tokens: int) -> dict[str, int]:
     """Answer every row of a JSONL file; a row with an unreadable clip or no instruction keeps its error."""
     lines = path.read_text().splitlines()
     results: list[dict[str, Any]] = []

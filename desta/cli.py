@@ -12,11 +12,21 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from desta.describe import DescribeConfig
+    from desta.evaluate import EvalConfig
+    from desta.export import ExportConfig
+    from desta.posttrain import PostTrainConfig
+    from desta.targets import TargetsConfig
+    from desta.train import TrainConfig
 
 
 @dataclass(frozen=True)
 class Command:
+    """One subcommand: its name, where its settings class and its function live, and its last line."""
+
     name: str
     config: str  # "module:Class" of the command's settings
     run: str  # "module:function" taking the settings
@@ -25,7 +35,7 @@ class Command:
 
 def _chunked(counts: Callable[[dict], str]) -> Callable[[Any, dict], str]:
     """The end-of-run line of a chunked stage: counts after a merge, or this shard's progress."""
-    def line(config, summary: dict) -> str:
+    def line(config: DescribeConfig | TargetsConfig, summary: dict) -> str:
         if "inputs" in summary:
             return f"{counts(summary)} -> {Path(config.out) / 'dataset'}, {Path(config.out) / 'rejects.jsonl'}"
         stage = "describe" if hasattr(config, "mapping") else "targets"
@@ -34,13 +44,13 @@ def _chunked(counts: Callable[[dict], str]) -> Callable[[Any, dict], str]:
     return line
 
 
-def _trained(config, summary: dict) -> str:
+def _trained(config: TrainConfig, summary: dict) -> str:
     return (f"trained {summary['steps']} steps on {summary['train_rows']} rows ({summary['samples_per_second']} "
             f"samples/s); loss {summary['first_train_loss']} -> {summary['last_train_loss']}; eval losses "
             f"{[round(v, 4) for _, v in summary['eval_losses']]}")
 
 
-def _exported(config, result: dict) -> str:
+def _exported(config: ExportConfig, result: dict) -> str:
     lines = [f"exported {config.checkpoint} -> {result['folder']} ({result['bytes'] / 2**20:.1f} MiB, "
              f"{'full model' if result['full'] else 'trainable weights only'})"]
     push = result.get("push")
@@ -52,14 +62,14 @@ def _exported(config, result: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluated(config, report: dict) -> str:
+def _evaluated(config: EvalConfig, report: dict) -> str:
     from desta.core.artifacts import REPORT_MD
 
     return ((Path(config.out) / REPORT_MD).read_text()
             + f"wrote {Path(config.out)}/report.json, report.md, scores.png; overall {report['overall']}")
 
 
-def _posttrained(config, comparison: dict) -> str:
+def _posttrained(config: PostTrainConfig, comparison: dict) -> str:
     from desta.posttrain.report import render_comparison
 
     return render_comparison(comparison)
@@ -103,6 +113,7 @@ def _load(spec: str):
 
 
 def usage() -> str:
+    """The top-level help: the usage line and one line per command (its settings class's docstring)."""
     from desta.core.args import command_help
 
     width = max(len(c.name) for c in COMMANDS)
@@ -114,6 +125,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `desta` command line (default: sys.argv[1:]) and return the exit status: 0 when it ran (or
+    printed --help), 2 on a usage or settings error or an error the stage raised (DESTA_DEBUG=1 re-raises it)."""
     from desta.core.args import ConfigError, parse_command
 
     argv = list(sys.argv[1:] if argv is None else argv)

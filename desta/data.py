@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -23,10 +23,15 @@ from desta.core.sequences import Conversation, chat_tokens, pad_batch
 from desta.processing import DestaProcessor
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from desta.features import FeatureCache
+
 TARGET_COLUMNS = ["id", "audio", "prompt", "response"]
 
 
-def load_targets(path: str, what: str):
+def load_targets(path: str, what: str) -> Dataset:
     """A targets dataset, checked for the columns training needs."""
     from datasets import load_from_disk
 
@@ -43,7 +48,7 @@ def load_targets(path: str, what: str):
     return dataset
 
 
-def targets_system_prompt(dataset, override: str | None) -> str | None:
+def targets_system_prompt(dataset: Dataset, override: str | None) -> str | None:
     """The system prompt to train with: `override` when given ("" for none), else the one the targets
     stage used (its `system_prompt` column), else the default of datasets made before that column."""
     if override is not None:
@@ -77,6 +82,8 @@ def load_text_rows(path: str) -> list[dict[str, str]]:
 
 @dataclass
 class Example:
+    """One training chat: its conversation, and where its audio is (not yet decoded)."""
+
     id: str
     conversation: Conversation
     audio: dict | None  # {"bytes" | "path"}; None for text-only rows
@@ -85,7 +92,7 @@ class Example:
     teacher: Conversation | None = None  # distillation: the text turn the LLM reads, with the same response
 
 
-def speech_examples(dataset, processor: DestaProcessor, teacher: bool = False) -> list[Example]:
+def speech_examples(dataset: Dataset, processor: DestaProcessor, teacher: bool = False) -> list[Example]:
     """One example per targets row: the processor's speech turn with the row's prompt and response; with
     `teacher`, also the text LLM's turn (description + prompt) with the same response, for distillation."""
     columns = dataset.column_names
@@ -136,7 +143,7 @@ def apply_length_rule(processor: DestaProcessor, examples: list[Example], max_le
 class DestaDataset(torch.utils.data.Dataset):
     """Examples decoded lazily: audio is read from disk (or the feature cache) when a batch needs it."""
 
-    def __init__(self, examples: list[Example], cache=None):
+    def __init__(self, examples: list[Example], cache: FeatureCache | None = None):
         self.examples, self.cache = examples, cache
 
     def __len__(self) -> int:
@@ -164,6 +171,9 @@ class DestaCollator:
         self.processor, self.max_length = processor, max_length
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Items from DestaDataset -> the processor's batch plus sample_ids: input_ids, attention_mask, labels
+        (batch, seq); input_features (windows, mel_bins, frames) and feature_attention_mask (windows, frames), or from
+        the cache audio_hidden_states (layers, windows, steps, d_model) and audio_step_mask (windows, steps)."""
         from desta.features import pad_cached
 
         conversations = [item["conversation"] for item in items]
@@ -211,6 +221,7 @@ class EpochSeededSampler(LengthGroupedSampler):
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch the next iteration's order is drawn for (the Trainer calls it at each epoch)."""
         self.epoch = epoch
 
     def __iter__(self):

@@ -11,11 +11,17 @@ import html
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from desta.core.artifacts import DATASET, REPORT_JSON, WEIGHTS
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+T = TypeVar("T")
 
 SMALL_WHISPER = "whisper-tiny.en"
 SMALL_LLM = "SmolLM2-135M-Instruct"
@@ -36,6 +42,8 @@ def small_models_dir(models_dir: str | os.PathLike | None = None) -> Path | None
 
 @dataclass
 class DemoSize:
+    """How big the demo's corpus, targets, training and evaluation are."""
+
     train_clips: int
     eval_clips: int
     max_new_tokens: int  # for the targets stage
@@ -65,10 +73,11 @@ class DemoConfig:
 class Stages:
     """Runs the demo's stages in order, printing each with its time."""
 
-    def __init__(self, count: int, log=print):
+    def __init__(self, count: int, log: Callable[[str], None] = print):
         self.count, self.log, self.index, self.times = count, log, 0, {}
 
-    def run(self, name: str, what: str, work, describe_result):
+    def run(self, name: str, what: str, work: Callable[[], T], describe_result: Callable[[T], str]) -> T:
+        """Run `work`, log the stage with `describe_result` of its result and its time, and return the result."""
         self.index += 1
         self.log(f"[{self.index}/{self.count}] {name}: {what}")
         started = time.perf_counter()
@@ -79,7 +88,7 @@ class Stages:
 
 
 def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, size: DemoSize | None = None,
-             log=print) -> dict[str, Any]:
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every stage of the loop into `out`; returns the facts the report shows."""
     import datasets
     from transformers.utils import logging as hf_logging
@@ -208,7 +217,7 @@ def _report(out: Path, facts: dict[str, Any]) -> None:
     (out / "report.html").write_text(render_report_html(facts, samples))
 
 
-def _asr_check(encoder: str, dataset, clips: int = 16) -> dict[str, Any]:
+def _asr_check(encoder: str, dataset: Dataset, clips: int = 16) -> dict[str, Any]:
     """Whisper's word error rate on a few held-out clips (their transcripts are known)."""
     from desta.asr import TransformersWhisper
     from desta.audio import load_audio_ref
@@ -253,6 +262,7 @@ def _eval_rows(report: dict) -> list[list[str]]:
 
 
 def render_report_md(facts: dict, samples: list[dict[str, str]]) -> str:
+    """The demo report as Markdown: stage times, data counts, sample targets, training and evaluation."""
     kind = "real Whisper tiny.en + SmolLM2-135M-Instruct" if facts["real"] else "tiny random models"
     lines = [f"# desta demo ({kind})", "",
              "synthetic corpus -> describe -> targets -> train -> eval -> export", "",
@@ -287,6 +297,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def render_report_html(facts: dict, samples: list[dict[str, str]]) -> str:
+    """The demo report as one HTML page, with the same sections as the Markdown report."""
     kind = "real Whisper tiny.en + SmolLM2-135M-Instruct" if facts["real"] else "tiny random models"
     t, asr = facts["train"], facts["asr"]
     sample_html = "".join(
@@ -320,4 +331,5 @@ loss {t['first_train_loss']:.3f} &rarr; {t['last_train_loss']:.3f}.</p>
 
 
 def demo(config: DemoConfig) -> dict[str, Any]:
+    """`desta demo`: run the whole loop into config.out and return the facts the report shows."""
     return run_demo(config.out, models=config.models, size=MINIMAL if config.minimal else None)

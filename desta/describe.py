@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from tqdm import tqdm
@@ -35,6 +35,12 @@ from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio_ref,
 from desta.core.args import raise_problems
 from desta.core.artifacts import DATASET, REJECTS, SUMMARY
 from desta.core.chunks import ChunkedJob, attach_columns, read_jsonl, save_dataset_atomic, to_jsonl, write_atomic
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import Pipeline
+
+    from desta.asr import Transcriber
 
 LABEL_ATTRIBUTES = ("gender", "emotion", "accent", "age")
 DEFAULT_ATTRIBUTES = ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed", "duration"]
@@ -156,7 +162,7 @@ def _read_manifest(path: Path) -> tuple[list[dict], list[dict]]:
     return rows, rejects
 
 
-def open_source(source: str, mapping: dict[str, Any], split: str = "train"):
+def open_source(source: str, mapping: dict[str, Any], split: str = "train") -> tuple[Dataset, list[dict]]:
     """The source as a `datasets.Dataset` with an undecoded `audio` column and an `id` column, plus rejects."""
     from datasets import Audio, Dataset, load_dataset, load_from_disk
 
@@ -282,7 +288,7 @@ def finish_row(result: dict, shown: list[str]) -> dict:
 
 # ----- the stage -----
 
-def _classify_pending(results: list[dict], attribute: str, classifier) -> None:
+def _classify_pending(results: list[dict], attribute: str, classifier: Pipeline) -> None:
     """Fill a missing label attribute with an audio-classification pipeline's top label."""
     from desta.audio import SAMPLE_RATE as RATE
 
@@ -302,7 +308,7 @@ def _classify_pending(results: list[dict], attribute: str, classifier) -> None:
             result["pitch"] = pitch_word(result["f0_hz"], result["gender"])
 
 
-def _transcribe_pending(results: list[dict], transcriber) -> None:
+def _transcribe_pending(results: list[dict], transcriber: Transcriber) -> None:
     """Fill missing transcripts with the ASR model, batched; long clips get one segment per 30 s window."""
     from desta.audio import split_windows
 

@@ -19,9 +19,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -45,6 +46,12 @@ from desta.scoring import (
     yes_or_no,
 )
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from desta.modeling import DestaModel
+    from desta.processing import DestaProcessor
+
 CLOSED = ("gender", "accent", "emotion", "speaking_speed", "pitch", "volume")
 ITEM_COLUMNS = ["item_id", "id", "category", "instruction", "answer", "choices", "check", "description", "transcript"]
 JUDGE_PROMPT = ("You are grading an answer about an audio clip. The clip's description is:\n{description}\n\n"
@@ -62,7 +69,7 @@ BENCHMARK_COLUMNS = {
 
 # ----- building the eval set -----
 
-def build_eval_set(described, seed: int = 0, categories: list[str] | None = None,
+def build_eval_set(described: Dataset, seed: int = 0, categories: list[str] | None = None,
                    if_items_per_clip: int = 2) -> list[dict[str, Any]]:
     """Eval items from a described dataset: per clip, one item per category its gold data supports
     (and `if_items_per_clip` instruction-following items), each phrasing drawn per item from `seed`."""
@@ -186,7 +193,7 @@ def write_eval_set(config: EvalSetConfig) -> dict[str, int]:
     return counts
 
 
-def load_eval_set(path: str | os.PathLike, columns: dict[str, str] | None = None):
+def load_eval_set(path: str | os.PathLike, columns: dict[str, str] | None = None) -> Dataset:
     """An eval set written by `desta eval-set`, or any dataset with audio / instruction / answer columns
     (`columns` maps our names to its names, e.g. BENCHMARK_COLUMNS["mmau"])."""
     from datasets import load_from_disk
@@ -300,7 +307,7 @@ class AnswerCache:
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
 
-    def get(self, key: dict[str, Any], compute, *args: Any) -> Any:
+    def get(self, key: dict[str, Any], compute: Callable[..., Any], *args: Any) -> Any:
         """The stored value for `key`, else `compute(*args)`, stored."""
         if self.folder is None:
             return compute(*args)
@@ -334,7 +341,8 @@ def file_digest(folder: Path, names: tuple[str, ...]) -> str:
 
 
 @torch.no_grad()
-def clip_transcripts(model, processor, items: list[dict], batch_size: int, progress: bool) -> dict[str, str]:
+def clip_transcripts(model: DestaModel, processor: DestaProcessor, items: list[dict], batch_size: int,
+                     progress: bool) -> dict[str, str]:
     """Whisper's transcript of every distinct clip, as the speech model receives it."""
     from desta.audio import load_audio_ref
 
@@ -351,7 +359,8 @@ def clip_transcripts(model, processor, items: list[dict], batch_size: int, progr
 
 
 @torch.no_grad()
-def speech_answers(model, processor, items: list[dict], transcripts: dict[str, str], batch_size: int,
+def speech_answers(model: DestaModel, processor: DestaProcessor, items: list[dict], transcripts: dict[str, str],
+                   batch_size: int,
                    max_new_tokens: int, progress: bool = True) -> tuple[list[str], float]:
     """The speech model's answers from the audio and the given transcript of each clip; and the seconds taken."""
     from desta.audio import load_audio_ref

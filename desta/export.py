@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from desta.core.args import raise_problems
 from desta.core.artifacts import CONFIG, DATASET, MODEL_CARD, REPORT_MD, RUN_CONFIG, SUMMARY
 from desta.loading import load
+
+if TYPE_CHECKING:
+    from desta.modeling import DestaModel
 
 
 def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_id: str | None = None,
@@ -54,7 +57,7 @@ def _report_markdown(path: Path) -> Path:
     return markdown
 
 
-def save_full(model, out: Path) -> None:
+def save_full(model: DestaModel, out: Path) -> None:
     """The whole model (LoRA merged) as safetensors, with a config that needs no base checkpoint."""
     from huggingface_hub import save_torch_state_dict
 
@@ -83,6 +86,8 @@ def _metadata_block(bases: dict[str, str | None], license: str, datasets: list[s
 
 def model_card(checkpoint: Path, out: Path, bases: dict[str, str | None], full: bool, license: str,
                report_path: Path | None) -> str:
+    """README.md text for the Hub: metadata header, what the model is made of, how it was trained
+    (from the checkpoint's run_config.yaml and summary.json), the eval table when there is one, and usage."""
     import yaml
 
     run = yaml.safe_load((checkpoint / RUN_CONFIG).read_text()) if (checkpoint / RUN_CONFIG).exists() else {}
@@ -127,6 +132,7 @@ def model_card(checkpoint: Path, out: Path, bases: dict[str, str | None], full: 
 
 
 def files_to_upload(folder: str | Path) -> list[tuple[str, int]]:
+    """(path relative to `folder`, size in bytes) of every file under it, sorted by path."""
     folder = Path(folder)
     return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
 

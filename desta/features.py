@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -24,10 +24,16 @@ from tqdm import tqdm
 from desta.audio import load_audio_ref, split_windows
 from desta.core.chunks import write_atomic
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from desta.modeling import DestaModel
+    from desta.processing import DestaProcessor
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def cache_signature(model) -> dict[str, Any]:
+def cache_signature(model: DestaModel) -> dict[str, Any]:
     """What the cached features depend on; a cache made with other settings is refused."""
     config = model.config
     return {"encoder": config.encoder_name_or_path, "tapped_layers": list(config.tapped_layers),
@@ -35,8 +41,9 @@ def cache_signature(model) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def cache_features(model, processor, dataset, folder: str | os.PathLike, dtype: str = "float16",
-                   clips_per_shard: int = 256, batch_size: int = 8, progress: bool = True) -> Path:
+def cache_features(model: DestaModel, processor: DestaProcessor, dataset: Dataset, folder: str | os.PathLike,
+                   dtype: str = "float16", clips_per_shard: int = 256, batch_size: int = 8,
+                   progress: bool = True) -> Path:
     """Compute and store the tapped-layer features of every distinct clip id in `dataset`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,7 +96,7 @@ def cache_features(model, processor, dataset, folder: str | os.PathLike, dtype: 
 class FeatureCache:
     """Read cached features: `cache[clip_id]` -> list of (layers, steps, d_model) tensors, one per window."""
 
-    def __init__(self, folder: str | os.PathLike, model=None):
+    def __init__(self, folder: str | os.PathLike, model: DestaModel | None = None):
         self.folder = Path(folder)
         meta_file = self.folder / "meta.json"
         if not meta_file.is_file():

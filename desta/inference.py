@@ -6,13 +6,18 @@ a plain chat LLM. Both stop at the same end-of-turn tokens the rest of desta use
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend, finish_generation, generate_kwargs
 from desta.core.sequences import end_of_turn_ids
+
+if TYPE_CHECKING:
+    from desta.modeling import DestaModel
+    from desta.processing import DestaProcessor
 
 
 class TextEngine:
@@ -29,7 +34,8 @@ class TextEngine:
         """The answer and the prompt's length in tokens."""
         return self.backend.generate([messages], settings)[0], len(self.backend.encode(messages))
 
-    def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings):
+    def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings) -> Iterator[str]:
+        """Yield text pieces of the answer as they are generated (a text model: `audios` is not used)."""
         yield from self.backend.stream(messages, settings)
 
 
@@ -38,12 +44,13 @@ class DestaEngine:
 
     accepts_audio = True
 
-    def __init__(self, model, processor, model_id: str):
+    def __init__(self, model: DestaModel, processor: DestaProcessor, model_id: str):
         self.model, self.processor, self.model_id = model, processor, model_id
         self.audio_token = processor.audio_token
         self.eos_ids = end_of_turn_ids(processor.tokenizer, model.llm.generation_config)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+        """Clips, each (samples,) at 16 kHz -> one Whisper transcript per clip ([] for no clips)."""
         return self.model.transcribe(self.processor, audios) if audios else []
 
     def _inputs(self, messages: list[dict], audios: list[np.ndarray], transcripts: list[str] | None = None):
@@ -66,7 +73,7 @@ class DestaEngine:
         return generation, int(inputs["attention_mask"].sum())
 
     def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
-               transcripts: list[str] | None = None):
+               transcripts: list[str] | None = None) -> Iterator[str]:
         """Yield text pieces of the answer as they are generated."""
         from transformers import TextIteratorStreamer
 
@@ -80,7 +87,8 @@ class DestaEngine:
         worker.join()
 
 
-def load_engine(checkpoint: str | None = None, llm: str | None = None, model_id: str | None = None):
+def load_engine(checkpoint: str | None = None, llm: str | None = None,
+                model_id: str | None = None) -> DestaEngine | TextEngine:
     """A DestaEngine for a DeSTA checkpoint folder, or a TextEngine for a chat LLM."""
     if (checkpoint is None) == (llm is None):
         raise ValueError("give a DeSTA checkpoint or --llm for a text-only model, not both")

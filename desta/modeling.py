@@ -205,6 +205,7 @@ class DestaModel(PreTrainedModel):
         return name.startswith("connector.") or "lora_" in name
 
     def apply_freezing(self) -> None:
+        """Set requires_grad by `is_trainable_name` and tell the Trainer the frozen weights are not saved."""
         for name, param in self.named_parameters():
             param.requires_grad_(self.is_trainable_name(name))
         # Checkpoints hold the trainable weights only; this tells transformers' Trainer that the frozen
@@ -218,6 +219,7 @@ class DestaModel(PreTrainedModel):
         return {"trainable": trainable, "total": total, "trainable_share": trainable / total}
 
     def train(self, mode: bool = True) -> DestaModel:
+        """nn.Module.train, except that Whisper (and the LLM, unless LoRA trains it) stays in eval mode."""
         super().train(mode)
         self.whisper.eval()  # frozen: no dropout, ever
         if self.config.lora is None:
@@ -358,6 +360,7 @@ class DestaModel(PreTrainedModel):
     # ----- save / load: trainable weights only, safetensors, no pickle -----
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds (connector and LoRA), detached and contiguous, by state-dict name."""
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if self.is_trainable_name(k)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:

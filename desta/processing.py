@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from tokenizers import AddedToken
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, WhisperFeatureExtractor
+from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
 from desta.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, num_windows, split_windows, time_span, validate_audio
 from desta.core.artifacts import PROCESSOR_CONFIG
@@ -79,10 +79,11 @@ class DestaProcessor:
 
     @property
     def audio_token_id(self) -> int:
+        """The tokenizer's id of the audio placeholder token."""
         return self.tokenizer.convert_tokens_to_ids(self.audio_token)
 
     @classmethod
-    def from_config(cls, config, tokenizer: PreTrainedTokenizerBase,
+    def from_config(cls, config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase,
                     feature_extractor: WhisperFeatureExtractor | None = None) -> DestaProcessor:
         """A processor matching a DestaConfig; sets config.audio_token_id to the tokenizer's id."""
         feature_extractor = feature_extractor or WhisperFeatureExtractor(
@@ -97,6 +98,8 @@ class DestaProcessor:
     # ----- save / load -----
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the feature extractor, the tokenizer and PROCESSOR_CONFIG (the other settings: audio token,
+        queries, transcript limit, 30 s padding, system prompt)."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.feature_extractor.save_pretrained(folder)
@@ -108,6 +111,7 @@ class DestaProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> DestaProcessor:
+        """The processor that `save_pretrained` wrote into `folder`."""
         folder = Path(folder)
         if not (folder / PROCESSOR_CONFIG).is_file():
             raise FileNotFoundError(f"{folder} holds no {PROCESSOR_CONFIG}; save the processor with "
@@ -118,6 +122,7 @@ class DestaProcessor:
     # ----- text -----
 
     def render(self, conversation: Conversation, add_generation_prompt: bool = False) -> str:
+        """The conversation as chat-template text, answers stripped of surrounding whitespace (not tokenized)."""
         return render_chat(self.tokenizer, strip_answers(conversation), add_generation_prompt)
 
     def conversation(self, instruction: str, response: str | None = None, clips: int = 1) -> Conversation:
@@ -140,6 +145,8 @@ class DestaProcessor:
         return text
 
     def transcript_ids(self, transcript: str | None, seconds: float | None = None) -> list[int]:
+        """Token ids of the transcript slot after a clip's audio positions, cut at transcript_max_tokens;
+        [] when there is no transcript."""
         text = self.transcript_text(transcript, seconds)
         if not text:
             return []
@@ -237,4 +244,5 @@ class DestaProcessor:
         return {"input_features": features.input_features, "feature_attention_mask": mask}
 
     def batch_decode(self, ids: torch.Tensor, **kwargs: Any) -> list[str]:
+        """Token ids (batch, seq) -> one string per row, through the tokenizer's batch_decode."""
         return self.tokenizer.batch_decode(ids, **kwargs)

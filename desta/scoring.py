@@ -110,6 +110,7 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 
 def score_transcript(answer: str, gold: str) -> Score:
+    """1 - WER of the answer against the gold transcript (0 when the WER is 1 or more)."""
     wer = word_error_rate(gold, answer)
     return Score(max(0.0, 1.0 - wer), f"WER {wer:.2f}")
 

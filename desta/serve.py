@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -25,6 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings
+
+if TYPE_CHECKING:
+    from desta.inference import DestaEngine, TextEngine
 
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
 
@@ -40,6 +44,8 @@ class ServeLimits:
 
 
 class RequestError(Exception):
+    """A request the server refuses: the HTTP status and the OpenAI-shaped error (message, code, param)."""
+
     def __init__(self, status: int, message: str, code: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
@@ -50,7 +56,8 @@ def _error(status: int, message: str, code: str = "invalid_request_error", param
                         status_code=status)
 
 
-def parse_messages(body: dict, engine, limits: ServeLimits) -> tuple[list[dict], list[np.ndarray]]:
+def parse_messages(body: dict, engine: DestaEngine | TextEngine,
+                   limits: ServeLimits) -> tuple[list[dict], list[np.ndarray]]:
     """OpenAI messages -> chat messages with audio placeholders, and the decoded clips in order."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -107,6 +114,8 @@ def _decode_audio(part: dict, where: str, limits: ServeLimits) -> np.ndarray:
 
 
 def settings_from(body: dict, limits: ServeLimits) -> SamplingSettings:
+    """The request's max_tokens (or max_completion_tokens), temperature, top_p, repetition_penalty and seed,
+    checked against the limits; RequestError (400) when one is out of range or not a number."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or min(256, limits.max_tokens)
     if not isinstance(max_tokens, int) or max_tokens < 1 or max_tokens > limits.max_tokens:
         raise RequestError(400, f"max_tokens must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
@@ -120,7 +129,8 @@ def settings_from(body: dict, limits: ServeLimits) -> SamplingSettings:
         raise RequestError(400, f"bad sampling setting: {err}") from err
 
 
-def create_app(engine, limits: ServeLimits | None = None, api_key: str | None = None):
+def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = None,
+               api_key: str | None = None) -> FastAPI:
     """The FastAPI application around an engine (TextEngine or DestaEngine)."""
     limits = limits or ServeLimits()
     app = FastAPI(title="desta serve")
@@ -240,6 +250,7 @@ class ServeConfig:
         raise_problems(problems)
 
     def limits(self) -> ServeLimits:
+        """The per-request limits these settings give (max_body_mb converted to bytes)."""
         return ServeLimits(max_body_bytes=int(self.max_body_mb * 2**20), max_audio_seconds=self.max_audio_seconds,
                            max_tokens=self.max_tokens, max_concurrent=self.max_concurrent)
 

@@ -42,6 +42,8 @@ VOLUMES = {"Low": (30, 45), "Normal": (90, 110), "High": (180, 200)}
 
 @dataclass
 class SynthRow:
+    """One synthesized clip's manifest row: its text, the voice settings used and the labels they stand for."""
+
     id: str
     path: str  # relative to the manifest
     transcript: str
@@ -141,4 +143,5 @@ class SynthConfig:
 
 
 def write_corpus(config: SynthConfig) -> Path:
+    """`desta synth`: write the corpus into config.out and return the manifest path."""
     return synth_corpus(config.out, num_clips=config.num_clips, seed=config.seed, num_proc=config.num_proc)

@@ -17,9 +17,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm import tqdm
 
@@ -29,6 +30,9 @@ from desta.core.chunks import ChunkedJob, attach_columns, save_dataset_atomic, t
 from desta.core.generation import Backend, Generation, SamplingSettings, make_backend
 from desta.core.quality import looping
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, pick_prompts, text_turn, training_pool
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 # Answers that show the model did not "hear" the description (case-insensitive regular expressions).
 DEFAULT_REFUSAL_PATTERNS = [
@@ -128,6 +132,8 @@ class TargetsConfig:
         raise_problems(problems)
 
     def sampling(self, chunk: int = 0) -> SamplingSettings:
+        """The sampling settings for one chunk: its seed is `seed + chunk`, so each chunk draws differently
+        and a rerun of the chunk draws the same."""
         return SamplingSettings(self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty,
                                 self.seed + chunk)
 
@@ -209,7 +215,8 @@ def _backend(config: TargetsConfig) -> Backend:
     return make_backend(config.backend, config.model)
 
 
-def load_described(source: str | os.PathLike):
+def load_described(source: str | os.PathLike) -> Dataset:
+    """The dataset `desta describe` wrote (OUT/dataset), checked for the id and description columns and rows."""
     from datasets import load_from_disk
 
     path = Path(source)
@@ -305,7 +312,7 @@ def merge(out: str | os.PathLike) -> dict[str, Any]:
     return summary
 
 
-def _count(values) -> dict[str, int]:
+def _count(values: Iterable[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for value in values:
         counts[value] = counts.get(value, 0) + 1

@@ -106,6 +106,8 @@ def _english_whisper_generation_config() -> GenerationConfig:
 
 
 def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
+    """A random tiny Whisper (tiny_whisper_config) in eval mode, with English-only generation settings;
+    the same weights for a seed."""
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(tiny_whisper_config())
     model.generation_config = _english_whisper_generation_config()
@@ -113,6 +115,8 @@ def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
 
 
 def tiny_llm(seed: int = 0) -> LlamaForCausalLM:
+    """A random tiny Llama-style LM (tiny_llm_config) sized to tiny_tokenizer, in eval mode; the same weights
+    for a seed."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llm_config(len(tiny_tokenizer()))).eval()
 
@@ -149,4 +153,5 @@ class TinyModelsConfig:
 
 
 def write_tiny_models(config: TinyModelsConfig) -> tuple[Path, Path]:
+    """`desta tiny-models`: write both tiny models into config.out; returns the Whisper and LLM folders."""
     return save_tiny_bases(config.out, seed=config.seed)

@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -43,6 +43,13 @@ from desta.data import (
 from desta.modeling import DestaModel
 from desta.processing import DestaProcessor
 from desta.tiny import TINY
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from torch.utils.data import Sampler
+
+# What Trainer.prediction_step returns: (loss, logits, labels), each None when not computed.
+PredictionOutput = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -219,7 +226,7 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0) -> tuple
     return model, processor
 
 
-def split_held_out(dataset, fraction: float, seed: int):
+def split_held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """(train, held-out) split by clip id, so no clip is on both sides; held-out is None when empty."""
     clips = sorted(set(dataset["id"]))
     if fraction <= 0 or len(clips) < 2:
@@ -259,13 +266,15 @@ class DestaTrainer(Trainer):
 
     # No public hook takes the sampler: Trainer groups by length only for `datasets` tables with a length
     # column, and overriding the public get_train_dataloader would re-implement accelerate's preparation.
-    def _get_train_sampler(self, train_dataset=None):
+    def _get_train_sampler(self, train_dataset: torch.utils.data.Dataset | None = None) -> Sampler | None:
         if self.lengths is None:
             return super()._get_train_sampler(train_dataset)
         return EpochSeededSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                   self.lengths, self.args.seed)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Trainer.compute_loss without the batch's sample_ids; raises FloatingPointError on a NaN/inf loss."""
         sample_ids = inputs.pop("sample_ids", [])
         teacher = {key[len("teacher_"):]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
         if num_items_in_batch is not None and not teacher:
@@ -283,7 +292,9 @@ class DestaTrainer(Trainer):
                                      f"samples in the batch: {sample_ids}")
         return (loss, outputs) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> PredictionOutput:
+        """Trainer.prediction_step on the batch without its sample_ids: (loss, logits, labels)."""
         inputs = {k: v for k, v in inputs.items() if k != "sample_ids"}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
@@ -302,6 +313,7 @@ class Run:
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
+    """The highest-numbered checkpoint-* folder in output_dir, or None when there is none."""
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return str(checkpoints[-1]) if checkpoints else None
 
@@ -403,6 +415,7 @@ def fit(run: Run) -> dict[str, Any]:
 # ----- save -----
 
 def plot_losses(log_history: list[dict], path: Path) -> dict[str, list]:
+    """Save the train and validation loss curves to `path`; returns their (step, loss) points."""
     import matplotlib
 
     matplotlib.use("Agg")

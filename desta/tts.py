@@ -53,7 +53,8 @@ _chunks: list[np.ndarray] = []
 
 
 @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-def _on_samples(wav, count, _events):
+def _on_samples(wav: ctypes._Pointer[ctypes.c_short], count: int, _events: int | None) -> int:
+    """espeak-ng's synthesis callback: keep `count` 16-bit samples; 0 tells it to go on."""
     if count > 0:
         _chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
     return 0

@@ -291,6 +291,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[s
 
 
 def to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as nested plain dicts (sections become dicts), e.g. to write it as YAML or JSON."""
     return dataclasses.asdict(config)
 
 

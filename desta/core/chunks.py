@@ -12,9 +12,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from desta.core.artifacts import PARTS
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 JOB = "job.json"  # what a run was made from; a resume must match it
 
@@ -27,10 +30,16 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def to_jsonl(rows: list[dict]) -> str:
+    """Rows as JSON Lines text: one object per line, non-ASCII kept as is.
+
+    >>> to_jsonl([{"a": 1}, {"b": "é"}])
+    '{"a": 1}\\n{"b": "é"}\\n'
+    """
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file, blank lines skipped."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -68,15 +77,18 @@ class ChunkedJob:
 
     @property
     def num_chunks(self) -> int:
+        """How many chunks the run's rows make (the last one may be short)."""
         return math.ceil(self.total / self.chunk_size)
 
     def rows_of(self, chunk: int) -> range:
+        """The row indices that belong to `chunk`."""
         return range(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.total))
 
     def _part(self, chunk: int, kind: str = "") -> Path:
         return self.parts / f"part-{chunk:06d}{kind}.jsonl"
 
     def mine(self) -> list[int]:
+        """The chunks of this shard (chunk c belongs to shard c % num_shards), done or not."""
         return [c for c in range(self.num_chunks) if c % self.num_shards == self.shard_index]
 
     def todo(self) -> list[int]:
@@ -84,6 +96,7 @@ class ChunkedJob:
         return [c for c in self.mine() if not self._part(c).exists()]
 
     def write(self, chunk: int, rows: list[dict], rejects: list[dict]) -> None:
+        """Store a finished chunk: its rejects first, then its rows, whose file marks the chunk done."""
         write_atomic(self._part(chunk, ".rejects"), to_jsonl(rejects))
         write_atomic(self._part(chunk), to_jsonl(rows))  # its presence marks the chunk done
 
@@ -101,7 +114,7 @@ class ChunkedJob:
         return rows, rejects
 
 
-def save_dataset_atomic(dataset, folder: Path) -> None:
+def save_dataset_atomic(dataset: Dataset, folder: Path) -> None:
     """`save_to_disk` into a temporary folder, then swap it in place."""
     import shutil
 
@@ -116,7 +129,7 @@ def save_dataset_atomic(dataset, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def attach_columns(dataset, indices: list[int], rows: list[dict]):
+def attach_columns(dataset: Dataset, indices: list[int], rows: list[dict]) -> Dataset:
     """The source rows at `indices` with the new columns from `rows` (same order) added or replaced."""
     selected = dataset.select(indices)
     if not rows:

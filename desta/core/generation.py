@@ -10,14 +10,18 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from desta.core.llm import load_chat_llm
 from desta.core.sequences import Conversation, chat_tokens, end_of_turn_ids, pad_batch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -31,21 +35,27 @@ class SamplingSettings:
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (field name -> value), e.g. for a results file."""
         return asdict(self)
 
 
 @dataclass
 class Generation:
+    """One answer: its text, why it stopped and how many tokens it took."""
+
     text: str
     finish_reason: str  # "stop": ended by itself; "length": cut at max_new_tokens
     completion_tokens: int
 
 
 class Backend(Protocol):
+    """What every generation backend offers: a name, the model it serves and batched `generate`."""
+
     name: str
     model_id: str
 
-    def generate(self, conversations: list[Conversation], settings: SamplingSettings) -> list[Generation]: ...
+    def generate(self, conversations: list[Conversation], settings: SamplingSettings) -> list[Generation]:
+        """One Generation per conversation, in the order given."""
 
 
 class BackendError(RuntimeError):
@@ -63,7 +73,8 @@ def generate_kwargs(settings: SamplingSettings, pad_id: int) -> dict[str, Any]:
     return kwargs
 
 
-def finish_generation(new_ids: list[int], eos_ids: set[int], limit: int, tokenizer) -> Generation:
+def finish_generation(new_ids: list[int], eos_ids: set[int], limit: int,
+                      tokenizer: PreTrainedTokenizerBase) -> Generation:
     """New token ids -> text up to the first end-of-turn token, and whether the limit cut it off."""
     end = next((k for k, t in enumerate(new_ids) if t in eos_ids), None)
     kept = new_ids if end is None else new_ids[:end]
@@ -78,7 +89,8 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model: str | None = None, batch_size: int = 16, device: str | None = None,
-                 dtype: torch.dtype | None = None, llm=None, tokenizer=None):
+                 dtype: torch.dtype | None = None, llm: PreTrainedModel | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
         if llm is None and model is None:
             raise ValueError("give a model id or folder, or an in-memory llm and tokenizer")
         if llm is None:
@@ -95,6 +107,7 @@ class TransformersBackend:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, conversation: Conversation) -> list[int]:
+        """Prompt token ids of a conversation, ending with the header that opens the assistant's turn."""
         return chat_tokens(self.tokenizer, conversation, add_generation_prompt=True, with_labels=False)[0]
 
     def _generate_kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
@@ -102,6 +115,7 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate(self, conversations: list[Conversation], settings: SamplingSettings) -> list[Generation]:
+        """One Generation per conversation, in the order given; seeded by `settings.seed`."""
         torch.manual_seed(settings.seed)
         encoded = [self.encode(c) for c in conversations]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -119,7 +133,7 @@ class TransformersBackend:
     def _finish(self, new_ids: list[int], limit: int) -> Generation:
         return finish_generation(new_ids, self.eos_ids, limit, self.tokenizer)
 
-    def stream(self, conversation: Conversation, settings: SamplingSettings):
+    def stream(self, conversation: Conversation, settings: SamplingSettings) -> Iterator[str]:
         """Yield text pieces of one answer as they are generated."""
         from transformers import TextIteratorStreamer
 
@@ -148,6 +162,7 @@ class VLLMBackend:
         self.engine = LLM(model=model, **engine_kwargs)
 
     def generate(self, conversations: list[Conversation], settings: SamplingSettings) -> list[Generation]:
+        """One Generation per conversation, in the order given, from vLLM's chat interface."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
@@ -227,6 +242,7 @@ class OpenAIBackend:
         raise BackendError(f"{self.base_url} failed {self.max_retries + 1} times; last error: {last}")
 
     def generate(self, conversations: list[Conversation], settings: SamplingSettings) -> list[Generation]:
+        """One Generation per conversation, in the order given; `concurrency` requests in flight."""
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda c: self._one(c, settings), conversations))
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 def default_device() -> str:
+    """"cuda" when a CUDA GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -16,7 +21,7 @@ def default_dtype(device: str | None = None) -> torch.dtype:
     return torch.bfloat16 if (device or default_device()).startswith("cuda") else torch.float32
 
 
-def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """AutoModelForCausalLM.from_pretrained, except that a GGUF quantization entry left in the config of
     a folder that holds plain safetensors weights (what GGUF-to-transformers conversions write) is
     ignored: the weights load as ordinary, trainable tensors instead of being re-packed."""
@@ -31,7 +36,8 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
 
 
-def load_chat_llm(name: str, device: str | None = None, dtype: torch.dtype | None = None):
+def load_chat_llm(name: str, device: str | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A chat LLM on the device in evaluation mode, and its tokenizer (which must have a chat template)."""
     from transformers import AutoTokenizer
 

@@ -4,11 +4,14 @@ built from them: one precision rule, one schedule, one place."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from desta.core.args import raise_problems
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -68,7 +71,7 @@ def precision_flags(choice: Precision) -> dict[str, bool]:
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
-def training_arguments(optim: OptimSection, output_dir: str, **extra: Any):
+def training_arguments(optim: OptimSection, output_dir: str, **extra: Any) -> TrainingArguments:
     """transformers TrainingArguments for these settings: AdamW, cosine schedule with warm-up,
     clipping, precision, CPU when there is no GPU; `extra` adds or replaces arguments."""
     from transformers import TrainingArguments

@@ -6,16 +6,22 @@ generation backends, text post-training and the servers.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label of a token that carries no loss
 Conversation = list[dict[str, Any]]
 _SENTINEL = "\u2063END\u2063"  # invisible text used to find where an assistant turn ends
 
 
-def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bool = False) -> str:
+def render_chat(tokenizer: PreTrainedTokenizerBase, conversation: Conversation,
+                add_generation_prompt: bool = False) -> str:
+    """The conversation as text through the tokenizer's chat template (not tokenized); with
+    `add_generation_prompt`, ending with the header that opens the assistant's turn."""
     return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -26,7 +32,7 @@ def strip_answers(conversation: Conversation) -> Conversation:
             else m for m in conversation]
 
 
-def response_spans(tokenizer, conversation: Conversation, text: str) -> list[tuple[int, int]]:
+def response_spans(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, text: str) -> list[tuple[int, int]]:
     """Character spans of each assistant message's content within the rendered `text`."""
     spans = []
     for index, message in enumerate(conversation):
@@ -42,7 +48,7 @@ def response_spans(tokenizer, conversation: Conversation, text: str) -> list[tup
     return spans
 
 
-def chat_tokens(tokenizer, conversation: Conversation, add_generation_prompt: bool = False,
+def chat_tokens(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, add_generation_prompt: bool = False,
                 with_labels: bool = True) -> tuple[list[int], list[int]]:
     """Token ids of a rendered chat and their labels: each assistant answer and the token that ends
     its turn keep their ids, every other position is IGNORE_INDEX.
@@ -67,7 +73,7 @@ def chat_tokens(tokenizer, conversation: Conversation, add_generation_prompt: bo
     return list(enc.input_ids), labels
 
 
-def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None = None) -> set[int]:
     """Token ids at which an answer is over: the model's end-of-sequence ids, the tokenizer's, and the
     token the chat template puts after an assistant message."""
     ids: set[int] = set()

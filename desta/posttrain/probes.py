@@ -9,11 +9,14 @@ Used by `desta eval` on the speech model's LLM and by text post-training's forge
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from desta.core.generation import SamplingSettings, TransformersBackend
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from desta.core.instructions import follows, instruction_text, is_refusal
 
 JSON = {"id": "detectable_format:json_format", "kwargs": {}}
@@ -60,7 +63,7 @@ HELD_OUT_TEXT = [
 
 
 @torch.no_grad()
-def mean_log_likelihood(llm, tokenizer, texts: list[str]) -> float:
+def mean_log_likelihood(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> float:
     """Mean log-probability per token of `texts` under the LLM (higher: the text is more familiar)."""
     device = next(llm.parameters()).device
     total, count = 0.0, 0

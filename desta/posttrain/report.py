@@ -6,6 +6,8 @@ from pathlib import Path
 
 
 def render_comparison(comparison: dict) -> str:
+    """The comparison as Markdown: a table with the base model's task accuracy, then each strategy's
+    differences from it (task, retained abilities, held-out log-likelihood) and notes."""
     base = comparison["base"]
     lines = [f"# Forgetting comparison: {comparison['model']} ({comparison['style']})", "",
              "Differences are trained minus base. Task: held-out new-task accuracy (verifier). Retained: mean of "
@@ -26,6 +28,8 @@ def render_comparison(comparison: dict) -> str:
 
 
 def plot_forgetting(comparison: dict, path: Path) -> None:
+    """Save a scatter plot to `path`: one point per strategy, new-task gain (x) against held-out
+    log-likelihood drop (y)."""
     import matplotlib
 
     matplotlib.use("Agg")

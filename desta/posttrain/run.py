@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,22 @@ from desta.posttrain.probes import retention_probes
 from desta.posttrain.report import plot_forgetting, render_comparison
 from desta.posttrain.strategies import TextCollator, encode, filter_tokens, magpie, paraphrase, self_output
 from desta.posttrain.tasks import load_task, replay_set
-from desta.posttrain.verifiers import make_verifier
+from desta.posttrain.verifiers import Verifier, make_verifier
 
 MEASURES = ("task_accuracy", "format_following", "json_validity", "refusal_rate", "over_refusal_rate",
             "heldout_loglik")
 
 
-def task_accuracy(backend: TransformersBackend, rows: list[dict], verifier, max_new_tokens: int) -> float:
+def task_accuracy(backend: TransformersBackend, rows: list[dict], verifier: Verifier, max_new_tokens: int) -> float:
+    """Share of `rows` whose greedy answer the verifier accepts against the row's gold, in [0, 1]."""
     answers = backend.generate([[{"role": "user", "content": r["instruction"]}] for r in rows],
                                SamplingSettings(max_new_tokens=max_new_tokens))
     return sum(verifier(a.text, r["gold"])[0] for a, r in zip(answers, rows, strict=True)) / len(rows)
 
 
-def measure(backend: TransformersBackend, eval_rows: list[dict], verifier, config: PostTrainConfig) -> dict:
+def measure(backend: TransformersBackend, eval_rows: list[dict], verifier: Verifier, config: PostTrainConfig) -> dict:
+    """The MEASURES of a model: new-task accuracy on `eval_rows` and the retention probes' rates and
+    held-out log-likelihood (their per-item answers left out)."""
     probes = retention_probes(backend, max_new_tokens=config.probe_max_new_tokens)
     return {"task_accuracy": task_accuracy(backend, eval_rows, verifier, config.eval_max_new_tokens),
             **{k: v for k, v in probes.items() if k != "items"}}
@@ -49,7 +53,7 @@ def retained_score(metrics: dict) -> float:
 
 
 def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTrainConfig, train_rows: list[dict],
-                  replay_rows: list[dict], verifier) -> tuple[list[dict], list[dict], dict[str, Any]]:
+                  replay_rows: list[dict], verifier: Verifier) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """The rows and tokenised examples a strategy trains on, and notes on what its transforms did."""
     notes: dict[str, Any] = {}
     rows, seed, tokens = list(train_rows), config.optim.seed, config.answer_max_new_tokens
@@ -74,7 +78,7 @@ def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTra
 
 
 def train_strategy(name: str, config: PostTrainConfig, train_rows: list[dict], eval_rows: list[dict],
-                   replay_rows: list[dict], verifier, base_metrics: dict) -> dict[str, Any]:
+                   replay_rows: list[dict], verifier: Verifier, base_metrics: dict) -> dict[str, Any]:
     """Train one strategy from the base model, measure it, save it; returns its metrics and deltas."""
     parts = set(name.split("+"))
     out = Path(config.output_dir) / name
@@ -108,7 +112,7 @@ def train_strategy(name: str, config: PostTrainConfig, train_rows: list[dict], e
     return result
 
 
-def posttrain(config: PostTrainConfig, log=print) -> dict[str, Any]:
+def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure the base model, then train and measure each strategy; write the comparison."""
     verifier = make_verifier(config.task.verifier)
     train_rows, eval_rows = load_task(config.task)

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend
 from desta.core.quality import repeated_ngram
 from desta.core.sequences import IGNORE_INDEX, chat_tokens, end_of_turn_ids, pad_batch
+from desta.posttrain.verifiers import Verifier
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PARAPHRASE_PROMPT = ("Rewrite the following answer in your own words. Keep every fact and the final result "
                      "exactly the same.\n\nAnswer:\n{answer}")
@@ -26,7 +31,7 @@ PARAPHRASE_PROMPT = ("Rewrite the following answer in your own words. Keep every
 
 # ----- Magpie pseudo replay -----
 
-def magpie_prefix(tokenizer) -> str:
+def magpie_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
     """The chat template rendered up to and including the user header, as Magpie samples from it."""
     sentinel = "\u2063MAGPIE\u2063"
     text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
@@ -104,7 +109,7 @@ def write_magpie(config: MagpieConfig) -> dict[str, Any]:
 # ----- self-output and paraphrase -----
 
 @torch.no_grad()
-def answer_nll(llm, tokenizer, instruction: str, answer: str) -> float:
+def answer_nll(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instruction: str, answer: str) -> float:
     """Mean negative log-likelihood per answer token under the model (its perplexity's log)."""
     ids, labels = chat_tokens(tokenizer, [{"role": "user", "content": instruction},
                                           {"role": "assistant", "content": answer}])
@@ -114,13 +119,14 @@ def answer_nll(llm, tokenizer, instruction: str, answer: str) -> float:
     return float(torch.nn.functional.cross_entropy(logits, targets[0, 1:], ignore_index=IGNORE_INDEX))
 
 
-def pick_verified(candidates: list[Generation], gold: Any, verifier, nll) -> str | None:
+def pick_verified(candidates: list[Generation], gold: Any, verifier: Verifier,
+                  nll: Callable[[str], float]) -> str | None:
     """Among finished answers the verifier accepts, the one with the lowest `nll` (perplexity); None if none."""
     verified = [g.text for g in candidates if g.finish_reason == "stop" and g.text and verifier(g.text, gold)[0]]
     return min(verified, key=nll) if verified else None
 
 
-def self_output(backend: TransformersBackend, rows: list[dict], verifier, k: int, temperature: float,
+def self_output(backend: TransformersBackend, rows: list[dict], verifier: Verifier, k: int, temperature: float,
                 fallback: Literal["gold", "drop"], seed: int = 0,
                 max_new_tokens: int = 160) -> tuple[list[dict], dict[str, int]]:
     """For each question, k sampled answers; verified ones compete on perplexity; else gold or drop."""
@@ -142,13 +148,13 @@ def self_output(backend: TransformersBackend, rows: list[dict], verifier, k: int
     return out, counts
 
 
-def keep_paraphrase(row: dict, rewrite: Generation, verifier) -> str:
+def keep_paraphrase(row: dict, rewrite: Generation, verifier: Verifier) -> str:
     """The rewrite if it finished and still verifies, else the gold answer."""
     ok = rewrite.finish_reason == "stop" and rewrite.text and verifier(rewrite.text, row["gold"])[0]
     return rewrite.text if ok else row["answer"]
 
 
-def paraphrase(backend: TransformersBackend, rows: list[dict], verifier,
+def paraphrase(backend: TransformersBackend, rows: list[dict], verifier: Verifier,
                max_new_tokens: int = 160) -> tuple[list[dict], dict[str, int]]:
     """The model rewrites each gold answer; the rewrite replaces it only if the verifier still accepts it."""
     rewrites = backend.generate([[{"role": "user", "content": PARAPHRASE_PROMPT.format(answer=r["answer"])}]
@@ -161,7 +167,8 @@ def paraphrase(backend: TransformersBackend, rows: list[dict], verifier,
 
 # ----- tokenised examples and token filtering -----
 
-def encode(tokenizer, row: dict, style: Literal["sft", "pretrain"], max_length: int) -> dict[str, list[int]]:
+def encode(tokenizer: PreTrainedTokenizerBase, row: dict, style: Literal["sft", "pretrain"],
+           max_length: int) -> dict[str, list[int]]:
     """SFT: chat turns, labels only on the answer and its end of turn. Pretrain: raw text, every token."""
     if style == "pretrain":
         ids = tokenizer(f"{row['instruction']}\n{row['answer']}{tokenizer.eos_token}",
@@ -173,7 +180,7 @@ def encode(tokenizer, row: dict, style: Literal["sft", "pretrain"], max_length: 
 
 
 @torch.no_grad()
-def filter_tokens(llm, examples: list[dict], threshold: float) -> tuple[list[dict], float]:
+def filter_tokens(llm: PreTrainedModel, examples: list[dict], threshold: float) -> tuple[list[dict], float]:
     """Token filtering: a target token whose probability under the base model is below `threshold`
     gets label -100. Returns the new examples and the share of target tokens masked."""
     masked = total = 0
@@ -200,5 +207,6 @@ class TextCollator:
         self.pad_id = pad_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Examples from `encode` -> input_ids, attention_mask and labels (batch, longest), padded on the right."""
         return pad_batch([e["input_ids"] for e in examples], self.pad_id, "right",
                          labels=[e["labels"] for e in examples])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from desta.core.generation import SamplingSettings
+from desta.core.generation import Backend, SamplingSettings
 from desta.posttrain.config import TaskSection
 
 # General requests whose answers by the base model form the default replay set (old-task stand-in).
@@ -75,7 +75,7 @@ def load_task(task: TaskSection) -> tuple[list[dict], list[dict]]:
             [{**r, "gold": r.get("gold", r["answer"])} for r in held_out])
 
 
-def replay_set(path: str | None, backend, max_new_tokens: int) -> list[dict]:
+def replay_set(path: str | None, backend: Backend, max_new_tokens: int) -> list[dict]:
     """The old-task rows to replay: a JSONL file, or the base model's own answers to general requests."""
     if path:
         return read_rows(path, "replay_data")

@@ -46,11 +46,18 @@ def normalize_text(text: str) -> str:
 
 
 def exact_match(answer: str, gold: Any) -> tuple[bool, str]:
+    """The answer equals the gold text after `normalize_text`.
+
+    >>> exact_match("The Eiffel Tower.", "eiffel tower")
+    (True, 'exact match')
+    """
     ok = normalize_text(answer) == normalize_text(str(gold))
     return ok, "exact match" if ok else "differs after normalisation"
 
 
 def json_schema(schema: dict) -> Verifier:
+    """A verifier that accepts an answer parsing as JSON (a ``` fence around it allowed) valid against `schema`;
+    the gold is not used."""
     import jsonschema
 
     def verify(answer: str, gold: Any = None) -> tuple[bool, str]:
@@ -67,6 +74,12 @@ def json_schema(schema: dict) -> Verifier:
 
 
 def regex(pattern: str) -> Verifier:
+    """A verifier that accepts an answer in which `pattern` matches somewhere (`.` matches newlines too);
+    the gold is not used.
+
+    >>> regex("Paris")("It is Paris.", None)
+    (True, 'matches')
+    """
     compiled = re.compile(pattern, re.S)
 
     def verify(answer: str, gold: Any = None) -> tuple[bool, str]:
