@@ -31,7 +31,7 @@ from tqdm import tqdm
 from desta.core.args import raise_problems
 from desta.core.artifacts import CONFIG, PROCESSOR_CONFIG, REPORT_JSON, REPORT_MD, SCORES_PLOT, WEIGHTS
 from desta.core.generation import Backend, SamplingSettings, TransformersBackend
-from desta.core.instructions import draw_instruction, follows, instruction_text
+from desta.core.instructions import INSTRUCTION_KINDS, draw_instruction, follows, instruction_text
 from desta.core.stats import bootstrap_table
 from desta.prompts import EVAL_INSTRUCTIONS, text_turn
 from desta.scoring import (
@@ -120,18 +120,12 @@ def _item(row: dict, category: str, label_sets: dict[str, list[str]], rng: np.ra
             return None
         return {"instruction": template, "answer": row["transcript"], "choices": None, "check": {"style": "transcript"}}
     if category == "instruction_following":
-        free = [k for k in _instruction_kinds() if k not in used_kinds]
+        free = [k for k in INSTRUCTION_KINDS if k not in used_kinds]
         spec = draw_instruction(rng, template, free)
         used_kinds.append(spec["id"])
         return {"instruction": f"{template}\n{instruction_text(spec)}", "answer": None, "choices": None,
                 "check": {"style": "ifeval", "instruction": spec}}
     return {"instruction": template, "answer": None, "choices": None, "check": {"style": "open"}}
-
-
-def _instruction_kinds() -> list[str]:
-    from desta.core.instructions import INSTRUCTION_KINDS
-
-    return list(INSTRUCTION_KINDS)
 
 
 def save_eval_set(items: list[dict[str, Any]], out: str | os.PathLike) -> Path:
