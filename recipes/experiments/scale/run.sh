@@ -18,8 +18,8 @@ for step in 100 200 300 400; do
       --out $OUT/eval-$step --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48
   reports+=("scale:$step=$OUT/eval-$step")
 done
-cp $OUT/eval-400/report.md recipes/experiments/scale/results/report-400.md 2>/dev/null || \
-    (mkdir -p recipes/experiments/scale/results && cp $OUT/eval-400/report.md recipes/experiments/scale/results/report-400.md)
+mkdir -p recipes/experiments/scale/results
+cp $OUT/eval-400/report.md recipes/experiments/scale/results/report-400.md
 desta compare "${reports[@]}" --runs scale=$OUT --out recipes/experiments/scale/results --x-label step \
     --title "smol on 1200 clips: score against training steps" \
     --metrics overall:speech,gender:speech,accent:speech,speaking_speed:speech,pitch:speech,volume:speech,duration:speech,transcription:speech,instruction_following:speech,overall:agreement:speech

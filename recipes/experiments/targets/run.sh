@@ -29,7 +29,7 @@ for kind in self_output labels kl; do
         model.encoder=$MODELS/whisper-tiny.en model.llm=$MODELS/SmolLM2-135M-Instruct data.train=$targets \
         data.max_clips=240 optim.epochs=3 log.save_strategy=epoch "${extra[@]}"
     epoch=0
-    for checkpoint in $(ls -d $run/checkpoint-* | sort -t- -k2 -n); do
+    for checkpoint in $(ls -d $run/checkpoint-* | sort -V); do
       epoch=$((epoch + 1))
       [ -f $run/eval-$epoch/report.json ] || desta eval $checkpoint --eval-set $DATA/evalset-24 \
           --out $run/eval-$epoch --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48
