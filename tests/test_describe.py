@@ -336,9 +336,10 @@ def _manifest(folder, corpus, count, order=None):
 
 
 def _own_rows(out, transcripts):
-    """How many described rows carry their own clip's transcript (a mixed-up row carries another's)."""
+    """How many described rows carry their own clip's audio, transcript and description (synthetic clips are
+    named by their ids; a mixed-up row holds one clip's audio and another's text)."""
     return sum(transcripts[r["id"]] == r["transcript"] and f"] {transcripts[r['id']]} (" in r["description"]
-               for r in _rows(out))
+               and Path(r["audio"]["path"]).stem == r["id"] for r in load_from_disk(str(out / "dataset")))
 
 
 def test_rerun_after_the_manifest_changed_is_refused_not_mixed_up(corpus, tmp_path):
