@@ -36,6 +36,7 @@ from desta.core.chunks import (
     content_fingerprint,
     positions_by_id,
     save_dataset_atomic,
+    saved_empty,
     stale_error,
     to_jsonl,
     write_atomic,
@@ -242,6 +243,8 @@ def load_described(source: str | os.PathLike) -> Dataset:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} not found; give the dataset folder written by desta describe "
                                 "(OUT/dataset)")
+    if saved_empty(path):
+        raise ValueError(f"{path} holds no rows")
     dataset = load_from_disk(str(path))
     missing = [c for c in ("id", "description") if c not in dataset.column_names]
     if missing:

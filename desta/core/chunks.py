@@ -208,6 +208,16 @@ class ChunkedJob:
         return rows, rejects
 
 
+def saved_empty(folder: str | os.PathLike) -> bool:
+    """Whether a `save_to_disk` folder holds an empty selection: `datasets` writes no data file for one and
+    cannot load it back (an IndexError deep inside), so callers say "no rows" first."""
+    state = Path(folder) / "state.json"
+    try:
+        return state.is_file() and json.loads(state.read_text()).get("_data_files") == []
+    except json.JSONDecodeError:
+        return False
+
+
 def save_dataset_atomic(dataset: Dataset, folder: Path) -> None:
     """`save_to_disk` into a temporary folder, then swap it in place."""
     import shutil
