@@ -467,7 +467,8 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
                            "source_fingerprint": content_fingerprint(dataset, extra=load_rejects),
                            "load_rejects": len(load_rejects)},
                      total=len(dataset), chunk_size=config.chunk_size, num_shards=config.num_shards,
-                     shard_index=config.shard_index, overwrite=config.overwrite)
+                     shard_index=config.shard_index, overwrite=config.overwrite,
+                     not_compared=("source",))
     write_atomic(job.parts / "load-rejects.jsonl", to_jsonl(load_rejects))
     todo = job.todo()
     transcriber = None

@@ -284,7 +284,8 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
                                   config.backend, "pool_prompts": pool, "pool_name": pool_name,
                                   "source_fingerprint": source_fingerprint(dataset), "inputs": len(items)},
                      total=len(items), chunk_size=config.chunk_size, num_shards=config.num_shards,
-                     shard_index=config.shard_index, overwrite=config.overwrite)
+                     shard_index=config.shard_index, overwrite=config.overwrite,
+                     not_compared=("source",))
     todo = job.todo()
     if labels:
         gold = dataset.select_columns([c for c in GOLD_COLUMNS if c in dataset.column_names]).to_list()

@@ -358,6 +358,14 @@ def test_rerun_after_the_manifest_changed_is_refused_not_mixed_up(corpus, tmp_pa
     assert [r["id"] for r in _rows(out)] == sorted(transcripts, reverse=True)  # the new order
 
 
+def test_the_same_manifest_under_another_path_resumes(corpus, tmp_path, monkeypatch):
+    manifest, transcripts = _manifest(tmp_path, corpus, 4)
+    describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False, chunk_size=2))
+    monkeypatch.chdir(tmp_path)
+    summary = describe(DescribeConfig(source="m.jsonl", out="d", progress=False, chunk_size=2))
+    assert summary["described"] == 4 and _own_rows(tmp_path / "d", transcripts) == 4
+
+
 def test_interrupted_run_then_a_changed_manifest_is_refused(corpus, tmp_path, monkeypatch):
     import desta.describe as stage
 

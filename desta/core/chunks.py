@@ -127,11 +127,13 @@ def check_accounted(out: Path, expected: Iterable[Any], found: Iterable[Any]) ->
 
 class ChunkedJob:
     """The chunks of one run in OUT/parts; `job` describes the run (settings and the source's content
-    fingerprint) and must match on resume. With `overwrite`, parts of a different run are deleted
-    and the run starts over; without it, they are an error that names what changed."""
+    fingerprint) and must match on resume, but for the keys in `not_compared` (e.g. the source's path:
+    the same content under another path is the same source). With `overwrite`, parts of a different
+    run are deleted and the run starts over; without it, they are an error that names what changed."""
 
     def __init__(self, out: str | os.PathLike, job: dict[str, Any], total: int, chunk_size: int,
-                 num_shards: int = 1, shard_index: int = 0, overwrite: bool = False):
+                 num_shards: int = 1, shard_index: int = 0, overwrite: bool = False,
+                 not_compared: tuple[str, ...] = ()):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         if not 0 <= shard_index < num_shards:
@@ -147,7 +149,8 @@ class ChunkedJob:
                 previous = json.loads(job_file.read_text())
             except json.JSONDecodeError:
                 previous = {"job.json": "unreadable"}
-            changed = differences(previous, job)
+            changed = differences({k: v for k, v in previous.items() if k not in not_compared},
+                                  {k: v for k, v in job.items() if k not in not_compared})
             if changed and not overwrite:
                 raise stale_error(self.out, changed)
             if changed:  # overwrite: what the other run wrote goes, so nothing of it can be mixed in
