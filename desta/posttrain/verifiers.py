@@ -288,7 +288,8 @@ def run_sandboxed(code: str, tests: str, timeout: float = 5.0, memory_mb: int = 
             supervisor.wait()
         lines = reply.decode(errors="replace").strip().splitlines()
         if supervisor.returncode != 0 or not lines:
-            raise RuntimeError(f"the verifier sandbox failed: {problem.decode(errors='replace')[-500:]}")
+            raise RuntimeError(f"the verifier sandbox failed ({problem.decode(errors='replace')[-300:]}); if this "
+                               "machine's namespaces are the cause, set isolate: false in the verifier spec")
         report = json.loads(lines[-1])
         stdout, stderr = _tail(Path(folder, STDOUT)), _tail(Path(folder, STDERR))
     printed = stdout.rstrip().splitlines()
