@@ -18,6 +18,7 @@ import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from desta.audio import SAMPLE_RATE, load_audio_ref, num_windows
+from desta.core.chunks import saved_empty
 from desta.core.replay import draw
 from desta.core.sequences import Conversation, chat_tokens, pad_batch
 from desta.processing import DestaProcessor
@@ -38,6 +39,8 @@ def load_targets(path: str, what: str) -> Dataset:
     if not path or not Path(path).is_dir():
         raise FileNotFoundError(f"{what} dataset {path!r} not found; give the folder written by desta targets "
                                 "(OUT/dataset)")
+    if saved_empty(path):
+        raise ValueError(f"{path} holds no rows; nothing to train on")
     dataset = load_from_disk(path)
     missing = [c for c in TARGET_COLUMNS if c not in dataset.column_names]
     if missing:

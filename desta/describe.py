@@ -1,15 +1,20 @@
 """Stage 1, describe: audio corpus -> rich text descriptions (transcript + paralinguistic attributes).
 
-Reads a manifest (JSONL/CSV with a path column, paths relative to it), a `datasets` folder
-(`save_to_disk`) or a Hub dataset id. Writes OUT/dataset (a `datasets` dataset: the source rows
-plus id, duration, transcript, attributes, sources, description), OUT/rejects.jsonl (id, source,
-reason) and OUT/summary.json. Work goes in chunks written atomically under OUT/parts, so a killed
-run resumes where it stopped, and shards (`num_shards`, `shard_index`) split it across machines.
+Reads a manifest (JSONL/CSV with a path column, one record per line, paths relative to it and
+kept inside its folder), a `datasets` folder (`save_to_disk`) or a Hub dataset id. Writes
+OUT/dataset (a `datasets` dataset: the source rows plus id, duration, transcript, attributes,
+sources, description), OUT/rejects.jsonl (id, source, reason) and OUT/summary.json. A row that
+cannot be used (a malformed line, a duplicate id, a clip too short or too long, ...) becomes a
+reject with its reason and the run goes on; inputs = described + rejected always holds. Work goes
+in chunks written atomically under OUT/parts, so a killed run resumes where it stopped, and shards
+(`num_shards`, `shard_index`) split it across machines; a rerun into the same OUT must have the
+same source content and settings (or `overwrite`).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -34,7 +39,19 @@ from desta.attributes import (
 from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio_ref, timestamp
 from desta.core.args import raise_problems
 from desta.core.artifacts import DATASET, REJECTS, SUMMARY
-from desta.core.chunks import ChunkedJob, attach_columns, read_jsonl, save_dataset_atomic, to_jsonl, write_atomic
+from desta.core.chunks import (
+    ChunkedJob,
+    attach_columns,
+    check_accounted,
+    content_fingerprint,
+    differences,
+    positions_by_id,
+    read_jsonl,
+    save_dataset_atomic,
+    stale_error,
+    to_jsonl,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -49,6 +66,10 @@ DESCRIPTION_NAMES = {"gender": "Gender", "emotion": "Emotion", "accent": "Accent
                      "volume": "Volume", "speaking_speed": "Speaking speed", "noise": "Noise",
                      "duration": "Duration"}
 MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "data_prep"
+# Settings that change how a run is carried out but not one row of its output: left out of the job
+# description a resumed run must match.
+RUNTIME_SETTINGS = ("out", "chunk_size", "num_shards", "shard_index", "num_proc", "asr_batch_size", "merge",
+                    "progress", "overwrite")
 
 
 @dataclass
@@ -75,6 +96,12 @@ class DescribeConfig:
     """audio-classification model per label the metadata lacks, e.g. emotion=MODEL"""
     max_seconds: float = 600.0
     """longer clips are rejected"""
+    min_seconds: float = 0.3
+    """shorter clips are rejected: too short for a transcript, a pitch or a speaking speed"""
+    allow_absolute_paths: bool = False
+    """manifest paths may lead outside the manifest's folder (absolute paths, ../)"""
+    overwrite: bool = False
+    """when OUT holds parts made from another source or other settings, delete them and start over"""
     chunk_size: int = 256
     """rows per resumable unit of work"""
     num_shards: int = 1
@@ -106,6 +133,8 @@ class DescribeConfig:
             problems.append(("chunk_size", "chunk_size, num_proc and asr_batch_size must be at least 1"))
         if not self.max_seconds > 0:
             problems.append(("max_seconds", f"must be positive, got {self.max_seconds}"))
+        if not 0 <= self.min_seconds < self.max_seconds:
+            problems.append(("min_seconds", f"must be in [0, max_seconds {self.max_seconds}), got {self.min_seconds}"))
         raise_problems(problems)
 
 
@@ -130,49 +159,148 @@ def load_mapping(name_or_path: str | None) -> dict[str, Any]:
 
 # ----- sources -----
 
-def _read_manifest(path: Path) -> tuple[list[dict], list[dict]]:
-    """Rows of a JSONL or CSV manifest, with paths made absolute; malformed rows come back as rejects."""
-    rows, rejects = [], []
-    if path.suffix == ".csv":
-        with open(path, newline="") as handle:
-            records = [(i + 2, r, None) for i, r in enumerate(csv.DictReader(handle))]  # line 1 is the header
-    else:
-        records = []
-        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                records.append((line_no, record, None if isinstance(record, dict) else "not a JSON object"))
-            except json.JSONDecodeError as err:
-                records.append((line_no, None, f"malformed JSON: {err.msg}"))
-    for line_no, record, problem in records:
-        where = f"{path.name}:{line_no}"
-        if problem is None and not (record.get("path") or record.get("audio")):
-            problem = "no 'path' column value"
-        if problem:
-            rejects.append({"id": (record or {}).get("id") or where, "source": where, "reason": problem})
+def _manifest_lines(path: Path) -> list[tuple[int, str | None, str | None]]:
+    """(line number, text, problem) of every non-blank line; a line that is not UTF-8 has text None."""
+    lines = []
+    for line_no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        raw = raw.removeprefix(b"\xef\xbb\xbf") if line_no == 1 else raw  # a byte-order mark
+        try:
+            text = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as err:
+            lines.append((line_no, None, f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                                         "save the manifest as UTF-8"))
             continue
-        audio_path = Path(str(record.get("path") or record.get("audio")))
-        record = {k: (None if v is None else str(v)) for k, v in record.items() if k not in ("path", "audio")}
-        record["audio"] = {"path": str(audio_path if audio_path.is_absolute() else path.parent / audio_path),
-                           "bytes": None}
-        record.setdefault("id", audio_path.stem)
-        rows.append(record)
+        if text.strip():
+            lines.append((line_no, text, None))
+    return lines
+
+
+def _manifest_records(path: Path) -> list[tuple[int, dict | None, str | None]]:
+    """(line number, record, problem) per line of a JSONL or CSV manifest, one record per line."""
+    lines = _manifest_lines(path)
+    if path.suffix != ".csv":
+        records: list[tuple[int, dict | None, str | None]] = []
+        for line_no, text, problem in lines:
+            record = None
+            if problem is None:
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    problem = f"malformed JSON: {err.msg} (column {err.colno})"
+                if problem is None and not isinstance(record, dict):
+                    problem, record = f"not a JSON object but a {type(record).__name__}; give one object per line", None
+            records.append((line_no, record, problem))
+        return records
+    if not lines or lines[0][1] is None:
+        where = f"{path}:{lines[0][0]}" if lines else str(path)
+        raise ValueError(f"{where}: no readable CSV header; the first line must name the columns (path, ...)")
+    try:
+        header = next(csv.reader([lines[0][1]], strict=True))
+    except csv.Error as err:
+        raise ValueError(f"{path}:{lines[0][0]}: malformed CSV header ({err})") from None
+    records = []
+    for line_no, text, problem in lines[1:]:
+        record = None
+        if problem is None:
+            try:  # line by line: an unterminated quote spoils its own line, not the lines after it
+                fields = next(csv.reader([text], strict=True))
+            except csv.Error as err:
+                fields, problem = [], f"malformed CSV ({err}; a quoted value must close on its own line)"
+            if problem is None and len(fields) != len(header):
+                problem = f"{len(fields)} fields where the header has {len(header)}"
+            if problem is None:
+                record = dict(zip(header, fields, strict=True))
+        records.append((line_no, record, problem))
+    return records
+
+
+def _unwritable(record: dict) -> str | None:
+    """The first column whose name or text cannot be stored as UTF-8 (a lone surrogate from a JSON escape)."""
+    for key, value in record.items():
+        for text in (key, value):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"column {key.encode('utf-8', 'replace').decode()!r} holds text that is not valid UTF-8"
+    return None
+
+
+def _read_manifest(path: Path, id_column: str = "id",
+                   allow_absolute_paths: bool = False) -> tuple[list[dict], list[dict]]:
+    """Rows of a JSONL or CSV manifest, with paths made absolute; a line that cannot be used (malformed,
+    not UTF-8, no path, a path outside the manifest's folder, a duplicate id) comes back as a reject
+    naming the line. A row's id is its `id_column` value, or its file name without the extension when
+    that is missing, empty or null; the first row with an id keeps it, later ones are rejected."""
+    rows, rejects = [], []
+    folder = os.path.abspath(path.parent)
+    first_line: dict[str, int] = {}
+    for line_no, record, problem in _manifest_records(path):
+        where = f"{path.name}:{line_no}"
+        problem = problem or _unwritable(record)
+        raw_path = None if problem else (record.get("path") or record.get("audio"))
+        if problem is None and not raw_path:
+            problem = "no 'path' column value"
+        full = os.path.normpath(os.path.join(folder, str(raw_path))) if raw_path else ""
+        if problem is None and not allow_absolute_paths and os.path.commonpath([folder, full]) != folder:
+            problem = (f"path {str(raw_path)!r} leads outside the manifest's folder {folder}; move the audio under "
+                       "it or pass --allow-absolute-paths")
+        if problem:
+            given = record.get(id_column) if isinstance(record, dict) else None
+            rejects.append({"id": str(given) if given not in (None, "") else where, "source": where,
+                            "reason": f"line {line_no}: {problem}"})
+            continue
+        row = {k: (None if v is None else str(v)) for k, v in record.items() if k not in ("path", "audio")}
+        row["audio"] = {"path": full, "bytes": None}
+        row_id = row.get(id_column) or Path(str(raw_path)).stem
+        if row_id in first_line:
+            rejects.append({"id": row_id, "source": where, "reason": f"line {line_no}: duplicate id {row_id!r} "
+                                                                     f"(first used on line {first_line[row_id]}); "
+                                                                     "ids must be unique"})
+            continue
+        first_line[row_id] = line_no
+        row["id"] = row_id
+        rows.append(row)
     return rows, rejects
 
 
-def open_source(source: str, mapping: dict[str, Any], split: str = "train") -> tuple[Dataset, list[dict]]:
-    """The source as a `datasets.Dataset` with an undecoded `audio` column and an `id` column, plus rejects."""
+def _unique_ids(dataset: Dataset, id_column: str, source: str) -> tuple[Dataset, list[dict]]:
+    """The dataset with a text `id` column (from `id_column`; a missing or null id becomes "row-<position>")
+    and only the first row of each id; the later ones come back as rejects."""
+    if id_column in dataset.column_names:
+        ids = [f"row-{i:08d}" if v in (None, "") else str(v) for i, v in enumerate(dataset[id_column])]
+        dataset = dataset.remove_columns("id") if "id" in dataset.column_names else dataset
+    else:
+        ids = [f"row-{i:08d}" for i in range(len(dataset))]
+    dataset = dataset.add_column("id", ids)
+    first: dict[str, int] = {}
+    rejects = []
+    for position, row_id in enumerate(ids):
+        if row_id in first:
+            rejects.append({"id": row_id, "source": f"{source} row {position}", "reason": (
+                f"duplicate id {row_id!r} (first used by row {first[row_id]}); ids must be unique")})
+        else:
+            first[row_id] = position
+    if rejects:
+        dataset = dataset.select(sorted(first.values()))
+    return dataset, rejects
+
+
+def open_source(source: str, mapping: dict[str, Any], split: str = "train",
+                allow_absolute_paths: bool = False) -> tuple[Dataset, list[dict]]:
+    """The source as a `datasets.Dataset` with an undecoded `audio` column and an `id` column of unique
+    ids, plus rejects (malformed manifest lines, duplicate ids: all but the first row with an id)."""
     from datasets import Audio, Dataset, load_dataset, load_from_disk
 
     path = Path(source)
     rejects: list[dict] = []
     if path.is_file() and path.suffix in (".jsonl", ".json", ".csv"):
-        rows, rejects = _read_manifest(path)
+        rows, rejects = _read_manifest(path, mapping.get("id", "id"), allow_absolute_paths)
         if not rows and not rejects:
             raise ValueError(f"{path} holds no rows; a manifest needs one row per clip with a 'path' column")
-        dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({"id": [], "audio": []})
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # from_list keeps the first row's only
+        dataset = Dataset.from_list([{key: row.get(key) for key in columns} for row in rows]) if rows \
+            else Dataset.from_dict({"id": [], "audio": []})
     elif path.is_dir():
         dataset = load_from_disk(str(path))
         if hasattr(dataset, "keys"):  # a DatasetDict
@@ -191,18 +319,16 @@ def open_source(source: str, mapping: dict[str, Any], split: str = "train") -> t
         dataset = dataset.rename_column(audio_column, "audio")
     if len(dataset):
         dataset = dataset.cast_column("audio", Audio(decode=False))
-    id_column = mapping.get("id", "id")
-    if id_column in dataset.column_names and id_column != "id":
-        dataset = dataset.add_column("id", [str(v) for v in dataset[id_column]]) \
-            if "id" not in dataset.column_names else dataset
-    if "id" not in dataset.column_names:
-        dataset = dataset.add_column("id", [f"row-{i:08d}" for i in range(len(dataset))])
+    if not path.is_file():  # a manifest's ids are set and unique already
+        dataset, doubled = _unique_ids(dataset, mapping.get("id", "id"), source)
+        rejects += doubled
     return dataset, rejects
 
 
 # ----- one row -----
 
-def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float, classified: tuple[str, ...] = ()) -> dict:
+def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float, classified: tuple[str, ...] = (),
+                min_seconds: float = 0.0) -> dict:
     """Decode, validate and measure one row; label attributes from metadata. Never raises for bad input:
     returns {"reject": reason} instead. Samples are kept when a model must still fill the transcript
     or one of the `classified` attributes."""
@@ -216,6 +342,9 @@ def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float, classifi
     if duration > max_seconds:
         return {"reject": f"{name}: too long ({duration:.0f} s > max_seconds {max_seconds:.0f} s); "
                           "split it or raise max_seconds", "source": name}
+    if duration < min_seconds:
+        return {"reject": f"{name}: too short ({duration:.2f} s < min_seconds {min_seconds:g} s); too short to "
+                          "describe: drop it or lower min_seconds", "source": name}
     result: dict[str, Any] = {"source": name, "sources": {}}
     labels = mapping.get("labels", {})
     for attribute in LABEL_ATTRIBUTES:
@@ -244,7 +373,7 @@ def analyse_row(row: dict, mapping: dict[str, Any], max_seconds: float, classifi
     return result
 
 
-def _analyse_job(job: tuple[dict, dict, float]) -> dict:
+def _analyse_job(job: tuple[dict, dict, float, tuple[str, ...], float]) -> dict:
     return analyse_row(*job)
 
 
@@ -332,12 +461,14 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
         return merge(config.out)
     out = Path(config.out)
     mapping = load_mapping(config.mapping)
-    dataset, load_rejects = open_source(config.source, mapping, config.split)
-    job = ChunkedJob(out, {"stage": "describe", "source": config.source, "mapping": config.mapping,
-                           "split": config.split, "attributes": config.attributes, "classifiers": config.classifiers,
+    dataset, load_rejects = open_source(config.source, mapping, config.split, config.allow_absolute_paths)
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_SETTINGS}
+    job = ChunkedJob(out, {"stage": "describe", **settings, "mapping_content": mapping,
+                           "source_fingerprint": content_fingerprint(dataset, extra=load_rejects),
                            "load_rejects": len(load_rejects)},
                      total=len(dataset), chunk_size=config.chunk_size, num_shards=config.num_shards,
-                     shard_index=config.shard_index)
+                     shard_index=config.shard_index, overwrite=config.overwrite,
+                     not_compared=("source",))
     write_atomic(job.parts / "load-rejects.jsonl", to_jsonl(load_rejects))
     todo = job.todo()
     transcriber = None
@@ -354,7 +485,7 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
         for chunk in todo:
             indices = job.rows_of(chunk)
             rows = dataset.select(indices)
-            jobs = [(dict(row), mapping, config.max_seconds, tuple(classifiers)) for row in rows]
+            jobs = [(dict(row), mapping, config.max_seconds, tuple(classifiers), config.min_seconds) for row in rows]
             results = list(pool.map(_analyse_job, jobs, chunksize=8)) if pool else [analyse_row(*j) for j in jobs]
             for attribute, classifier in classifiers.items():
                 _classify_pending(results, attribute, classifier)
@@ -371,13 +502,13 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
                                                    batch_size=config.asr_batch_size)
                 _transcribe_pending(results, transcriber)
             described, rejected = [], []
-            for index, row, result in zip(indices, rows, results, strict=True):
+            for row, result in zip(rows, results, strict=True):
                 result.pop("samples", None)
                 if "reject" in result:
                     rejected.append({"id": row["id"], "source": result["source"], "reason": result["reject"]})
                     continue
                 audio_seconds += result["duration"]
-                described.append({"_index": index, "id": row["id"], **finish_row(result, config.attributes)})
+                described.append({"id": row["id"], **finish_row(result, config.attributes)})
             job.write(chunk, described, rejected)
             done_rows += len(indices)
             elapsed = time.perf_counter() - started
@@ -388,22 +519,38 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
         if pool:
             pool.shutdown()
     if config.num_shards == 1:
-        return merge(out)
+        return _merge(job, dataset)
     return {"shard": config.shard_index, "chunks": len(job.mine()), "run_now": len(todo)}
 
 
 def merge(out: str | os.PathLike) -> dict[str, Any]:
-    """Join every shard's parts into OUT/dataset and OUT/rejects.jsonl; checks that no chunk is missing."""
+    """Join every shard's parts into OUT/dataset and OUT/rejects.jsonl; checks that no chunk is missing and
+    that the source still holds what the shards described."""
     job = ChunkedJob.open(out)
+    mapping = load_mapping(job.job["mapping"])
+    dataset, load_rejects = open_source(job.job["source"], mapping, job.job["split"], job.job["allow_absolute_paths"])
+    now = {"mapping_content": json.loads(json.dumps(mapping)),
+           "source_fingerprint": content_fingerprint(dataset, extra=load_rejects)}
+    changed = differences({key: job.job[key] for key in now}, now)
+    if changed:
+        raise stale_error(job.out, changed)
+    return _merge(job, dataset)
+
+
+def _merge(job: ChunkedJob, dataset: Dataset) -> dict[str, Any]:
+    """The merge itself, on the source the parts were made from: rows are matched to source rows by id."""
     described, rejects = job.collect()
-    rejects = read_jsonl(job.parts / "load-rejects.jsonl") + rejects
-    dataset, _ = open_source(job.job["source"], load_mapping(job.job["mapping"]), job.job["split"])
-    indices = [row.pop("_index") for row in described]
+    check_accounted(job.out, dataset["id"], [row["id"] for row in described + rejects])
+    positions = positions_by_id(dataset["id"], str(job.job["source"]))
+    indices = [positions[row.pop("id")] for row in described]
+    load_rejects = read_jsonl(job.parts / "load-rejects.jsonl")
+    rejects = load_rejects + rejects
     selected = attach_columns(dataset, indices, described)
     save_dataset_atomic(selected, job.out / DATASET)
     write_atomic(job.out / REJECTS, to_jsonl(rejects))
     inputs = job.total + job.job["load_rejects"]
     summary = {"inputs": inputs, "described": len(described), "rejected": len(rejects),
+               "duplicate_ids": sum("duplicate id" in r["reason"] for r in load_rejects),
                "hours": round(sum(selected["duration"]) / 3600, 4) if len(selected) else 0.0}
     assert summary["described"] + summary["rejected"] == inputs, summary  # no row lost or doubled
     write_atomic(job.out / SUMMARY, json.dumps({**summary, "config": job.job}, indent=2))

@@ -5,12 +5,14 @@ Reads a checkpoint folder (from desta train). Writes OUT/ with config.json, mode
 base checkpoints), the processor and tokenizer files, and README.md: a model card with Hub
 metadata, how it was trained (run_config.yaml, summary.json) and the eval table (report.json).
 `push` creates the repository and uploads the folder with huggingface_hub; the token comes from
-$HF_TOKEN or the user's login and is never printed or written.
+$HF_TOKEN or the user's login and is never printed or written. Nothing written names a local path
+(which would be published): base checkpoints, data and folders appear as Hub ids or folder names.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,9 +25,35 @@ if TYPE_CHECKING:
     from desta.modeling import DestaModel
 
 
+def public_name(reference: str | None) -> str | None:
+    """How a published file names a checkpoint or a dataset: a Hub id as it is, a local folder by its name only.
+
+    >>> public_name("openai/whisper-small"), public_name("/home/me/models/whisper-small"), public_name(None)
+    ('openai/whisper-small', 'whisper-small', None)
+    """
+    if not reference:
+        return reference
+    path = Path(reference)
+    hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", reference) and not path.exists()
+    return reference if hub_id else path.name
+
+
+def _publish_config(folder: Path) -> None:
+    """Rewrite folder/config.json with every checkpoint reference (`*name_or_path`) as its public name."""
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: public_name(v) if k.endswith("name_or_path") and isinstance(v, str) else scrub(v)
+                    for k, v in value.items()}
+        return [scrub(v) for v in value] if isinstance(value, list) else value
+
+    path = folder / CONFIG
+    path.write_text(json.dumps(scrub(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n")
+
+
 def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_id: str | None = None,
            llm_id: str | None = None, license: str = "other", report: str | Path | None = None) -> Path:
-    """Write the Hub-ready folder; `encoder_id` / `llm_id` rename the base checkpoints to Hub ids."""
+    """Write the Hub-ready folder; `encoder_id` / `llm_id` name the base checkpoints' Hub ids (otherwise a
+    local base is named by its folder name, and loading the export looks for a folder of that name)."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / CONFIG).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json); give the output "
@@ -42,6 +70,7 @@ def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_
         save_full(model, out)
     else:
         model.save_pretrained(out)
+    _publish_config(out)
     processor.save_pretrained(out)
     report_path = _report_markdown(Path(report)) if report else next(iter(sorted(checkpoint.glob(f"**/{REPORT_MD}"))),
                                                                         None)
@@ -76,7 +105,7 @@ def save_full(model: DestaModel, out: Path) -> None:
 def _metadata_block(bases: dict[str, str | None], license: str, datasets: list[str]) -> str:
     lines = ["---", "library_name: desta", f"license: {license}", "pipeline_tag: audio-text-to-text",
              "tags:", "  - desta", "  - speech", "  - audio", "  - speech-language-model"]
-    hub_bases = [b for b in bases.values() if b and not Path(b).exists()]
+    hub_bases = [b for b in bases.values() if b and public_name(b) == b]
     if hub_bases:
         lines += ["base_model:"] + [f"  - {b}" for b in hub_bases]
     if datasets:
@@ -96,21 +125,26 @@ def model_card(checkpoint: Path, out: Path, bases: dict[str, str | None], full: 
     datasets = [Path(d).parent.name if Path(d).name == DATASET else Path(d).name
                 for d in (data.get("train"),) if d]
     name = out.name
+    local = [b for b in bases.values() if b and public_name(b) != b]
     lines = [_metadata_block(bases, license, datasets), f"# {name}", "",
              "A DeSTA speech language model: a frozen Whisper encoder, a Q-Former connector and a frozen chat LLM"
              + (" with LoRA" if run.get("model", {}).get("lora") else "") + ", trained with "
              "[desta](https://pypi.org/project/desta/) on the LLM's own answers to descriptions of the audio "
              "(self-output, as in DeSTA2).", "",
              "| part | checkpoint |", "|---|---|",
-             f"| speech encoder (frozen) | {bases['encoder'] or 'included'} |",
-             f"| LLM (frozen) | {bases['llm'] or 'included'} |",
+             f"| speech encoder (frozen) | {public_name(bases['encoder']) or 'included'} |",
+             f"| LLM (frozen) | {public_name(bases['llm']) or 'included'} |",
              "| weights in this repository | " + ("the whole model, LoRA merged" if full else
                                                  "connector and LoRA only") + " |",
              ""]
+    if local:
+        lines += ["Base checkpoints that were local folders when this was exported are named by their folder "
+                  "name only (no local path is published); loading looks for a folder of that name, so export "
+                  "with `--encoder-id` / `--llm-id` to name their Hub ids instead.", ""]
     if summary or run:
         lines += ["## Training", "",
-                  f"- output folder: `{run.get('output_dir', checkpoint.name)}`",
-                  f"- data: `{data.get('train', 'n/a')}`, {summary.get('train_rows', 'n/a')} training rows"
+                  f"- output folder: `{public_name(run.get('output_dir')) or checkpoint.name}`",
+                  f"- data: `{', '.join(datasets) or 'n/a'}`, {summary.get('train_rows', 'n/a')} training rows"
                   f" ({summary.get('replay_rows', 0)} text replay), {summary.get('eval_rows', 'n/a')} held out",
                   f"- steps: {summary.get('steps', 'n/a')}, batch {run.get('optim', {}).get('batch_size', 'n/a')}, "
                   f"lr {run.get('optim', {}).get('lr', 'n/a')}, Q-Former layers "

@@ -1,23 +1,98 @@
 """Answering one conversation at a time, streamed or not: the engines behind `desta chat`, `desta serve`
 and the web app. A DestaEngine hears audio parts (Whisper transcribes them first); a TextEngine is
-a plain chat LLM. Both stop at the same end-of-turn tokens the rest of desta uses.
+a plain chat LLM. Both stop at the same end-of-turn tokens the rest of desta uses, refuse a prompt
+the model's context cannot hold before generating, and a stream can be stopped at the next token
+(`Stream.stop`), which the server does when its client goes away.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend, finish_generation, generate_kwargs
 from desta.core.sequences import end_of_turn_ids
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from desta.modeling import DestaModel
     from desta.processing import DestaProcessor
+
+
+class PromptTooLong(ValueError):
+    """A prompt longer than the model's context (with the answer) or the server's prompt limit."""
+
+
+def check_prompt(prompt_tokens: int, max_new_tokens: int, context: int, limit: int | None = None) -> None:
+    """Raise PromptTooLong when the prompt and the answer do not fit the context, or the prompt passes `limit`.
+
+    >>> check_prompt(4000, 200, 4096)
+    Traceback (most recent call last):
+    ...
+    desta.inference.PromptTooLong: the model's context holds 4096 tokens, but the prompt takes 4000 and max_tokens \
+asks for 200 more; shorten the messages or lower max_tokens
+    """
+    if limit is not None and prompt_tokens > limit:
+        raise PromptTooLong(f"the prompt takes {prompt_tokens} tokens; this server accepts at most {limit}; shorten "
+                            "the messages")
+    if prompt_tokens + max_new_tokens > context:
+        raise PromptTooLong(f"the model's context holds {context} tokens, but the prompt takes {prompt_tokens} and "
+                            f"max_tokens asks for {max_new_tokens} more; shorten the messages or lower max_tokens")
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """One flag per sequence: all True once the event is set."""
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Stream:
+    """One answer being generated in a worker thread; iterate for its text pieces as they come.
+
+    `stop()` ends the generation at the next token and waits for the thread. An error in the worker
+    ends the iteration and is raised to the reader, so a reader never waits forever.
+    """
+
+    def __init__(self, generate: Callable[..., Any], kwargs: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
+                 skip_prompt: bool):
+        self.stopped = threading.Event()
+        self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
+        self.error: BaseException | None = None
+        kwargs = {**kwargs, "streamer": self.streamer,
+                  "stopping_criteria": StoppingCriteriaList([_StopWhenSet(self.stopped)])}
+        self.thread = threading.Thread(target=self._run, args=(generate, kwargs), daemon=True)
+        self.thread.start()
+
+    def _run(self, generate: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+        try:
+            with torch.no_grad():
+                generate(**kwargs)
+        except BaseException as err:  # handed to the reader, which would otherwise wait for pieces forever
+            self.error = err
+            self.streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        """The answer's text pieces, in order; raises the worker's error, if it had one, at the end."""
+        yield from self.streamer
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """End the generation at the next token and wait for the worker to finish."""
+        self.stopped.set()
+        self.thread.join()
 
 
 class TextEngine:
@@ -28,15 +103,28 @@ class TextEngine:
     def __init__(self, backend: TransformersBackend, model_id: str):
         self.backend, self.model_id = backend, model_id
         self.audio_token = None
+        self.context = int(backend.llm.config.max_position_embeddings)
+        self.special_tokens = list(backend.tokenizer.all_special_tokens)
 
-    def generate(self, messages: list[dict], audios: list[np.ndarray],
-                 settings: SamplingSettings) -> tuple[Generation, int]:
-        """The answer and the prompt's length in tokens."""
-        return self.backend.generate([messages], settings)[0], len(self.backend.encode(messages))
+    def _prompt(self, messages: list[dict], settings: SamplingSettings, max_prompt_tokens: int | None) -> torch.Tensor:
+        ids = self.backend.encode(messages)
+        check_prompt(len(ids), settings.max_new_tokens, self.context, max_prompt_tokens)
+        return torch.tensor([ids], device=self.backend.device)
 
-    def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings) -> Iterator[str]:
-        """Yield text pieces of the answer as they are generated (a text model: `audios` is not used)."""
-        yield from self.backend.stream(messages, settings)
+    def generate(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
+                 max_prompt_tokens: int | None = None) -> tuple[Generation, int]:
+        """The answer and the prompt's length in tokens (a text model: `audios` is not used)."""
+        ids = self._prompt(messages, settings, max_prompt_tokens)
+        return self.backend.generate([messages], settings)[0], ids.shape[1]
+
+    def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
+               max_prompt_tokens: int | None = None) -> Stream:
+        """Start the answer; the returned Stream yields its text pieces (a text model: `audios` is not used)."""
+        torch.manual_seed(settings.seed)
+        ids = self._prompt(messages, settings, max_prompt_tokens)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  **generate_kwargs(settings, self.backend.pad_id)}
+        return Stream(self.backend.llm.generate, kwargs, self.backend.tokenizer, skip_prompt=True)
 
 
 class DestaEngine:
@@ -48,43 +136,43 @@ class DestaEngine:
         self.model, self.processor, self.model_id = model, processor, model_id
         self.audio_token = processor.audio_token
         self.eos_ids = end_of_turn_ids(processor.tokenizer, model.llm.generation_config)
+        self.context = int(model.llm.config.max_position_embeddings)
+        self.special_tokens = list(processor.tokenizer.all_special_tokens)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         """Clips, each (samples,) at 16 kHz -> one Whisper transcript per clip ([] for no clips)."""
         return self.model.transcribe(self.processor, audios) if audios else []
 
-    def _inputs(self, messages: list[dict], audios: list[np.ndarray], transcripts: list[str] | None = None):
+    def _inputs(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
+                transcripts: list[str] | None = None, max_prompt_tokens: int | None = None) -> Any:
         if audios and transcripts is None:
             transcripts = self.transcribe(audios)
-        return self.processor([messages], audios=[audios], transcripts=[transcripts] if audios else None,
-                              add_generation_prompt=True).to(self.model.device)
+        inputs = self.processor([messages], audios=[audios], transcripts=[transcripts] if audios else None,
+                                add_generation_prompt=True).to(self.model.device)
+        check_prompt(int(inputs["attention_mask"].sum()), settings.max_new_tokens, self.context, max_prompt_tokens)
+        return inputs
 
     def _kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
         pad_id = self.processor.tokenizer.pad_token_id
         return {**generate_kwargs(settings, pad_id), "eos_token_id": sorted(self.eos_ids)}
 
-    def generate(self, messages: list[dict], audios: list[np.ndarray],
-                 settings: SamplingSettings) -> tuple[Generation, int]:
+    @torch.no_grad()
+    def generate(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
+                 max_prompt_tokens: int | None = None) -> tuple[Generation, int]:
         """The answer and the prompt's length in tokens (audio positions and transcript included)."""
         torch.manual_seed(settings.seed)
-        inputs = self._inputs(messages, audios)
+        inputs = self._inputs(messages, audios, settings, max_prompt_tokens=max_prompt_tokens)
         out = self.model.generate(**inputs, **self._kwargs(settings))[0].tolist()
         generation = finish_generation(out, self.eos_ids, settings.max_new_tokens, self.processor.tokenizer)
         return generation, int(inputs["attention_mask"].sum())
 
     def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
-               transcripts: list[str] | None = None) -> Iterator[str]:
-        """Yield text pieces of the answer as they are generated."""
-        from transformers import TextIteratorStreamer
-
+               transcripts: list[str] | None = None, max_prompt_tokens: int | None = None) -> Stream:
+        """Start the answer; the returned Stream yields its text pieces (the model returns new tokens only)."""
         torch.manual_seed(settings.seed)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
-        inputs = self._inputs(messages, audios, transcripts)
-        worker = threading.Thread(target=self.model.generate,
-                                  kwargs={**inputs, **self._kwargs(settings), "streamer": streamer})
-        worker.start()
-        yield from streamer
-        worker.join()
+        inputs = self._inputs(messages, audios, settings, transcripts, max_prompt_tokens)
+        return Stream(self.model.generate, {**inputs, **self._kwargs(settings)}, self.processor.tokenizer,
+                      skip_prompt=False)
 
 
 def load_engine(checkpoint: str | None = None, llm: str | None = None,

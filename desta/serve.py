@@ -2,35 +2,49 @@
 
 Reads a checkpoint folder (DeSTA) or a chat LLM folder/Hub id (text only). Serves
 GET /v1/models and POST /v1/chat/completions with text and `input_audio` parts (base64 WAV, FLAC,
-MP3), streaming (server-sent events) or not. Binds 127.0.0.1 unless told otherwise. Oversize
-bodies, undecodable or too long audio, too many tokens, unknown models and bad keys get 4xx JSON
-errors in the OpenAI shape; a busy server answers 503 with Retry-After so clients back off.
+MP3), streaming (server-sent events) or not. Binds 127.0.0.1 unless told otherwise.
+
+What one client can do to the others is bounded: with a key set, every path (the API docs
+included) needs it, compared in constant time, before any of the body is read; the body is read
+only up to its limit; a prompt longer than the model's context (or max_prompt_tokens) is refused
+before generating; sampling settings are checked as the OpenAI API checks them; a streaming client
+that goes away stops its generation and frees its slot at once. Oversize bodies, undecodable or
+too long audio, too many tokens, unknown models and bad keys get 4xx JSON errors in the OpenAI
+shape; a busy server answers 503 with Retry-After so clients back off.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
+import math
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings
+from desta.inference import PromptTooLong
 
 if TYPE_CHECKING:
-    from desta.inference import DestaEngine, TextEngine
+    from desta.inference import DestaEngine, Stream, TextEngine
 
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.manual_seed takes (a signed 64-bit integer)
 
 
 @dataclass
@@ -41,6 +55,7 @@ class ServeLimits:
     max_audio_seconds: float = 120.0  # per audio part
     max_tokens: int = 1024  # per answer
     max_concurrent: int = 1  # requests generating at once; more get 503 + Retry-After
+    max_prompt_tokens: int | None = None  # None: what the model's context holds besides the answer
 
 
 class RequestError(Exception):
@@ -51,9 +66,20 @@ class RequestError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
 
-def _error(status: int, message: str, code: str = "invalid_request_error", param: str | None = None):
+def _error(status: int, message: str, code: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": code, "param": param, "code": code}},
                         status_code=status)
+
+
+def _check_text(text: str, engine: DestaEngine | TextEngine, where: str) -> str:
+    """Text from a client, refused when it holds a token the chat template or the audio slots reserve (it would
+    be read as one: a fake turn or an audio placeholder with no audio)."""
+    reserved = sorted((t for t in [engine.audio_token, *engine.special_tokens] if t and t in text), key=text.find)
+    if reserved:
+        raise RequestError(400, f"{where}: the text holds {reserved[0]!r}, a token this model reserves (audio "
+                                "placeholder or chat markup); send audio as an input_audio part and remove it",
+                           param=where)
+    return text
 
 
 def parse_messages(body: dict, engine: DestaEngine | TextEngine,
@@ -69,7 +95,7 @@ def parse_messages(body: dict, engine: DestaEngine | TextEngine,
                                param=f"messages[{i}]")
         content = message.get("content")
         if isinstance(content, str):
-            chat.append({"role": message["role"], "content": content})
+            chat.append({"role": message["role"], "content": _check_text(content, engine, f"messages[{i}].content")})
             continue
         if not isinstance(content, list):
             raise RequestError(400, f"messages[{i}].content must be a string or a list of parts",
@@ -79,7 +105,9 @@ def parse_messages(body: dict, engine: DestaEngine | TextEngine,
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                pieces.append(str(part.get("text", "")))
+                if not isinstance(part.get("text", ""), str):
+                    raise RequestError(400, f"{where}.text must be a string", param=where)
+                pieces.append(_check_text(part.get("text", ""), engine, where))
             elif kind == "input_audio":
                 if not engine.accepts_audio:
                     raise RequestError(400, f"{where}: this server's model {engine.model_id!r} is text-only",
@@ -100,7 +128,7 @@ def _decode_audio(part: dict, where: str, limits: ServeLimits) -> np.ndarray:
                            param=where)
     try:
         data = base64.b64decode(part.get("data") or "", validate=True)
-    except (binascii.Error, ValueError) as err:
+    except (binascii.Error, ValueError, TypeError) as err:
         raise RequestError(400, f"{where}: input_audio.data is not valid base64 ({err})", param=where) from err
     try:
         samples = load_audio(data, name=where)
@@ -113,20 +141,93 @@ def _decode_audio(part: dict, where: str, limits: ServeLimits) -> np.ndarray:
     return samples
 
 
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    """A sampling number from the request: absent or null gives the default; anything but a finite number in
+    range is a RequestError naming the parameter."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(400, f"{name} must be a number, got {value!r}", param=name)
+    if value < low or (low_open and value == low) or value > high:
+        bracket = "(" if low_open else "["
+        raise RequestError(400, f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}", param=name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+    """An integer from the request (not a bool, not a float), in [low, high]; None when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(400, f"{name} must be an integer in [{low}, {high}], got {value!r}", param=name)
+    return value
+
+
 def settings_from(body: dict, limits: ServeLimits) -> SamplingSettings:
     """The request's max_tokens (or max_completion_tokens), temperature, top_p, repetition_penalty and seed,
-    checked against the limits; RequestError (400) when one is out of range or not a number."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or min(256, limits.max_tokens)
-    if not isinstance(max_tokens, int) or max_tokens < 1 or max_tokens > limits.max_tokens:
-        raise RequestError(400, f"max_tokens must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
-                           param="max_tokens")
-    try:
-        return SamplingSettings(max_new_tokens=max_tokens, temperature=float(body.get("temperature") or 0.0),
-                                top_p=float(body.get("top_p") or 1.0),
-                                repetition_penalty=float(body.get("repetition_penalty") or 1.0),
-                                seed=int(body.get("seed") or 0))
-    except (TypeError, ValueError) as err:
-        raise RequestError(400, f"bad sampling setting: {err}") from err
+    checked as the OpenAI API checks them; RequestError (400) naming the parameter otherwise."""
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, name, 1, limits.max_tokens)
+    if body.get("n") not in (None, 1):
+        raise RequestError(400, f"n must be 1 (one answer per request), got {body.get('n')!r}", param="n")
+    if body.get("stream") not in (None, True, False):
+        raise RequestError(400, f"stream must be true or false, got {body.get('stream')!r}", param="stream")
+    seed = _integer(body, "seed", *SEED_RANGE)
+    return SamplingSettings(max_new_tokens=min(256, limits.max_tokens) if max_tokens is None else max_tokens,
+                            temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
+                            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+                            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf, low_open=True),
+                            seed=seed or 0)
+
+
+class RequireKey:
+    """ASGI middleware: with a key set, every HTTP request (the API docs and schema included) must carry
+    `Authorization: Bearer KEY`, compared in constant time, before the app reads any of its body."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app = app
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 401 to a request without the key; pass the others on."""
+        if scope["type"] == "http" and self.expected is not None:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _error(401, "invalid API key", "invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class GuardedStream(StreamingResponse):
+    """A server-sent event stream whose clean-up runs as soon as the response ends in any way: finished,
+    failed, or the client gone (noticed while waiting for the next token, not only at the next send)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]], stop: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close, self.stop = on_close, stop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream, watching for the client going away; then close the content and run the clean-up."""
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.stop()  # ends the generation at its next token; the stream then finishes by itself
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch)
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    group.cancel_scope.cancel()
+        except (ClientDisconnect, OSError):
+            pass  # the client left: nothing to answer
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self.on_close()
 
 
 def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = None,
@@ -134,31 +235,30 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
     """The FastAPI application around an engine (TextEngine or DestaEngine)."""
     limits = limits or ServeLimits()
     app = FastAPI(title="desta serve")
+    app.add_middleware(RequireKey, api_key=api_key)
     slots = threading.BoundedSemaphore(limits.max_concurrent)
 
-    def models_payload() -> dict:
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "owned_by": "desta"}]}
 
-    def authorised(request: Request) -> bool:
-        return api_key is None or request.headers.get("authorization") == f"Bearer {api_key}"
-
-    @app.get("/v1/models")
-    def list_models(request: Request):
-        if not authorised(request):
-            return _error(401, "invalid API key", "invalid_api_key")
-        return models_payload()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            return _error(413, f"request body is {int(declared)} bytes; the limit is {limits.max_body_bytes}")
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            return _error(413, f"request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}")
-        if not authorised(request):
-            return _error(401, "invalid API key", "invalid_api_key")
+            raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {limits.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:  # stop reading: the rest is never held in memory
+                raise RequestError(413, f"request body is over {limits.max_body_bytes} bytes; the limit is "
+                                        f"{limits.max_body_bytes}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         try:
+            raw = await read_body(request)
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise RequestError(400, "the request body must be a JSON object")
@@ -167,10 +267,12 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
                                    "model_not_found", "model")
             settings = settings_from(body, limits)
             messages, audios = parse_messages(body, engine, limits)
-        except json.JSONDecodeError as err:
-            return _error(400, f"the request body is not valid JSON: {err.msg}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return _error(400, f"the request body is not valid JSON: {getattr(err, 'msg', err)}")
         except RequestError as err:
             return _error(err.status, err.message, err.code, err.param)
+        except ClientDisconnect:
+            return _error(400, "the client went away before sending the whole body")
         if not slots.acquire(blocking=False):
             response = _error(503, "the server is busy; retry shortly", "server_busy")
             response.headers["Retry-After"] = "1"
@@ -178,7 +280,10 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not body.get("stream"):
             try:
-                generation, prompt_tokens = await run_in_threadpool(engine.generate, messages, audios, settings)
+                generation, prompt_tokens = await run_in_threadpool(engine.generate, messages, audios, settings,
+                                                                    limits.max_prompt_tokens)
+            except PromptTooLong as err:
+                return _error(400, str(err), "context_length_exceeded", "messages")
             finally:
                 slots.release()
             return JSONResponse({
@@ -188,27 +293,43 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generation.completion_tokens,
                           "total_tokens": prompt_tokens + generation.completion_tokens},
             })
-
-        def events():
-            def chunk(delta: dict, finish: str | None = None) -> str:
-                payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                           "model": engine.model_id, "choices": [{"index": 0, "delta": delta,
-                                                                  "finish_reason": finish}]}
-                return f"data: {json.dumps(payload)}\n\n"
-
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                for piece in engine.stream(messages, audios, settings):
-                    if piece:
-                        yield chunk({"content": piece})
-                yield chunk({}, "stop")
-                yield "data: [DONE]\n\n"
-            finally:
-                slots.release()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            stream = await run_in_threadpool(engine.stream, messages, audios, settings,
+                                             max_prompt_tokens=limits.max_prompt_tokens)
+        except PromptTooLong as err:
+            slots.release()
+            return _error(400, str(err), "context_length_exceeded", "messages")
+        except BaseException:
+            slots.release()
+            raise
+        return GuardedStream(_events(stream, completion_id, created, engine.model_id),
+                             on_close=lambda: _finish(stream, slots), stop=stream.stopped.set)
 
     return app
+
+
+async def _events(stream: Stream, completion_id: str, created: int, model_id: str) -> AsyncIterator[str]:
+    """The stream's pieces as server-sent events in the OpenAI chunk shape, then [DONE]."""
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    pieces = iter(stream)
+    while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+        if piece:
+            yield chunk({"content": piece})
+    yield chunk({}, "stop")
+    yield "data: [DONE]\n\n"
+
+
+async def _finish(stream: Stream, slots: threading.BoundedSemaphore) -> None:
+    """Stop the generation (a no-op when it ended by itself), wait for its thread, free the slot."""
+    try:
+        await run_in_threadpool(stream.stop)
+    finally:
+        slots.release()
 
 
 @dataclass
@@ -236,6 +357,8 @@ class ServeConfig:
     """largest max_tokens a request may ask"""
     max_concurrent: int = 1
     """requests generating at once; more get 503"""
+    max_prompt_tokens: int | None = None
+    """longest prompt in tokens (null: what the model's context holds besides max_tokens)"""
     log_level: str = "warning"
     """uvicorn log level"""
 
@@ -245,14 +368,16 @@ class ServeConfig:
             problems.append(("checkpoint", "give a DeSTA checkpoint or llm=MODEL for a text-only model, not both"))
         if not 0 < self.port < 65536:
             problems.append(("port", f"must be in 1-65535, got {self.port}"))
-        if min(self.max_body_mb, self.max_audio_seconds) <= 0 or min(self.max_tokens, self.max_concurrent) < 1:
+        if min(self.max_body_mb, self.max_audio_seconds) <= 0 or min(self.max_tokens, self.max_concurrent,
+                                                                     self.max_prompt_tokens or 1) < 1:
             problems.append(("max_body_mb", "the size, duration, token and concurrency limits must be positive"))
         raise_problems(problems)
 
     def limits(self) -> ServeLimits:
         """The per-request limits these settings give (max_body_mb converted to bytes)."""
         return ServeLimits(max_body_bytes=int(self.max_body_mb * 2**20), max_audio_seconds=self.max_audio_seconds,
-                           max_tokens=self.max_tokens, max_concurrent=self.max_concurrent)
+                           max_tokens=self.max_tokens, max_concurrent=self.max_concurrent,
+                           max_prompt_tokens=self.max_prompt_tokens)
 
 
 def serve(config: ServeConfig) -> None:

@@ -8,11 +8,14 @@ Reads a described dataset (OUT/dataset of `desta describe`). Two kinds of target
 Writes OUT/dataset: the described rows plus `prompt`, `prompt_pool`, `system_prompt` (what the LLM
 read, carried to training), `response` and `generator` (model id, backend, sampling settings as
 JSON); OUT/rejects.jsonl for answers the quality filter flags (empty, cut off, looping, ignoring the
-audio), each with its reason; OUT/summary.json. Chunks make it resumable and shardable like describe.
+audio), each with its reason; OUT/summary.json. Chunks make it resumable and shardable like describe:
+a rerun into the same OUT must read the same described rows (by content) with the same settings, and
+answers are joined to their clips by id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,7 +29,18 @@ from tqdm import tqdm
 
 from desta.core.args import raise_problems
 from desta.core.artifacts import DATASET, REJECTS, SUMMARY
-from desta.core.chunks import ChunkedJob, attach_columns, save_dataset_atomic, to_jsonl, write_atomic
+from desta.core.chunks import (
+    ChunkedJob,
+    attach_columns,
+    check_accounted,
+    content_fingerprint,
+    positions_by_id,
+    save_dataset_atomic,
+    saved_empty,
+    stale_error,
+    to_jsonl,
+    write_atomic,
+)
 from desta.core.generation import Backend, Generation, SamplingSettings, make_backend
 from desta.core.quality import looping
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, pick_prompts, text_turn, training_pool
@@ -42,6 +56,10 @@ DEFAULT_REFUSAL_PATTERNS = [
     r"\bno audio (?:was|is|has been) (?:provided|attached|shared)\b",
     r"\b(?:cannot|can't|unable to) (?:hear|listen to|access|play) (?:the |this |any )?(?:audio|recording|clip)\b",
 ]
+# Settings that change how a run is carried out but not one answer: left out of the job description a
+# resumed run must match (greedy batches give the answers one-at-a-time generation gives).
+RUNTIME_SETTINGS = ("out", "base_url", "batch_size", "concurrency", "timeout", "max_retries", "chunk_size",
+                    "num_shards", "shard_index", "merge", "progress", "overwrite")
 
 
 @dataclass
@@ -98,6 +116,8 @@ class TargetsConfig:
     """answers cut at max_new_tokens end at their last full sentence instead of being rejected"""
     merge: bool = False
     """only join the finished shards in `out`"""
+    overwrite: bool = False
+    """when OUT holds parts made from another source or other settings, delete them and start over"""
     progress: bool = True
     """show a progress bar"""
 
@@ -223,6 +243,8 @@ def load_described(source: str | os.PathLike) -> Dataset:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} not found; give the dataset folder written by desta describe "
                                 "(OUT/dataset)")
+    if saved_empty(path):
+        raise ValueError(f"{path} holds no rows")
     dataset = load_from_disk(str(path))
     missing = [c for c in ("id", "description") if c not in dataset.column_names]
     if missing:
@@ -236,23 +258,34 @@ def load_described(source: str | os.PathLike) -> Dataset:
 GOLD_COLUMNS = ("transcript", "gender", "accent", "emotion", "age", "pitch", "volume", "speaking_speed", "duration")
 
 
+def source_fingerprint(dataset: Dataset) -> str:
+    """The content fingerprint of a described dataset: every column but the audio, row by row."""
+    return content_fingerprint(dataset, [c for c in dataset.column_names if c != "audio"])
+
+
+def target_items(num_rows: int, pool: list[str], seed: int, per_clip: int) -> list[tuple[int, str]]:
+    """(row, prompt) of every answer to write: `per_clip` prompts per row, a pure function of (seed, row)."""
+    return [(row, prompt) for row in range(num_rows) for prompt in pick_prompts(pool, row, seed, per_clip)]
+
+
 def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Write (or resume) this shard's targets; merge when unsharded. `backend` overrides the config's."""
     if config.merge:
         return merge(config.out)
     dataset = load_described(config.source)
+    positions_by_id(dataset["id"], str(config.source))  # answers are joined to their clips by id
     pool = training_pool(config.pool)
     pool_name = config.pool if isinstance(config.pool, str) else "custom"
-    items = [(row, prompt) for row in range(len(dataset))
-             for prompt in pick_prompts(pool, row, config.seed, config.prompts_per_clip)]
+    items = target_items(len(dataset), pool, config.seed, config.prompts_per_clip)
     labels = config.kind == "labels"
-    job = ChunkedJob(config.out, {"stage": "targets", "kind": config.kind, "source": str(config.source),
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_SETTINGS}
+    job = ChunkedJob(config.out, {"stage": "targets", **settings, "source": str(config.source),
                                   "model": None if labels else config.model, "backend": None if labels else
-                                  config.backend, "pool": pool, "pool_name": pool_name,
-                                  "system_prompt": config.system_prompt, "sampling": config.sampling().as_dict(),
-                                  "keep_flagged": config.keep_flagged, "inputs": len(items)},
+                                  config.backend, "pool_prompts": pool, "pool_name": pool_name,
+                                  "source_fingerprint": source_fingerprint(dataset), "inputs": len(items)},
                      total=len(items), chunk_size=config.chunk_size, num_shards=config.num_shards,
-                     shard_index=config.shard_index)
+                     shard_index=config.shard_index, overwrite=config.overwrite,
+                     not_compared=("source",))
     todo = job.todo()
     if labels:
         gold = dataset.select_columns([c for c in GOLD_COLUMNS if c in dataset.column_names]).to_list()
@@ -279,7 +312,7 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
             if config.trim_cut_off:
                 generation = trim_to_sentence(generation)
             reason = flag(generation, config.max_new_tokens, config.refusal_patterns)
-            record = {"_index": row, "prompt": prompt, "prompt_pool": pool_name,
+            record = {"id": ids[row], "prompt": prompt, "prompt_pool": pool_name,
                       "system_prompt": config.system_prompt or "", "response": generation.text,
                       "generator": generator}
             if reason and not config.keep_flagged:
@@ -293,16 +326,31 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
         bar.set_postfix(rows_per_s=f"{done / elapsed:.2f}", tokens_per_s=f"{tokens / elapsed:.1f}")
     bar.close()
     if config.num_shards == 1:
-        return merge(config.out)
+        return _merge(job, dataset)
     return {"shard": config.shard_index, "chunks": len(job.mine()), "run_now": len(todo)}
 
 
 def merge(out: str | os.PathLike) -> dict[str, Any]:
-    """Join every shard's answers into OUT/dataset and OUT/rejects.jsonl."""
+    """Join every shard's answers into OUT/dataset and OUT/rejects.jsonl, once the described dataset is
+    checked to be the one the shards read."""
     job = ChunkedJob.open(out)
-    rows, rejects = job.collect()
     dataset = load_described(job.job["source"])
-    indices = [row.pop("_index") for row in rows]
+    found = source_fingerprint(dataset)
+    if found != job.job["source_fingerprint"]:
+        raise stale_error(job.out, [f"source_fingerprint: {job.job['source_fingerprint'][:12]}... -> "
+                                    f"{found[:12]}..."])
+    return _merge(job, dataset)
+
+
+def _merge(job: ChunkedJob, dataset: Dataset) -> dict[str, Any]:
+    """The merge itself: every (clip id, prompt) once among answers and rejects, answers joined by clip id."""
+    rows, rejects = job.collect()
+    ids = dataset["id"]
+    expected = target_items(len(dataset), job.job["pool_prompts"], job.job["seed"], job.job["prompts_per_clip"])
+    check_accounted(job.out, [(ids[row], prompt) for row, prompt in expected],
+                    [(r["id"], r["prompt"]) for r in rows + rejects])
+    positions = positions_by_id(ids, str(job.job["source"]))
+    indices = [positions[row.pop("id")] for row in rows]
     save_dataset_atomic(attach_columns(dataset, indices, rows), job.out / DATASET)
     write_atomic(job.out / REJECTS, to_jsonl(rejects))
     summary = {"inputs": job.total, "kept": len(rows), "rejected": len(rejects),

@@ -3,16 +3,19 @@
 Reads a targets dataset (audio, transcript, prompt, response, system prompt), optional text-only
 replay rows and an optional frozen-encoder feature cache. Writes OUTPUT/ (final trainable weights
 as safetensors, config, processor files), OUTPUT/checkpoint-* (weights, optimizer, scheduler,
-sampler and RNG state for resuming), run_config.yaml, TensorBoard logs, loss_curve.png and
+sampler and RNG state for resuming, and checksums.json: the SHA-256 of each file, checked before a
+resume; a damaged checkpoint is skipped for the one before it), run_config.yaml, TensorBoard logs, loss_curve.png and
 summary.json. `train()` reads as setup -> fit -> save. Built on transformers' Trainer, so
 `accelerate launch` runs it on several GPUs (DDP, FSDP, DeepSpeed) with nothing custom in between.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import yaml
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from desta.core.args import raise_problems, to_dict
 from desta.core.artifacts import LOG_HISTORY, LOSS_CURVE, RUN_CONFIG, SUMMARY, WEIGHTS
@@ -227,11 +230,12 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0) -> tuple
 
 
 def split_held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """(train, held-out) split by clip id, so no clip is on both sides; held-out is None when empty."""
+    """(train, held-out) split by clip id, so no clip is on both sides; held-out is None when empty. At least
+    one clip always stays for training."""
     clips = sorted(set(dataset["id"]))
     if fraction <= 0 or len(clips) < 2:
         return dataset, None
-    count = max(1, math.ceil(len(clips) * fraction))
+    count = min(len(clips) - 1, max(1, math.ceil(len(clips) * fraction)))
     held = set(np.random.default_rng(seed).permutation(clips)[:count].tolist())
     return dataset.filter(lambda r: r["id"] not in held), dataset.filter(lambda r: r["id"] in held)
 
@@ -312,10 +316,76 @@ class Run:
     resume_from: str | None
 
 
-def last_checkpoint(output_dir: Path) -> str | None:
-    """The highest-numbered checkpoint-* folder in output_dir, or None when there is none."""
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(checkpoints[-1]) if checkpoints else None
+CHECKSUMS = "checksums.json"  # in each checkpoint-*: file name -> SHA-256, written once the save is complete
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` (but CHECKSUMS itself), by path relative to it."""
+    sums = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+        sums[str(path.relative_to(folder))] = digest.hexdigest()
+    return sums
+
+
+class CheckpointChecksums(TrainerCallback):
+    """Writes checkpoint-N/checksums.json after each save, when every process has written its files: a
+    checkpoint without it did not finish saving, one whose files differ from it was damaged since."""
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Hash the checkpoint the Trainer has just written (the main process; the others wait for it)."""
+        from accelerate import PartialState
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        PartialState().wait_for_everyone()  # each process writes its own RNG state file
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if folder.is_dir():
+                tmp = folder / (CHECKSUMS + ".tmp")
+                tmp.write_text(json.dumps(file_checksums(folder), indent=1))
+                tmp.replace(folder / CHECKSUMS)
+        PartialState().wait_for_everyone()
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (naming the file), or None when its files match checksums.json."""
+    listed = folder / CHECKSUMS
+    if not listed.is_file():
+        return f"{listed} is missing: the save did not finish (or predates checksums)"
+    try:
+        expected = json.loads(listed.read_text())
+    except json.JSONDecodeError:
+        return f"{listed} is damaged"
+    found = file_checksums(folder)
+    for name, digest in expected.items():
+        if name not in found:
+            return f"{folder / name} is missing"
+        if found[name] != digest:
+            return f"{folder / name} does not match its checksum (truncated or overwritten)"
+    return None
+
+
+def usable_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint-* whose files match their checksums; a damaged newer one is named on stderr and
+    skipped. Raises ValueError, naming each damaged file and the fix, when checkpoints exist but none is
+    usable; None when there is none."""
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    problems = []
+    for folder in checkpoints:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if problems:
+                print(f"desta train: resuming from {folder.name} instead of the damaged newer checkpoint(s): "
+                      + "; ".join(problems), file=sys.stderr, flush=True)
+            return str(folder)
+        problems.append(problem)
+    if problems:
+        raise ValueError(f"no checkpoint in {output_dir} can be resumed from: {'; '.join(problems)}. Set resume=false "
+                         "to start over (or restore the files)")
+    return None
 
 
 def check_checkpoint(folder: str, model: DestaModel) -> None:
@@ -388,14 +458,15 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     trainer = DestaTrainer(
         model=model, args=args, train_dataset=DestaDataset(train_examples, cache),
         eval_dataset=DestaDataset(eval_examples, cache) if has_eval else None,
-        data_collator=DestaCollator(processor, data.max_length), processing_class=processor, callbacks=callbacks,
+        data_collator=DestaCollator(processor, data.max_length), processing_class=processor,
+        callbacks=[*(callbacks or []), CheckpointChecksums()],
         lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
         kl_temperature=config.optim.kl_temperature if distill else None)
     if not log.progress:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    resume_from = last_checkpoint(out) if config.resume else None
+    resume_from = usable_checkpoint(out) if config.resume else None
     if resume_from:
         check_checkpoint(resume_from, model)
     return Run(config, out, model, processor, trainer, counts, resume_from)

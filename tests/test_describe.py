@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,20 +65,20 @@ def test_bad_inputs_land_in_rejects_and_counts_add_up(corpus, tmp_path):
              json.dumps({"path": "audio/silent.wav", **base}),
              json.dumps({"path": "audio/nan.wav", **base}),
              json.dumps({"path": "audio/long.wav", **base}),
-             json.dumps({"path": "audio/stereo8k.wav", **base, "gender": "robot"}),
+             json.dumps({"path": "audio/stereo8k.wav", **base, "gender": "robot", "id": "robot"}),
              '{"path": "audio/stereo8k.wav", "transcript": ',
              json.dumps({"transcript": "no path here"})]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     max_seconds = 2.5 * len(y) / 16000
     summary = describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
-                                      max_seconds=max_seconds, chunk_size=4))
+                                      max_seconds=max_seconds, chunk_size=4, allow_absolute_paths=True))
     rejects = [json.loads(x) for x in (tmp_path / "d" / "rejects.jsonl").read_text().splitlines()]
     reasons = " | ".join(r["reason"] for r in rejects)
     for expected in ["file not found", "cannot decode audio", "empty", "silent", "NaN or infinite", "too long",
                      "unknown gender label 'robot'", "malformed JSON", "no 'path' column value"]:
         assert expected in reasons, expected
-    assert summary == {"inputs": 11, "described": 2, "rejected": 9, "hours": summary["hours"]}
+    assert summary == {"inputs": 11, "described": 2, "rejected": 9, "duplicate_ids": 0, "hours": summary["hours"]}
     assert all({"id", "source", "reason"} <= set(r) for r in rejects)
 
 
@@ -85,7 +86,8 @@ def test_missing_transcript_without_asr_is_rejected(corpus, tmp_path):
     rows = [json.loads(line) for line in corpus.read_text().splitlines()[:2]]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"path": str(corpus.parent / r["path"])}) + "\n" for r in rows))
-    summary = describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False))
+    summary = describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
+                                      allow_absolute_paths=True))
     assert summary["rejected"] == 2
     assert "no --asr-model" in (tmp_path / "d" / "rejects.jsonl").read_text()
 
@@ -196,7 +198,7 @@ def test_csv_manifest_with_worker_processes(corpus, tmp_path):
                                           for r in rows[:4]]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     summary = describe(DescribeConfig(source=str(tmp_path / "m.csv"), out=str(tmp_path / "d"), progress=False,
-                                      num_proc=2, chunk_size=2))
+                                      num_proc=2, chunk_size=2, allow_absolute_paths=True))
     assert summary["described"] == 4
     assert [r["gender"] for r in _rows(tmp_path / "d")] == [r["gender"] for r in rows[:4]]
 
@@ -215,7 +217,7 @@ def test_audio_classification_model_fills_missing_labels(corpus, tmp_path):
     manifest.write_text("".join(json.dumps({"path": str(corpus.parent / r["path"]), "transcript": r["transcript"]})
                                 + "\n" for r in rows))
     describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
-                            classifiers={"gender": str(model_dir)}))
+                            classifiers={"gender": str(model_dir)}, allow_absolute_paths=True))
     described = _rows(tmp_path / "d")
     assert len(described) == 3
     assert all(r["gender"] in ("Female", "Male") and json.loads(r["sources"])["gender"] == "model"
@@ -316,3 +318,235 @@ def test_unknown_asr_backend_is_named():
 
     with pytest.raises(ValueError, match=r"unknown ASR backend 'kaldi'; choose one of \['faster-whisper'"):
         make_transcriber("kaldi", "x")
+
+
+# ----- reliability: reruns, ids, bad manifest lines -----
+
+def _manifest(folder, corpus, count, order=None):
+    """A manifest in `folder` over the first `count` clips of the corpus (copied in), in `order`."""
+    import shutil
+
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()[:count]]
+    (folder / "audio").mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        shutil.copy(corpus.parent / row["path"], folder / row["path"])
+    order = order or range(count)
+    (folder / "m.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
+    return folder / "m.jsonl", {r["id"]: r["transcript"] for r in rows}
+
+
+def _own_rows(out, transcripts):
+    """How many described rows carry their own clip's audio, transcript and description (synthetic clips are
+    named by their ids; a mixed-up row holds one clip's audio and another's text)."""
+    return sum(transcripts[r["id"]] == r["transcript"] and f"] {transcripts[r['id']]} (" in r["description"]
+               and Path(r["audio"]["path"]).stem == r["id"] for r in load_from_disk(str(out / "dataset")))
+
+
+def test_rerun_after_the_manifest_changed_is_refused_not_mixed_up(corpus, tmp_path):
+    manifest, transcripts = _manifest(tmp_path, corpus, 6)
+    out = tmp_path / "d"
+    describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2))
+    _, _ = _manifest(tmp_path, corpus, 6, order=[5, 4, 3, 2, 1, 0])  # same path, rows reordered
+    with pytest.raises(ValueError, match=r"was made from a different source/settings \(source_fingerprint: .*use a "
+                                         r"new --out or --overwrite"):
+        describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2))
+    with pytest.raises(ValueError, match=r"different source/settings \(max_seconds: 600.0 -> 5.0; source_fing"):
+        describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2, max_seconds=5.0))
+    summary = describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2,
+                                      overwrite=True))
+    assert summary["described"] == 6 and _own_rows(out, transcripts) == 6
+    assert [r["id"] for r in _rows(out)] == sorted(transcripts, reverse=True)  # the new order
+
+
+def test_the_same_manifest_under_another_path_resumes(corpus, tmp_path, monkeypatch):
+    manifest, transcripts = _manifest(tmp_path, corpus, 4)
+    describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False, chunk_size=2))
+    monkeypatch.chdir(tmp_path)
+    summary = describe(DescribeConfig(source="m.jsonl", out="d", progress=False, chunk_size=2))
+    assert summary["described"] == 4 and _own_rows(tmp_path / "d", transcripts) == 4
+
+
+def test_interrupted_run_then_a_changed_manifest_is_refused(corpus, tmp_path, monkeypatch):
+    import desta.describe as stage
+
+    manifest, transcripts = _manifest(tmp_path, corpus, 6)
+    real, calls = stage.analyse_row, {"n": 0}
+
+    def dies_on_fifth_row(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(stage, "analyse_row", dies_on_fifth_row)
+    with pytest.raises(KeyboardInterrupt):
+        describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False, chunk_size=2))
+    monkeypatch.setattr(stage, "analyse_row", real)
+    _manifest(tmp_path, corpus, 6, order=[1, 0, 3, 2, 5, 4])
+    with pytest.raises(ValueError, match="different source/settings"):
+        describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False, chunk_size=2))
+
+
+def test_merge_matches_rows_by_id_and_refuses_parts_of_another_source(corpus, tmp_path):
+    manifest, _ = _manifest(tmp_path, corpus, 4)
+    out = tmp_path / "d"
+    describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2))
+    part = out / "parts" / "part-000000.jsonl"
+    rows = [json.loads(line) for line in part.read_text().splitlines()]
+    rows[0]["id"] = "someone-else"  # a part whose row belongs to no source row
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"1 source rows have no result .*1 results match no source row"):
+        merge(out)
+
+
+def test_duplicate_and_null_ids(corpus, tmp_path):
+    manifest, transcripts = _manifest(tmp_path, corpus, 3)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows.append({**rows[0], "transcript": "A different clip under the same id."})
+    rows.append({**rows[1], "id": None, "path": rows[1]["path"]})  # null id: the file name is the id
+    rows[1]["id"] = "clip-one"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False))
+    assert summary["duplicate_ids"] == 1 and summary["inputs"] == 5 and summary["described"] == 4
+    ids = [r["id"] for r in _rows(tmp_path / "d")]
+    assert ids == [rows[0]["id"], "clip-one", rows[2]["id"], Path(rows[1]["path"]).stem] and "None" not in ids
+    reject = json.loads((tmp_path / "d" / "rejects.jsonl").read_text())
+    assert reject["source"] == "m.jsonl:4" and "duplicate id" in reject["reason"] and "first used on line 1" in \
+        reject["reason"]
+    from datasets import Dataset
+
+    clip = (tmp_path / rows[0]["path"]).read_bytes()
+    Dataset.from_dict({"id": ["a", None, "a", "seven"], "transcript": ["Hi there.", "Hello you.", "Other.", "Seven."],
+                       "audio": [{"bytes": clip, "path": None}] * 4}).cast_column(
+        "audio", Audio(decode=False)).save_to_disk(str(tmp_path / "src"))
+    summary = describe(DescribeConfig(source=str(tmp_path / "src"), out=str(tmp_path / "d2"), progress=False))
+    assert [r["id"] for r in _rows(tmp_path / "d2")] == ["a", "row-00000001", "seven"] and summary["duplicate_ids"] == 1
+
+
+def test_clips_shorter_than_min_seconds_are_rejected(corpus, tmp_path):
+    y, _ = sf.read(corpus.parent / json.loads(corpus.read_text().splitlines()[0])["path"], dtype="float32")
+    sf.write(tmp_path / "blip.wav", y[:800] + 0.05, 16000)  # 0.05 s
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "blip.wav", "transcript": "Hi."}) + "\n")
+    summary = describe(DescribeConfig(source=str(tmp_path / "m.jsonl"), out=str(tmp_path / "d"), progress=False))
+    assert summary["rejected"] == 1
+    assert "too short (0.05 s < min_seconds 0.3 s)" in (tmp_path / "d" / "rejects.jsonl").read_text()
+
+
+def test_manifest_paths_stay_in_the_manifest_folder(corpus, tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "/etc/passwd", "transcript": "x"}) + "\n"
+                                      + json.dumps({"path": "../../outside.wav", "transcript": "x"}) + "\n")
+    describe(DescribeConfig(source=str(tmp_path / "m.jsonl"), out=str(tmp_path / "d"), progress=False))
+    rejects = [json.loads(x) for x in (tmp_path / "d" / "rejects.jsonl").read_text().splitlines()]
+    assert all("leads outside the manifest's folder" in r["reason"] and "--allow-absolute-paths" in r["reason"]
+               for r in rejects) and len(rejects) == 2
+    describe(DescribeConfig(source=str(tmp_path / "m.jsonl"), out=str(tmp_path / "d2"), progress=False,
+                            allow_absolute_paths=True))
+    assert "/etc/passwd: cannot decode audio" in (tmp_path / "d2" / "rejects.jsonl").read_text()
+
+
+def _bad_input_campaign(folder, corpus):
+    """A JSONL and a CSV manifest holding every kind of bad line met in practice, each with the reason its
+    reject must give (None: the line is usable and must be described as itself); plus the good rows."""
+    good = [json.loads(line) for line in corpus.read_text().splitlines()[:3]]
+    audio = folder / "audio"
+    audio.mkdir(parents=True)
+    y, _ = sf.read(corpus.parent / good[0]["path"], dtype="float32")
+    for row in good:
+        sf.write(folder / row["path"], sf.read(corpus.parent / row["path"], dtype="float32")[0], 16000)
+    sf.write(audio / "stereo8k.wav", np.stack([y[::2], y[::2]], axis=1), 8000)
+    sf.write(audio / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    sf.write(audio / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    sf.write(audio / "blip.wav", y[:800] + 0.05, 16000)
+    nan = y.copy()
+    nan[100] = np.nan
+    sf.write(audio / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(audio / "long.wav", np.tile(y, 8), 16000)
+    (audio / "corrupt.wav").write_bytes(b"RIFF not really a wave file")
+    (audio / "text.wav").write_text("just text")
+    said = {"transcript": "Fine words here.", "gender": "F"}
+    jsonl = [  # (line, expected reason or None)
+        (json.dumps(good[0]), None), (json.dumps(good[1]), None), (json.dumps(good[2]), None),
+        (json.dumps({"path": "audio/stereo8k.wav", **said}), None),
+        (json.dumps({"path": "audio/stereo8k.wav", **said, "id": None}), "duplicate id 'stereo8k'"),
+        (json.dumps({"path": "audio/stereo8k.wav", **said, "id": 17}), None),
+        (json.dumps({"path": "audio/stereo8k.wav", **said, "id": "extra", "unknown_column": [1, 2]}), None),
+        (json.dumps({**good[0], "transcript": "A second row with the first id."}), f"duplicate id '{good[0]['id']}'"),
+        ('{"path": "audio/stereo8k.wav", "transcript": ', "malformed JSON"),
+        ('["audio/stereo8k.wav", "hello"]', "not a JSON object but a list"),
+        ('"audio/stereo8k.wav"', "not a JSON object but a str"),
+        ("42", "not a JSON object but a int"), ("null", "not a JSON object but a NoneType"),
+        (json.dumps({"transcript": "no path here"}), "no 'path' column value"),
+        (json.dumps({"path": "", "id": "empty-path"}), "no 'path' column value"),
+        (b'{"path": "audio/caf\xe9.wav", "id": "latin1"}', "not UTF-8 (byte 0xe9"),
+        ('{"path": "audio/a\\udcff.wav", "id": "surrogate"}', "column 'path' holds text that is not valid UTF-8"),
+        (json.dumps({"path": "/etc/passwd", "id": "abs"}), "leads outside the manifest's folder"),
+        (json.dumps({"path": "../outside.wav", "id": "up"}), "leads outside the manifest's folder"),
+        (json.dumps({"path": "audio", "id": "folder", **said}), "file not found"),
+        (json.dumps({"path": "audio/missing.wav", **said}), "file not found"),
+        (json.dumps({"path": "audio/corrupt.wav", **said}), "cannot decode audio"),
+        (json.dumps({"path": "audio/text.wav", **said}), "cannot decode audio"),
+        (json.dumps({"path": "audio/empty.wav", **said}), "empty"),
+        (json.dumps({"path": "audio/silent.wav", **said}), "silent"),
+        (json.dumps({"path": "audio/nan.wav", **said}), "NaN or infinite"),
+        (json.dumps({"path": "audio/long.wav", **said}), "too long"),
+        (json.dumps({"path": "audio/blip.wav", **said}), "too short"),
+        (json.dumps({"path": "audio/stereo8k.wav", "id": "robot", "transcript": "x", "gender": "robot"}),
+         "unknown gender label 'robot'"),
+        (json.dumps({"path": "audio/stereo8k.wav", "id": "mute"}), "no transcript in the metadata"),
+    ]
+    (folder / "m.jsonl").write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode()
+                                                for line, _ in jsonl) + b"\n\n")
+    csv_lines = [
+        (f"{good[1]['path']},{good[1]['id']}-csv,\"{good[1]['transcript']}\"", None),
+        ('audio/stereo8k.wav,quote,"an unterminated quote', "malformed CSV (unexpected end of data"),
+        (f"{good[2]['path']},after-the-quote,Still read.", None),
+        ('audio/stereo8k.wav,"half"quoted,x', "malformed CSV (',' expected after '\"'"),
+        ("audio/stereo8k.wav,too,many,fields", "4 fields where the header has 3"),
+        ("audio/stereo8k.wav", "1 fields where the header has 3"),
+        (b"audio/stereo8k.wav,bad-byte,\xff\xfe", "not UTF-8 (byte 0xff"),
+    ]
+    (folder / "m.csv").write_bytes(b"path,id,transcript\n" + b"\n".join(
+        line if isinstance(line, bytes) else line.encode() for line, _ in csv_lines) + b"\n")
+    return jsonl, csv_lines
+
+
+def _expected_row(manifest, line):
+    """(id, transcript) of a usable manifest line."""
+    if manifest.suffix == ".csv":
+        import csv
+
+        _, row_id, transcript = next(csv.reader([line]))
+        return row_id, transcript
+    record = json.loads(line)
+    return str(record.get("id") or Path(record["path"]).stem), record.get("transcript")
+
+
+def test_bad_input_campaign_every_line_is_described_or_rejected_with_its_reason(corpus, tmp_path):
+    jsonl, csv_lines = _bad_input_campaign(tmp_path, corpus)
+    tried = handled = lost = mixed = 0
+    for manifest, cases in ((tmp_path / "m.jsonl", jsonl), (tmp_path / "m.csv", csv_lines)):
+        out = tmp_path / f"out-{manifest.suffix[1:]}"
+        summary = describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=4,
+                                          max_seconds=10.0))
+        assert summary["inputs"] == len(cases)
+        lost += summary["inputs"] - summary["described"] - summary["rejected"]
+        rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+        expected = {}
+        for line_no, (line, reason) in enumerate(cases, start=2 if manifest.suffix == ".csv" else 1):
+            at_line = [r for r in rejects if r["source"] == f"{manifest.name}:{line_no}"]
+            if reason is None:
+                assert not at_line, at_line
+                row_id, transcript = _expected_row(manifest, line)
+                expected[row_id] = transcript
+                continue
+            tried += 1
+            if not at_line:  # a readable line whose audio or labels fail: its reject carries its id
+                at_line = [r for r in rejects if r["id"] == _expected_row(manifest, line)[0]]
+            assert len(at_line) == 1 and reason in at_line[0]["reason"], (line, at_line)
+            handled += 1
+        rows = _rows(out)
+        assert sorted(r["id"] for r in rows) == sorted(expected)
+        mixed += sum(row["transcript"] != expected[row["id"]] or f"] {expected[row['id']]} (" not in row["description"]
+                     for row in rows)
+    print(f"\nbad describe inputs tried {tried}, handled cleanly {handled}, rows lost {lost}, silent mix-ups {mixed}")
+    assert tried >= 27 and handled == tried and lost == 0 and mixed == 0

@@ -44,9 +44,10 @@ def _logits(folder, clip):
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_export_reloads_to_identical_logits(checkpoint, tmp_path, clip, full):
+def test_export_reloads_to_identical_logits(checkpoint, tmp_path, clip, full, monkeypatch):
     expected = _logits(checkpoint, clip)
     out = export(checkpoint, tmp_path / "out", full=full)
+    monkeypatch.chdir(checkpoint.parent / "bases")  # the export names its local bases by folder name
     got = _logits(out, clip)
     torch.testing.assert_close(got, expected, atol=1e-5 if full else 0, rtol=1e-5 if full else 0)
     config = json.loads((out / "config.json").read_text())
@@ -70,6 +71,26 @@ def test_model_card_has_metadata_usage_and_eval_table(checkpoint, tmp_path):
     assert "| gender | 2 | 0.50 [0.00, 1.00] | 1.00 [1.00, 1.00] | -50% [-100%, +0%] ~ |" in card
     assert "desta.load(" in card and "desta chat" in card
     assert json.loads((out / "config.json").read_text())["llm_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_no_local_path_is_written(checkpoint, tmp_path, full):
+    (checkpoint / "run_config.yaml").write_text(f"output_dir: {checkpoint}\ndata:\n  train: {tmp_path}/t/dataset\n")
+    (checkpoint / "summary.json").write_text(json.dumps({"steps": 3, "train_rows": 5}))
+    try:
+        out = export(checkpoint, tmp_path / "out", full=full)
+    finally:
+        (checkpoint / "run_config.yaml").unlink()
+        (checkpoint / "summary.json").unlink()
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".txt", ".jinja"):
+            text = path.read_text()
+            assert str(tmp_path) not in text and str(checkpoint.parent) not in text, path.name
+    card = (out / "README.md").read_text()
+    assert "- output folder: `ckpt`" in card and "- data: `t`" in card
+    if not full:
+        assert "| LLM (frozen) | tiny-llm |" in card and "named by their folder name only" in card
+        assert json.loads((out / "config.json").read_text())["llm_name_or_path"] == "tiny-llm"
 
 
 def test_dry_run_push_lists_the_files(checkpoint, tmp_path, capsys):

@@ -182,3 +182,55 @@ def test_label_targets_come_from_the_gold_fields_only(described, tmp_path):
     assert label_response({**row, "description": "something else entirely"}) == rows[0]["response"]
     other = "Male" if row["gender"] == "Female" else "Female"
     assert label_response({**row, "gender": other}) != rows[0]["response"]
+
+
+def _reorder(folder):
+    """Rewrite a described dataset in place with its rows reversed (same path, same rows)."""
+    import shutil
+
+    dataset = load_from_disk(str(folder))
+    dataset.select(range(len(dataset) - 1, -1, -1)).save_to_disk(str(folder) + ".new")
+    del dataset
+    shutil.rmtree(folder)
+    shutil.move(str(folder) + ".new", folder)
+
+
+def test_rerun_after_the_described_set_changed_is_refused_not_mixed_up(described, tmp_path):
+    import shutil
+
+    source = tmp_path / "described"
+    shutil.copytree(described, source)
+    out = tmp_path / "t"
+    targets(_config(source, out, kind="labels", model=""))
+    _reorder(source)
+    with pytest.raises(ValueError, match=r"was made from a different source/settings \(source_fingerprint: .*use a "
+                                         r"new --out or --overwrite"):
+        targets(_config(source, out, kind="labels", model=""))
+    with pytest.raises(ValueError, match=r"different source/settings \(.*trim_cut_off: false -> true"):
+        targets(_config(source, out, kind="labels", model="", trim_cut_off=True, overwrite=False))
+    summary = targets(_config(source, out, kind="labels", model="", overwrite=True))
+    rows, _ = _output(out)
+    assert summary["kept"] == 6 and all(r["transcript"] in r["response"] for r in rows)  # each its own clip
+    assert [r["id"] for r in rows] == load_from_disk(str(source))["id"]
+
+
+def test_merge_refuses_a_source_changed_after_the_shards_ran(described, tmp_path, backend):
+    import shutil
+
+    from desta.targets import merge
+
+    source = tmp_path / "described"
+    shutil.copytree(described, source)
+    for index in range(2):
+        targets(_config(source, tmp_path / "two", kind="labels", model="", num_shards=2, shard_index=index))
+    _reorder(source)
+    with pytest.raises(ValueError, match="was made from a different source/settings"):
+        merge(tmp_path / "two")
+
+
+def test_duplicate_clip_ids_are_refused(tmp_path, backend):
+    from datasets import Dataset
+
+    Dataset.from_dict({"id": ["a", "b", "a"], "description": ["x", "y", "z"]}).save_to_disk(str(tmp_path / "dup"))
+    with pytest.raises(ValueError, match=r"1 duplicate ids \(e.g. 'a'\)"):
+        targets(_config(tmp_path / "dup", tmp_path / "t"), backend)

@@ -130,7 +130,7 @@ def test_two_process_cpu_run(targets_dir, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                "-m", "desta.cli", "train", f"output_dir={out}", f"data.train={targets_dir}", "optim.max_steps=4",
-               *BASE]
+               "log.save_steps=2", *BASE]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -140,6 +140,10 @@ def test_two_process_cpu_run(targets_dir, tmp_path):
         names = set(handle.keys())
     assert names and all(name.startswith("connector.") for name in names)
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    from desta.train import checkpoint_problem
+
+    assert checkpoint_problem(out / "checkpoint-2") is None  # both processes' files were written before hashing
+    assert "rng_state_1.pth" in json.loads((out / "checkpoint-2" / "checksums.json").read_text())
 
 
 def test_kl_loss_is_zero_when_the_student_matches_the_teacher():
@@ -171,3 +175,120 @@ def test_kl_training_distills_from_the_text_llm(targets_dir, tmp_path):
         "first_train_loss"]
     for name, param in snapshot.model.named_parameters():
         assert torch.equal(param, snapshot.before[name]) != name.startswith("connector."), name
+
+
+# ----- reliability: damaged checkpoints, config and data problems before anything loads -----
+
+@pytest.fixture(scope="module")
+def interrupted(targets_dir, tmp_path_factory):
+    """A run stopped at step 4 of 6, with checkpoints at steps 2 and 4 (each with its checksums)."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    train(_config(targets_dir, out, "optim.max_steps=6", "log.save_steps=2"), callbacks=[StopAfter(4)])
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
+    assert (out / "checkpoint-4" / "checksums.json").is_file()
+    return out
+
+
+def _overwrite(path, size=40 * 1024):
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) // 2 - size // 2)
+    data[start:start + size] = bytes(min(size, len(data) - start))
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "weights truncated": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+    "optimizer truncated": ("optimizer.pt", lambda p: p.write_bytes(p.read_bytes()[:100])),
+    "optimizer overwritten": ("optimizer.pt", _overwrite),
+    "trainer state broken": ("trainer_state.json", lambda p: p.write_text(p.read_text()[:-40])),
+    "save never finished": ("checksums.json", lambda p: p.unlink()),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_checkpoint_is_named_and_skipped(interrupted, tmp_path, capsys, damage):
+    import shutil
+
+    from desta.train import usable_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    name, spoil = DAMAGES[damage]
+    spoil(out / "checkpoint-4" / name)
+    assert usable_checkpoint(out) == str(out / "checkpoint-2")
+    assert f"checkpoint-4/{name}" in capsys.readouterr().err
+
+
+def test_resume_after_40_kb_overwritten_starts_from_the_previous_checkpoint(interrupted, targets_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    _overwrite(out / "checkpoint-4" / "optimizer.pt")
+    summary = train(_config(targets_dir, out, "optim.max_steps=6", "log.save_steps=2"))
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 6
+    assert (out / "checkpoint-6" / "checksums.json").is_file()
+
+
+def test_no_usable_checkpoint_names_the_file_and_the_fix(interrupted, targets_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    shutil.rmtree(out / "checkpoint-2")
+    _overwrite(out / "checkpoint-4" / "model.safetensors", 64)
+    with pytest.raises(ValueError, match=r"checkpoint-4/model.safetensors does not match its checksum .* Set "
+                                         r"resume=false to start over"):
+        train(_config(targets_dir, out, "optim.max_steps=6", "log.save_steps=2"))
+
+
+def test_config_problems_name_the_key_and_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim.max_steps: must be -1 \(run `epochs`\) or at least 1, got 0"):
+        load_config(TrainConfig, None, ["data.train=x", "optim.max_steps=0"])
+    with pytest.raises(ConfigError, match=r"optim.lr: must be positive, got -0.001"):
+        load_config(TrainConfig, None, ["data.train=x", "optim.lr=-1e-3"])
+    with pytest.raises(ConfigError, match=r"data.eval_fraction: is the share of clips held out, in \[0, 1\); got 1.5"):
+        load_config(TrainConfig, None, ["data.train=x", "data.eval_fraction=1.5"])
+    broken = tmp_path / "run.yaml"
+    broken.write_text("optim:\n  lr: 1e-4\n  batch_size: [4\n")
+    with pytest.raises(ConfigError, match=rf"{broken}:4:1: not valid YAML"):
+        load_config(TrainConfig, broken)
+
+
+def test_data_is_checked_before_models_load_or_files_are_written(targets_dir, tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    import desta.train as stage
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(stage, "build_model", no_model)
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="train dataset .*nothing' not found"):
+        train(load_config(TrainConfig, None, [f"output_dir={out}", f"data.train={tmp_path / 'nothing'}"]))
+    load_from_disk(str(targets_dir)).select([]).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="empty holds no rows; nothing to train on"):
+        train(load_config(TrainConfig, None, [f"output_dir={out}", f"data.train={tmp_path / 'empty'}"]))
+    assert not out.exists()
+
+
+def test_held_out_split_keeps_a_clip_for_training(targets_dir):
+    from datasets import load_from_disk
+
+    from desta.train import split_held_out
+
+    two_clips = load_from_disk(str(targets_dir)).select(range(2))
+    train_part, held = split_held_out(two_clips, 0.9, seed=0)
+    assert len(train_part) == 1 and len(held) == 1
+
+
+def test_tiny_build_is_seeded(tmp_path):
+    from desta.train import build_model
+
+    first, _ = build_model(ModelSection(), tmp_path, seed=3)
+    torch.rand(100)  # whatever ran before must not matter
+    second, _ = build_model(ModelSection(), tmp_path, seed=3)
+    other, _ = build_model(ModelSection(), tmp_path, seed=4)
+    a, b, c = (m.trainable_state_dict() for m in (first, second, other))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)

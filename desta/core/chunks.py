@@ -4,17 +4,25 @@ A job's rows are cut into fixed chunks; chunk c belongs to shard c % num_shards.
 chunk is written atomically as OUT/parts/part-<c>.jsonl (rows) after part-<c>.rejects.jsonl, so
 a killed run loses at most the chunk in flight and a rerun does only what is missing. Merging
 reads every chunk in order and refuses to run while any is missing.
+
+OUT/parts/job.json records what the parts were made from: every setting that changes a row and a
+fingerprint of the source's content (`content_fingerprint`), not only its path. A rerun whose
+source or settings differ is refused (or, with `overwrite`, starts over), so finished parts are
+never attached to rows they were not made from; merging matches rows by id (`positions_by_id`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from desta.core.artifacts import PARTS
+from desta.core.artifacts import DATASET, PARTS, REJECTS, SUMMARY
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -43,11 +51,89 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _digest_default(value: Any) -> str:
+    """How `content_fingerprint` writes what JSON cannot: bytes by their SHA-256, anything else by str()."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "sha256:" + hashlib.sha256(value).hexdigest()
+    return str(value)
+
+
+def content_fingerprint(dataset: Dataset, columns: list[str] | None = None, extra: Iterable[Any] = ()) -> str:
+    """SHA-256 of the rows' values in order (`columns` only, when given; audio bytes by their own hash),
+    then of each `extra` item: the same content in the same order gives the same fingerprint, whatever
+    path it was read from, and a reordered, edited or replaced source gives another."""
+    digest = hashlib.sha256()
+    selected = dataset.select_columns(columns) if columns is not None else dataset
+    for batch in selected.iter(batch_size=1000):
+        names = sorted(batch)
+        for values in zip(*(batch[name] for name in names), strict=True):
+            digest.update(json.dumps(values, default=_digest_default, ensure_ascii=False).encode())
+            digest.update(b"\n")
+    for item in extra:
+        digest.update(json.dumps(item, default=_digest_default, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def positions_by_id(ids: list[str], where: str) -> dict[str, int]:
+    """id -> row position; refuses duplicate ids, which would make matching rows by id ambiguous.
+
+    >>> positions_by_id(["a", "b"], "x")
+    {'a': 0, 'b': 1}
+    """
+    positions: dict[str, int] = {}
+    doubled = []
+    for position, row_id in enumerate(ids):
+        if row_id in positions:
+            doubled.append(row_id)
+        positions[row_id] = position
+    if doubled:
+        raise ValueError(f"{where}: {len(doubled)} duplicate ids (e.g. {doubled[0]!r}); every row needs its own id "
+                         "(desta describe rejects duplicates)")
+    return positions
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two job descriptions, as "key: old -> new" (long values cut).
+
+    >>> differences({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4})
+    ['b: 2 -> 3', 'c: None -> 4']
+    """
+    def short(value: Any) -> str:
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{key}: {short(old.get(key))} -> {short(new.get(key))}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
+def stale_error(out: Path, changed: list[str]) -> ValueError:
+    """The error for an OUT made from another source or other settings, naming what changed and the fix."""
+    return ValueError(f"{out} was made from a different source/settings ({'; '.join(changed)}); use a new --out "
+                      "or --overwrite")
+
+
+def check_accounted(out: Path, expected: Iterable[Any], found: Iterable[Any]) -> None:
+    """Every expected key (a source row's id, or (id, prompt)) exactly once among the keys the parts hold,
+    rows and rejects together; anything else means the parts were made from another source."""
+    from collections import Counter
+
+    expected, found = Counter(expected), Counter(found)
+    missing, extra = expected - found, found - expected
+    if missing or extra:
+        raise stale_error(out, [f"{sum(missing.values())} source rows have no result (e.g. "
+                                f"{next(iter(missing), None)!r})", f"{sum(extra.values())} results match no source "
+                                f"row once (e.g. {next(iter(extra), None)!r})"])
+
+
 class ChunkedJob:
-    """The chunks of one run in OUT/parts; `job` describes the run and must match on resume."""
+    """The chunks of one run in OUT/parts; `job` describes the run (settings and the source's content
+    fingerprint) and must match on resume, but for the keys in `not_compared` (e.g. the source's path:
+    the same content under another path is the same source). With `overwrite`, parts of a different
+    run are deleted and the run starts over; without it, they are an error that names what changed."""
 
     def __init__(self, out: str | os.PathLike, job: dict[str, Any], total: int, chunk_size: int,
-                 num_shards: int = 1, shard_index: int = 0):
+                 num_shards: int = 1, shard_index: int = 0, overwrite: bool = False,
+                 not_compared: tuple[str, ...] = ()):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         if not 0 <= shard_index < num_shards:
@@ -56,12 +142,23 @@ class ChunkedJob:
         self.parts = self.out / PARTS
         self.total, self.chunk_size = total, chunk_size
         self.num_shards, self.shard_index = num_shards, shard_index
-        self.parts.mkdir(parents=True, exist_ok=True)
-        job = {**job, "total": total, "chunk_size": chunk_size}
+        job = json.loads(json.dumps({**job, "total": total, "chunk_size": chunk_size}))
         job_file = self.parts / JOB
-        if job_file.exists() and json.loads(job_file.read_text()) != json.loads(json.dumps(job)):
-            raise ValueError(f"{self.out} holds parts of a different run ({job_file}); use another output folder "
-                             "or delete it")
+        if job_file.exists():
+            try:
+                previous = json.loads(job_file.read_text())
+            except json.JSONDecodeError:
+                previous = {"job.json": "unreadable"}
+            changed = differences({k: v for k, v in previous.items() if k not in not_compared},
+                                  {k: v for k, v in job.items() if k not in not_compared})
+            if changed and not overwrite:
+                raise stale_error(self.out, changed)
+            if changed:  # overwrite: what the other run wrote goes, so nothing of it can be mixed in
+                shutil.rmtree(self.parts)
+                shutil.rmtree(self.out / DATASET, ignore_errors=True)
+                for name in (REJECTS, SUMMARY):
+                    (self.out / name).unlink(missing_ok=True)
+        self.parts.mkdir(parents=True, exist_ok=True)
         write_atomic(job_file, json.dumps(job, indent=2))
         self.job = job
 
@@ -112,6 +209,16 @@ class ChunkedJob:
             rows += read_jsonl(self._part(chunk))
             rejects += read_jsonl(self._part(chunk, ".rejects"))
         return rows, rejects
+
+
+def saved_empty(folder: str | os.PathLike) -> bool:
+    """Whether a `save_to_disk` folder holds an empty selection: `datasets` writes no data file for one and
+    cannot load it back (an IndexError deep inside), so callers say "no rows" first."""
+    state = Path(folder) / "state.json"
+    try:
+        return state.is_file() and json.loads(state.read_text()).get("_data_files") == []
+    except json.JSONDecodeError:
+        return False
 
 
 def save_dataset_atomic(dataset: Dataset, folder: Path) -> None:

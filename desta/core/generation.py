@@ -8,9 +8,7 @@ LLM judge of the eval stage and the text post-training strategies.
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -132,20 +130,6 @@ class TransformersBackend:
 
     def _finish(self, new_ids: list[int], limit: int) -> Generation:
         return finish_generation(new_ids, self.eos_ids, limit, self.tokenizer)
-
-    def stream(self, conversation: Conversation, settings: SamplingSettings) -> Iterator[str]:
-        """Yield text pieces of one answer as they are generated."""
-        from transformers import TextIteratorStreamer
-
-        torch.manual_seed(settings.seed)
-        ids = torch.tensor([self.encode(conversation)], device=self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = threading.Thread(target=self.llm.generate, kwargs={
-            "input_ids": ids, "attention_mask": torch.ones_like(ids), "streamer": streamer,
-            **self._generate_kwargs(settings)})
-        worker.start()
-        yield from streamer
-        worker.join()
 
 
 class VLLMBackend:
