@@ -329,11 +329,13 @@ class DestaModel(PreTrainedModel):
         inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    def transcribe(self, processor: DestaProcessor, audios: list[np.ndarray], max_new_tokens: int = 128) -> list[str]:
-        """Whisper's own decoder transcribes each clip (batched over all 30 s windows)."""
+    def transcribe(self, processor: DestaProcessor, audios: list[np.ndarray], max_new_tokens: int = 128,
+                   vad: bool = True) -> list[str]:
+        """Whisper's own decoder transcribes each clip (batched over all 30 s windows); with `vad`, a window where
+        Silero VAD finds no speech reads "" (DeSTA2.5 gives the LLM an empty transcript there)."""
         from desta.asr import transcribe_windows
 
-        return transcribe_windows(self.whisper, processor.feature_extractor, audios, max_new_tokens)
+        return transcribe_windows(self.whisper, processor.feature_extractor, audios, max_new_tokens, vad=vad)
 
     @torch.no_grad()
     def chat(self, processor: DestaProcessor, conversations: list[list[dict]] | list[dict],
@@ -341,7 +343,7 @@ class DestaModel(PreTrainedModel):
              max_new_tokens: int = 128, **generate_kwargs: Any) -> list[str]:
         """Answer chat conversations whose user turns hold the audio placeholder; returns the texts.
 
-        With no transcripts given, Whisper transcribes every clip first (batched).
+        With no transcripts given, Whisper transcribes every clip first (batched; "" where VAD finds no speech).
         """
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
