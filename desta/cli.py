@@ -99,6 +99,8 @@ COMMANDS = [
     Command("posttrain", "desta.posttrain:PostTrainConfig", "desta.posttrain:posttrain", _posttrained),
     Command("magpie", "desta.posttrain.strategies:MagpieConfig", "desta.posttrain.strategies:write_magpie",
             lambda c, r: f"wrote {r['rows']} rows to {r['out']}; dropped {r['dropped']}"),
+    Command("convert-official", "desta.convert:ConvertConfig", "desta.convert:convert_official",
+            lambda c, r: f"converted {c.src} -> {r}; load it with desta.load({str(r)!r})"),
     Command("tiny-models", "desta.tiny:TinyModelsConfig", "desta.tiny:write_tiny_models",
             lambda c, r: f"wrote {r[0]} and {r[1]}"),
     Command("tts", "desta.tts:TTSConfig", "desta.tts:speak", lambda c, r: f"wrote {c.out}: {r:.2f} s"),

@@ -30,6 +30,8 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 from transformers.configuration_utils import SubConfigSpec
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from desta.audio import FRAMES_PER_ENCODER_STEP
@@ -49,6 +51,9 @@ DEFAULT_TAPPED_LAYERS = {
     24: [5, 11, 17, 23],  # medium
     32: [7, 15, 23, 31],  # large-v3 (DeSTA2.5)
 }
+# How the Q-Former's Linear layers start: transformers' BERT init, or PyTorch's own (the official code never
+# calls post_init, so its connector keeps PyTorch's kaiming-uniform init).
+QFORMER_INITS = ("bert", "pytorch")
 DEFAULT_LORA = {
     "r": 8,  # higher: more capacity, more memory, more forgetting
     "lora_alpha": 16,
@@ -94,9 +99,13 @@ class DestaConfig(PreTrainedConfig):
     qformer_layers: int = 2  # Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5
     qformer_heads: int | None = None  # None: the encoder's attention heads
     qformer_dropout: float | int = 0.1
+    qformer_intermediate_size: int | None = None  # Q-Former feed-forward width; None: 4 x d_model (official: 3072)
+    query_layernorm: bool = True  # BLIP-2's LayerNorm + dropout on the queries; False: a bare encoder (official)
+    query_init_std: float | int = 0.02  # standard deviation of the initial queries (official: 1.0)
+    qformer_init: str = "bert"  # "bert": normal(0.02) weights; "pytorch": PyTorch's default Linear init (official)
     audio_token: str = "<|AUDIO|>"  # placeholder string in chat messages
     audio_token_id: int | None = None  # its id in the processor's tokenizer (set by the processor)
-    transcript_max_tokens: int = 100  # transcript tokens after the audio vectors; longer ones are cut
+    transcript_max_tokens: int = 100  # transcript tokens after the audio vectors; longer ones are cut in training
     transcript_format: str = "bare"  # "timestamped": the clip's time span before the transcript
     pad_to_30s: bool = False  # True: pad every window to 30 s as the papers do (slower, same as official code)
     lora: dict | None = None  # LoRA on the LLM, e.g. {"r": 8, "lora_alpha": 16}; None: LLM frozen
@@ -117,6 +126,8 @@ class DestaConfig(PreTrainedConfig):
                 raise ValueError(f"unknown LoRA settings {sorted(unknown)}; "
                                  "use r, lora_alpha, lora_dropout, target_modules")
             self.lora = {**DEFAULT_LORA, **self.lora}
+        if self.qformer_init not in QFORMER_INITS:
+            raise ValueError(f"qformer_init must be one of {QFORMER_INITS}, got {self.qformer_init!r}")
 
     @classmethod
     def from_components(cls, encoder: str, llm: str, **kwargs: Any) -> DestaConfig:
@@ -138,24 +149,32 @@ class QFormerConnector(nn.Module):
 
     One set of learnable queries per tapped layer reads that layer's frames through a shared
     BLIP-2 Q-Former (cross-attention in every block); a softmax over layers, learnt per query,
-    mixes the results; LayerNorm and a Linear map them to the LLM width.
+    mixes the results; LayerNorm and a Linear map them to the LLM width. With
+    `query_layernorm=False` the queries go straight into the Q-Former's encoder stack, as in the
+    official DeSTA2/2.5 code (a bare BERT encoder: no LayerNorm or dropout on the queries).
     """
 
     def __init__(self, config: DestaConfig):
         super().__init__()
         width = config.encoder_config.d_model
         layers = len(config.tapped_layers)
-        self.queries = nn.Parameter(torch.randn(layers, config.num_queries, width) * 0.02)
-        self.qformer = Blip2QFormerModel(Blip2QFormerConfig(
+        self.queries = nn.Parameter(torch.randn(layers, config.num_queries, width) * config.query_init_std)
+        qformer = Blip2QFormerModel(Blip2QFormerConfig(
             hidden_size=width,
             num_hidden_layers=config.qformer_layers,
             num_attention_heads=config.qformer_heads or config.encoder_config.encoder_attention_heads,
-            intermediate_size=4 * width,
+            intermediate_size=config.qformer_intermediate_size or 4 * width,
             encoder_hidden_size=width,
             cross_attention_frequency=1,
             hidden_dropout_prob=config.qformer_dropout,
             attention_probs_dropout_prob=config.qformer_dropout,
         ))
+        if config.qformer_init == "pytorch":
+            for module in qformer.modules():
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
+        # Without the query LayerNorm only the encoder stack is kept, so no parameter sits outside the graph.
+        self.qformer = qformer if config.query_layernorm else qformer.encoder
         self.layer_logits = nn.Parameter(torch.zeros(layers, config.num_queries))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, config.text_config.hidden_size)
@@ -164,11 +183,17 @@ class QFormerConnector(nn.Module):
         """(layers, windows, steps, d_model), (windows, steps) -> (windows, queries, llm_hidden)."""
         layers, windows, steps, width = hidden_states.shape
         queries = self.queries[:, None].expand(-1, windows, -1, -1)  # (layers, windows, queries, d_model)
-        out = self.qformer(
-            query_embeds=queries.reshape(layers * windows, -1, width),
-            encoder_hidden_states=hidden_states.reshape(layers * windows, steps, width),
-            encoder_attention_mask=step_mask.repeat(layers, 1).long(),  # (layers * windows, steps)
-        ).last_hidden_state
+        queries = queries.reshape(layers * windows, -1, width)
+        frames = hidden_states.reshape(layers * windows, steps, width)
+        frame_mask = step_mask.repeat(layers, 1)  # (layers * windows, steps)
+        if isinstance(self.qformer, Blip2QFormerModel):
+            out = self.qformer(query_embeds=queries, encoder_hidden_states=frames,
+                               encoder_attention_mask=frame_mask.long()).last_hidden_state
+        else:
+            cross_mask = create_bidirectional_mask(config=self.qformer.config, inputs_embeds=queries,
+                                                   attention_mask=frame_mask, encoder_hidden_states=frames)
+            out = self.qformer(queries, encoder_hidden_states=frames, encoder_attention_mask=cross_mask,
+                               query_length=queries.shape[1]).last_hidden_state
         out = out.view(layers, windows, -1, width)  # (layers, windows, queries, d_model)
         weights = self.layer_logits.softmax(dim=0)[:, None, :, None]  # (layers, 1, queries, 1)
         fused = (out * weights.to(out.dtype)).sum(dim=0)  # (windows, queries, d_model)

@@ -70,8 +70,16 @@ class ModelSection:
     """Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5"""
     qformer_dropout: float = 0.1
     """dropout inside the Q-Former"""
+    qformer_intermediate_size: int | None = None
+    """Q-Former feed-forward width; null: 4 x Whisper's d_model (the official DeSTA2/2.5 code: 3072, BERT's)"""
+    query_layernorm: bool = True
+    """BLIP-2's LayerNorm and dropout on the queries; false: they enter the encoder as they are (official code)"""
+    query_init_std: float = 0.02
+    """standard deviation of the initial queries (official code: 1.0)"""
+    qformer_init: Literal["bert", "pytorch"] = "bert"
+    """Q-Former Linear weights start as BERT's normal(0.02), or PyTorch's default (official code)"""
     transcript_max_tokens: int = 100
-    """transcript tokens after the audio vectors"""
+    """transcript tokens after the audio vectors in training (inference keeps the whole transcript)"""
     transcript_format: Literal["bare", "timestamped"] = "bare"
     """what the transcript slot reads: the bare transcript (the papers), or "[00:00-00:03] transcript" as the
     text LLM's description gives it (the model then hears the clip's length in words)"""
@@ -89,6 +97,11 @@ class ModelSection:
         if self.num_queries < 1 or self.qformer_layers < 1 or self.transcript_max_tokens < 0:
             problems.append(("num_queries", "num_queries and qformer_layers must be at least 1, "
                                             "transcript_max_tokens 0 or more"))
+        if self.qformer_intermediate_size is not None and self.qformer_intermediate_size < 1:
+            problems.append(("qformer_intermediate_size", f"must be at least 1 (or null), got "
+                                                          f"{self.qformer_intermediate_size}"))
+        if not self.query_init_std > 0:
+            problems.append(("query_init_std", f"must be positive, got {self.query_init_std}"))
         if not 0 <= self.qformer_dropout < 1:
             problems.append(("qformer_dropout", f"must be in [0, 1), got {self.qformer_dropout}"))
         raise_problems(problems)
@@ -216,6 +229,9 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0) -> tuple
     model, processor = build(encoder, llm, dtype=DTYPES[section.dtype], tapped_layers=section.tapped_layers,
                              num_queries=section.num_queries, qformer_layers=section.qformer_layers,
                              qformer_dropout=section.qformer_dropout,
+                             qformer_intermediate_size=section.qformer_intermediate_size,
+                             query_layernorm=section.query_layernorm, query_init_std=section.query_init_std,
+                             qformer_init=section.qformer_init,
                              transcript_max_tokens=section.transcript_max_tokens, pad_to_30s=section.pad_to_30s,
                              transcript_format=section.transcript_format,
                              lora=section.lora)
