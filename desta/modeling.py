@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -243,12 +244,29 @@ class DestaModel(PreTrainedModel):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"trainable": trainable, "total": total, "trainable_share": trainable / total}
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The LLM's token embeddings (FSDP shards them as a unit of their own)."""
+        return self.llm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LLM's output projection."""
+        return self.llm.get_output_embeddings()
+
     def train(self, mode: bool = True) -> DestaModel:
-        """nn.Module.train, except that Whisper (and the LLM, unless LoRA trains it) stays in eval mode."""
+        """nn.Module.train, except that Whisper (and the LLM, unless LoRA trains it) stays in eval mode.
+
+        A frozen LLM with gradient checkpointing on (`model.llm.activation_checkpointing_enable()`)
+        still recomputes its layers in the backward pass: transformers checkpoints a layer only
+        while that layer is in training mode, so the checkpointed layers alone are flagged as
+        training and every module inside them (attention and its dropout) stays in eval mode.
+        """
         super().train(mode)
         self.whisper.eval()  # frozen: no dropout, ever
         if self.config.lora is None:
             self.llm.eval()
+            for module in self.llm.modules():
+                if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                    module.training = mode
         return self
 
     # ----- audio path -----
@@ -261,14 +279,23 @@ class DestaModel(PreTrainedModel):
         Returns hidden states (layers, windows, steps, d_model) and a step mask (windows, steps).
 
         transformers' WhisperEncoder.forward insists on 3000 frames, so the blocks are driven here:
-        positions are sliced to the real length and padded steps are masked out of self-attention,
-        so a clip's features do not depend on its batch.
+        positions are sliced to the real length, padded mel frames are zeroed before and after the
+        first convolution (so the last real steps see what a clip alone sees: the convolutions'
+        zero padding) and padded steps are masked out of self-attention, so a clip's features do
+        not depend on its batch.
         """
         encoder = self.whisper.get_encoder()
         max_steps = encoder.max_source_positions
         dtype = encoder.conv1.weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder.conv1.weight.requires_grad):
-            x = F.gelu(encoder.conv1(input_features.to(dtype)))
+            x = input_features.to(dtype)
+            frame_mask = None
+            if feature_attention_mask is not None and not bool(feature_attention_mask.all()):
+                frame_mask = feature_attention_mask[:, None, :].to(dtype)  # (windows, 1, frames)
+                x = x * frame_mask
+            x = F.gelu(encoder.conv1(x))
+            if frame_mask is not None:
+                x = x * frame_mask
             x = F.gelu(encoder.conv2(x)).transpose(1, 2)  # (windows, steps, d_model)
             steps = x.shape[1]
             if steps > max_steps:
@@ -328,6 +355,8 @@ class DestaModel(PreTrainedModel):
             if slots:
                 raise ValueError(f"the text holds {slots} audio placeholder positions but no audio features were "
                                  "given; pass input_features from DestaProcessor")
+            if self.training and torch.is_grad_enabled():
+                embeds = embeds + self._idle_audio(embeds.device).to(embeds.dtype)
             return embeds
         audio = self.embed_audio(input_features, feature_attention_mask, audio_hidden_states, audio_step_mask)
         windows, queries, _ = audio.shape
@@ -337,6 +366,16 @@ class DestaModel(PreTrainedModel):
                              "with DestaProcessor so each clip's placeholder is expanded to its window count")
         return embeds.masked_scatter(audio_mask[..., None], audio.to(embeds.dtype))
 
+    def _idle_audio(self, device: torch.device) -> torch.Tensor:
+        """Zero, computed by the whole audio path (encoder and connector) from one silent encoder step.
+
+        A training batch of text-only rows never reaches the audio path. Added to its embeddings, this
+        keeps every trainable weight in the graph (DDP without unused-parameter search needs them all)
+        and runs the same sharded modules on every process (FSDP gathers their weights collectively).
+        """
+        silent = torch.zeros(1, self.config.encoder_config.num_mel_bins, FRAMES_PER_ENCODER_STEP, device=device)
+        return self.embed_audio(silent).sum() * 0.0
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, audio_hidden_states: torch.Tensor | None = None,
@@ -344,6 +383,7 @@ class DestaModel(PreTrainedModel):
         """Logits, and with `labels` the mean cross-entropy over the tokens whose label is not -100."""
         inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask,
                                           audio_hidden_states, audio_step_mask)
+        kwargs.setdefault("use_cache", False)  # one pass over the whole sequence: a key/value cache only holds memory
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
@@ -387,15 +427,27 @@ class DestaModel(PreTrainedModel):
     # ----- save / load: trainable weights only, safetensors, no pickle -----
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint holds (connector and LoRA), detached and contiguous, by state-dict name."""
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if self.is_trainable_name(k)}
+        """The weights a checkpoint holds (connector and LoRA), detached and contiguous, by state-dict name.
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
-        """Write config.json and the trainable weights (connector, LoRA) as model.safetensors."""
+        Under FSDP each weight is gathered from its shards: a collective, so every process must call it.
+        """
+        weights = {}
+        for name, value in self.state_dict().items():
+            if self.is_trainable_name(name):
+                full = value.full_tensor() if isinstance(value, DTensor) else value
+                weights[name] = full.detach().contiguous()
+        return weights
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+                        **_: Any) -> None:
+        """Write config.json and the trainable weights (connector, LoRA) as model.safetensors; `state_dict`
+        (gathered by the caller) replaces the model's own weights."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
-        save_file(self.trainable_state_dict(), folder / WEIGHTS, metadata={"format": "pt", "desta": "trainable"})
+        weights = self.trainable_state_dict() if state_dict is None else {
+            k: v.detach().contiguous() for k, v in state_dict.items() if self.is_trainable_name(k)}
+        save_file(weights, folder / WEIGHTS, metadata={"format": "pt", "desta": "trainable"})
 
     @classmethod
     def from_base(cls, config: DestaConfig, dtype: torch.dtype = torch.float32) -> DestaModel:

@@ -189,6 +189,9 @@ class TrainOptim(OptimSection):
     next-token distributions when it reads the description (as Ultravox and DiVA train), on the same positions"""
     kl_temperature: float = 1.0
     """softens both distributions for the kl loss (the loss is scaled by its square)"""
+    decay_all: bool = False
+    """weight decay on every trainable weight, LayerNorms, biases and queries included (the DeSTA2/2.5 code);
+    false: transformers' rule, no decay on biases and norms"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -276,9 +279,27 @@ class DestaTrainer(Trainer):
     """Trainer with duration-grouped sampling, optional distillation from the text LLM, and a NaN/inf guard
     that names the step and samples."""
 
-    def __init__(self, *args, lengths: list[float] | None = None, kl_temperature: float | None = None, **kwargs):
+    def __init__(self, *args, lengths: list[float] | None = None, kl_temperature: float | None = None,
+                 decay_all: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.lengths, self.kl_temperature = lengths, kl_temperature
+        self.lengths, self.kl_temperature, self.decay_all = lengths, kl_temperature, decay_all
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer.save_model; under FSDP, the trainable weights gathered from their shards (every process takes
+        part) and written by the main process with the config and processor, as without FSDP."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        weights = model.trainable_state_dict()
+        if self.args.should_save:
+            model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights)
+            self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """The weights AdamW decays: all of them with optim.decay_all, else transformers' rule."""
+        if self.decay_all:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
 
     # No public hook takes the sampler: Trainer groups by length only for `datasets` tables with a length
     # column, and overriding the public get_train_dataloader would re-implement accelerate's preparation.
@@ -293,10 +314,15 @@ class DestaTrainer(Trainer):
         """Trainer.compute_loss without the batch's sample_ids; raises FloatingPointError on a NaN/inf loss."""
         sample_ids = inputs.pop("sample_ids", [])
         teacher = {key[len("teacher_"):]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
-        if num_items_in_batch is not None and not teacher:
+        summed_over_devices = num_items_in_batch is not None and not teacher
+        if summed_over_devices:
             inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs)
         loss = outputs.loss
+        if summed_over_devices and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every process's tokens and DDP averages the gradients over processes,
+            # so each process's share is scaled back up (as Trainer.compute_loss does): the mean over all tokens
+            loss = loss * self.accelerator.num_processes
         if teacher and self.kl_temperature is not None:
             llm = getattr(model, "module", model).llm
             with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
@@ -392,7 +418,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
               f"({'dropped' if data.overlength == 'drop' else 'truncated'})", flush=True)
 
     if config.optim.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llm.activation_checkpointing_enable()  # non-reentrant; DestaModel.train keeps it working while frozen
     has_eval = bool(eval_examples)
     log = config.log
     args = training_arguments(
@@ -406,7 +432,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         eval_dataset=DestaDataset(eval_examples, cache) if has_eval else None,
         data_collator=DestaCollator(processor, data.max_length), processing_class=processor, callbacks=callbacks,
         lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
-        kl_temperature=config.optim.kl_temperature if distill else None)
+        kl_temperature=config.optim.kl_temperature if distill else None, decay_all=config.optim.decay_all)
     if not log.progress:
         from transformers.trainer_callback import PrinterCallback
 

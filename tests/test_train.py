@@ -171,3 +171,15 @@ def test_kl_training_distills_from_the_text_llm(targets_dir, tmp_path):
         "first_train_loss"]
     for name, param in snapshot.model.named_parameters():
         assert torch.equal(param, snapshot.before[name]) != name.startswith("connector."), name
+
+
+def test_optimizer_takes_the_official_betas_and_decays_every_trainable_weight(targets_dir, tmp_path):
+    from desta.train import setup
+
+    run = setup(_config(targets_dir, tmp_path, "optim.weight_decay=0.01", "optim.adam_beta2=0.98",
+                        "optim.decay_all=true"))
+    groups = [g for g in run.trainer.create_optimizer().param_groups if g["params"]]
+    assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.98)}
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.01 for p in g["params"]}
+    trainable = {id(p) for p in run.model.parameters() if p.requires_grad}
+    assert decayed == trainable  # LayerNorms, biases and the queries too, as the DeSTA2.5 code does
