@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from desta.describe import DescribeConfig
     from desta.evaluate import EvalConfig
     from desta.export import ExportConfig
+    from desta.plan import PlanConfig
     from desta.posttrain import PostTrainConfig
     from desta.targets import TargetsConfig
     from desta.train import TrainConfig
@@ -69,6 +70,12 @@ def _evaluated(config: EvalConfig, report: dict) -> str:
             + f"wrote {Path(config.out)}/report.json, report.md, scores.png; overall {report['overall']}")
 
 
+def _planned(config: PlanConfig, result: dict) -> str:
+    from desta.plan import render_plan
+
+    return render_plan(result)
+
+
 def _posttrained(config: PostTrainConfig, comparison: dict) -> str:
     from desta.posttrain.report import render_comparison
 
@@ -84,6 +91,7 @@ COMMANDS = [
     Command("targets", "desta.targets:TargetsConfig", "desta.targets:targets", _chunked(lambda s: (
         f"prompts {s['inputs']} = kept {s['kept']} + rejected {s['rejected']} {s['reasons'] or ''}"))),
     Command("train", "desta.train:TrainConfig", "desta.train:train", _trained),
+    Command("plan", "desta.plan:PlanConfig", "desta.plan:plan", _planned),
     Command("cache-features", "desta.train:TrainConfig", "desta.train:cache_features_for",
             lambda c, r: f"features cached in {r}"),
     Command("eval-set", "desta.evaluate:EvalSetConfig", "desta.evaluate:write_eval_set",
