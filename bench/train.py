@@ -1,9 +1,12 @@
-"""Training throughput: on-the-fly encoder padded to 30 s, on-the-fly at real length, cached features.
+"""Training throughput and memory: on-the-fly encoder padded to 30 s, on-the-fly at real length, cached
+features, and cached features with gradient checkpointing of the (frozen) LLM.
 
 Same data (synthetic clips with template targets), same model, same steps; each mode runs in its
-own process so its peak memory is its own. Uses the real Whisper tiny.en + SmolLM2-135M-Instruct
-when --models or DESTA_MODELS gives them, else the tiny random models. Prints a table and one
-JSON line.
+own process so its peak memory is its own (VmHWM: the process's peak resident memory). The step
+memory (peak minus the resident memory before the first step: activations, gradients, AdamW's
+moments) is set beside what `desta plan` predicts for the same shapes. Uses the real Whisper
+tiny.en + SmolLM2-135M-Instruct when --models or DESTA_MODELS gives them, else the tiny random
+models. Prints a table and one JSON line.
 
     python bench/train.py --steps 6 --batch-size 8 [--models DIR]
 """
@@ -14,12 +17,17 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM); ru_maxrss would include the parent's."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field)) * 1024
 
 
 def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size: int, cache: str,
@@ -34,27 +42,46 @@ def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size
     if models:
         section.encoder, section.llm = str(Path(models) / SMALL_WHISPER), str(Path(models) / SMALL_LLM)
     model, processor = build_model(section, Path(cache).parent)
+    if mode.endswith("checkpointing"):
+        model.llm.activation_checkpointing_enable()
     model.train()
     processor.system_prompt = None
     examples = speech_examples(load_targets(targets, "bench"), processor)
-    dataset = DestaDataset(examples, FeatureCache(cache, model) if mode == "cached" else None)
+    dataset = DestaDataset(examples, FeatureCache(cache, model) if mode.startswith("cached") else None)
     collate = DestaCollator(processor, 4096)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    widths = []
 
     def step(index: int) -> None:
         items = [dataset[(index * batch_size + k) % len(dataset)] for k in range(batch_size)]
         batch = {k: v for k, v in collate(items).items() if k != "sample_ids"}
+        widths.append(batch["input_ids"].shape[1])
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
+    before = resident_bytes()
     step(0)  # warm-up
     start = time.perf_counter()
     for index in range(1, steps + 1):
         step(index)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (Linux reports KiB)
-    queue.put({"mode": mode, "samples_per_s": steps * batch_size / seconds, "peak_rss_gb": peak})
+    peak = resident_bytes("VmHWM")
+    queue.put({"mode": mode, "samples_per_s": steps * batch_size / seconds, "peak_rss_gb": peak / 2**30,
+               "step_gb": (peak - before) / 2**30, "tokens": max(widths)})
+
+
+def planned_step_gb(section, mode: str, batch_size: int, tokens: int) -> float:
+    """What `desta plan` predicts a step adds to the resident weights (GiB): activations, gradients, AdamW."""
+    from desta.core.args import load_config
+    from desta.plan import PlanConfig, plan
+
+    settings = [f"model.encoder={section.encoder}", f"model.llm={section.llm}", "data.train=unused",
+                f"model.pad_to_30s={mode == 'padded_30s'}", f"optim.batch_size={batch_size}", "optim.precision=fp32",
+                f"tokens={tokens}", "clip_seconds=3.0"]
+    parts = plan(load_config(PlanConfig, None, settings))["memory"][
+        "1 gpu+checkpointing" if mode.endswith("checkpointing") else "1 gpu"]
+    return (parts["total"] - parts["weights"] - 1.0) * 1e9 / 2**30  # without the CUDA context
 
 
 def main() -> None:
@@ -92,18 +119,21 @@ def main() -> None:
         del model
         results = {}
         context = mp.get_context("spawn")
-        for mode in ("padded_30s", "variable", "cached"):
+        for mode in ("padded_30s", "variable", "cached", "cached+checkpointing"):
             queue = context.Queue()
             process = context.Process(target=run_mode, args=(mode, targets, str(models) if models else None,
                                                              args.steps, args.batch_size, str(tmp / "cache"), queue))
             process.start()
             results[mode] = queue.get()
             process.join()
+    for mode, r in results.items():
+        r["planned_step_gb"] = planned_step_gb(section, mode, args.batch_size, r["tokens"])
     weights = "whisper-tiny.en + SmolLM2-135M-Instruct" if models else "tiny random"
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, CPU"
     print(f"{weights}; batch {args.batch_size}; {args.steps} timed steps; {machine}")
     for mode, r in results.items():
-        print(f"{mode:>11}: {r['samples_per_s']:7.2f} samples/s, peak RSS {r['peak_rss_gb']:.2f} GiB")
+        print(f"{mode:>20}: {r['samples_per_s']:7.2f} samples/s, peak RSS {r['peak_rss_gb']:.2f} GiB, step memory "
+              f"{r['step_gb']:.2f} GiB (desta plan: {r['planned_step_gb']:.2f}; rows of up to {r['tokens']} tokens)")
     base = results["padded_30s"]["samples_per_s"]
     print(f"variable length: {results['variable']['samples_per_s'] / base:.1f}x, cached: "
           f"{results['cached']['samples_per_s'] / base:.1f}x the padded-to-30 s speed; building the cache took "
@@ -112,6 +142,8 @@ def main() -> None:
                       "steps": args.steps, **{f"{m}_samples_per_s": round(r["samples_per_s"], 3)
                                               for m, r in results.items()},
                       **{f"{m}_peak_rss_gb": round(r["peak_rss_gb"], 3) for m, r in results.items()},
+                      **{f"{m}_step_gb": round(r["step_gb"], 3) for m, r in results.items()},
+                      **{f"{m}_planned_step_gb": round(r["planned_step_gb"], 3) for m, r in results.items()},
                       "cache_build_s": round(cache_seconds, 2)}))
 
 

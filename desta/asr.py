@@ -2,11 +2,15 @@
 
 Backends: transformers (default, batched over 30 s windows), openai-whisper, faster-whisper
 (optional extra). All take 16 kHz mono float32 clips and return one transcript per clip.
+Silero VAD gates them, as DeSTA2.5 does: a clip (or 30 s window) without speech gets an empty
+transcript instead of what Whisper hallucinates for noise ("You") or a tone ("Beeping").
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -36,12 +40,49 @@ def whisper_text_tokenizer(whisper_config: PreTrainedConfig) -> Tokenizer:
     return get_tokenizer(multilingual=multilingual, num_languages=whisper_config.vocab_size - 51765 - int(multilingual))
 
 
+@functools.cache
+def _silero_vad() -> torch.nn.Module:
+    """Silero VAD's model, shipped inside the silero-vad package (no download)."""
+    threads = torch.get_num_threads()
+    from silero_vad import load_silero_vad  # importing it sets torch to one thread for the whole process
+
+    torch.set_num_threads(threads)
+    return load_silero_vad()
+
+
+def has_speech(clip: np.ndarray) -> bool:
+    """Whether Silero VAD finds speech in a 16 kHz mono clip (its defaults: threshold 0.5, at least 250 ms),
+    the test DeSTA2.5 runs before transcribing."""
+    from silero_vad import get_speech_timestamps
+
+    samples = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))
+    return bool(get_speech_timestamps(samples, _silero_vad(), sampling_rate=SAMPLE_RATE))
+
+
+def speech_only(transcribe: Callable[[list[np.ndarray]], list[str]], clips: list[np.ndarray]) -> list[str]:
+    """`transcribe` on the clips where VAD finds speech; "" for the others."""
+    speech = [has_speech(clip) for clip in clips]
+    texts = iter(transcribe([clip for clip, found in zip(clips, speech, strict=True) if found]) if any(speech) else [])
+    return [next(texts) if found else "" for found in speech]
+
+
 @torch.no_grad()
 def transcribe_windows(whisper: WhisperForConditionalGeneration, feature_extractor: WhisperFeatureExtractor,
-                       clips: list[np.ndarray], max_new_tokens: int = 128, batch_size: int = 16) -> list[str]:
-    """Transcribe clips with a transformers Whisper: each 30 s window decoded greedily, batched; windows joined."""
+                       clips: list[np.ndarray], max_new_tokens: int = 128, batch_size: int = 16,
+                       vad: bool = True) -> list[str]:
+    """Transcribe clips with a transformers Whisper: each 30 s window decoded greedily, batched; windows joined.
+    With `vad`, windows where Silero VAD finds no speech are not decoded and read ""."""
     windows = [split_windows(clip) for clip in clips]
     flat = [w for clip in windows for w in clip]
+    decode = functools.partial(_decode, whisper, feature_extractor, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    pieces = iter(speech_only(decode, flat) if vad else decode(flat))
+    return [" ".join(p for p in (next(pieces) for _ in clip) if p).strip() for clip in windows]
+
+
+def _decode(whisper: WhisperForConditionalGeneration, feature_extractor: WhisperFeatureExtractor,
+            flat: list[np.ndarray], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy Whisper decoding of windows (each at most 30 s), batched: one text per window."""
     tokenizer = whisper_text_tokenizer(whisper.config)
     generation_config = copy.deepcopy(whisper.generation_config)
     generation_config.max_length, generation_config.max_new_tokens = None, max_new_tokens
@@ -53,8 +94,7 @@ def transcribe_windows(whisper: WhisperForConditionalGeneration, feature_extract
         ids = whisper.generate(mel, attention_mask=mask, generation_config=generation_config)
         # every special token of Whisper's vocabulary comes at or after end-of-text (50256 English, 50257 multilingual)
         texts += [tokenizer.decode([t for t in row.tolist() if t < tokenizer.eot]).strip() for row in ids]
-    pieces = iter(texts)
-    return [" ".join(next(pieces) for _ in clip).strip() for clip in windows]
+    return texts
 
 
 class TransformersWhisper:
@@ -62,8 +102,9 @@ class TransformersWhisper:
 
     name = "transformers"
 
-    def __init__(self, model: str, device: str | None = None, batch_size: int = 16, max_new_tokens: int = 128):
-        self.model_id = model
+    def __init__(self, model: str, device: str | None = None, batch_size: int = 16, max_new_tokens: int = 128,
+                 vad: bool = True):
+        self.model_id, self.vad = model, vad
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         self.whisper = WhisperForConditionalGeneration.from_pretrained(model, dtype=dtype).to(self.device).eval()
@@ -75,7 +116,8 @@ class TransformersWhisper:
 
     def __call__(self, clips: list[np.ndarray]) -> list[str]:
         """Clips, each (samples,) at 16 kHz -> one transcript per clip (30 s windows decoded greedily, joined)."""
-        return transcribe_windows(self.whisper, self.feature_extractor, clips, self.max_new_tokens, self.batch_size)
+        return transcribe_windows(self.whisper, self.feature_extractor, clips, self.max_new_tokens, self.batch_size,
+                                  vad=self.vad)
 
 
 class OpenAIWhisper:
@@ -83,15 +125,19 @@ class OpenAIWhisper:
 
     name = "openai-whisper"
 
-    def __init__(self, model: str, device: str | None = None, **_: object):
+    def __init__(self, model: str, device: str | None = None, vad: bool = True, **_: object):
         import whisper
 
-        self.model_id = model
+        self.model_id, self.vad = model, vad
         self.model = whisper.load_model(model, device=device)
 
     def __call__(self, clips: list[np.ndarray]) -> list[str]:
-        """Clips, each (samples,) at 16 kHz -> one English transcript per clip, one clip at a time."""
-        return [self.model.transcribe(clip, language="en", fp16=False)["text"].strip() for clip in clips]
+        """Clips, each (samples,) at 16 kHz -> one English transcript per clip, one clip at a time ("" where VAD
+        finds no speech)."""
+        def transcribe(speech: list[np.ndarray]) -> list[str]:
+            return [self.model.transcribe(clip, language="en", fp16=False)["text"].strip() for clip in speech]
+
+        return speech_only(transcribe, clips) if self.vad else transcribe(clips)
 
 
 class FasterWhisper:
@@ -99,21 +145,25 @@ class FasterWhisper:
 
     name = "faster-whisper"
 
-    def __init__(self, model: str, device: str | None = None, **_: object):
+    def __init__(self, model: str, device: str | None = None, vad: bool = True, **_: object):
         try:
             from faster_whisper import WhisperModel
         except ImportError as err:
             raise ImportError("the faster-whisper backend needs `pip install faster-whisper`") from err
-        self.model_id = model
+        self.model_id, self.vad = model, vad
         self.model = WhisperModel(model, device=device or "auto", compute_type="default")
 
     def __call__(self, clips: list[np.ndarray]) -> list[str]:
-        """Clips, each (samples,) at 16 kHz -> one English transcript per clip (greedy, segments joined)."""
-        out = []
-        for clip in clips:
-            segments, _ = self.model.transcribe(clip, language="en", beam_size=1)
-            out.append(" ".join(s.text.strip() for s in segments).strip())
-        return out
+        """Clips, each (samples,) at 16 kHz -> one English transcript per clip (greedy, segments joined; "" where
+        VAD finds no speech)."""
+        def transcribe(speech: list[np.ndarray]) -> list[str]:
+            out = []
+            for clip in speech:
+                segments, _ = self.model.transcribe(clip, language="en", beam_size=1)
+                out.append(" ".join(s.text.strip() for s in segments).strip())
+            return out
+
+        return speech_only(transcribe, clips) if self.vad else transcribe(clips)
 
 
 BACKENDS = {b.name: b for b in (TransformersWhisper, OpenAIWhisper, FasterWhisper)}

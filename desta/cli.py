@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from desta.describe import DescribeConfig
     from desta.evaluate import EvalConfig
     from desta.export import ExportConfig
+    from desta.plan import PlanConfig
     from desta.posttrain import PostTrainConfig
     from desta.targets import TargetsConfig
     from desta.train import TrainConfig
@@ -69,6 +70,12 @@ def _evaluated(config: EvalConfig, report: dict) -> str:
             + f"wrote {Path(config.out)}/report.json, report.md, scores.png; overall {report['overall']}")
 
 
+def _planned(config: PlanConfig, result: dict) -> str:
+    from desta.plan import render_plan
+
+    return render_plan(result)
+
+
 def _posttrained(config: PostTrainConfig, comparison: dict) -> str:
     from desta.posttrain.report import render_comparison
 
@@ -84,6 +91,7 @@ COMMANDS = [
     Command("targets", "desta.targets:TargetsConfig", "desta.targets:targets", _chunked(lambda s: (
         f"prompts {s['inputs']} = kept {s['kept']} + rejected {s['rejected']} {s['reasons'] or ''}"))),
     Command("train", "desta.train:TrainConfig", "desta.train:train", _trained),
+    Command("plan", "desta.plan:PlanConfig", "desta.plan:plan", _planned),
     Command("cache-features", "desta.train:TrainConfig", "desta.train:cache_features_for",
             lambda c, r: f"features cached in {r}"),
     Command("eval-set", "desta.evaluate:EvalSetConfig", "desta.evaluate:write_eval_set",
@@ -99,6 +107,8 @@ COMMANDS = [
     Command("posttrain", "desta.posttrain:PostTrainConfig", "desta.posttrain:posttrain", _posttrained),
     Command("magpie", "desta.posttrain.strategies:MagpieConfig", "desta.posttrain.strategies:write_magpie",
             lambda c, r: f"wrote {r['rows']} rows to {r['out']}; dropped {r['dropped']}"),
+    Command("convert-official", "desta.convert:ConvertConfig", "desta.convert:convert_official",
+            lambda c, r: f"converted {c.src} -> {r}; load it with desta.load({str(r)!r})"),
     Command("tiny-models", "desta.tiny:TinyModelsConfig", "desta.tiny:write_tiny_models",
             lambda c, r: f"wrote {r[0]} and {r[1]}"),
     Command("tts", "desta.tts:TTSConfig", "desta.tts:speak", lambda c, r: f"wrote {c.out}: {r:.2f} s"),

@@ -92,6 +92,8 @@ class DescribeConfig:
     """speech recognition backend"""
     asr_batch_size: int = 16
     """30 s windows per Whisper batch"""
+    asr_vad: bool = True
+    """transcribe only windows where Silero VAD finds speech (the others get no transcript, as in DeSTA2.5)"""
     classifiers: dict[str, str] = field(default_factory=dict)
     """audio-classification model per label the metadata lacks, e.g. emotion=MODEL"""
     max_seconds: float = 600.0
@@ -391,7 +393,8 @@ Speaking speed: Slow, Duration: 2s)'
     brackets = ", ".join(f"{DESCRIPTION_NAMES[name]}: {attributes[name]}" for name in order)
     lines = []
     for start, end, text in segments:
-        lines.append(f"[{timestamp(start)}-{timestamp(end)}] {text}" + (f" ({brackets})" if brackets else ""))
+        lines.append(" ".join(part for part in (f"[{timestamp(start)}-{timestamp(end)}]", text,
+                                                f"({brackets})" if brackets else "") if part))
     return "\n".join(lines)
 
 
@@ -499,7 +502,7 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
                     from desta.asr import make_transcriber
 
                     transcriber = make_transcriber(config.asr_backend, config.asr_model,
-                                                   batch_size=config.asr_batch_size)
+                                                   batch_size=config.asr_batch_size, vad=config.asr_vad)
                 _transcribe_pending(results, transcriber)
             described, rejected = [], []
             for row, result in zip(rows, results, strict=True):

@@ -20,9 +20,14 @@ def build(encoder: str, llm: str, dtype: torch.dtype = torch.float32,
     "meta-llama/Meta-Llama-3-8B-Instruct"; config_kwargs go to DestaConfig (num_queries, lora, ...).
     """
     config = DestaConfig.from_components(encoder, llm, **config_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(llm)
-    processor = DestaProcessor.from_config(config, tokenizer, _feature_extractor(encoder, config))
+    processor = build_processor(config, encoder, llm)
     return DestaModel.from_base(config, dtype=dtype), processor
+
+
+def build_processor(config: DestaConfig, encoder: str, llm: str) -> DestaProcessor:
+    """The processor for a config: the LLM checkpoint's tokenizer, the Whisper checkpoint's feature extractor;
+    sets config.audio_token_id."""
+    return DestaProcessor.from_config(config, AutoTokenizer.from_pretrained(llm), _feature_extractor(encoder, config))
 
 
 def load(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[DestaModel, DestaProcessor]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -30,6 +31,8 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 from transformers.configuration_utils import SubConfigSpec
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from desta.audio import FRAMES_PER_ENCODER_STEP
@@ -49,6 +52,9 @@ DEFAULT_TAPPED_LAYERS = {
     24: [5, 11, 17, 23],  # medium
     32: [7, 15, 23, 31],  # large-v3 (DeSTA2.5)
 }
+# How the Q-Former's Linear layers start: transformers' BERT init, or PyTorch's own (the official code never
+# calls post_init, so its connector keeps PyTorch's kaiming-uniform init).
+QFORMER_INITS = ("bert", "pytorch")
 DEFAULT_LORA = {
     "r": 8,  # higher: more capacity, more memory, more forgetting
     "lora_alpha": 16,
@@ -94,9 +100,13 @@ class DestaConfig(PreTrainedConfig):
     qformer_layers: int = 2  # Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5
     qformer_heads: int | None = None  # None: the encoder's attention heads
     qformer_dropout: float | int = 0.1
+    qformer_intermediate_size: int | None = None  # Q-Former feed-forward width; None: 4 x d_model (official: 3072)
+    query_layernorm: bool = True  # BLIP-2's LayerNorm + dropout on the queries; False: a bare encoder (official)
+    query_init_std: float | int = 0.02  # standard deviation of the initial queries (official: 1.0)
+    qformer_init: str = "bert"  # "bert": normal(0.02) weights; "pytorch": PyTorch's default Linear init (official)
     audio_token: str = "<|AUDIO|>"  # placeholder string in chat messages
     audio_token_id: int | None = None  # its id in the processor's tokenizer (set by the processor)
-    transcript_max_tokens: int = 100  # transcript tokens after the audio vectors; longer ones are cut
+    transcript_max_tokens: int = 100  # transcript tokens after the audio vectors; longer ones are cut in training
     transcript_format: str = "bare"  # "timestamped": the clip's time span before the transcript
     pad_to_30s: bool = False  # True: pad every window to 30 s as the papers do (slower, same as official code)
     lora: dict | None = None  # LoRA on the LLM, e.g. {"r": 8, "lora_alpha": 16}; None: LLM frozen
@@ -117,6 +127,8 @@ class DestaConfig(PreTrainedConfig):
                 raise ValueError(f"unknown LoRA settings {sorted(unknown)}; "
                                  "use r, lora_alpha, lora_dropout, target_modules")
             self.lora = {**DEFAULT_LORA, **self.lora}
+        if self.qformer_init not in QFORMER_INITS:
+            raise ValueError(f"qformer_init must be one of {QFORMER_INITS}, got {self.qformer_init!r}")
 
     @classmethod
     def from_components(cls, encoder: str, llm: str, **kwargs: Any) -> DestaConfig:
@@ -138,24 +150,32 @@ class QFormerConnector(nn.Module):
 
     One set of learnable queries per tapped layer reads that layer's frames through a shared
     BLIP-2 Q-Former (cross-attention in every block); a softmax over layers, learnt per query,
-    mixes the results; LayerNorm and a Linear map them to the LLM width.
+    mixes the results; LayerNorm and a Linear map them to the LLM width. With
+    `query_layernorm=False` the queries go straight into the Q-Former's encoder stack, as in the
+    official DeSTA2/2.5 code (a bare BERT encoder: no LayerNorm or dropout on the queries).
     """
 
     def __init__(self, config: DestaConfig):
         super().__init__()
         width = config.encoder_config.d_model
         layers = len(config.tapped_layers)
-        self.queries = nn.Parameter(torch.randn(layers, config.num_queries, width) * 0.02)
-        self.qformer = Blip2QFormerModel(Blip2QFormerConfig(
+        self.queries = nn.Parameter(torch.randn(layers, config.num_queries, width) * config.query_init_std)
+        qformer = Blip2QFormerModel(Blip2QFormerConfig(
             hidden_size=width,
             num_hidden_layers=config.qformer_layers,
             num_attention_heads=config.qformer_heads or config.encoder_config.encoder_attention_heads,
-            intermediate_size=4 * width,
+            intermediate_size=config.qformer_intermediate_size or 4 * width,
             encoder_hidden_size=width,
             cross_attention_frequency=1,
             hidden_dropout_prob=config.qformer_dropout,
             attention_probs_dropout_prob=config.qformer_dropout,
         ))
+        if config.qformer_init == "pytorch":
+            for module in qformer.modules():
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
+        # Without the query LayerNorm only the encoder stack is kept, so no parameter sits outside the graph.
+        self.qformer = qformer if config.query_layernorm else qformer.encoder
         self.layer_logits = nn.Parameter(torch.zeros(layers, config.num_queries))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, config.text_config.hidden_size)
@@ -164,11 +184,17 @@ class QFormerConnector(nn.Module):
         """(layers, windows, steps, d_model), (windows, steps) -> (windows, queries, llm_hidden)."""
         layers, windows, steps, width = hidden_states.shape
         queries = self.queries[:, None].expand(-1, windows, -1, -1)  # (layers, windows, queries, d_model)
-        out = self.qformer(
-            query_embeds=queries.reshape(layers * windows, -1, width),
-            encoder_hidden_states=hidden_states.reshape(layers * windows, steps, width),
-            encoder_attention_mask=step_mask.repeat(layers, 1).long(),  # (layers * windows, steps)
-        ).last_hidden_state
+        queries = queries.reshape(layers * windows, -1, width)
+        frames = hidden_states.reshape(layers * windows, steps, width)
+        frame_mask = step_mask.repeat(layers, 1)  # (layers * windows, steps)
+        if isinstance(self.qformer, Blip2QFormerModel):
+            out = self.qformer(query_embeds=queries, encoder_hidden_states=frames,
+                               encoder_attention_mask=frame_mask.long()).last_hidden_state
+        else:
+            cross_mask = create_bidirectional_mask(config=self.qformer.config, inputs_embeds=queries,
+                                                   attention_mask=frame_mask, encoder_hidden_states=frames)
+            out = self.qformer(queries, encoder_hidden_states=frames, encoder_attention_mask=cross_mask,
+                               query_length=queries.shape[1]).last_hidden_state
         out = out.view(layers, windows, -1, width)  # (layers, windows, queries, d_model)
         weights = self.layer_logits.softmax(dim=0)[:, None, :, None]  # (layers, 1, queries, 1)
         fused = (out * weights.to(out.dtype)).sum(dim=0)  # (windows, queries, d_model)
@@ -218,12 +244,29 @@ class DestaModel(PreTrainedModel):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"trainable": trainable, "total": total, "trainable_share": trainable / total}
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The LLM's token embeddings (FSDP shards them as a unit of their own)."""
+        return self.llm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LLM's output projection."""
+        return self.llm.get_output_embeddings()
+
     def train(self, mode: bool = True) -> DestaModel:
-        """nn.Module.train, except that Whisper (and the LLM, unless LoRA trains it) stays in eval mode."""
+        """nn.Module.train, except that Whisper (and the LLM, unless LoRA trains it) stays in eval mode.
+
+        A frozen LLM with gradient checkpointing on (`model.llm.activation_checkpointing_enable()`)
+        still recomputes its layers in the backward pass: transformers checkpoints a layer only
+        while that layer is in training mode, so the checkpointed layers alone are flagged as
+        training and every module inside them (attention and its dropout) stays in eval mode.
+        """
         super().train(mode)
         self.whisper.eval()  # frozen: no dropout, ever
         if self.config.lora is None:
             self.llm.eval()
+            for module in self.llm.modules():
+                if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                    module.training = mode
         return self
 
     # ----- audio path -----
@@ -236,14 +279,23 @@ class DestaModel(PreTrainedModel):
         Returns hidden states (layers, windows, steps, d_model) and a step mask (windows, steps).
 
         transformers' WhisperEncoder.forward insists on 3000 frames, so the blocks are driven here:
-        positions are sliced to the real length and padded steps are masked out of self-attention,
-        so a clip's features do not depend on its batch.
+        positions are sliced to the real length, padded mel frames are zeroed before and after the
+        first convolution (so the last real steps see what a clip alone sees: the convolutions'
+        zero padding) and padded steps are masked out of self-attention, so a clip's features do
+        not depend on its batch.
         """
         encoder = self.whisper.get_encoder()
         max_steps = encoder.max_source_positions
         dtype = encoder.conv1.weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder.conv1.weight.requires_grad):
-            x = F.gelu(encoder.conv1(input_features.to(dtype)))
+            x = input_features.to(dtype)
+            frame_mask = None
+            if feature_attention_mask is not None and not bool(feature_attention_mask.all()):
+                frame_mask = feature_attention_mask[:, None, :].to(dtype)  # (windows, 1, frames)
+                x = x * frame_mask
+            x = F.gelu(encoder.conv1(x))
+            if frame_mask is not None:
+                x = x * frame_mask
             x = F.gelu(encoder.conv2(x)).transpose(1, 2)  # (windows, steps, d_model)
             steps = x.shape[1]
             if steps > max_steps:
@@ -303,6 +355,8 @@ class DestaModel(PreTrainedModel):
             if slots:
                 raise ValueError(f"the text holds {slots} audio placeholder positions but no audio features were "
                                  "given; pass input_features from DestaProcessor")
+            if self.training and torch.is_grad_enabled():
+                embeds = embeds + self._idle_audio(embeds.device).to(embeds.dtype)
             return embeds
         audio = self.embed_audio(input_features, feature_attention_mask, audio_hidden_states, audio_step_mask)
         windows, queries, _ = audio.shape
@@ -312,6 +366,16 @@ class DestaModel(PreTrainedModel):
                              "with DestaProcessor so each clip's placeholder is expanded to its window count")
         return embeds.masked_scatter(audio_mask[..., None], audio.to(embeds.dtype))
 
+    def _idle_audio(self, device: torch.device) -> torch.Tensor:
+        """Zero, computed by the whole audio path (encoder and connector) from one silent encoder step.
+
+        A training batch of text-only rows never reaches the audio path. Added to its embeddings, this
+        keeps every trainable weight in the graph (DDP without unused-parameter search needs them all)
+        and runs the same sharded modules on every process (FSDP gathers their weights collectively).
+        """
+        silent = torch.zeros(1, self.config.encoder_config.num_mel_bins, FRAMES_PER_ENCODER_STEP, device=device)
+        return self.embed_audio(silent).sum() * 0.0
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, audio_hidden_states: torch.Tensor | None = None,
@@ -319,6 +383,7 @@ class DestaModel(PreTrainedModel):
         """Logits, and with `labels` the mean cross-entropy over the tokens whose label is not -100."""
         inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask,
                                           audio_hidden_states, audio_step_mask)
+        kwargs.setdefault("use_cache", False)  # one pass over the whole sequence: a key/value cache only holds memory
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
@@ -329,11 +394,13 @@ class DestaModel(PreTrainedModel):
         inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    def transcribe(self, processor: DestaProcessor, audios: list[np.ndarray], max_new_tokens: int = 128) -> list[str]:
-        """Whisper's own decoder transcribes each clip (batched over all 30 s windows)."""
+    def transcribe(self, processor: DestaProcessor, audios: list[np.ndarray], max_new_tokens: int = 128,
+                   vad: bool = True) -> list[str]:
+        """Whisper's own decoder transcribes each clip (batched over all 30 s windows); with `vad`, a window where
+        Silero VAD finds no speech reads "" (DeSTA2.5 gives the LLM an empty transcript there)."""
         from desta.asr import transcribe_windows
 
-        return transcribe_windows(self.whisper, processor.feature_extractor, audios, max_new_tokens)
+        return transcribe_windows(self.whisper, processor.feature_extractor, audios, max_new_tokens, vad=vad)
 
     @torch.no_grad()
     def chat(self, processor: DestaProcessor, conversations: list[list[dict]] | list[dict],
@@ -341,7 +408,7 @@ class DestaModel(PreTrainedModel):
              max_new_tokens: int = 128, **generate_kwargs: Any) -> list[str]:
         """Answer chat conversations whose user turns hold the audio placeholder; returns the texts.
 
-        With no transcripts given, Whisper transcribes every clip first (batched).
+        With no transcripts given, Whisper transcribes every clip first (batched; "" where VAD finds no speech).
         """
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
@@ -360,15 +427,27 @@ class DestaModel(PreTrainedModel):
     # ----- save / load: trainable weights only, safetensors, no pickle -----
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint holds (connector and LoRA), detached and contiguous, by state-dict name."""
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if self.is_trainable_name(k)}
+        """The weights a checkpoint holds (connector and LoRA), detached and contiguous, by state-dict name.
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
-        """Write config.json and the trainable weights (connector, LoRA) as model.safetensors."""
+        Under FSDP each weight is gathered from its shards: a collective, so every process must call it.
+        """
+        weights = {}
+        for name, value in self.state_dict().items():
+            if self.is_trainable_name(name):
+                full = value.full_tensor() if isinstance(value, DTensor) else value
+                weights[name] = full.detach().contiguous()
+        return weights
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+                        **_: Any) -> None:
+        """Write config.json and the trainable weights (connector, LoRA) as model.safetensors; `state_dict`
+        (gathered by the caller) replaces the model's own weights."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
-        save_file(self.trainable_state_dict(), folder / WEIGHTS, metadata={"format": "pt", "desta": "trainable"})
+        weights = self.trainable_state_dict() if state_dict is None else {
+            k: v.detach().contiguous() for k, v in state_dict.items() if self.is_trainable_name(k)}
+        save_file(weights, folder / WEIGHTS, metadata={"format": "pt", "desta": "trainable"})
 
     @classmethod
     def from_base(cls, config: DestaConfig, dtype: torch.dtype = torch.float32) -> DestaModel:

@@ -144,14 +144,14 @@ class DestaProcessor:
             return f"{time_span(seconds)} {text}".strip()
         return text
 
-    def transcript_ids(self, transcript: str | None, seconds: float | None = None) -> list[int]:
-        """Token ids of the transcript slot after a clip's audio positions, cut at transcript_max_tokens;
-        [] when there is no transcript."""
+    def transcript_ids(self, transcript: str | None, seconds: float | None = None, training: bool = True) -> list[int]:
+        """Token ids of the transcript slot after a clip's audio positions; [] when there is no transcript.
+        Training inputs cut it at transcript_max_tokens; inference keeps it whole, as the official code does."""
         text = self.transcript_text(transcript, seconds)
         if not text:
             return []
         ids = self.tokenizer(" " + text, add_special_tokens=False).input_ids
-        return ids[: self.transcript_max_tokens]
+        return ids[: self.transcript_max_tokens] if training else ids
 
     def _encode(self, conversation: Conversation, windows: list[int], transcripts: list[str | None],
                 add_generation_prompt: bool, with_labels: bool,
@@ -172,7 +172,8 @@ class DestaProcessor:
                 labels_out.append(label)
                 continue
             expanded = [audio_id] * (windows[clip_index] * self.num_queries)
-            expanded += self.transcript_ids(transcripts[clip_index], (seconds or [None] * len(windows))[clip_index])
+            expanded += self.transcript_ids(transcripts[clip_index], (seconds or [None] * len(windows))[clip_index],
+                                            training=with_labels)
             ids_out += expanded
             labels_out += [IGNORE_INDEX] * len(expanded)
             clip_index += 1

@@ -73,8 +73,16 @@ class ModelSection:
     """Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5"""
     qformer_dropout: float = 0.1
     """dropout inside the Q-Former"""
+    qformer_intermediate_size: int | None = None
+    """Q-Former feed-forward width; null: 4 x Whisper's d_model (the official DeSTA2/2.5 code: 3072, BERT's)"""
+    query_layernorm: bool = True
+    """BLIP-2's LayerNorm and dropout on the queries; false: they enter the encoder as they are (official code)"""
+    query_init_std: float = 0.02
+    """standard deviation of the initial queries (official code: 1.0)"""
+    qformer_init: Literal["bert", "pytorch"] = "bert"
+    """Q-Former Linear weights start as BERT's normal(0.02), or PyTorch's default (official code)"""
     transcript_max_tokens: int = 100
-    """transcript tokens after the audio vectors"""
+    """transcript tokens after the audio vectors in training (inference keeps the whole transcript)"""
     transcript_format: Literal["bare", "timestamped"] = "bare"
     """what the transcript slot reads: the bare transcript (the papers), or "[00:00-00:03] transcript" as the
     text LLM's description gives it (the model then hears the clip's length in words)"""
@@ -92,6 +100,11 @@ class ModelSection:
         if self.num_queries < 1 or self.qformer_layers < 1 or self.transcript_max_tokens < 0:
             problems.append(("num_queries", "num_queries and qformer_layers must be at least 1, "
                                             "transcript_max_tokens 0 or more"))
+        if self.qformer_intermediate_size is not None and self.qformer_intermediate_size < 1:
+            problems.append(("qformer_intermediate_size", f"must be at least 1 (or null), got "
+                                                          f"{self.qformer_intermediate_size}"))
+        if not self.query_init_std > 0:
+            problems.append(("query_init_std", f"must be positive, got {self.query_init_std}"))
         if not 0 <= self.qformer_dropout < 1:
             problems.append(("qformer_dropout", f"must be in [0, 1), got {self.qformer_dropout}"))
         raise_problems(problems)
@@ -179,6 +192,9 @@ class TrainOptim(OptimSection):
     next-token distributions when it reads the description (as Ultravox and DiVA train), on the same positions"""
     kl_temperature: float = 1.0
     """softens both distributions for the kl loss (the loss is scaled by its square)"""
+    decay_all: bool = False
+    """weight decay on every trainable weight, LayerNorms, biases and queries included (the DeSTA2/2.5 code);
+    false: transformers' rule, no decay on biases and norms"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -219,6 +235,9 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0) -> tuple
     model, processor = build(encoder, llm, dtype=DTYPES[section.dtype], tapped_layers=section.tapped_layers,
                              num_queries=section.num_queries, qformer_layers=section.qformer_layers,
                              qformer_dropout=section.qformer_dropout,
+                             qformer_intermediate_size=section.qformer_intermediate_size,
+                             query_layernorm=section.query_layernorm, query_init_std=section.query_init_std,
+                             qformer_init=section.qformer_init,
                              transcript_max_tokens=section.transcript_max_tokens, pad_to_30s=section.pad_to_30s,
                              transcript_format=section.transcript_format,
                              lora=section.lora)
@@ -264,9 +283,27 @@ class DestaTrainer(Trainer):
     """Trainer with duration-grouped sampling, optional distillation from the text LLM, and a NaN/inf guard
     that names the step and samples."""
 
-    def __init__(self, *args, lengths: list[float] | None = None, kl_temperature: float | None = None, **kwargs):
+    def __init__(self, *args, lengths: list[float] | None = None, kl_temperature: float | None = None,
+                 decay_all: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.lengths, self.kl_temperature = lengths, kl_temperature
+        self.lengths, self.kl_temperature, self.decay_all = lengths, kl_temperature, decay_all
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer.save_model; under FSDP, the trainable weights gathered from their shards (every process takes
+        part) and written by the main process with the config and processor, as without FSDP."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        weights = model.trainable_state_dict()
+        if self.args.should_save:
+            model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights)
+            self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """The weights AdamW decays: all of them with optim.decay_all, else transformers' rule."""
+        if self.decay_all:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
 
     # No public hook takes the sampler: Trainer groups by length only for `datasets` tables with a length
     # column, and overriding the public get_train_dataloader would re-implement accelerate's preparation.
@@ -281,10 +318,15 @@ class DestaTrainer(Trainer):
         """Trainer.compute_loss without the batch's sample_ids; raises FloatingPointError on a NaN/inf loss."""
         sample_ids = inputs.pop("sample_ids", [])
         teacher = {key[len("teacher_"):]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
-        if num_items_in_batch is not None and not teacher:
+        summed_over_devices = num_items_in_batch is not None and not teacher
+        if summed_over_devices:
             inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs)
         loss = outputs.loss
+        if summed_over_devices and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every process's tokens and DDP averages the gradients over processes,
+            # so each process's share is scaled back up (as Trainer.compute_loss does): the mean over all tokens
+            loss = loss * self.accelerator.num_processes
         if teacher and self.kl_temperature is not None:
             llm = getattr(model, "module", model).llm
             with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
@@ -446,7 +488,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
               f"({'dropped' if data.overlength == 'drop' else 'truncated'})", flush=True)
 
     if config.optim.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llm.activation_checkpointing_enable()  # non-reentrant; DestaModel.train keeps it working while frozen
     has_eval = bool(eval_examples)
     log = config.log
     args = training_arguments(
@@ -461,7 +503,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         data_collator=DestaCollator(processor, data.max_length), processing_class=processor,
         callbacks=[*(callbacks or []), CheckpointChecksums()],
         lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
-        kl_temperature=config.optim.kl_temperature if distill else None)
+        kl_temperature=config.optim.kl_temperature if distill else None, decay_all=config.optim.decay_all)
     if not log.progress:
         from transformers.trainer_callback import PrinterCallback
 

@@ -10,6 +10,17 @@ from desta.synth import synth_corpus
 from desta.tts import Voice, synthesize
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where a CUDA GPU is, and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="session")
 def clip() -> np.ndarray:
     """About 2 s of real synthetic speech at 16 kHz."""

@@ -58,9 +58,102 @@ def test_variable_length_and_padded_modes_both_run(clip):
 
 def test_audio_features_do_not_depend_on_batch_padding(clip, short_clip):
     model, processor = tiny_model()
-    alone = model.embed_audio(**processor.extract_features([short_clip]))
-    batched = model.embed_audio(**processor.extract_features([short_clip, clip]))
-    torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=1e-4)
+    alone_inputs = processor.extract_features([short_clip])
+    batched_inputs = processor.extract_features([short_clip, clip])
+    hidden, mask = model.encode_audio(**alone_inputs)
+    batched_hidden, _ = model.encode_audio(**batched_inputs)
+    steps = int(mask[0].sum())
+    # every real step, the last ones included (their convolutions reach past the clip's end)
+    torch.testing.assert_close(batched_hidden[:, 0, :steps], hidden[:, 0, :steps], atol=1e-5, rtol=1e-5)
+    alone = model.embed_audio(**alone_inputs)
+    batched = model.embed_audio(**batched_inputs)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def _saved_bytes_and_layer_calls(model, batch):
+    """Bytes autograd keeps for the backward pass, LLM layer runs in the forward and in the backward pass."""
+    calls = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in model.llm.model.layers]
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+    forward_calls = len(calls)
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return loss, sum(saved), forward_calls, len(calls) - forward_calls
+
+
+def test_gradient_checkpointing_recomputes_the_frozen_llm_layers(clip):
+    batch = None
+    results = {}
+    for checkpointing in (False, True):
+        model, processor = tiny_model(qformer_dropout=0.0)
+        for layer in model.llm.model.layers:
+            layer.self_attn.attention_dropout = 0.5  # must stay off: the LLM is frozen
+        if checkpointing:
+            model.llm.activation_checkpointing_enable()
+        batch = processor([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
+        model.train()
+        loss, saved, forward_calls, backward_calls = _saved_bytes_and_layer_calls(model, batch)
+        model.eval()
+        with torch.no_grad():
+            assert model(**batch).loss.item() == loss.item()  # no dropout anywhere in train mode
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[checkpointing] = saved, forward_calls, backward_calls, grads
+    layers = len(model.llm.model.layers)
+    assert results[False][1:3] == (layers, 0)
+    assert results[True][1:3] == (layers, layers)  # each layer runs again in the backward pass
+    assert results[True][0] < results[False][0] - 500_000  # and keeps less for it
+    for name, grad in results[False][3].items():
+        torch.testing.assert_close(results[True][3][name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_text_only_batch_keeps_every_trainable_weight_in_the_graph():
+    model, processor = tiny_model(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    batch = processor([[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]])
+    model.train()
+    model(**batch).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []  # DDP without unused-parameter search needs every one
+    assert all(p.grad.abs().sum() == 0 for n, p in model.named_parameters() if n.startswith("connector."))
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_transcript_is_cut_in_training_only(clip):
+    _, processor = tiny_model(transcript_max_tokens=3)
+    transcript = "the quick brown fox jumps over the lazy dog"
+    whole = processor.tokenizer(" " + transcript, add_special_tokens=False).input_ids
+    assert len(whole) > 3
+
+    def slot(batch):
+        ids = batch["input_ids"][0].tolist()
+        start = max(i for i, t in enumerate(ids) if t == processor.audio_token_id) + 1
+        return ids[start:start + len(whole)]
+
+    training = processor([conversation()], audios=[[clip]], transcripts=[[transcript]])
+    inference = processor([conversation(None)], audios=[[clip]], transcripts=[[transcript]], add_generation_prompt=True)
+    assert slot(training)[:3] == whole[:3] and slot(training)[3:] != whole[3:]
+    assert slot(inference) == whole
+
+
+def test_answer_with_trailing_whitespace_keeps_its_end_of_turn_label():
+    from transformers import WhisperFeatureExtractor
+
+    from desta.processing import DestaProcessor
+    from desta.tiny import tiny_tokenizer
+
+    processor = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
+    text_row = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4 \n"}]
+    labels = processor([text_row])["labels"][0]
+    assert processor.tokenizer.decode(labels[labels != -100]) == "4<|im_end|>"
 
 
 def test_one_step_trains_connector_only(clip):
@@ -225,3 +318,16 @@ def test_timestamped_transcripts_change_only_the_transcript_slot(clip):
     assert batch_bare["labels"][0].tolist()[audio_end + len(slot_bare):] == \
         batch_stamped["labels"][0].tolist()[audio_end + len(slot_stamped):]
     torch.testing.assert_close(batch_bare["input_features"], batch_stamped["input_features"])
+
+
+def test_official_connector_settings_build_the_official_q_former():
+    model, _ = tiny_model(query_layernorm=False, query_init_std=1.0, qformer_init="pytorch",
+                          qformer_intermediate_size=96)
+    connector = model.connector
+    names = [name for name, _ in connector.named_parameters()]
+    assert not [n for n in names if "layernorm" in n]  # the queries enter the encoder as they are
+    assert 0.9 < connector.queries.std().item() < 1.1
+    layer = connector.qformer.layer[0]
+    assert layer.intermediate_query.dense.out_features == 96
+    weight = layer.attention.attention.query.weight  # PyTorch's kaiming-uniform: |w| <= 1/sqrt(fan_in)
+    assert weight.abs().max().item() <= 64**-0.5 and weight.std().item() > 0.05

@@ -292,3 +292,15 @@ def test_tiny_build_is_seeded(tmp_path):
     other, _ = build_model(ModelSection(), tmp_path, seed=4)
     a, b, c = (m.trainable_state_dict() for m in (first, second, other))
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_optimizer_takes_the_official_betas_and_decays_every_trainable_weight(targets_dir, tmp_path):
+    from desta.train import setup
+
+    run = setup(_config(targets_dir, tmp_path, "optim.weight_decay=0.01", "optim.adam_beta2=0.98",
+                        "optim.decay_all=true"))
+    groups = [g for g in run.trainer.create_optimizer().param_groups if g["params"]]
+    assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.98)}
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.01 for p in g["params"]}
+    trainable = {id(p) for p in run.model.parameters() if p.requires_grad}
+    assert decayed == trainable  # LayerNorms, biases and the queries too, as the DeSTA2.5 code does

@@ -33,7 +33,11 @@ class OptimSection:
     grad_accum: int = 1
     """optimizer step every N batches; effective batch = batch_size x grad_accum x devices"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (DeSTA2/2.5: 0.01)"""
+    adam_beta1: float = 0.9
+    """AdamW's first-moment decay"""
+    adam_beta2: float = 0.999
+    """AdamW's second-moment decay (DeSTA2/2.5: 0.98: a shorter memory of gradient scale)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     precision: Precision = "auto"
@@ -59,6 +63,9 @@ class OptimSection:
         if self.weight_decay < 0 or not self.max_grad_norm > 0:
             problems.append(("weight_decay", f"weight_decay must be 0 or more and max_grad_norm positive, got "
                                              f"{self.weight_decay} and {self.max_grad_norm}"))
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            problems.append(("adam_beta2", f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1} and "
+                                           f"{self.adam_beta2}"))
         if self.precision == "fp16" and not torch.cuda.is_available():
             problems.append(("precision", "fp16 needs a CUDA GPU; use fp32, bf16 or auto on a CPU"))
         raise_problems(problems)
@@ -79,7 +86,8 @@ def training_arguments(optim: OptimSection, output_dir: str, **extra: Any) -> Tr
     settings: dict[str, Any] = dict(
         output_dir=output_dir, per_device_train_batch_size=optim.batch_size,
         per_device_eval_batch_size=optim.batch_size, gradient_accumulation_steps=optim.grad_accum,
-        learning_rate=optim.lr, weight_decay=optim.weight_decay, lr_scheduler_type="cosine",
+        learning_rate=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2, lr_scheduler_type="cosine",
         warmup_steps=optim.warmup_steps, max_steps=optim.max_steps, num_train_epochs=optim.epochs,
         max_grad_norm=optim.max_grad_norm, seed=optim.seed, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), **precision_flags(optim.precision))
