@@ -377,13 +377,22 @@ def speech_answers(model: DestaModel, processor: DestaProcessor, items: list[dic
 
 
 def text_answers(backend: TransformersBackend, items: list[dict], descriptions: list[str], max_new_tokens: int,
-                 system_prompt: str | None) -> tuple[list[str], float]:
+                 system_prompt: str | None, progress: bool = False) -> tuple[list[str], float]:
     """A text reference: the same LLM reading a description instead of hearing the audio."""
+    conversations = [text_turn(d, i["instruction"], system_prompt) for i, d in zip(items, descriptions, strict=True)]
+    return generate_with_progress(backend, conversations, max_new_tokens, "text reference", progress)
+
+
+def generate_with_progress(backend: TransformersBackend, conversations: list[list[dict]], max_new_tokens: int,
+                           what: str, progress: bool) -> tuple[list[str], float]:
+    """Greedy answers to the conversations, a few batches at a time under a progress bar; and the seconds taken."""
     started = time.perf_counter()
-    generations = backend.generate([text_turn(d, i["instruction"], system_prompt)
-                                    for i, d in zip(items, descriptions, strict=True)],
-                                   SamplingSettings(max_new_tokens=max_new_tokens))
-    return [g.text for g in generations], time.perf_counter() - started
+    step = backend.batch_size * 4  # enough rows per call for length-sorted batches, few enough for the bar to move
+    answers: list[str] = []
+    for start in tqdm(range(0, len(conversations), step), desc=what, unit="batch", disable=not progress):
+        answers += [g.text for g in backend.generate(conversations[start : start + step],
+                                                     SamplingSettings(max_new_tokens=max_new_tokens))]
+    return answers, time.perf_counter() - started
 
 
 @dataclass
@@ -520,14 +529,15 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                 descriptions = [i["description"] for i in items]
                 answers[TEXT], timing[TEXT] = cache.get({**reference, "descriptions": fingerprint(descriptions)},
                                                         text_answers, backend, items, descriptions,
-                                                        config.max_new_tokens, processor.system_prompt)
+                                                        config.max_new_tokens, processor.system_prompt,
+                                                        config.progress)
             if has_descriptions and config.asr_reference and not config.gold_transcripts:
                 if encoder not in encoders:
                     encoders[encoder] = TEXT_ASR if not encoders else f"{TEXT_ASR}:{name}"
                     described = [with_transcript(i["description"], transcripts[i["id"]]) for i in items]
                     answers[encoders[encoder]], timing[encoders[encoder]] = cache.get(
                         {**reference, "descriptions": fingerprint(described)}, text_answers, backend, items,
-                        described, config.max_new_tokens, processor.system_prompt)
+                        described, config.max_new_tokens, processor.system_prompt, config.progress)
                 asr_of[name] = encoders[encoder]
         gold = {i["id"]: i.get("transcript") for i in items if i.get("transcript")}
         if gold and not config.gold_transcripts:
