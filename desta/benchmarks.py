@@ -266,7 +266,7 @@ def voicebench_choice(answer: str) -> str | None:
 _BBH_YES = [r"answer is (yes|no)\b", r"the answer (yes|no)\b", r"final answer (yes|no)\b",
             r"answer is (true|false)\b", r"conclusion (yes|no)\b", r"boxed\{(yes|no)\}"]
 _BBH_TASK_WORDS = {"sports_understanding": [(r"\bnot plausible|implausible", 0), (r"\bplausible", 1)],
-                   "navigate": [(r"(does not|doesn t|do not|won t|will not) (return|end up)", 0),
+                   "navigate": [(r"(does not|doesn't|do not|won't|will not) (return|end up)", 0),
                                 (r"(returns?|end up|ends up|back) (to|at) the starting point", 1)],
                    "web_of_lies": [(r"\b(lies|is lying|does not tell the truth)\b", 0), (r"tells? the truth", 1)]}
 
@@ -278,7 +278,7 @@ def voicebench_bbh(answer: str, task: str | None) -> int | None:
     (0, 1)
     """
     text = re.sub(r"^<[123]>|<\|turn_end\|>", "", answer.lower().removesuffix("<|user|>"))
-    text = " ".join(re.sub(r"[:\"\-,.：']|\*\*", " ", text).split())
+    text = " ".join(re.sub(r"[:\"\-,.：]|\*\*", " ", text).split())
     if task == "hyperbaton":
         found = re.search(r"(?:answer is|option|choose|^) ?\(?([ab])\b\)?", text)
         return None if found is None else int(found.group(1) == "b")
