@@ -104,6 +104,7 @@ COMMANDS = [
         f"answered {r['answered']} of {r['rows']} rows ({r['failed']} with errors) -> {r['out']}" if c.batch
         else None)),
     Command("serve", "desta.serve:ServeConfig", "desta.serve:serve", lambda c, r: None),
+    Command("app", "desta.app:AppConfig", "desta.app:app", lambda c, r: None),
     Command("posttrain", "desta.posttrain:PostTrainConfig", "desta.posttrain:posttrain", _posttrained),
     Command("magpie", "desta.posttrain.strategies:MagpieConfig", "desta.posttrain.strategies:write_magpie",
             lambda c, r: f"wrote {r['rows']} rows to {r['out']}; dropped {r['dropped']}"),

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from desta.core.artifacts import DATASET, REPORT_JSON, WEIGHTS
+from desta.core.artifacts import (
+    DATASET,
+    LOSS_CURVE,
+    MANIFEST,
+    REJECTS,
+    REPORT_JSON,
+    REPORT_MD,
+    SCORES_PLOT,
+    WEIGHTS,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -56,6 +65,8 @@ class DemoSize:
 TINY = DemoSize(train_clips=160, eval_clips=8, max_new_tokens=24, steps=60, batch_size=8, lr=1e-3, eval_tokens=16)
 MINIMAL = DemoSize(train_clips=16, eval_clips=2, max_new_tokens=6, steps=4, batch_size=4, lr=1e-3, eval_tokens=4)
 # 48 held-out clips (about 530 items): enough for an overall 95 % interval narrower than +-0.05.
+# Rows per resumable chunk in describe and targets: the progress bars move (and estimate the time left) per chunk.
+PROGRESS_CHUNK = 16
 REAL = DemoSize(train_clips=200, eval_clips=48, max_new_tokens=96, steps=80, batch_size=8, lr=3e-4, eval_tokens=64)
 
 
@@ -69,6 +80,8 @@ class DemoConfig:
     """folder holding whisper-tiny.en/ and SmolLM2-135M-Instruct/: the small real models"""
     minimal: bool = False
     """the smallest sizes (a smoke test in seconds)"""
+    progress: bool = True
+    """progress bars with rows, steps and ETA in every stage, and the training loss every few steps"""
 
 
 class Stages:
@@ -89,8 +102,9 @@ class Stages:
 
 
 def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, size: DemoSize | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every stage of the loop into `out`; returns the facts the report shows."""
+             log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Every stage of the loop into `out`, each showing its progress (rows or steps, ETA) when `progress`; ends
+    with where each output is. Returns the facts the report shows."""
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -104,23 +118,36 @@ def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, s
     stages = Stages(7, log)
     facts: dict[str, Any] = {"real": real, "encoder": encoder, "llm": llm}
     manifests = stages.run("synth", f"{size.train_clips} + {size.eval_clips} clips spoken by espeak-ng",
-                           lambda: _synth(out, size), lambda _: f"{out / 'corpus'}")
+                           lambda: _synth(out, size, progress), lambda _: f"{out / 'corpus'}")
     facts.update(stages.run("describe", "attributes from the signal, labels from the metadata, Whisper ASR check",
-                            lambda: _describe(out, manifests, encoder), _describe_line))
+                            lambda: _describe(out, manifests, encoder, progress), _describe_line))
     facts["targets"] = stages.run("targets", "the LLM answers \"What can you hear from the audio?\" from each "
-                                  "description", lambda: _targets(out, llm, size, real), _targets_line(real))
+                                  "description", lambda: _targets(out, llm, size, real, progress), _targets_line(real))
     facts["train"] = stages.run("train", f"{size.steps} steps of the Q-Former connector (LLM and Whisper frozen)",
-                                lambda: _train(out, encoder, llm, size),
+                                lambda: _train(out, encoder, llm, size, progress),
                                 lambda t: f"loss {t['first_train_loss']:.3f} -> {t['last_train_loss']:.3f}")
     facts["eval"] = stages.run("eval", "unseen instructions; speech model vs the LLM reading the gold description",
-                               lambda: _eval(out, size), _eval_line)
+                               lambda: _eval(out, size, progress), _eval_line)
     facts["export"] = stages.run("export", "Hub-ready folder with a model card", lambda: _export(out),
                                  lambda e: f"{e['path']} ({e['bytes'] / 2**20:.2f} MiB)")
     facts["times"] = stages.times
     stages.run("report", "report.md and report.html", lambda: _report(out, facts),
                lambda _: f"{out / 'report.md'}, {out / 'report.html'}")
-    log(f"done in {sum(stages.times.values()):.0f} s: open {out / 'report.html'}")
+    log(f"done in {sum(stages.times.values()):.0f} s; the outputs:")
+    for what, where in outputs(out):
+        log(f"  {what:<22} {where}")
     return facts
+
+
+def outputs(out: Path) -> list[tuple[str, str]]:
+    """What the demo leaves in `out` and where, in pipeline order, for the run's last lines."""
+    return [("corpus (manifests)", f"{out / 'corpus' / 'train' / MANIFEST}, {out / 'corpus' / 'eval' / MANIFEST}"),
+            ("described clips", f"{out / 'described' / DATASET}, {out / 'described-eval' / DATASET}"),
+            ("targets", f"{out / 'targets' / DATASET} (rejected: {out / 'targets' / REJECTS})"),
+            ("trained checkpoint", f"{out / 'train'} (loss curve: {out / 'train' / LOSS_CURVE})"),
+            ("eval report", f"{out / 'eval' / REPORT_MD} ({out / 'eval' / SCORES_PLOT}, {out / 'eval' / REPORT_JSON})"),
+            ("exported model", f"{out / 'export'}"),
+            ("demo report", f"{out / 'report.html'} ({out / 'report.md'})")]
 
 
 def _bases(out: Path, models: str | Path | None) -> tuple[str, str]:
@@ -138,23 +165,23 @@ def _bases(out: Path, models: str | Path | None) -> tuple[str, str]:
     return str(folder / SMALL_WHISPER), str(folder / SMALL_LLM)
 
 
-def _synth(out: Path, size: DemoSize) -> tuple[Path, Path]:
+def _synth(out: Path, size: DemoSize, progress: bool) -> tuple[Path, Path]:
     from desta.synth import synth_corpus
 
-    return (synth_corpus(out / "corpus" / "train", num_clips=size.train_clips, seed=0, progress=False),
-            synth_corpus(out / "corpus" / "eval", num_clips=size.eval_clips, seed=1, progress=False))
+    return (synth_corpus(out / "corpus" / "train", num_clips=size.train_clips, seed=0, progress=progress),
+            synth_corpus(out / "corpus" / "eval", num_clips=size.eval_clips, seed=1, progress=progress))
 
 
-def _describe(out: Path, manifests: tuple[Path, Path], encoder: str) -> dict[str, Any]:
+def _describe(out: Path, manifests: tuple[Path, Path], encoder: str, progress: bool) -> dict[str, Any]:
     from datasets import load_from_disk
 
     from desta.describe import DescribeConfig, describe
 
     described = describe(DescribeConfig(source=str(manifests[0]), out=str(out / "described"), mapping="synthetic",
-                                        progress=False))
+                                        chunk_size=PROGRESS_CHUNK, progress=progress))
     held_out = describe(DescribeConfig(source=str(manifests[1]), out=str(out / "described-eval"),
-                                       mapping="synthetic", progress=False))
-    asr = _asr_check(encoder, load_from_disk(str(out / "described-eval" / DATASET)))
+                                       mapping="synthetic", chunk_size=PROGRESS_CHUNK, progress=progress))
+    asr = _asr_check(encoder, load_from_disk(str(out / "described-eval" / DATASET)), progress=progress)
     return {"described": described, "held_out": held_out, "asr": asr}
 
 
@@ -164,12 +191,13 @@ def _describe_line(facts: dict[str, Any]) -> str:
             f"{asr['clips']} clips: {asr['wer']:.2f}")
 
 
-def _targets(out: Path, llm: str, size: DemoSize, real: bool) -> dict[str, Any]:
+def _targets(out: Path, llm: str, size: DemoSize, real: bool, progress: bool) -> dict[str, Any]:
     from desta.targets import TargetsConfig, targets
 
     return targets(TargetsConfig(source=str(out / "described" / DATASET), out=str(out / "targets"), model=llm,
                                  max_new_tokens=size.max_new_tokens, repetition_penalty=1.2 if real else 1.0,
-                                 keep_flagged=not real, trim_cut_off=real, progress=False))
+                                 keep_flagged=not real, trim_cut_off=real, chunk_size=PROGRESS_CHUNK,
+                                 progress=progress))
 
 
 def _targets_line(real: bool):
@@ -177,7 +205,7 @@ def _targets_line(real: bool):
                       + ("" if real else " (tiny random LLM: flagged answers kept)"))
 
 
-def _train(out: Path, encoder: str, llm: str, size: DemoSize) -> dict[str, Any]:
+def _train(out: Path, encoder: str, llm: str, size: DemoSize, progress: bool) -> dict[str, Any]:
     from desta.core.args import load_config
     from desta.train import TrainConfig, train
 
@@ -186,16 +214,17 @@ def _train(out: Path, encoder: str, llm: str, size: DemoSize) -> dict[str, Any]:
         f"data.train={out / 'targets' / DATASET}", "data.eval_fraction=0.1", f"optim.max_steps={size.steps}",
         f"optim.batch_size={size.batch_size}", f"optim.lr={size.lr}", f"optim.warmup_steps={max(1, size.steps // 10)}",
         f"log.logging_steps={max(1, size.steps // 20)}", f"log.eval_steps={max(1, size.steps // 4)}",
-        f"log.save_steps={size.steps}", "log.report_to=none", "log.progress=false", "data.max_length=512"]))
+        f"log.save_steps={size.steps}", "log.report_to=none", f"log.progress={str(progress).lower()}",
+        "data.max_length=512"]))
 
 
-def _eval(out: Path, size: DemoSize) -> dict[str, Any]:
+def _eval(out: Path, size: DemoSize, progress: bool) -> dict[str, Any]:
     from desta.evaluate import EvalConfig, EvalSetConfig, evaluate, write_eval_set
 
     write_eval_set(EvalSetConfig(source=str(out / "described-eval" / DATASET), out=str(out / "evalset")))
     return evaluate(EvalConfig(checkpoints=[str(out / "train")], eval_set=str(out / "evalset"), out=str(out / "eval"),
                                max_new_tokens=size.eval_tokens, probe_max_new_tokens=size.eval_tokens,
-                               progress=False))
+                               progress=progress))
 
 
 def _eval_line(report: dict[str, Any]) -> str:
@@ -218,15 +247,19 @@ def _report(out: Path, facts: dict[str, Any]) -> None:
     (out / "report.html").write_text(render_report_html(facts, samples))
 
 
-def _asr_check(encoder: str, dataset: Dataset, clips: int = 16) -> dict[str, Any]:
+def _asr_check(encoder: str, dataset: Dataset, clips: int = 16, progress: bool = False) -> dict[str, Any]:
     """Whisper's word error rate on a few held-out clips (their transcripts are known)."""
+    from tqdm import tqdm
+
     from desta.asr import TransformersWhisper
     from desta.audio import load_audio_ref
     from desta.scoring import word_error_rate
 
     rows = list(dataset.select(range(min(clips, len(dataset)))))
-    heard = TransformersWhisper(encoder, max_new_tokens=64)(
-        [load_audio_ref(r["audio"]) for r in rows])
+    whisper = TransformersWhisper(encoder, max_new_tokens=64)
+    heard: list[str] = []
+    for start in tqdm(range(0, len(rows), 4), desc="Whisper ASR check (4 clips a batch)", disable=not progress):
+        heard += whisper([load_audio_ref(r["audio"]) for r in rows[start : start + 4]])
     wers = [word_error_rate(r["transcript"], h) for r, h in zip(rows, heard, strict=True)]
     return {"clips": len(rows), "wer": sum(wers) / len(wers), "example": {"gold": rows[0]["transcript"],
                                                                           "heard": heard[0][:120]}}
@@ -333,4 +366,5 @@ loss {t['first_train_loss']:.3f} &rarr; {t['last_train_loss']:.3f}.</p>
 
 def demo(config: DemoConfig) -> dict[str, Any]:
     """`desta demo`: run the whole loop into config.out and return the facts the report shows."""
-    return run_demo(config.out, models=config.models, size=MINIMAL if config.minimal else None)
+    return run_demo(config.out, models=config.models, size=MINIMAL if config.minimal else None,
+                    progress=config.progress)

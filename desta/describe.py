@@ -1,7 +1,8 @@
 """Stage 1, describe: audio corpus -> rich text descriptions (transcript + paralinguistic attributes).
 
 Reads a manifest (JSONL/CSV with a path column, one record per line, paths relative to it and
-kept inside its folder), a `datasets` folder (`save_to_disk`) or a Hub dataset id. Writes
+kept inside its folder), a `datasets` folder (`save_to_disk`), a Hub dataset id, or a lhotse
+corpus (a CutSet manifest or a `lhotse prepare` folder: supervisions map onto the attributes). Writes
 OUT/dataset (a `datasets` dataset: the source rows plus id, duration, transcript, attributes,
 sources, description), OUT/rejects.jsonl (id, source, reason) and OUT/summary.json. A row that
 cannot be used (a malformed line, a duplicate id, a clip too short or too long, ...) becomes a
@@ -55,6 +56,8 @@ from desta.core.chunks import (
 
 if TYPE_CHECKING:
     from datasets import Dataset
+    from lhotse import CutSet
+    from lhotse.cut import Cut
     from transformers import Pipeline
 
     from desta.asr import Transcriber
@@ -77,7 +80,7 @@ class DescribeConfig:
     """Turn an audio corpus into DeSTA descriptions (transcript + attributes); bad rows go to rejects."""
 
     source: str = ""
-    """manifest (.jsonl/.csv), a save_to_disk folder, or a Hub dataset id"""
+    """manifest (.jsonl/.csv), save_to_disk folder, Hub dataset id, lhotse cuts or `lhotse prepare` folder"""
     out: str = ""
     """output folder"""
     mapping: str | None = None
@@ -296,7 +299,9 @@ def open_source(source: str, mapping: dict[str, Any], split: str = "train",
 
     path = Path(source)
     rejects: list[dict] = []
-    if path.is_file() and path.suffix in (".jsonl", ".json", ".csv"):
+    if is_lhotse_manifest(path):
+        dataset, rejects = lhotse_source(path, split)
+    elif path.is_file() and path.suffix in (".jsonl", ".json", ".csv"):
         rows, rejects = _read_manifest(path, mapping.get("id", "id"), allow_absolute_paths)
         if not rows and not rejects:
             raise ValueError(f"{path} holds no rows; a manifest needs one row per clip with a 'path' column")
@@ -324,6 +329,90 @@ def open_source(source: str, mapping: dict[str, Any], split: str = "train",
     if not path.is_file():  # a manifest's ids are set and unique already
         dataset, doubled = _unique_ids(dataset, mapping.get("id", "id"), source)
         rejects += doubled
+    return dataset, rejects
+
+
+def is_lhotse_manifest(path: Path) -> bool:
+    """Whether `path` is a lhotse CutSet manifest (cuts.jsonl[.gz]) or a `lhotse prepare` output folder
+    (*_recordings_*.jsonl.gz beside *_supervisions_*.jsonl.gz)."""
+    if path.is_dir():
+        return any(path.glob("*recordings*.jsonl*")) and any(path.glob("*supervisions*.jsonl*"))
+    if not (path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz"))):
+        return False
+    import gzip
+
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "recording" in record and "supervisions" in record
+
+
+def _lhotse_cuts(path: Path, split: str) -> CutSet:
+    """The CutSet of a cuts manifest, or of a `lhotse prepare` folder's recordings and supervisions for one
+    part (`split`, e.g. dev-clean; the only part when there is one)."""
+    from lhotse import CutSet, load_manifest
+
+    if path.is_file():
+        return CutSet.from_file(path)
+    parts = {p.name.split("_recordings_")[-1].split(".jsonl")[0]: p for p in path.glob("*_recordings_*.jsonl*")}
+    if split not in parts and len(parts) != 1:
+        raise ValueError(f"{path} holds lhotse manifests for parts {sorted(parts)}, not {split!r}; pass --split")
+    part = split if split in parts else next(iter(parts))
+    supervisions = sorted(path.glob(f"*_supervisions_{part}.jsonl*"))
+    if not supervisions:
+        raise ValueError(f"{path}: no supervisions manifest for part {part!r} beside {parts[part].name}")
+    return CutSet.from_manifests(recordings=load_manifest(parts[part]), supervisions=load_manifest(supervisions[0]))
+
+
+def _lhotse_audio(cut: Cut) -> dict:
+    """The cut's audio as a `datasets` Audio value: the file itself when the cut is a whole one-channel file,
+    else the cut's samples as FLAC bytes (a segment of a longer recording, several sources, transforms)."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    recording = cut.recording
+    whole = (len(recording.sources) == 1 and recording.sources[0].type == "file" and not recording.transforms
+             and recording.num_channels == 1 and cut.start == 0 and abs(cut.duration - recording.duration) < 1e-3)
+    if whole:
+        return {"path": str(recording.sources[0].source), "bytes": None}
+    samples = np.asarray(cut.load_audio(), dtype=np.float32)  # (channels, samples)
+    buffer = io.BytesIO()
+    sf.write(buffer, samples.mean(axis=0), cut.sampling_rate, format="FLAC")
+    return {"path": None, "bytes": buffer.getvalue()}
+
+
+def lhotse_source(path: Path, split: str = "train") -> tuple[Dataset, list[dict]]:
+    """A lhotse corpus as rows: one per supervision (cuts holding several are trimmed to each), with the
+    supervision's text as `transcript` and its speaker, gender, language and custom fields (emotion, age,
+    accent, ...) as columns of the same names, so desta's attributes read them without a mapping. A cut
+    whose audio cannot be read is a reject."""
+    from datasets import Dataset
+
+    cuts = _lhotse_cuts(path, split)
+    rows, rejects = [], []
+    for cut in cuts:
+        for piece in (cut.trim_to_supervisions(keep_overlapping=False) if len(cut.supervisions) > 1 else [cut]):
+            try:
+                audio = _lhotse_audio(piece)
+            except Exception as err:  # lhotse raises many kinds for a missing or unreadable file
+                rejects.append({"id": piece.id, "source": str(path), "reason": "lhotse cannot read the audio: "
+                                + str(err).splitlines()[0]})
+                continue
+            supervision = piece.supervisions[0] if piece.supervisions else None
+            row = {"id": piece.id, "audio": audio, "transcript": None}
+            if supervision is not None:
+                fields = {"transcript": supervision.text, "speaker": supervision.speaker,
+                          "gender": supervision.gender, "language": supervision.language, **(supervision.custom or {})}
+                row.update({k: None if v is None else str(v) for k, v in fields.items()})
+            rows.append(row)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    dataset = Dataset.from_list([{c: row.get(c) for c in columns} for row in rows]) if rows else \
+        Dataset.from_dict({"id": [], "audio": []})
     return dataset, rejects
 
 

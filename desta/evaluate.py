@@ -371,13 +371,22 @@ def speech_answers(model: DestaModel, processor: DestaProcessor, items: list[dic
 
 
 def text_answers(backend: TransformersBackend, items: list[dict], descriptions: list[str], max_new_tokens: int,
-                 system_prompt: str | None) -> tuple[list[str], float]:
+                 system_prompt: str | None, progress: bool = False) -> tuple[list[str], float]:
     """A text reference: the same LLM reading a description instead of hearing the audio."""
+    conversations = [text_turn(d, i["instruction"], system_prompt) for i, d in zip(items, descriptions, strict=True)]
+    return generate_with_progress(backend, conversations, max_new_tokens, "text reference", progress)
+
+
+def generate_with_progress(backend: TransformersBackend, conversations: list[list[dict]], max_new_tokens: int,
+                           what: str, progress: bool) -> tuple[list[str], float]:
+    """Greedy answers to the conversations, a few batches at a time under a progress bar; and the seconds taken."""
     started = time.perf_counter()
-    generations = backend.generate([text_turn(d, i["instruction"], system_prompt)
-                                    for i, d in zip(items, descriptions, strict=True)],
-                                   SamplingSettings(max_new_tokens=max_new_tokens))
-    return [g.text for g in generations], time.perf_counter() - started
+    step = backend.batch_size * 4  # enough rows per call for length-sorted batches, few enough for the bar to move
+    answers: list[str] = []
+    for start in tqdm(range(0, len(conversations), step), desc=what, unit="batch", disable=not progress):
+        answers += [g.text for g in backend.generate(conversations[start : start + step],
+                                                     SamplingSettings(max_new_tokens=max_new_tokens))]
+    return answers, time.perf_counter() - started
 
 
 @dataclass
@@ -410,7 +419,13 @@ class EvalConfig:
     judge_base_url: str | None = None
     """http judge: the server, e.g. http://127.0.0.1:8000/v1"""
     limit: int | None = None
-    """evaluate the first N items only"""
+    """evaluate the first N items only (with benchmark: the first N of each subset)"""
+    benchmark: str | None = None
+    """score a public benchmark as its authors do (speech-ifeval, voicebench, air-bench, mmau); eval_set is then
+    its folder or Hub id, in the layout its authors publish"""
+    subsets: list[str] | None = None
+    """with benchmark: the parts to run, e.g. mmsu,ifeval or sd-qa/usa (VoiceBench), closed_ended (Speech-IFEval),
+    a task (AIR-Bench, MMAU); null: all"""
     probes: bool = True
     """also run the text retention probes on each model's LLM"""
     probe_max_new_tokens: int = 96
@@ -436,6 +451,12 @@ class EvalConfig:
             problems.append(("limit", f"must be at least 1 (or null: every item), got {self.limit}"))
         if self.judge_backend == "http" and self.judge_model and not self.judge_base_url:
             problems.append(("judge_base_url", "the http judge needs judge_base_url"))
+        from desta.benchmarks import BENCHMARKS
+
+        if self.benchmark is not None and self.benchmark not in BENCHMARKS:
+            problems.append(("benchmark", f"unknown {self.benchmark!r}; choose from {sorted(BENCHMARKS)}"))
+        if self.subsets and not self.benchmark:
+            problems.append(("subsets", "subsets choose parts of a benchmark: give benchmark too"))
         raise_problems(problems)
 
 
@@ -462,6 +483,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     from desta.loading import load
     from desta.posttrain.probes import retention_probes
 
+    if config.benchmark:
+        return evaluate_benchmark(config)
     dataset = load_eval_set(config.eval_set, config.columns or None)
     if config.limit:
         dataset = dataset.select(range(min(config.limit, len(dataset))))
@@ -514,14 +537,15 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                 descriptions = [i["description"] for i in items]
                 answers[TEXT], timing[TEXT] = cache.get({**reference, "descriptions": fingerprint(descriptions)},
                                                         text_answers, backend, items, descriptions,
-                                                        config.max_new_tokens, processor.system_prompt)
+                                                        config.max_new_tokens, processor.system_prompt,
+                                                        config.progress)
             if has_descriptions and config.asr_reference and not config.gold_transcripts:
                 if encoder not in encoders:
                     encoders[encoder] = TEXT_ASR if not encoders else f"{TEXT_ASR}:{name}"
                     described = [with_transcript(i["description"], transcripts[i["id"]]) for i in items]
                     answers[encoders[encoder]], timing[encoders[encoder]] = cache.get(
                         {**reference, "descriptions": fingerprint(described)}, text_answers, backend, items,
-                        described, config.max_new_tokens, processor.system_prompt)
+                        described, config.max_new_tokens, processor.system_prompt, config.progress)
                 asr_of[name] = encoders[encoder]
         gold = {i["id"]: i.get("transcript") for i in items if i.get("transcript")}
         if gold and not config.gold_transcripts:
@@ -566,6 +590,189 @@ def _judge_open_items(config: EvalConfig, items: list[dict], answers: dict[str, 
         for k, verdict in zip(open_items, verdicts, strict=True):
             scores[system][k] = verdict
     return backend.model_id
+
+
+# ----- public benchmarks, scored as their authors score them -----
+
+def evaluate_benchmark(config: EvalConfig) -> dict[str, Any]:
+    """`desta eval --benchmark NAME`: every checkpoint on the benchmark's items, and, where the benchmark has a
+    text version of each item, the same LLM reading that text as the reference; scored by the authors' rules.
+    Writes the usual report (per subset, bootstrap intervals, forgetting against the text reference), the
+    figures as the authors report them, and OUT/rejects.jsonl for items the loader could not use."""
+    from desta.benchmarks import BENCHMARKS, load_benchmark, official_scores, score_answer
+    from desta.core.chunks import to_jsonl
+    from desta.loading import load
+
+    benchmark = BENCHMARKS[config.benchmark]
+    items, rejects = load_benchmark(config.benchmark, config.eval_set, config.subsets)
+    if config.limit:
+        taken: dict[str, int] = {}
+        for item in items:
+            taken[item["category"]] = taken.get(item["category"], 0) + 1
+            item["_rank"] = taken[item["category"]]
+        items = [i for i in items if i.pop("_rank") <= config.limit]
+    if not items:
+        raise ValueError(f"{config.eval_set} holds no usable {config.benchmark} items ({len(rejects)} rejected)")
+    for path in config.checkpoints:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"checkpoint {path} not found; give a folder written by desta train or export")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rejects.jsonl").write_text(to_jsonl(rejects))
+    cache = AnswerCache(config.cache)
+    items_key = fingerprint([config.benchmark, [[i["item_id"], i["instruction"], i["text_input"],
+                                                 _audio_key(i["audio"])] for i in items]])
+    answers: dict[str, list[str]] = {}
+    timing: dict[str, float] = {}
+    speech, text_llm = system_names(config.checkpoints), None
+    for name, path in zip(speech, config.checkpoints, strict=True):
+        model, processor = load(path)
+        model.eval()
+        if config.system_prompt is not None:
+            processor.system_prompt = config.system_prompt or None
+        elif items[0]["system"]:  # the system prompt the benchmark's own runner sends
+            processor.system_prompt = items[0]["system"]
+        if text_llm is not None and model.config.llm_name_or_path != text_llm:
+            raise ValueError(f"{path} is built on {model.config.llm_name_or_path}, not {text_llm}; compare "
+                             "checkpoints of the same LLM in one report")
+        text_llm = model.config.llm_name_or_path
+        weights = file_digest(Path(path), (WEIGHTS, CONFIG, PROCESSOR_CONFIG))
+        settings = {"items": items_key, "max_new_tokens": config.max_new_tokens,
+                    "system_prompt": processor.system_prompt}
+        transcripts = cache.get({"kind": "whisper", "encoder": model.config.encoder_name_or_path or weights,
+                                 "items": items_key}, clip_transcripts, model, processor, items, config.batch_size,
+                                config.progress)
+        answers[name], timing[name] = cache.get(
+            {"kind": "speech", "checkpoint": weights, **settings}, speech_answers, model, processor, items,
+            transcripts, config.batch_size, config.max_new_tokens, config.progress)
+        if benchmark.text_modality and TEXT not in answers:
+            backend = TransformersBackend(llm=model.llm, tokenizer=processor.tokenizer, batch_size=config.batch_size)
+            turns = [([{"role": "system", "content": processor.system_prompt}] if processor.system_prompt else [])
+                     + [{"role": "user", "content": i["text_input"]}] for i in items]
+            with model.llm.disable_adapter() if model.config.lora else contextlib.nullcontext():
+                answers[TEXT], timing[TEXT] = cache.get({"kind": "benchmark text", "llm": text_llm, **settings},
+                                                        generate_with_progress, backend, turns,
+                                                        config.max_new_tokens, "text reference", config.progress)
+        del model
+    scores = {system: [score_answer(i, a, config.seed) for i, a in zip(items, system_answers, strict=True)]
+              for system, system_answers in answers.items()}
+    judge_id = _judge_benchmark(config, items, answers, scores)
+    report = _report(config, items, answers, scores, speech, {}, {}, timing, {}, text_llm, judge_id)
+    official = {system: official_scores(config.benchmark, items, results) for system, results in scores.items()}
+    for row, item in zip(report["per_item"], items, strict=True):
+        if not row["instruction"]:  # VoiceBench: the audio is the whole turn; show what it says
+            row["instruction"] = f"(spoken) {item['text_input']}"
+    reference = ("the same LLM reading the benchmark's own text of each item (the text-gold column): "
+                 + ("Speech-IFEval's cascade input, 'Speech Input: {textual_audio}' and the instruction"
+                    if config.benchmark == "speech-ifeval" else "VoiceBench's text modality, the spoken prompt as "
+                                                                "text") if benchmark.text_modality else None)
+    report.update(
+        title=f"# desta eval --benchmark {config.benchmark}: {len(items)} items ({len(rejects)} rejected)",
+        intro=(f"Speech model(s) on {config.benchmark} ({benchmark.published}), scored by its authors' rules; "
+               + (f"the reference is {reference}; forgetting = (speech - text) / text. " if reference else
+                  "the benchmark has no text version of its items, so no text reference. ")
+               + f"Per-item scores in [0, 1] per subset; cells: value [{report['interval']}]; ~ marks a difference "
+               "whose interval includes 0." + (f" Judge: {judge_id}." if judge_id else
+                                              " No judge: judged subsets unscored.")),
+        benchmark={"name": config.benchmark, "source": config.eval_set, "subsets": config.subsets,
+                   "rejected": len(rejects), "official": official, "reference": reference})
+    report["references"] = {TEXT: reference} if reference else {}
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2))
+    (out / REPORT_MD).write_text(render_markdown(report) + render_official(report))
+    plot_scores(report, out / SCORES_PLOT)
+    return report
+
+
+def _judge_benchmark(config: EvalConfig, items: list[dict], answers: dict[str, list[str]],
+                     scores: dict[str, list[dict]]) -> str | None:
+    """Scores from the LLM judge for the items whose rule needs one (VoiceBench's open and sd-qa sets: three
+    replies sampled at temperature 0.5, as the authors do; Speech-IFEval's chain-of-thought: one greedy reply)."""
+    from desta.benchmarks import judge_prompts, judge_samples, judge_verdict
+
+    if not config.judge_model:
+        return None
+    from desta.core.generation import make_backend
+
+    kwargs = {"base_url": config.judge_base_url} if config.judge_backend == "http" else {}
+    backend = make_backend(config.judge_backend, config.judge_model, **kwargs)
+    for system, system_answers in answers.items():
+        judged = [k for k, i in enumerate(items) if judge_prompts(i, system_answers[k]) is not None]
+        if not judged:
+            continue
+        conversations = [judge_prompts(items[k], system_answers[k]) for k in judged]
+        samples = max(judge_samples(items[k]) for k in judged)
+        replies = [[g.text for g in backend.generate(conversations, SamplingSettings(
+            max_new_tokens=256, temperature=0.5 if samples > 1 else 0.0, top_p=0.95 if samples > 1 else 1.0,
+            seed=draw))] for draw in range(samples)]
+        for row, k in enumerate(judged):
+            scores[system][k] = judge_verdict(items[k], [r[row] for r in replies][: judge_samples(items[k])])
+    return backend.model_id
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_official(report: dict) -> str:
+    """The benchmark's figures as its authors report them, one column per system, for report.md."""
+    bench = report["benchmark"]
+    official, systems = bench["official"], list(bench["official"])
+    labels = [_label(s) if s == TEXT else s for s in systems]
+    lines = ["", f"## {bench['name']} as its authors report it", ""]
+    if bench["name"] == "speech-ifeval":
+        lines += ["| | " + " | ".join(labels) + " |", "|" + "---|" * (len(systems) + 1)]
+        for part in ("closed_ended", "creative_writing", "chain_of_thought"):
+            lines.append(f"| {part} (%) | " + " | ".join(_pct(official[s]["rates"].get(part)) for s in systems) + " |")
+        lines.append("| **IFrate** (%) | " + " | ".join(_pct(official[s]["if_rate"]) for s in systems) + " |")
+        reference = official.get(TEXT, {}).get("if_rate")
+        for s in (s for s in systems if s != TEXT and reference is not None):
+            delta = f"{(official[s]['if_rate'] - reference) / reference:+.2%}" if reference else \
+                "undefined (the text reference follows no instruction)"
+            lines.append(f"\nForgetting rate of {s} (Speech-IFEval's Δ = (IFrate - IFrate_text) / IFrate_text): "
+                         f"{delta}.")
+        parts = official[systems[0]]["if_rate_parts"]
+        lines.append(f"\nIFrate is the mean of the parts scored here ({', '.join(parts)}); the published IFrate "
+                     "averages closed-ended, creative writing and chain-of-thought (judged by an LLM).")
+        kinds = sorted({k for s in systems for k in official[s]["by_instruction"]})
+        lines += ["", "| instruction | " + " | ".join(labels) + " |", "|" + "---|" * (len(systems) + 1)]
+        lines += [f"| {k} | " + " | ".join(_pct(official[s]["by_instruction"].get(k)) for s in systems) + " |"
+                  for k in kinds]
+    elif bench["name"] == "voicebench":
+        lines += ["| subset | evaluator | n | " + " | ".join(labels) + " |", "|" + "---|" * (len(systems) + 3)]
+        for subset, row in official[systems[0]]["subsets"].items():
+            cells = []
+            for s in systems:
+                r = official[s]["subsets"][subset]
+                cell = _pct(r["value"]) + (" /5" if r["evaluator"] == "open" and r["value"] is not None else "")
+                if "fallback_rate" in r:
+                    cell += f" (guessed {r['fallback_rate']:.0f} %)"
+                cells.append(cell)
+            lines.append(f"| {subset} | {row['evaluator']} | {row['n']} | " + " | ".join(cells) + " |")
+        lines.append("| **overall** | | | " + " | ".join(_pct(official[s]["overall"]) for s in systems) + " |")
+        lines.append(f"\n{official[systems[0]]['overall_note']}. mcq/bbh: accuracy, an answer naming no option gets "
+                     "a seeded random guess as VoiceBench does (share shown); ifeval: mean of strict/loose prompt- "
+                     "and instruction-level accuracy; advbench: refusal rate; open: judge rating 1-5.")
+    elif bench["name"] == "air-bench":
+        lines += ["| task | n | " + " | ".join(f"{s} acc. (failed)" for s in labels) + " |",
+                  "|" + "---|" * (len(systems) + 2)]
+        for task, row in official[systems[0]]["tasks"].items():
+            lines.append(f"| {task} | {row['n']} | " + " | ".join(
+                f"{_pct(official[s]['tasks'][task]['accuracy'])} ({official[s]['tasks'][task]['failed']})"
+                for s in systems) + " |")
+        lines.append("| **macro / micro** | | " + " | ".join(
+            f"{_pct(official[s]['macro'])} / {_pct(official[s]['micro'])}" for s in systems) + " |")
+        lines.append("\nAccuracy (%) over the answers that start with (or end in) an option letter; the others "
+                     "(failed) leave the denominator, as AIR-Bench's scorer does.")
+    else:
+        lines += ["| | " + " | ".join(labels) + " |", "|" + "---|" * (len(systems) + 1)]
+        for group in ("task", "difficulty"):
+            for key in official[systems[0]][group]:
+                lines.append(f"| {group} {key} | " + " | ".join(_pct(official[s][group][key]) for s in systems)
+                             + " |")
+        lines.append("| **total** (%) | " + " | ".join(_pct(official[s]["total"]) for s in systems) + " |")
+        lines.append("\nMMAU's string match: the answer holds every word of the right choice and no word only a "
+                     "wrong choice has.")
+    return "\n".join(lines) + "\n"
 
 
 def _report(config: EvalConfig, items: list[dict], answers: dict[str, list[str]], scores: dict[str, list[dict]],
@@ -650,6 +857,8 @@ def render_markdown(report: dict) -> str:
              "distinguishable from noise)." + (f" Judge: {report['judge']}." if report["judge"] else
                                                " No judge: open questions unscored."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if report.get("intro"):  # a benchmark's report: its own title, and what its reference reads
+        lines[0], lines[2] = report["title"], report["intro"]
     rows = list(report["categories"].items()) + [("**overall**", report["overall"])]
     for category, row in rows:
         cells = [category, str(row["n"]), *[format_cell(row, s) for s in speech + references]]

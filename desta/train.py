@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from desta.core.args import raise_problems, to_dict
 from desta.core.artifacts import LOG_HISTORY, LOSS_CURVE, RUN_CONFIG, SUMMARY, WEIGHTS
@@ -345,6 +346,52 @@ class DestaTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
 
+def progress_line(step: int, max_steps: int, logs: dict[str, float], seconds: float, steps_timed: int) -> str:
+    """One console line for a training log event: the step, the logged losses and learning rate, and the time
+    to the end at the pace of the `steps_timed` steps that took `seconds`; "" for an event with none of them.
+
+    >>> progress_line(20, 80, {"loss": 2.13361, "learning_rate": 0.00027, "epoch": 0.5}, 50.0, 20)
+    'step 20/80 (25%): loss 2.134, lr 2.7e-04, epoch 0.50; 50 s elapsed, ETA 2 min 30 s'
+    """
+    parts = [f"lr {value:.1e}" if name == "learning_rate" else f"{name} {value:.2f}" if name == "epoch"
+             else f"{name} {value:.3f}" for name, value in logs.items()
+             if name in ("loss", "eval_loss", "train_loss", "learning_rate", "epoch")]
+    if not parts:
+        return ""
+    line = f"step {step}/{max_steps} ({step / max(max_steps, 1):.0%}): {', '.join(parts)}; {_duration(seconds)} elapsed"
+    if steps_timed > 0 and step < max_steps:
+        line += f", ETA {_duration(seconds / steps_timed * (max_steps - step))}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+class ProgressLines(ProgressCallback):
+    """The step bar (with its ETA), and each log event as a readable line (progress_line) instead of a dict:
+    the training loss every log.logging_steps, the validation loss every log.eval_steps."""
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        """Start the bar and the clock (a resumed run times only the steps it runs)."""
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description("train (steps)")
+        self.started, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        """Write the log event's line above the bar."""
+        if not (state.is_world_process_zero and logs and self.training_bar is not None):
+            return
+        line = progress_line(state.global_step, state.max_steps, logs, time.perf_counter() - self.started,
+                             state.global_step - self.first_step)
+        if line:
+            self.training_bar.write(line)
+
+
 @dataclass
 class Run:
     """A set-up training run: what fit and save need."""
@@ -504,7 +551,10 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         callbacks=[*(callbacks or []), CheckpointChecksums()],
         lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
         kl_temperature=config.optim.kl_temperature if distill else None, decay_all=config.optim.decay_all)
-    if not log.progress:
+    if log.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressLines())
+    else:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)

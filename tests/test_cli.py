@@ -1,4 +1,5 @@
 import importlib
+import re
 import subprocess
 import sys
 
@@ -62,10 +63,20 @@ def test_command_line_errors_name_the_setting(capsys):
 
 def test_demo_runs_the_whole_pipeline_at_minimal_size(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--minimal"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed, bars = captured.out, captured.err
     for stage in ("[1/7] synth", "[2/7] describe", "[3/7] targets", "[4/7] train", "[5/7] eval", "[6/7] export",
                   "[7/7] report"):
         assert stage in printed
+    # every long stage shows its progress: rows or steps done of all, and the time left
+    for bar in ("synth: 100%|", "describe shard 0/1: 100%|", "Whisper ASR check", "targets shard 0/1: 100%|",
+                "train (steps): 100%|", "speech model: 100%|", "text reference: 100%|"):
+        assert bar in bars, bar
+    assert re.search(r"^step 2/4 \(50%\): loss \d+\.\d{3}, .* elapsed, ETA \d+ s$", printed, re.M)
+    listed = printed[printed.index("the outputs:"):]
+    for output in ("corpus/train/manifest.jsonl", "described/dataset", "targets/dataset", "train/loss_curve.png",
+                   "eval/report.md", "export", "report.html"):
+        assert str(tmp_path / output) in listed, output
     report = (tmp_path / "report.md").read_text()
     assert "| train clips | 16 | 16 | 0 |" in report and "![loss curve](train/loss_curve.png)" in report
     assert ("| category | n | speech model | text-ASR (Whisper transcript) | text-gold (gold transcript) | "

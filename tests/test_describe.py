@@ -550,3 +550,78 @@ def test_bad_input_campaign_every_line_is_described_or_rejected_with_its_reason(
                      for row in rows)
     print(f"\nbad describe inputs tried {tried}, handled cleanly {handled}, rows lost {lost}, silent mix-ups {mixed}")
     assert tried >= 27 and handled == tried and lost == 0 and mixed == 0
+
+
+def _lhotse_recording(folder, name, texts, rate=22050):
+    """A WAV of espeak-ng speech (one utterance per text, back to back) and its lhotse Recording."""
+    from lhotse import Recording
+
+    from desta.tts import Voice, synthesize
+
+    voices = [Voice(accent="British", variant="f2"), Voice(accent="American", variant="m3")]
+    pieces = [synthesize(t, voices[i % 2]) for i, t in enumerate(texts)]
+    import librosa
+
+    samples = librosa.resample(np.concatenate(pieces), orig_sr=16000, target_sr=rate)
+    sf.write(folder / f"{name}.wav", samples, rate)
+    return Recording.from_file(folder / f"{name}.wav", recording_id=name), [len(p) / 16000 for p in pieces]
+
+
+def test_lhotse_cutset_is_a_describe_source(tmp_path):
+    """Supervision text, speaker, gender and custom emotion/age become desta's attributes with no mapping;
+    a cut holding two supervisions gives two rows with their own audio; an unreadable cut is a reject."""
+    from lhotse import CutSet, MonoCut, SupervisionSegment
+
+    whole, (seconds,) = _lhotse_recording(tmp_path, "utt0", ["Please call Stella at the station."])
+    pair, lengths = _lhotse_recording(tmp_path, "conv1", ["Good morning to you.", "The train is late again."])
+    cuts = [MonoCut(id="utt0", start=0.0, duration=whole.duration, channel=0, recording=whole, supervisions=[
+        SupervisionSegment(id="utt0", recording_id="utt0", start=0.0, duration=whole.duration, channel=0,
+                           text="Please call Stella at the station.", speaker="p225", gender="F",
+                           language="English", custom={"emotion": "happy", "age": 23})])]
+    cuts.append(MonoCut(id="conv1", start=0.0, duration=pair.duration, channel=0, recording=pair, supervisions=[
+        SupervisionSegment(id="conv1-a", recording_id="conv1", start=0.0, duration=lengths[0], channel=0,
+                           text="Good morning to you.", speaker="spk1", gender="female"),
+        SupervisionSegment(id="conv1-b", recording_id="conv1", start=lengths[0], duration=lengths[1], channel=0,
+                           text="The train is late again.", speaker="spk2", gender="M",
+                           custom={"emotion": "sad"})]))
+    gone, _ = _lhotse_recording(tmp_path, "gone", ["Deleted after the manifest was written."])
+    cuts.append(MonoCut(id="gone", start=0.5, duration=1.0, channel=0, recording=gone, supervisions=[]))
+    CutSet.from_cuts(cuts).to_file(tmp_path / "cuts.jsonl.gz")
+    (tmp_path / "gone.wav").unlink()
+
+    summary = describe(DescribeConfig(source=str(tmp_path / "cuts.jsonl.gz"), out=str(tmp_path / "d"),
+                                      progress=False))
+    assert summary == {"inputs": 4, "described": 3, "rejected": 1, "hours": pytest.approx(
+        (seconds + sum(lengths)) / 3600, abs=2e-4)}
+    assert "lhotse cannot read the audio" in (tmp_path / "d" / "rejects.jsonl").read_text()
+    rows = {r["id"]: r for r in _rows(tmp_path / "d")}
+    first = rows["utt0"]
+    assert (first["transcript"], first["speaker"], first["gender"], first["emotion"], first["age"],
+            first["language"]) == ("Please call Stella at the station.", "p225", "Female", "Happy", "Young adult",
+                                   "English")
+    assert first["description"].startswith("[00:00-00:0") and "Please call Stella at the station. (Gender: Female, " \
+        "Emotion: Happy, Age: Young adult" in first["description"]
+    assert json.loads(first["sources"])["gender"] == "metadata"
+    a, b = rows["conv1-a"], rows["conv1-b"]
+    assert (a["transcript"], a["gender"], a["emotion"]) == ("Good morning to you.", "Female", None)
+    assert (b["transcript"], b["gender"], b["emotion"]) == ("The train is late again.", "Male", "Sad")
+    assert a["duration"] == pytest.approx(lengths[0], abs=0.01) and b["duration"] == pytest.approx(lengths[1], abs=0.01)
+
+
+def test_lhotse_prepare_folder_reads_the_part_asked_for(tmp_path):
+    """`lhotse prepare` writes <corpus>_recordings_<part>.jsonl.gz and _supervisions_<part>: --split picks one."""
+    from lhotse import RecordingSet, SupervisionSegment, SupervisionSet
+
+    out = tmp_path / "manifests"
+    out.mkdir()
+    for part, text in (("dev-clean", "Go do you hear."), ("test-clean", "The boat sailed away.")):
+        recording, _ = _lhotse_recording(tmp_path, part, [text], rate=16000)
+        RecordingSet.from_recordings([recording]).to_file(out / f"librispeech_recordings_{part}.jsonl.gz")
+        SupervisionSet.from_segments([SupervisionSegment(
+            id=f"{part}-0", recording_id=part, start=0.0, duration=recording.duration, channel=0, text=text.upper(),
+            speaker="84", language="English")]).to_file(out / f"librispeech_supervisions_{part}.jsonl.gz")
+    assert main(["describe", "--source", str(out), "--split", "test-clean", "--out", str(tmp_path / "d")]) == 0
+    (row,) = _rows(tmp_path / "d")
+    assert row["transcript"] == "THE BOAT SAILED AWAY." and row["speaker"] == "84" and row["gender"] is None
+    with pytest.raises(ValueError, match=r"parts \['dev-clean', 'test-clean'\], not 'train'; pass --split"):
+        describe(DescribeConfig(source=str(out), out=str(tmp_path / "e"), progress=False))

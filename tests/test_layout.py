@@ -14,7 +14,7 @@ PIPELINE = ["desta.describe", "desta.targets", "desta.train", "desta.evaluate", 
 SPEECH = {"desta.audio", "desta.attributes", "desta.asr", "desta.describe", "desta.targets", "desta.modeling",
           "desta.processing", "desta.loading", "desta.features", "desta.data", "desta.train", "desta.scoring",
           "desta.evaluate", "desta.export", "desta.inference", "desta.chat", "desta.serve", "desta.synth",
-          "desta.tts", "desta.demo"}
+          "desta.tts", "desta.demo", "desta.app", "desta.benchmarks"}
 
 
 def module_name(path: Path) -> str:

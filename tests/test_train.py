@@ -304,3 +304,17 @@ def test_optimizer_takes_the_official_betas_and_decays_every_trainable_weight(ta
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.01 for p in g["params"]}
     trainable = {id(p) for p in run.model.parameters() if p.requires_grad}
     assert decayed == trainable  # LayerNorms, biases and the queries too, as the DeSTA2.5 code does
+
+
+def test_console_shows_the_loss_every_logging_steps_with_the_time_left(targets_dir, tmp_path, capsys):
+    train(_config(targets_dir, tmp_path / "run", "optim.max_steps=6", "log.logging_steps=3", "log.progress=true",
+                  "data.eval_fraction=0.25", "log.eval_steps=6", "log.save_steps=100"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    losses = {r["step"]: r["loss"] for r in history if "loss" in r}
+    assert sorted(losses) == [1, 3, 6]  # the first step, then every logging_steps
+    for step, loss in losses.items():
+        line = next(x for x in lines if x.startswith(f"step {step}/6 ") and " loss " in f" {x}")
+        assert f"loss {loss:.3f}" in line and ("ETA" in line) == (step < 6)
+    assert any(x.startswith("step 0/6 (0%): eval_loss") for x in lines)
+    assert any(x.startswith("step 6/6 (100%): eval_loss") for x in lines)
