@@ -341,10 +341,10 @@ def is_lhotse_manifest(path: Path) -> bool:
         return False
     import gzip
 
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as handle:
-        first = next((line for line in handle if line.strip()), "")
+    with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as handle:  # bytes: a bad byte on a
+        first = next((line for line in handle if line.strip()), b"")         # later line is the manifest reader's
     try:
-        record = json.loads(first)
+        record = json.loads(first.decode("utf-8", errors="replace"))
     except json.JSONDecodeError:
         return False
     return isinstance(record, dict) and "recording" in record and "supervisions" in record

@@ -591,7 +591,7 @@ def test_lhotse_cutset_is_a_describe_source(tmp_path):
 
     summary = describe(DescribeConfig(source=str(tmp_path / "cuts.jsonl.gz"), out=str(tmp_path / "d"),
                                       progress=False))
-    assert summary == {"inputs": 4, "described": 3, "rejected": 1, "hours": pytest.approx(
+    assert summary == {"inputs": 4, "described": 3, "rejected": 1, "duplicate_ids": 0, "hours": pytest.approx(
         (seconds + sum(lengths)) / 3600, abs=2e-4)}
     assert "lhotse cannot read the audio" in (tmp_path / "d" / "rejects.jsonl").read_text()
     rows = {r["id"]: r for r in _rows(tmp_path / "d")}
