@@ -96,7 +96,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The keys whose values differ between two job descriptions, as "key: old -> new" (long values cut).
 
     >>> differences({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4})
-    ['b: 2 -> 3', 'c: None -> 4']
+    ['b: 2 -> 3', 'c: null -> 4']
     """
     def short(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False)
