@@ -551,7 +551,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         if gold and not config.gold_transcripts:
             whisper_wer[name] = float(np.mean([word_error_rate(g, transcripts[c]) for c, g in gold.items()]))
         if config.probes:
-            probes[name] = cache.get({"kind": "probes", "checkpoint": weights, "llm": text_llm,
+            # without LoRA the checkpoint's LLM is the frozen base: its probes are the base's, computed once
+            llm_weights = weights if model.config.lora is not None else None
+            probes[name] = cache.get({"kind": "probes", "checkpoint": llm_weights, "llm": text_llm,
                                       "max_new_tokens": config.probe_max_new_tokens}, retention_probes, backend,
                                      config.probe_max_new_tokens)
         del model, backend

@@ -275,3 +275,29 @@ def test_a_repeated_eval_reuses_its_cached_answers(described, checkpoint, tmp_pa
     config.max_new_tokens = 5  # another setting: not the same answers
     with pytest.raises(AssertionError, match="computed again"):
         evaluate(config)
+
+
+def test_connector_only_checkpoints_share_the_base_llms_probes(described, checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import desta.posttrain.probes as probes
+
+    assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"), "--max-clips", "1",
+                 "--categories", "gender"]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, other / "model.safetensors")
+    config = EvalConfig(checkpoints=[str(checkpoint)], eval_set=str(tmp_path / "set"), out=str(tmp_path / "r1"),
+                        max_new_tokens=4, probe_max_new_tokens=4, progress=False, cache=str(tmp_path / "cache"))
+    first = evaluate(config)
+
+    def never(*args):
+        raise AssertionError("probes computed again")
+
+    monkeypatch.setattr(probes, "retention_probes", never)
+    config.checkpoints, config.out = [str(other)], str(tmp_path / "r2")
+    second = evaluate(config)  # another connector, the same frozen LLM: its probes come from the cache
+    assert second["retention_probes"]["speech"] == first["retention_probes"]["speech"]
