@@ -216,8 +216,9 @@ def build_app(chat: LocalChat | RemoteChat, limits: ServeLimits = DEFAULTS, max_
         return [], "", "", {"turns": [], "clips": []}, None, ""
 
     kind = "speech" if chat.accepts_audio else "text-only"
-    with gr.Blocks(title=f"desta: {chat.model_id}", analytics_enabled=False) as app:
-        gr.Markdown(f"## desta · `{chat.model_id}` ({kind})\n"
+    shown = Path(chat.model_id).name if Path(chat.model_id).exists() else chat.model_id  # no local path on the page
+    with gr.Blocks(title=f"desta: {shown}", analytics_enabled=False) as app:
+        gr.Markdown(f"## desta · `{shown}` ({kind})\n"
                     + ("Record or upload a clip, ask about it, and keep asking: each turn may add a clip, or none "
                        f"for a text-only turn. Clips up to {limits.max_audio_seconds:.0f} s."
                        if chat.accepts_audio else "A text-only model: type and send."))

@@ -844,7 +844,7 @@ def render_markdown(report: dict) -> str:
     asr_of = report.get("asr_reference_of", {})
     references = [r for r in (TEXT_ASR, TEXT) if r in report["overall"]["values"]] + sorted(
         {r for r in asr_of.values() if r != TEXT_ASR})
-    head = ["category", "n", *[f"speech {s}" for s in speech], *[_label(r) for r in references]]
+    head = ["category", "n", *[s if s == "speech" else f"speech {s}" for s in speech], *[_label(r) for r in references]]
     for s in speech:
         head += [f"forgetting vs text-ASR ({s})"] * (s in asr_of) + [f"forgetting vs text-gold ({s})",
                                                                     f"agreement ({s})", f"ROUGE-L ({s})"]
