@@ -299,3 +299,5 @@ def test_posttrain_config_checks_the_new_strategies():
     assert "GRPOConfig has no setting 'num_generation'; did you mean 'num_generations'?" in problems
     assert "seed is set by desta" in problems and "['rl+replay']: rl learns from its own samples" in problems
     assert "unknown categories ['Unknwn']" in problems and "['lora'] are not in strategies" in problems
+    with pytest.raises(ConfigError, match=r"num_generations 3 must divide optim.batch_size x grad_accum \(8 x 1\)"):
+        PostTrainConfig(model="m", strategies=["rl"], grpo={"num_generations": 3})

@@ -191,6 +191,11 @@ class PostTrainConfig:
                                                f"; choose from {list(KNOWLEDGE)}"))
         if any("rl" in name.split("+") for name in self.strategies):
             problems += grpo_problems(self.grpo)
+            group = self.grpo.get("num_generations", 8)  # trl's default
+            if isinstance(group, int) and (self.optim.batch_size * self.optim.grad_accum) % group:
+                problems.append(("grpo", f"num_generations {group} must divide optim.batch_size x grad_accum "
+                                         f"({self.optim.batch_size} x {self.optim.grad_accum}): each batch holds "
+                                         "whole groups of answers to one question"))
         rl_mixed = [name for name in self.strategies if "rl" in name.split("+")
                     and set(name.split("+")) - set(RL_COMBINES)]
         if rl_mixed:
