@@ -28,6 +28,13 @@ def test_every_setting_of_every_command_is_documented(command):
     assert docs and [name for name, doc in docs.items() if not doc] == []
 
 
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_command(_config_class(command), ["--help"], prog=f"desta {command.name}")
+    assert done.value.code == 0 and f"usage: desta {command.name}" in capsys.readouterr().out
+
+
 def test_one_mechanism_yaml_overrides_and_flags(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("output_dir: runs/x\ndata: {train: data/t}\noptim: {lr: 1.0e-3, batch_size: 4}\n")

@@ -1,19 +1,31 @@
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 
+from desta.core.args import ConfigError
 from desta.core.generation import Generation, TransformersBackend
+from desta.core.optim import OptimSection
 from desta.core.replay import mix
 from desta.posttrain import PostTrainConfig, TaskSection, posttrain
+from desta.posttrain.config import RetentionSection
+from desta.posttrain.knowledge import knowledge_filter, knowledge_split
+from desta.posttrain.report import delta_stats
+from desta.posttrain.rl import train_grpo
 from desta.posttrain.strategies import (
     answer_nll,
+    bos_prefix,
+    bos_replay,
     encode,
     filter_tokens,
     keep_paraphrase,
+    lm_rows,
     magpie,
     magpie_prefix,
     pick_verified,
+    self_distill,
 )
 from desta.posttrain.tasks import arithmetic_task
 from desta.posttrain.verifiers import exact_match, json_schema, last_number, make_verifier, python_tests, regex
@@ -113,20 +125,179 @@ def test_arithmetic_task_answers_verify():
     assert len({r["instruction"] for r in rows}) == 20
 
 
-def test_posttrain_end_to_end_on_a_tiny_model(tmp_path):
-    _, llm_dir = save_tiny_bases(tmp_path / "bases")
-    config = PostTrainConfig(model=str(llm_dir), output_dir=str(tmp_path / "run"),
-                             strategies=["sft", "lora+replay", "token_filter"],
-                             task=TaskSection(train_size=8, eval_size=2), eval_max_new_tokens=4,
-                             probe_max_new_tokens=4, replay_ratio=0.2)
+class ScriptedBackend:
+    """A generation backend whose answers a test writes: answer(conversation, settings, call) -> text."""
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def generate(self, conversations, settings):
+        out = []
+        for conversation in conversations:
+            self.asked.append((conversation, settings))
+            out.append(Generation(self.answer(conversation, settings, len(self.asked)), "stop", 5))
+        return out
+
+
+def test_bos_replay_rows_are_plain_language_modelling_with_loss_on_every_token():
+    tokenizer = tiny_tokenizer()
+    prefix = bos_prefix(tokenizer)
+    assert prefix == "<|im_start|>" and bos_prefix(tokenizer, "<|endoftext|>") == "<|endoftext|>"
+    text = "The quick brown fox jumps over the lazy dog."
+    rows, dropped = lm_rows([text, "Hi there", "", text, "a man speaks " * 4], prefix)
+    assert rows == [{"text": prefix + text}]
+    assert dropped == {"empty": 1, "too short": 1, "repetition": 1, "duplicate": 1}
+    example = encode(tokenizer, rows[0], "sft", 256)  # an LM row is raw text even when the task trains chat turns
+    assert example["input_ids"][0] == tokenizer.bos_token_id
+    assert example["labels"] == example["input_ids"] and tokenizer.decode(example["input_ids"][1:]) == text
+    backend = TransformersBackend(llm=tiny_llm(), tokenizer=tokenizer, batch_size=4)
+    sampled, dropped = bos_replay(backend, count=6, max_new_tokens=12, min_words=1)
+    assert len(sampled) + sum(dropped.values()) == 6 and all(r["text"].startswith(prefix) for r in sampled)
+
+
+def test_self_distill_rewrites_the_own_answer_with_the_gold_in_view():
+    rows = [{"instruction": f"What is {a} + 2?", "answer": f"{a} + 2 = {a + 2}. The answer is {a + 2}.",
+             "gold": str(a + 2)} for a in (1, 2, 3)]
+
+    def answer(conversation, settings, call):
+        prompt = conversation[-1]["content"]
+        if "reference answer" not in prompt:  # first pass: the model's own answer; right only for 3 + 2
+            return "It is 5." if "3 + 2" in prompt else "It is 7."
+        return "Adding 2 to 1 gives 3." if "1 + 2" in prompt else "Still 7."  # rewrites: right only for 1 + 2
+
+    backend = ScriptedBackend(answer)
+    out, counts = self_distill(backend, rows, last_number)
+    assert [r["answer"] for r in out] == ["Adding 2 to 1 gives 3.", rows[1]["answer"], "It is 5."]
+    assert counts == {"rewrite": 1, "own answer": 1, "gold": 1}
+    rewrite_prompt = backend.asked[3][0][-1]["content"]  # the model sees its own answer and the gold one
+    assert "It is 7." in rewrite_prompt and rows[0]["answer"] in rewrite_prompt
+
+
+def test_knowledge_split_on_a_model_stubbed_to_know_some_items():
+    rows = [{"instruction": f"Item {i}: what is the code?", "answer": f"The code is {i}{i}.", "gold": f"{i}{i}"}
+            for i in range(5)]
+    known, few_shot_known, weakly_known = {0, 3}, {1}, {2}  # item 4 is never answered right
+
+    def answer(conversation, settings, call):
+        item = int(re.search(r"Item (\d)", conversation[-1]["content"]).group(1))
+        right = (item in known or (item in few_shot_known and len(conversation) > 1)
+                 or (item in weakly_known and settings.temperature > 0 and call % 2 == 0))
+        return f"The code is {item}{item}." if right else "I do not know."
+
+    backend = ScriptedBackend(answer)
+    categories = knowledge_split(backend, rows, exact_match_code, shots=2, samples=3, temperature=0.7)
+    assert categories == ["HighlyKnown", "MaybeKnown", "WeaklyKnown", "HighlyKnown", "Unknown"]
+    few_shot_prompts = [c for c, s in backend.asked if len(c) > 1]
+    assert len(few_shot_prompts) == 3 and all(len(c) == 5 for c in few_shot_prompts)  # 2 solved examples each
+    assert sum(s.temperature > 0 for _, s in backend.asked) == 2 * 3  # only the 2 items left are sampled, 3 times
+    kept, labelled, notes = knowledge_filter(ScriptedBackend(answer), rows, exact_match_code, ["Unknown"], shots=2,
+                                             samples=3)
+    assert [r["gold"] for r in kept] == ["00", "11", "22", "33"]
+    assert notes == {"split": {"HighlyKnown": 2, "MaybeKnown": 1, "WeaklyKnown": 1, "Unknown": 1}, "dropped": 1}
+    assert [r["knowledge"] for r in labelled] == categories
+    with pytest.raises(ValueError, match="knowledge_filter left no training item"):
+        knowledge_filter(ScriptedBackend(lambda *a: "no"), rows, exact_match_code, ["Unknown"], samples=1)
+
+
+def exact_match_code(answer, gold):
+    return gold in answer, "contains the code"
+
+
+def test_grpo_two_steps_train_only_the_lora_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(tiny_llm(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = [{"instruction": f"Say a word about {w}.", "answer": w, "gold": w} for w in ("sea", "sky")]
+    even = lambda answer, gold: (len(answer) % 2 == 0, "even length")  # noqa: E731 -- a reward that varies
+    trainer = train_grpo(model, tokenizer, rows, even, OptimSection(max_steps=2, batch_size=4, warmup_steps=0),
+                         learning_rate=1e-2, settings={"num_generations": 4, "max_completion_length": 6},
+                         output_dir="unused", logging_steps=1)
+    logged = [r for r in trainer.state.log_history if "reward_std" in r]
+    assert len(logged) == 2 and any(r["reward_std"] > 0 for r in logged)  # some group had a reward to follow
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    lora = {n for n in before if "lora_" in n}
+    assert changed and changed <= lora  # the adapters learnt, every base weight is bit-identical
+    assert {n for n in lora if "lora_B" in n} <= changed
+
+
+def test_deltas_are_paired_with_intervals_and_spread_over_seeds():
+    base = {"task_accuracy": [0.0] * 30 + [1.0] * 10, "format_following": [1.0] * 20, "refusal_rate": [1.0] * 4,
+            "over_refusal_rate": [0.0] * 4, "own_answer_loglik": [-1.0] * 5}
+    seed_a = {**base, "task_accuracy": [1.0] * 40, "format_following": [0.0] * 10 + [1.0] * 10,
+              "over_refusal_rate": [1.0] * 2 + [0.0] * 2, "own_answer_loglik": [-1.5] * 5}
+    seed_b = {**seed_a, "task_accuracy": [0.0] * 10 + [1.0] * 30}
+    stats = delta_stats(base, [seed_a, seed_b])
+    assert stats["task_accuracy"]["value"] == pytest.approx((0.75 + 0.5) / 2)
+    assert stats["task_accuracy"]["sd"] == pytest.approx(np.std([0.75, 0.5], ddof=1))
+    low, high = stats["task_accuracy"]["ci"]
+    assert 0 < low < stats["task_accuracy"]["value"] < high
+    assert stats["own_answer_loglik"]["value"] == pytest.approx(-0.5) and stats["own_answer_loglik"]["ci"] == \
+        pytest.approx([-0.5, -0.5])
+    # retained: format -0.5, refusal 0, answering safe requests -0.5 (over-refusal +0.5), each counting once
+    assert stats["retained"]["value"] == pytest.approx((-0.5 + 0 - 0.5) / 3)
+    assert stats["retained"]["ci"][1] < 0  # forgetting outside the interval
+    single = delta_stats(base, [seed_a])
+    assert single["task_accuracy"]["sd"] is None and single["task_accuracy"]["value"] == pytest.approx(0.75)
+
+
+def tiny_config(llm_dir, out, **overrides):
+    config = PostTrainConfig(model=str(llm_dir), output_dir=str(out), task=TaskSection(train_size=8, eval_size=4),
+                             retention=RetentionSection(format_size=4, own_answer_size=3, refusal_size=2,
+                                                        own_answer_max_new_tokens=4),
+                             eval_max_new_tokens=4, probe_max_new_tokens=4, answer_max_new_tokens=4, replay_ratio=0.2,
+                             bos_replay_count=8, bos_replay_max_new_tokens=24, knowledge_samples=2, knowledge_drop=[],
+                             save_models=False, **overrides)
     config.optim.max_steps, config.optim.batch_size = 2, 4
-    comparison = posttrain(config, log=lambda *a: None)
-    assert [r["strategy"] for r in comparison["strategies"]] == ["sft", "lora+replay", "token_filter"]
-    lora_replay = comparison["strategies"][1]
-    assert lora_replay["train_rows"] == 10  # 8 task rows + 2 replay rows = 20 %
-    assert "token_filter_masked_share" in comparison["strategies"][2]["notes"]
-    assert (tmp_path / "run" / "forgetting.png").stat().st_size > 5000
-    table = (tmp_path / "run" / "comparison.md").read_text()
-    assert "| lora+replay | 10 |" in table
-    saved = json.loads((tmp_path / "run" / "sft" / "metrics.json").read_text())
-    assert set(saved["deltas"]) >= {"task_accuracy", "heldout_loglik"}
+    return config
+
+
+def test_posttrain_compares_strategies_and_seeds_and_resumes_run_by_run(tmp_path):
+    _, llm_dir = save_tiny_bases(tmp_path / "bases")
+    out = tmp_path / "run"
+    plan = dict(strategies=["sft", "replay", "lora+replay", "bos_replay", "knowledge_filter", "self_distill"],
+                seeds=[1, 2], seeded_strategies=["sft"], replay_sweep=[0, 0.2, 0.1])
+    comparison = posttrain(tiny_config(llm_dir, out, **plan), log=lambda *a: None)
+    names = [(r["name"], r["seed"]) for r in comparison["runs"]]
+    assert names == [("sft", 1), ("sft", 2), ("replay", 1), ("lora+replay", 1), ("bos_replay", 1),
+                     ("knowledge_filter", 1), ("self_distill", 1), ("replay@0.1", 1)]
+    # the sweep's 0 is sft and its 0.2 (the configured replay_ratio) the replay run: only 0.1 needs a run
+    assert [(p["ratio"], p["run"]) for p in comparison["sweep"]] == [(0, "sft"), (0.2, "replay"), (0.1, "replay@0.1")]
+    sft = comparison["strategies"][0]
+    assert sft["seeds"] == [1, 2] and sft["deltas"]["task_accuracy"]["sd"] is not None
+    assert comparison["strategies"][2]["train_rows"] == 10  # 8 task rows + 2 replay rows = 20 %
+    table = (out / "comparison.md").read_text()
+    assert "| knowledge_filter | 0 | 0 | 0 | 8 | 0 |" in table and re.search(r"\| sft \| 2 \| 8 \| .* ± .*\[", table)
+    assert (out / "forgetting.png").stat().st_size > 5000 and (out / "replay_sweep.png").stat().st_size > 5000
+    assert len((out / "knowledge_filter" / "seed-1" / "knowledge.jsonl").read_text().splitlines()) == 8
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")}
+    assert len(finished) == 8
+
+    logs = []  # the same settings, and a setting none of these runs has: nothing is trained again
+    posttrain(tiny_config(llm_dir, out, magpie_count=3, **plan), log=logs.append)
+    assert sum("kept" in line for line in logs) == 8 and not any("training" in line for line in logs)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+
+    with pytest.raises(ValueError, match=r"made with other settings: .*sft/seed-1 \(optim\.lr: 2e-05 -> 0\.001"):
+        changed = tiny_config(llm_dir, out, **plan)
+        changed.optim.lr = 1e-3
+        posttrain(changed, log=lambda *a: None)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # refused before anything ran
+    redo = tiny_config(llm_dir, out, overwrite=True, **{**plan, "strategies": ["sft"], "replay_sweep": []})
+    redo.optim.lr = 1e-3
+    posttrain(redo, log=lambda *a: None)
+    assert all(p.stat().st_mtime_ns != finished[p] for p in out.glob("sft/seed-*/metrics.json"))
+    assert json.loads((out / "sft" / "seed-1" / "metrics.json").read_text())["settings"]["optim"]["lr"] == 1e-3
+
+
+def test_posttrain_config_checks_the_new_strategies():
+    with pytest.raises(ConfigError) as err:
+        PostTrainConfig(model="m", strategies=["sft", "rl+replay", "rl"], grpo={"num_generation": 4, "seed": 1},
+                        knowledge_drop=["Unknwn"], seeded_strategies=["lora"])
+    problems = "\n".join(err.value.problems)
+    assert "GRPOConfig has no setting 'num_generation'; did you mean 'num_generations'?" in problems
+    assert "seed is set by desta" in problems and "['rl+replay']: rl learns from its own samples" in problems
+    assert "unknown categories ['Unknwn']" in problems and "['lora'] are not in strategies" in problems
+    with pytest.raises(ConfigError, match=r"num_generations 3 must divide optim.batch_size x grad_accum \(8 x 1\)"):
+        PostTrainConfig(model="m", strategies=["rl"], grpo={"num_generations": 3})

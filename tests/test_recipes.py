@@ -26,7 +26,14 @@ def test_paper_recipes_match_the_papers():
     assert desta2.optim.lr == desta25.optim.lr == 1e-4 and desta25.optim.batch_size == 12
 
 
-def test_forgetting_recipe_compares_every_strategy():
+def test_forgetting_recipe_compares_every_strategy_with_seeds_and_the_replay_sweep():
+    from desta.posttrain.run import plan_runs
+
     config = load_config(PostTrainConfig, ROOT / "recipes" / "forgetting" / "config.yaml",
                          ["model=HuggingFaceTB/SmolLM2-135M-Instruct"])
     assert set(config.strategies) == set(STRATEGIES)
+    assert min(config.task.train_size, config.task.eval_size, config.retention.format_size,
+               config.retention.own_answer_size) >= 200
+    runs, sweep = plan_runs(config)
+    assert [r.seed for r in runs if r.name == "sft"] == [0, 1, 2] and len(runs) == 20
+    assert [ratio for ratio, _ in sweep] == [0, 0.01, 0.03, 0.05, 0.1]

@@ -348,7 +348,7 @@ def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
             continue
         flags = ["--" + name] + (["--" + name.replace("_", "-")] if "_" in name else [])
         inner, _ = _unwrap_optional(hint)
-        text = f"{doc} [{_type_name(hint)}]{_default_text(f)}".strip()
+        text = f"{doc} [{_type_name(hint)}]{_default_text(f)}".strip().replace("%", "%%")  # argparse %-formats help
         if inner is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=text)

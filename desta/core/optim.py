@@ -78,11 +78,9 @@ def precision_flags(choice: Precision) -> dict[str, bool]:
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
-def training_arguments(optim: OptimSection, output_dir: str, **extra: Any) -> TrainingArguments:
-    """transformers TrainingArguments for these settings: AdamW, cosine schedule with warm-up,
-    clipping, precision, CPU when there is no GPU; `extra` adds or replaces arguments."""
-    from transformers import TrainingArguments
-
+def trainer_settings(optim: OptimSection, output_dir: str, **extra: Any) -> dict[str, Any]:
+    """TrainingArguments keywords for these settings: AdamW, cosine schedule with warm-up, clipping, precision,
+    CPU when there is no GPU; `extra` adds or replaces keywords. trl's configs take the same keywords."""
     settings: dict[str, Any] = dict(
         output_dir=output_dir, per_device_train_batch_size=optim.batch_size,
         per_device_eval_batch_size=optim.batch_size, gradient_accumulation_steps=optim.grad_accum,
@@ -92,4 +90,11 @@ def training_arguments(optim: OptimSection, output_dir: str, **extra: Any) -> Tr
         max_grad_norm=optim.max_grad_norm, seed=optim.seed, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), **precision_flags(optim.precision))
     settings.update(extra)
-    return TrainingArguments(**settings)
+    return settings
+
+
+def training_arguments(optim: OptimSection, output_dir: str, **extra: Any) -> TrainingArguments:
+    """transformers TrainingArguments for these settings (`trainer_settings`); `extra` adds or replaces arguments."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**trainer_settings(optim, output_dir, **extra))

@@ -1,10 +1,12 @@
 """Text post-training against forgetting: a chat LLM learns a new task with strategies that keep
-what it could do (replay, Magpie pseudo replay, self-output with a verifier, paraphrased targets,
-token filtering, LoRA), and a report that measures what each learns and forgets.
+what it could do (replay, Magpie and BOS pseudo replay, self-output with a verifier, paraphrased and
+self-distilled targets, token filtering, a knowledge-mastery filter, GRPO on its own samples, LoRA),
+and a report that measures what each learns and forgets, with intervals and several seeds.
 
 config (settings and strategy names), tasks (the new task and the replay set), strategies (each a
-data transform), verifiers (is an answer right?), probes (what the model can still do), run (train
-and measure each strategy), report (the comparison table and figure).
+data transform), knowledge (the knowledge-mastery split), rl (GRPO), verifiers (is an answer right?),
+probes and retention (what the model can still do, item by item), run (train and measure each
+strategy and seed, resumably), report (the comparison table and figures).
 """
 
 from desta.posttrain.config import STRATEGIES, PostTrainConfig, TaskSection

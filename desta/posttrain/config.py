@@ -1,14 +1,34 @@
-"""Settings of `desta posttrain`: the model, the new task, the strategies and how to train."""
+"""Settings of `desta posttrain`: the model, the new task, the retention sets, the strategies, the
+seeds and how to train."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from desta.core.args import raise_problems
 from desta.core.optim import OptimSection
 
-STRATEGIES = ("sft", "lora", "replay", "magpie", "self_output", "paraphrase", "token_filter")
+STRATEGIES = ("sft", "lora", "replay", "magpie", "bos_replay", "self_output", "paraphrase", "self_distill",
+              "token_filter", "knowledge_filter", "rl")
+# The settings that change only what one part of a strategy does: a run's fingerprint leaves out those of the
+# parts it does not have, so adding Magpie settings does not make a finished `sft` run stale.
+PART_SETTINGS = {
+    "lora": ("lora", "lora_lr"),
+    "replay": ("replay_data", "replay_ratio"),
+    "magpie": ("magpie_count", "magpie_max_new_tokens", "replay_ratio"),
+    "bos_replay": ("bos_replay_count", "bos_replay_max_new_tokens", "bos_replay_prefix", "replay_ratio"),
+    "self_output": ("self_output_k", "self_output_temperature", "self_output_fallback"),
+    "token_filter": ("token_filter_threshold",),
+    "knowledge_filter": ("knowledge_shots", "knowledge_samples", "knowledge_temperature", "knowledge_drop"),
+    "rl": ("grpo",),
+}
+# The settings that choose which runs there are and what they keep, not what one run measures.
+PLAN_SETTINGS = ("output_dir", "strategies", "seeds", "seeded_strategies", "replay_sweep", "overwrite", "save_models")
+KNOWLEDGE = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+RL_COMBINES = ("rl", "lora", "knowledge_filter")  # what rl (no target texts to transform) can be combined with
 VERIFIERS = ("last_number", "exact_match", "json_schema", "regex", "python_tests")
 
 
@@ -42,6 +62,27 @@ class TaskSection:
         raise_problems(problems)
 
 
+@dataclass
+class RetentionSection:
+    """What the model could do before: generated sets whose every item is scored before and after training."""
+
+    format_size: int = 200
+    """general requests, each with an IFEval instruction its answer must follow"""
+    own_answer_size: int = 200
+    """general requests whose base-model answers a trained model should still find likely"""
+    refusal_size: int = 48
+    """harmful requests to refuse, and as many safe ones that only sound risky, to answer"""
+    own_answer_max_new_tokens: int = 64
+    """length limit of the base model's reference answers"""
+    seed: int = 0
+    """the drawn items depend only on it"""
+
+    def __post_init__(self) -> None:
+        if min(self.format_size, self.own_answer_size, self.refusal_size, self.own_answer_max_new_tokens) < 1:
+            raise_problems([("format_size", "format_size, own_answer_size, refusal_size and "
+                                            "own_answer_max_new_tokens must be at least 1")])
+
+
 def _posttrain_optim() -> OptimSection:
     return OptimSection(lr=2e-5, warmup_steps=5, max_steps=60, batch_size=8)
 
@@ -56,9 +97,22 @@ class PostTrainConfig:
     """one folder per strategy, the comparison table and figure"""
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     """what to compare, e.g. [sft, lora, lora+replay]; "+" combines strategies"""
+    seeds: list[int] = field(default_factory=list)
+    """training seeds (data order, sampling, LoRA initialisation): each seeded strategy runs once per seed, with
+    optim.seed set to it; empty: optim.seed alone"""
+    seeded_strategies: list[str] | None = None
+    """the strategies that run once per seed (mean and spread); the others run with the first seed; null: all"""
+    replay_sweep: list[float] = field(default_factory=list)
+    """replay ratios to run `replay` at (first seed), for the sweep plot, e.g. [0, 0.01, 0.03, 0.05, 0.1]; 0 is
+    `sft` itself"""
+    overwrite: bool = False
+    """redo a finished run whose settings differ from this config (default: refuse, naming what changed)"""
+    save_models: bool = True
+    """keep each run's trained model (or adapter) in its folder (SmolLM2-135M in fp32: about 0.5 GB a run)"""
     style: Literal["sft", "pretrain"] = "sft"
     """sft: chat turns, loss on answers; pretrain: raw text, loss on every token"""
     task: TaskSection = field(default_factory=TaskSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
     optim: OptimSection = field(default_factory=_posttrain_optim)
     lora_lr: float = 2e-4
     """learning rate of strategies that include lora (fewer parameters learn faster)"""
@@ -75,6 +129,13 @@ class PostTrainConfig:
     """pseudo-replay instructions the model writes itself (before filtering)"""
     magpie_max_new_tokens: int = 64
     """length limit of a Magpie instruction"""
+    bos_replay_count: int = 48
+    """pseudo-replay texts the model writes from its beginning-of-sequence token alone (before filtering)"""
+    bos_replay_max_new_tokens: int = 96
+    """length limit of a beginning-of-sequence text"""
+    bos_replay_prefix: str | None = None
+    """the text the samples start from; null: the tokenizer's BOS token. A chat model whose BOS opens a chat turn
+    (SmolLM2: <|im_start|>) writes documents after its pretraining separator (SmolLM2: <|endoftext|>)"""
     self_output_k: int = 4
     """sampled answers per question"""
     self_output_temperature: float = 0.7
@@ -83,6 +144,19 @@ class PostTrainConfig:
     """questions with no verified answer of the model's own: train on gold, or drop them"""
     token_filter_threshold: float = 0.4
     """target tokens whose base-model probability is below this get no loss"""
+    knowledge_shots: int = 3
+    """solved examples (other training items) before the question in the few-shot probe of knowledge_filter"""
+    knowledge_samples: int = 4
+    """sampled answers per item that knowledge_filter tries before calling it Unknown"""
+    knowledge_temperature: float = 0.7
+    """sampling temperature of those answers"""
+    knowledge_drop: list[str] = field(default_factory=lambda: ["Unknown"])
+    """knowledge categories knowledge_filter leaves out of training (HighlyKnown, MaybeKnown, WeaklyKnown,
+    Unknown); [] keeps every item and only reports the split"""
+    grpo: dict = field(default_factory=lambda: {"num_generations": 4, "temperature": 1.0, "beta": 0.0,
+                                                "max_completion_length": 96})
+    """trl GRPOConfig settings of the rl strategy (learning rate, steps and batch come from optim, or from
+    lora_lr with lora); its reward is 1 when the task's verifier accepts the sampled answer, else 0"""
     answer_max_new_tokens: int = 160
     """length limit of the model's own answers (replay, Magpie, self-output, paraphrase)"""
     eval_max_new_tokens: int = 96
@@ -108,4 +182,58 @@ class PostTrainConfig:
                                               "must be at least 1"))
         if not self.lora_lr > 0:
             problems.append(("lora_lr", f"must be positive, got {self.lora_lr}"))
+        if min(self.bos_replay_count, self.bos_replay_max_new_tokens, self.knowledge_samples) < 1 \
+                or self.knowledge_shots < 0:
+            problems.append(("bos_replay_count", "bos_replay_count, bos_replay_max_new_tokens and knowledge_samples "
+                                                 "must be at least 1, knowledge_shots 0 or more"))
+        if set(self.knowledge_drop) - set(KNOWLEDGE):
+            problems.append(("knowledge_drop", f"unknown categories {sorted(set(self.knowledge_drop) - set(KNOWLEDGE))}"
+                                               f"; choose from {list(KNOWLEDGE)}"))
+        if any("rl" in name.split("+") for name in self.strategies):
+            problems += grpo_problems(self.grpo)
+            group = self.grpo.get("num_generations", 8)  # trl's default
+            if isinstance(group, int) and (self.optim.batch_size * self.optim.grad_accum) % group:
+                problems.append(("grpo", f"num_generations {group} must divide optim.batch_size x grad_accum "
+                                         f"({self.optim.batch_size} x {self.optim.grad_accum}): each batch holds "
+                                         "whole groups of answers to one question"))
+        rl_mixed = [name for name in self.strategies if "rl" in name.split("+")
+                    and set(name.split("+")) - set(RL_COMBINES)]
+        if rl_mixed:
+            problems.append(("strategies", f"{rl_mixed}: rl learns from its own samples of the task's questions, so "
+                                           f"it combines only with {list(RL_COMBINES)}"))
+        unknown_seeded = sorted(set(self.seeded_strategies or []) - set(self.strategies))
+        if unknown_seeded:
+            problems.append(("seeded_strategies", f"{unknown_seeded} are not in strategies {self.strategies}"))
+        if len(set(self.seeds)) != len(self.seeds):
+            problems.append(("seeds", f"each seed once, got {self.seeds}"))
+        bad_ratios = [r for r in self.replay_sweep if not 0 <= r < 1]
+        if bad_ratios or (self.replay_sweep and "sft" not in self.strategies and 0 in self.replay_sweep):
+            problems.append(("replay_sweep", f"ratios must be in [0, 1) (got {bad_ratios or self.replay_sweep}); its "
+                                             "0 point is the sft run, so 0 needs sft in strategies"))
         raise_problems(problems)
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds runs are trained with: `seeds`, or optim.seed alone."""
+        return list(self.seeds) or [self.optim.seed]
+
+
+# Set by desta for every run: a grpo dict may not change them.
+GRPO_OWN = ("output_dir", "learning_rate", "per_device_train_batch_size", "max_steps", "num_train_epochs", "seed",
+            "reward_funcs")
+
+
+def grpo_problems(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """Keys of a `grpo` dict that trl's GRPOConfig does not have (with the nearest one), or that desta sets."""
+    from trl import GRPOConfig
+
+    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    problems = []
+    for key in settings:
+        if key in GRPO_OWN:
+            problems.append(("grpo", f"{key} is set by desta (optim.* or lora_lr); remove it from grpo"))
+        elif key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            problems.append(("grpo", f"GRPOConfig has no setting {key!r}" + (f"; did you mean {near[0]!r}?"
+                                                                              if near else "")))
+    return problems

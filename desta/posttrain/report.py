@@ -1,51 +1,219 @@
-"""The comparison of strategies: a markdown table and the gain-against-forgetting figure."""
+"""The comparison of strategies: deltas with paired bootstrap intervals, mean and spread over seeds, the
+Markdown table, the gain-against-forgetting figure and the replay-ratio sweep.
+
+A delta is trained minus base on the same items. Its interval resamples the items (desta.core.stats):
+for a strategy run with several seeds, each item's difference is first averaged over the seeds, so the
+interval is that of the seed mean; the spread over seeds (standard deviation of the per-seed deltas) is
+reported beside it. The retained score is the mean of three rates (format following, refusing harmful
+requests, answering safe ones); its interval resamples within each of the three (stratified).
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from desta.core.stats import bootstrap_table, mean_interval
+from desta.posttrain.retention import RETAINED
+
+DELTA_MEASURES = ("task_accuracy", "format_following", "json_validity", "refusal_rate", "over_refusal_rate",
+                  "own_answer_loglik", "heldout_loglik")
+RETAINED_SIGN = {"format_following": 1.0, "refusal_rate": 1.0, "over_refusal_rate": -1.0}  # over-refusal: lower
+
+
+def item_differences(base: dict[str, list[float]], runs: list[dict[str, list[float]]], measure: str) -> np.ndarray:
+    """Each item's trained-minus-base score, averaged over the runs (seeds) given.
+
+    >>> item_differences({"m": [0, 1, 1]}, [{"m": [1, 1, 0]}, {"m": [1, 0, 0]}], "m").tolist()
+    [1.0, -0.5, -1.0]
+    """
+    return np.mean([np.asarray(r[measure], dtype=float) - np.asarray(base[measure], dtype=float) for r in runs],
+                   axis=0)
+
+
+def delta_stats(base: dict[str, list[float]], runs: list[dict[str, list[float]]], seed: int = 0) -> dict[str, dict]:
+    """Per measure (and "retained"): the delta of the seed mean, its 95 % paired bootstrap interval, and the
+    standard deviation of the per-seed deltas (None for one seed). Measures with no items are left out."""
+    out: dict[str, dict] = {}
+    for measure in DELTA_MEASURES:
+        if not base.get(measure):
+            continue
+        value, low, high = mean_interval(item_differences(base, runs, measure), seed=seed)
+        per_seed = [float(np.mean(r[measure]) - np.mean(base[measure])) for r in runs]
+        out[measure] = {"value": value, "ci": None if math.isnan(low) else [low, high],
+                        "sd": float(np.std(per_seed, ddof=1)) if len(runs) > 1 else None, "per_seed": per_seed}
+    strata = [m for m in RETAINED for _ in base[m]]
+    diffs = np.concatenate([RETAINED_SIGN[m] * item_differences(base, runs, m) for m in RETAINED])
+    overall = bootstrap_table(strata, {"delta": diffs.tolist()}, seed=seed)["overall"]
+    per_seed = [float(np.mean([RETAINED_SIGN[m] * (np.mean(r[m]) - np.mean(base[m])) for m in RETAINED]))
+                for r in runs]
+    out["retained"] = {"value": overall["values"]["delta"], "ci": overall["ci"]["delta"],
+                       "sd": float(np.std(per_seed, ddof=1)) if len(runs) > 1 else None, "per_seed": per_seed}
+    return out
+
+
+def _cell(stat: dict | None, digits: int = 2) -> str:
+    """A delta as "+0.12 [+0.05, +0.19]" (± the spread over seeds when there are several), bold when the
+    interval leaves out 0."""
+    if stat is None:
+        return "-"
+    text = f"{stat['value']:+.{digits}f}"
+    if stat.get("sd") is not None:
+        text += f" ± {stat['sd']:.{digits}f}"
+    ci = stat.get("ci")
+    if ci:
+        if ci[0] > 0 or ci[1] < 0:
+            text = f"**{text}**"
+        text += f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+    return text
 
 
 def render_comparison(comparison: dict) -> str:
-    """The comparison as Markdown: a table with the base model's task accuracy, then each strategy's
-    differences from it (task, retained abilities, held-out log-likelihood) and notes."""
-    base = comparison["base"]
+    """The comparison as Markdown: the base model's scores, one row per strategy with each delta and its
+    interval, the knowledge split where knowledge_filter ran, the replay sweep and the total time."""
+    base, n = comparison["base"]["means"], comparison["base"]["items"]
     lines = [f"# Forgetting comparison: {comparison['model']} ({comparison['style']})", "",
-             "Differences are trained minus base. Task: held-out new-task accuracy (verifier). Retained: mean of "
-             "format following, JSON validity, refusal of harmful requests and 1 - over-refusal. Log-lik: mean "
-             "log-probability per token of held-out text (drops mean forgetting).", "",
-             "| strategy | rows | task acc. | Δ task | Δ format | Δ JSON | Δ refusal | Δ over-refusal | "
-             "Δ retained | Δ log-lik | notes |", "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| base | - | {base['task_accuracy']:.2f} | - | - | - | - | - | - | - | |"]
-    for r in comparison["strategies"]:
-        d = r["deltas"]
-        notes = "; ".join(f"{k}: {v if not isinstance(v, float) else round(v, 3)}" for k, v in r["notes"].items())
-        lines.append(f"| {r['strategy']} | {r['train_rows']} | {r['metrics']['task_accuracy']:.2f} | "
-                     f"{d['task_accuracy']:+.2f} | {d['format_following']:+.2f} | {d['json_validity']:+.2f} | "
-                     f"{d['refusal_rate']:+.2f} | {d['over_refusal_rate']:+.2f} | {r['retained_delta']:+.3f} | "
-                     f"{d['heldout_loglik']:+.3f} | {notes} |")
-    lines += ["", f"Total time: {comparison['seconds'] / 60:.1f} min.", ""]
+             "Each delta is trained minus base on the same items, with its 95 % paired bootstrap interval in brackets "
+             "(bold: the interval leaves out 0). With several seeds: the seed mean ± the standard deviation over "
+             "seeds, and the interval of the seed mean. Task: held-out new-task accuracy (verifier). Retained: mean "
+             "of format following, refusing harmful requests and answering safe ones (a drop is forgetting). "
+             "Own-answer log-lik: how likely the model still finds the base model's answers to general requests "
+             "(nats/token; a drop is forgetting). Held-out log-lik: the same for five held-out texts.", "",
+             f"Items: task {n['task_accuracy']}, format {n['format_following']}, harmful {n['refusal_rate']}, safe "
+             f"{n['over_refusal_rate']}, own answers {n['own_answer_loglik']}, held-out texts {n['heldout_loglik']}.",
+             "", "| model | task acc. | format | refusal | over-refusal | own-answer log-lik | held-out log-lik |",
+             "|---|---|---|---|---|---|---|",
+             f"| base | {base['task_accuracy']:.3f} | {base['format_following']:.3f} | {base['refusal_rate']:.3f} | "
+             f"{base['over_refusal_rate']:.3f} | {base['own_answer_loglik']:.3f} | {base['heldout_loglik']:.3f} |", "",
+             "| strategy | seeds | rows | task acc. | Δ task | Δ format | Δ refusal | Δ over-refusal | Δ retained | "
+             "Δ own-answer log-lik | Δ held-out log-lik |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in comparison["strategies"]:
+        d = row["deltas"]
+        lines.append(f"| {row['strategy']} | {len(row['seeds'])} | {row['train_rows']} | "
+                     f"{row['metrics']['task_accuracy']:.3f} | {_cell(d['task_accuracy'])} | "
+                     f"{_cell(d['format_following'])} | {_cell(d['refusal_rate'])} | {_cell(d['over_refusal_rate'])} | "
+                     f"{_cell(d['retained'], 3)} | {_cell(d['own_answer_loglik'], 3)} | "
+                     f"{_cell(d['heldout_loglik'], 3)} |")
+    splits = [(row["strategy"], row["notes"]["knowledge"]) for row in comparison["strategies"]
+              if "knowledge" in row["notes"]]
+    if splits:
+        names = list(splits[0][1]["split"])
+        lines += ["", "Knowledge split of the training items by the base model's answers (knowledge_filter):", "",
+                  "| strategy | " + " | ".join(names) + " | dropped |", "|---" * (len(names) + 2) + "|"]
+        lines += [f"| {name} | " + " | ".join(str(k["split"][c]) for c in names) + f" | {k['dropped']} |"
+                  for name, k in splits]
+    if comparison.get("sweep"):
+        lines += ["", "Replay-ratio sweep (replay at each share of the training rows; 0 is sft):", "",
+                  "| replay ratio | run | Δ task | Δ retained | Δ own-answer log-lik |", "|---|---|---|---|---|"]
+        lines += [f"| {p['ratio']:g} | {p['run']} | {_cell(p['deltas']['task_accuracy'])} | "
+                  f"{_cell(p['deltas']['retained'], 3)} | {_cell(p['deltas']['own_answer_loglik'], 3)} |"
+                  for p in comparison["sweep"]]
+    notes = [f"- {row['strategy']}: " + "; ".join(f"{k}: {v}" for k, v in row["notes"].items() if k != "knowledge")
+             for row in comparison["strategies"] if any(k != "knowledge" for k in row["notes"])]
+    if notes:
+        lines += ["", "What the data transforms did (first seed):", "", *notes]
+    lines += ["", f"Total time: {comparison['seconds'] / 60:.1f} min of runs (base and every run, across resumed "
+                  "invocations).", ""]
     return "\n".join(lines)
 
 
+def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
+    """Least-squares line (slope, intercept) and Pearson r; None when x does not vary."""
+    if len(x) < 3 or np.ptp(x) == 0:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    r = float(np.corrcoef(x, y)[0, 1]) if np.ptp(y) > 0 else 0.0
+    return float(slope), float(intercept), r
+
+
 def plot_forgetting(comparison: dict, path: Path) -> None:
-    """Save a scatter plot to `path`: one point per strategy, new-task gain (x) against held-out
-    log-likelihood drop (y)."""
+    """Save the lectures' figure to `path`: one point per run (strategy and seed), new-task gain (x) against
+    forgetting (y): the drop of the retained score (left) and of the own-answer log-likelihood (right), each
+    with its least-squares line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in comparison["strategies"]:
-        x, y = r["deltas"]["task_accuracy"], -r["deltas"]["heldout_loglik"]
-        ax.scatter(x, y, s=60)
-        ax.annotate(r["strategy"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
-    ax.axhline(0, color="#999", lw=0.8)
-    ax.axvline(0, color="#999", lw=0.8)
-    ax.set_xlabel("new-task gain (accuracy, trained - base)")
-    ax.set_ylabel("forgetting (held-out log-lik drop, nats/token)")
-    ax.set_title("gain vs forgetting per strategy (lower right is better)")
-    ax.grid(alpha=0.3)
+    runs = comparison["runs"]
+    names = list(dict.fromkeys(r["name"] for r in runs))
+    colours = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    panels = [("retained", "forgetting: retained-score drop (rates)"),
+              ("own_answer_loglik", "forgetting: own-answer log-lik drop (nats/token)")]
+    x = np.array([r["deltas"]["task_accuracy"]["value"] for r in runs])
+    for ax, (measure, label) in zip(axes, panels, strict=True):
+        y = np.array([-r["deltas"][measure]["value"] for r in runs])
+        for name in names:
+            mine = [i for i, r in enumerate(runs) if r["name"] == name]
+            ax.scatter(x[mine], y[mine], s=50, color=colours[name], label=name)
+        fit = _fit(x, y)
+        if fit:
+            slope, intercept, r = fit
+            grid = np.linspace(x.min(), x.max(), 20)
+            ax.plot(grid, slope * grid + intercept, color="#444", lw=1, ls="--",
+                    label=f"fit: slope {slope:+.2f}, r {r:+.2f}")
+        ax.axhline(0, color="#999", lw=0.8)
+        ax.axvline(0, color="#999", lw=0.8)
+        ax.set_xlabel("new-task gain (accuracy, trained - base)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"{comparison['model']}: gain against forgetting, one point per strategy and seed "
+                 "(lower right is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_replay_sweep(sweep: list[dict], path: Path) -> None:
+    """Save the replay-ratio sweep to `path`: new-task gain and retained-score change against the replay ratio,
+    with their intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ratios = np.array([p["ratio"] * 100 for p in sweep])
+    for measure, label in (("task_accuracy", "Δ task accuracy"), ("retained", "Δ retained score")):
+        values = np.array([p["deltas"][measure]["value"] for p in sweep])
+        cis = [p["deltas"][measure]["ci"] or [v, v] for p, v in zip(sweep, values, strict=True)]
+        errors = np.array([[v - c[0] for v, c in zip(values, cis, strict=True)],
+                           [c[1] - v for v, c in zip(values, cis, strict=True)]])
+        ax.errorbar(ratios, values, yerr=errors, marker="o", capsize=3, label=label)
+    ax.axhline(0, color="#999", lw=0.8)
+    ax.set_xlabel("replay ratio (% of training rows)")
+    ax.set_ylabel("trained - base")
+    ax.set_title("replay-ratio sweep (95 % intervals)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(comparison_runs: list[dict[str, Any]], base: dict[str, Any], sweep: list[tuple[float, str]],
+              first_seed: int) -> tuple[list[dict], list[dict]]:
+    """Per strategy (runs of the same name, one per seed): seeds, rows, mean metrics, `delta_stats` and the
+    first seed's notes; and the sweep's points (ratio, the run name that stands for it, its deltas)."""
+    groups: dict[str, list[dict]] = {}
+    for run in comparison_runs:
+        groups.setdefault(run["name"], []).append(run)
+    rows = []
+    for name, runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        first = next((r for r in runs if r["seed"] == first_seed), runs[0])
+        rows.append({"strategy": name, "seeds": [r["seed"] for r in runs], "train_rows": first["train_rows"],
+                     "notes": first["notes"],
+                     "metrics": {k: None if v is None else float(np.mean([r["metrics"][k] for r in runs]))
+                                 for k, v in first["metrics"].items()},
+                     "deltas": delta_stats(base["scores"], [r["scores"] for r in runs])})
+    points = []
+    for ratio, name in sweep:
+        run = next(r for r in groups[name] if r["seed"] == first_seed)
+        points.append({"ratio": ratio, "run": name, "deltas": run["deltas"]})
+    return rows, points

@@ -1,73 +1,219 @@
-"""`desta posttrain`: measure the base model, train each strategy from it, measure again, compare.
+"""`desta posttrain`: measure the base model, train each strategy (and seed) from it, measure again, compare.
 
-Reads the config (desta.posttrain.config). Writes OUT/<strategy>/ (the trained model or adapter, the
-training data it used, metrics.json), OUT/comparison.json, OUT/comparison.md and OUT/forgetting.png.
+Reads the config (desta.posttrain.config). Writes OUT/base/ (the base model's per-item scores and answers,
+its reference answers, the default replay set), OUT/<strategy>/seed-<seed>/ (the training data, the
+answers, metrics.json with per-item scores and deltas, the model when save_models), OUT/comparison.json,
+OUT/comparison.md, OUT/forgetting.png and, with a replay sweep, OUT/replay_sweep.png.
+
+Resumable run by run: a run whose metrics.json exists was finished and is not trained again, provided
+the settings it was made with (its fingerprint: every setting that changes what it does, and the
+content of the model and data files) equal the config's; a finished run made with other settings is
+refused before anything trains, naming what changed, or redone with overwrite=true. A run killed midway
+has no metrics.json and starts over.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer
-
-from desta.core.artifacts import COMPARISON_JSON, COMPARISON_MD, FORGETTING_PLOT
-from desta.core.generation import SamplingSettings, TransformersBackend
+from desta.core.artifacts import COMPARISON_JSON, COMPARISON_MD, FORGETTING_PLOT, REPLAY_SWEEP_PLOT
+from desta.core.chunks import differences, read_jsonl, to_jsonl, write_atomic
+from desta.core.generation import TransformersBackend
 from desta.core.llm import load_chat_llm
-from desta.core.optim import training_arguments
 from desta.core.replay import mix
-from desta.posttrain.config import PostTrainConfig
-from desta.posttrain.probes import retention_probes
-from desta.posttrain.report import plot_forgetting, render_comparison
-from desta.posttrain.strategies import TextCollator, encode, filter_tokens, magpie, paraphrase, self_output
-from desta.posttrain.tasks import load_task, replay_set
+from desta.posttrain.config import PART_SETTINGS, PLAN_SETTINGS, PostTrainConfig
+from desta.posttrain.knowledge import knowledge_filter
+from desta.posttrain.report import delta_stats, plot_forgetting, plot_replay_sweep, render_comparison, summarize
+from desta.posttrain.retention import means, measure, reference_answers, retention_sets
+from desta.posttrain.strategies import (
+    TextCollator,
+    bos_replay,
+    encode,
+    filter_tokens,
+    magpie,
+    paraphrase,
+    self_distill,
+    self_output,
+)
+from desta.posttrain.tasks import load_task, read_rows, replay_set
 from desta.posttrain.verifiers import Verifier, make_verifier
 
-MEASURES = ("task_accuracy", "format_following", "json_validity", "refusal_rate", "over_refusal_rate",
-            "heldout_loglik")
+METRICS = "metrics.json"  # written last: its presence marks a run finished
+BASE = "base"
+# The settings the base measurement depends on (with the sources' fingerprint).
+BASE_SETTINGS = ("model", "task", "retention", "eval_max_new_tokens", "probe_max_new_tokens", "generation_batch_size",
+                 "answer_max_new_tokens")
 
 
-def task_accuracy(backend: TransformersBackend, rows: list[dict], verifier: Verifier, max_new_tokens: int) -> float:
-    """Share of `rows` whose greedy answer the verifier accepts against the row's gold, in [0, 1]."""
-    answers = backend.generate([[{"role": "user", "content": r["instruction"]}] for r in rows],
-                               SamplingSettings(max_new_tokens=max_new_tokens))
-    return sum(verifier(a.text, r["gold"])[0] for a, r in zip(answers, rows, strict=True)) / len(rows)
+@dataclass(frozen=True)
+class Run:
+    """One training run: a strategy, a seed and, for a replay-sweep point, its own replay ratio."""
+
+    strategy: str
+    seed: int
+    replay_ratio: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The strategy, or strategy@ratio for a sweep point, e.g. replay@0.05."""
+        return self.strategy if self.replay_ratio is None else f"{self.strategy}@{self.replay_ratio:g}"
+
+    @property
+    def folder(self) -> str:
+        """Where the run writes, relative to the output folder, e.g. lora+replay/seed-42."""
+        return f"{self.name}/seed-{self.seed}"
 
 
-def measure(backend: TransformersBackend, eval_rows: list[dict], verifier: Verifier, config: PostTrainConfig) -> dict:
-    """The MEASURES of a model: new-task accuracy on `eval_rows` and the retention probes' rates and
-    held-out log-likelihood (their per-item answers left out)."""
-    probes = retention_probes(backend, max_new_tokens=config.probe_max_new_tokens)
-    return {"task_accuracy": task_accuracy(backend, eval_rows, verifier, config.eval_max_new_tokens),
-            **{k: v for k, v in probes.items() if k != "items"}}
+def plan_runs(config: PostTrainConfig) -> tuple[list[Run], list[tuple[float, str]]]:
+    """Every run to make, and the replay sweep's points as (ratio, the run name that stands for it): 0 is
+    sft, the configured replay_ratio is the `replay` run (when it is a strategy), other ratios get runs of
+    their own with the first seed."""
+    seeds = config.run_seeds
+    seeded = set(config.strategies if config.seeded_strategies is None else config.seeded_strategies)
+    runs = [Run(name, seed) for name in config.strategies for seed in (seeds if name in seeded else seeds[:1])]
+    sweep = []
+    for ratio in config.replay_sweep:
+        if ratio == 0:
+            sweep.append((ratio, "sft"))
+        elif ratio == config.replay_ratio and "replay" in config.strategies:
+            sweep.append((ratio, "replay"))
+        else:
+            runs.append(Run("replay", seeds[0], ratio))
+            sweep.append((ratio, runs[-1].name))
+    return runs, sweep
 
 
-def retained_score(metrics: dict) -> float:
-    """One number for kept abilities: mean of format following, JSON validity, refusing harmful and
-    answering safe requests (1 - over-refusal)."""
-    return (metrics["format_following"] + metrics["json_validity"] + metrics["refusal_rate"]
-            + 1 - metrics["over_refusal_rate"]) / 4
+def run_config(config: PostTrainConfig, run: Run) -> PostTrainConfig:
+    """The config one run trains with: its seed in optim.seed, its replay ratio where it has its own."""
+    ratio = config.replay_ratio if run.replay_ratio is None else run.replay_ratio
+    return dataclasses.replace(config, optim=dataclasses.replace(config.optim, seed=run.seed), replay_ratio=ratio)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys, for naming what changed.
+
+    >>> _flat({"a": 1, "b": {"c": 2}})
+    {'a': 1, 'b.c': 2}
+    """
+    if not isinstance(value, dict) or not value:
+        return {prefix[:-1]: value}
+    out: dict[str, Any] = {}
+    for key, inner in value.items():
+        out.update(_flat(inner, f"{prefix}{key}."))
+    return out
+
+
+def run_settings(config: PostTrainConfig, run: Run, sources: dict[str, str]) -> dict[str, Any]:
+    """A run's fingerprint: every setting of its config but those that choose the runs and those of strategy
+    parts it lacks, with the content digests of its sources (model and data files)."""
+    parts = set(run.strategy.split("+"))
+    owned = {key for part, keys in PART_SETTINGS.items() if part in parts for key in keys}
+    foreign = {key for keys in PART_SETTINGS.values() for key in keys} - owned
+    settings = {k: v for k, v in dataclasses.asdict(run_config(config, run)).items()
+                if k not in PLAN_SETTINGS and k not in foreign}
+    return json.loads(json.dumps({**settings, "strategy": run.strategy, "sources": sources}))
+
+
+def base_settings(config: PostTrainConfig, sources: dict[str, str]) -> dict[str, Any]:
+    """The base measurement's fingerprint: the settings it depends on and the sources' digests."""
+    return json.loads(json.dumps({**{k: getattr(config, k) for k in BASE_SETTINGS if k != "task"},
+                                  "task": dataclasses.asdict(config.task),
+                                  "retention": dataclasses.asdict(config.retention), "sources": sources}))
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def source_digests(config: PostTrainConfig) -> dict[str, str]:
+    """SHA-256 of the content of the local model folder and data files a run reads (a Hub id stands for itself),
+    so a run made from other weights or data is never taken for this one."""
+    named = {"model": config.model, "task.train": config.task.train, "task.eval": config.task.eval,
+             "replay_data": config.replay_data}
+    return {key: _digest(Path(value)) if Path(value).exists() else value
+            for key, value in named.items() if value}
+
+
+def finished(folder: Path, settings: dict[str, Any]) -> tuple[dict | None, list[str]]:
+    """A finished result in `folder` made with `settings` (else None), and, for one made with other settings,
+    what changed."""
+    path = folder / METRICS
+    if not path.is_file():
+        return None, []
+    result = json.loads(path.read_text())
+    changed = differences(_flat(result.get("settings", {})), _flat(settings))
+    return (None, changed) if changed else (result, [])
+
+
+def check_resume(out: Path, planned: dict[str, dict[str, Any]], overwrite: bool) -> dict[str, dict]:
+    """The finished results among `planned` (folder -> settings); refuses, before anything runs, when a
+    finished one was made with other settings (unless `overwrite`, which lets them be redone)."""
+    done, stale = {}, []
+    for folder, settings in planned.items():
+        result, changed = finished(out / folder, settings)
+        if result is not None:
+            done[folder] = result
+        elif changed:
+            stale.append(f"{folder} ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})")
+    if stale and not overwrite:
+        raise ValueError(f"{out} holds finished runs made with other settings: {', '.join(stale)}; set overwrite=true "
+                         "to redo them, or choose another output_dir")
+    return done
+
+
+def _some(rows: list[dict], part: str, dropped: dict[str, int]) -> list[dict]:
+    """The pseudo-replay rows, or an error when filtering left none (a replay share of nothing cannot be mixed)."""
+    if not rows and any(dropped.values()):
+        raise ValueError(f"{part}: every sample was dropped ({dropped}); raise {part}_count or "
+                         f"{part}_max_new_tokens")
+    return rows
 
 
 def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTrainConfig, train_rows: list[dict],
                   replay_rows: list[dict], verifier: Verifier) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """The rows and tokenised examples a strategy trains on, and notes on what its transforms did."""
+    """The rows and tokenised examples a strategy trains on, and notes on what its transforms did (the
+    knowledge split's labelled rows under notes["knowledge"]["rows"])."""
     notes: dict[str, Any] = {}
     rows, seed, tokens = list(train_rows), config.optim.seed, config.answer_max_new_tokens
+    if "knowledge_filter" in parts:
+        rows, labelled, notes["knowledge"] = knowledge_filter(
+            backend, rows, verifier, config.knowledge_drop, config.knowledge_shots, config.knowledge_samples,
+            config.knowledge_temperature, seed, tokens)
+        notes["knowledge"]["rows"] = labelled
     if "self_output" in parts:
         rows, notes["self_output"] = self_output(backend, rows, verifier, config.self_output_k,
                                                  config.self_output_temperature, config.self_output_fallback,
                                                  seed, tokens)
     if "paraphrase" in parts:
         rows, notes["paraphrase"] = paraphrase(backend, rows, verifier, tokens)
+    if "self_distill" in parts:
+        rows, notes["self_distill"] = self_distill(backend, rows, verifier, tokens)
     if "magpie" in parts:
         pseudo, notes["magpie_dropped"] = magpie(backend, config.magpie_count, config.magpie_max_new_tokens,
                                                  seed=seed, answer_tokens=tokens)
-        rows = mix(rows, pseudo, config.replay_ratio, seed)
+        rows = mix(rows, _some(pseudo, "magpie", notes["magpie_dropped"]), config.replay_ratio, seed)
         notes["magpie_rows"] = len(pseudo)
+    if "bos_replay" in parts:
+        texts, notes["bos_replay_dropped"] = bos_replay(backend, config.bos_replay_count,
+                                                        config.bos_replay_max_new_tokens, config.bos_replay_prefix,
+                                                        seed)
+        rows = mix(rows, _some(texts, "bos_replay", notes["bos_replay_dropped"]), config.replay_ratio, seed)
+        notes["bos_replay_texts"] = len(texts)
     if "replay" in parts:
         rows = mix(rows, replay_rows, config.replay_ratio, seed)
     examples = [encode(backend.tokenizer, r, config.style, config.max_length) for r in rows]
@@ -77,65 +223,148 @@ def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTra
     return rows, examples, notes
 
 
-def train_strategy(name: str, config: PostTrainConfig, train_rows: list[dict], eval_rows: list[dict],
-                   replay_rows: list[dict], verifier: Verifier, base_metrics: dict) -> dict[str, Any]:
-    """Train one strategy from the base model, measure it, save it; returns its metrics and deltas."""
-    parts = set(name.split("+"))
-    out = Path(config.output_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Shared:
+    """What every run reads: the task, the retention sets and references, the replay set, the base scores."""
+
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    verifier: Verifier
+    sets: dict[str, list[dict]]
+    references: list[str]
+    replay_rows: list[dict]
+    base: dict[str, Any]
+
+
+def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path,
+              settings: dict[str, Any]) -> dict[str, Any]:
+    """Train one run from the base model, measure it, write its folder; returns its result (metrics.json)."""
+    from transformers import Trainer
+
+    from desta.core.optim import training_arguments
+
+    if folder.exists():
+        shutil.rmtree(folder)  # what an unfinished or outdated run left
+    folder.mkdir(parents=True)
     started = time.perf_counter()
+    parts = set(run.strategy.split("+"))
     llm, tokenizer = load_chat_llm(config.model)
     backend = TransformersBackend(llm=llm, tokenizer=tokenizer, batch_size=config.generation_batch_size)
-    rows, examples, notes = strategy_data(parts, backend, config, train_rows, replay_rows, verifier)
-    (out / "train_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows, examples, notes = strategy_data(parts, backend, config, shared.train_rows, shared.replay_rows,
+                                          shared.verifier)
+    if "knowledge" in notes:
+        write_atomic(folder / "knowledge.jsonl", to_jsonl(notes["knowledge"].pop("rows")))
+    write_atomic(folder / "train_data.jsonl", to_jsonl(rows))
     model, lr = llm, config.optim.lr
     if "lora" in parts:
         from peft import LoraConfig, get_peft_model
 
         model, lr = get_peft_model(llm, LoraConfig(task_type="CAUSAL_LM", **config.lora)), config.lora_lr
-    args = training_arguments(config.optim, str(out / "trainer"), learning_rate=lr, logging_steps=5,
-                              save_strategy="no", report_to=[], disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=TextCollator(backend.pad_id))
-    trainer.train()
+    if "rl" in parts:
+        from desta.posttrain.rl import train_grpo
+
+        trainer = train_grpo(model, tokenizer, rows, shared.verifier, config.optim, lr, config.grpo,
+                             str(folder / "trainer"))
+    else:
+        args = training_arguments(config.optim, str(folder / "trainer"), learning_rate=lr, logging_steps=5,
+                                  save_strategy="no", report_to=[], disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=examples,
+                          data_collator=TextCollator(backend.pad_id))
+        trainer.train()
+    shutil.rmtree(folder / "trainer", ignore_errors=True)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
+    if rewards:
+        notes["rl_reward_first_last"] = [round(rewards[0], 3), round(rewards[-1], 3)]
     model.eval()
     trained = TransformersBackend(llm=model, tokenizer=tokenizer, batch_size=config.generation_batch_size)
-    metrics = measure(trained, eval_rows, verifier, config)
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    result = {"strategy": name, "train_rows": len(rows), "train_loss_first": losses[0] if losses else None,
-              "train_loss_last": losses[-1] if losses else None, "notes": notes, "metrics": metrics,
-              "deltas": {k: metrics[k] - base_metrics[k] for k in MEASURES},
-              "retained_delta": retained_score(metrics) - retained_score(base_metrics),
+    scores, answers = measure(trained, shared.eval_rows, shared.verifier, shared.sets, shared.references,
+                              config.eval_max_new_tokens, config.probe_max_new_tokens)
+    write_atomic(folder / "answers.jsonl", to_jsonl(answers))
+    if config.save_models:
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+    result = {"name": run.name, "strategy": run.strategy, "seed": run.seed, "replay_ratio": config.replay_ratio,
+              "settings": settings, "train_rows": len(rows), "train_loss_first": losses[0] if losses else None,
+              "train_loss_last": losses[-1] if losses else None, "notes": notes, "metrics": means(scores),
+              "deltas": delta_stats(shared.base["scores"], [scores]), "scores": scores,
               "seconds": round(time.perf_counter() - started, 1)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_atomic(folder / METRICS, json.dumps(result, indent=1))
     return result
 
 
+def measure_base(config: PostTrainConfig, folder: Path, settings: dict[str, Any], eval_rows: list[dict],
+                 verifier: Verifier, sets: dict[str, list[dict]], log: Callable[[str], None]) -> dict[str, Any]:
+    """The base model's reference answers and per-item scores, written to `folder` (metrics.json last)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    backend = TransformersBackend(config.model, batch_size=config.generation_batch_size)
+    log(f"base model: reference answers to {len(sets['own_answer'])} general requests")
+    references = reference_answers(backend, sets["own_answer"], config.retention.own_answer_max_new_tokens)
+    write_atomic(folder / "references.json", json.dumps(references))
+    log(f"base model: measuring {len(eval_rows)} task questions and the retention sets")
+    scores, answers = measure(backend, eval_rows, verifier, sets, references, config.eval_max_new_tokens,
+                              config.probe_max_new_tokens)
+    write_atomic(folder / "answers.jsonl", to_jsonl(answers))
+    base = {"settings": settings, "scores": scores, "means": means(scores),
+            "items": {k: len(v) for k, v in scores.items()}, "seconds": round(time.perf_counter() - started, 1)}
+    write_atomic(folder / METRICS, json.dumps(base, indent=1))
+    return base
+
+
+def base_replay_rows(config: PostTrainConfig, folder: Path) -> list[dict]:
+    """The replay set: replay_data, or the base model's answers to general requests, made once and kept in
+    OUT/base/replay.jsonl."""
+    if config.replay_data:
+        return read_rows(config.replay_data, "replay_data")
+    path = folder / "replay.jsonl"
+    if not path.is_file():
+        backend = TransformersBackend(config.model, batch_size=config.generation_batch_size)
+        write_atomic(path, to_jsonl(replay_set(None, backend, config.answer_max_new_tokens)))
+    return read_jsonl(path)
+
+
 def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure the base model, then train and measure each strategy; write the comparison."""
+    """Measure the base model, then train and measure each run not finished yet; write the comparison."""
     verifier = make_verifier(config.task.verifier)
     train_rows, eval_rows = load_task(config.task)
+    sets = retention_sets(config.retention)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    llm, tokenizer = load_chat_llm(config.model)
-    base = TransformersBackend(llm=llm, tokenizer=tokenizer, batch_size=config.generation_batch_size)
-    log(f"base model: measuring the new task ({len(eval_rows)} questions) and the retention probes")
-    base_metrics = measure(base, eval_rows, verifier, config)
-    replay_rows = replay_set(config.replay_data, base, config.answer_max_new_tokens)
-    del llm, base
+    sources = source_digests(config)
+    runs, sweep = plan_runs(config)
+    planned = {BASE: base_settings(config, sources)}
+    planned |= {run.folder: run_settings(config, run, sources) for run in runs}
+    done = check_resume(out, planned, config.overwrite)
+    invocation = time.perf_counter()
+    base = done.get(BASE) or measure_base(config, out / BASE, planned[BASE], eval_rows, verifier, sets, log)
+    references = json.loads((out / BASE / "references.json").read_text())
+    needs_replay = any("replay" in run.strategy.split("+") for run in runs if run.folder not in done)
+    shared = Shared(train_rows, eval_rows, verifier, sets, references,
+                    base_replay_rows(config, out / BASE) if needs_replay else [], base)
     results = []
-    for name in config.strategies:
-        log(f"strategy {name}: training {config.optim.max_steps} steps")
-        result = train_strategy(name, config, train_rows, eval_rows, replay_rows, verifier, base_metrics)
-        log(f"  task accuracy {base_metrics['task_accuracy']:.2f} -> {result['metrics']['task_accuracy']:.2f}; "
-            f"retained abilities {result['retained_delta']:+.3f}; held-out log-lik "
-            f"{result['deltas']['heldout_loglik']:+.3f} ({result['seconds']:.0f} s)")
+    for number, run in enumerate(runs, 1):
+        if run.folder in done:
+            log(f"[{number}/{len(runs)}] {run.folder}: finished earlier with the same settings, kept")
+            results.append(done[run.folder])
+            continue
+        log(f"[{number}/{len(runs)}] {run.folder}: training")
+        result = train_run(run, run_config(config, run), shared, out / run.folder, planned[run.folder])
+        d = result["deltas"]
+        log(f"  task {base['means']['task_accuracy']:.2f} -> {result['metrics']['task_accuracy']:.2f}; retained "
+            f"{d['retained']['value']:+.3f}; own-answer log-lik {d['own_answer_loglik']['value']:+.3f} "
+            f"({result['seconds']:.0f} s)")
         results.append(result)
-    comparison = {"model": config.model, "style": config.style, "base": base_metrics, "strategies": results,
-                  "seconds": round(time.perf_counter() - started, 1)}
-    (out / COMPARISON_JSON).write_text(json.dumps(comparison, indent=2))
-    (out / COMPARISON_MD).write_text(render_comparison(comparison))
+    strategies, points = summarize(results, base, sweep, config.run_seeds[0])
+    comparison = {"model": config.model, "style": config.style, "base": {k: base[k] for k in ("means", "items")},
+                  "strategies": strategies, "sweep": points,
+                  "runs": [{k: v for k, v in r.items() if k not in ("scores", "settings")} for r in results],
+                  "seconds": round(base["seconds"] + sum(r["seconds"] for r in results), 1),
+                  "seconds_this_invocation": round(time.perf_counter() - invocation, 1)}
+    write_atomic(out / COMPARISON_JSON, json.dumps(comparison, indent=1))
+    write_atomic(out / COMPARISON_MD, render_comparison(comparison))
     plot_forgetting(comparison, out / FORGETTING_PLOT)
+    if points:
+        plot_replay_sweep(points, out / REPLAY_SWEEP_PLOT)
     return comparison

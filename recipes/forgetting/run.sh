@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Compare strategies against forgetting on SmolLM2-135M-Instruct, CPU (33 minutes on one core).
-#   bash recipes/forgetting/run.sh MODELS [OUT]
+# The whole forgetting comparison on SmolLM2-135M-Instruct: 20 runs (11 strategies, 3 seeds for sft,
+# lora and replay, replay at 1, 5 and 10 %), sized for about 2 hours on 2 CPU cores (an estimate; the
+# time taken is written into comparison.md). Resumable: run the same command again after a stop and the
+# finished runs are kept; changed settings are refused (add overwrite=true to redo those runs).
+#   bash recipes/forgetting/run.sh MODELS [OUT] [key=value ...]
 set -euo pipefail
 MODELS=${1:?give the folder holding SmolLM2-135M-Instruct}
 OUT=${2:-runs/forgetting}
-desta posttrain recipes/forgetting/config.yaml model=$MODELS/SmolLM2-135M-Instruct output_dir=$OUT
+desta posttrain recipes/forgetting/config.yaml model="$MODELS/SmolLM2-135M-Instruct" output_dir="$OUT" "${@:3}"

@@ -1,0 +1,91 @@
+"""The knowledge_filter strategy: how well the base model already masters each new-task item, from its
+own answers, and training without the categories that do harm.
+
+The categories of Gekhman et al. (EMNLP 2024, "Does fine-tuning LLMs on new knowledge encourage
+hallucinations?"), with the task's verifier as the judge: HighlyKnown (the greedy answer is right),
+MaybeKnown (wrong, but right greedily with solved examples before the question: few-shot),
+WeaklyKnown (wrong both ways, but right in some of N sampled answers), Unknown (never right). Their
+finding: Unknown items are learnt slowly and, once learnt, make the model forget and hallucinate;
+MaybeKnown items help most.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from desta.core.generation import Backend, SamplingSettings
+from desta.core.sequences import Conversation
+from desta.posttrain.config import KNOWLEDGE
+from desta.posttrain.verifiers import Verifier
+
+
+def mastery(greedy_ok: bool, few_shot_ok: bool, sampled_ok: list[bool]) -> str:
+    """An item's category from whether its greedy, few-shot and sampled answers verified.
+
+    >>> mastery(False, True, []), mastery(False, False, [False, True]), mastery(False, False, [False, False])
+    ('MaybeKnown', 'WeaklyKnown', 'Unknown')
+    """
+    if greedy_ok:
+        return "HighlyKnown"
+    if few_shot_ok:
+        return "MaybeKnown"
+    return "WeaklyKnown" if any(sampled_ok) else "Unknown"
+
+
+def few_shot(rows: list[dict], index: int, shots: int) -> Conversation:
+    """Row `index`'s question after `shots` solved examples: the rows after it (wrapping round), never itself.
+
+    >>> rows = [{"instruction": f"q{i}", "answer": f"a{i}"} for i in range(3)]
+    >>> [m["content"] for m in few_shot(rows, 2, 2)]
+    ['q0', 'a0', 'q1', 'a1', 'q2']
+    """
+    examples = [rows[(index + k) % len(rows)] for k in range(1, min(shots, len(rows) - 1) + 1)]
+    turns = [m for r in examples for m in ({"role": "user", "content": r["instruction"]},
+                                           {"role": "assistant", "content": r["answer"]})]
+    return turns + [{"role": "user", "content": rows[index]["instruction"]}]
+
+
+def knowledge_split(backend: Backend, rows: list[dict], verifier: Verifier, shots: int = 3, samples: int = 4,
+                    temperature: float = 0.7, seed: int = 0, max_new_tokens: int = 160) -> list[str]:
+    """Each row's category (`mastery`). Every stage asks only about the rows the earlier ones left undecided."""
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens)
+
+    def right(conversations: list[Conversation], golds: list[Any], settings: SamplingSettings) -> list[bool]:
+        answers = backend.generate(conversations, settings) if conversations else []
+        return [verifier(a.text, g)[0] for a, g in zip(answers, golds, strict=True)]
+
+    plain = right([[{"role": "user", "content": r["instruction"]}] for r in rows], [r["gold"] for r in rows], greedy)
+    left = [i for i, ok in enumerate(plain) if not ok]
+    shot_ok = dict.fromkeys(left, False)
+    if shots and len(rows) > 1:
+        shot_ok = dict(zip(left, right([few_shot(rows, i, shots) for i in left], [rows[i]["gold"] for i in left],
+                                       greedy), strict=True))
+    left = [i for i in left if not shot_ok[i]]
+    flat = right([[{"role": "user", "content": rows[i]["instruction"]}] for i in left for _ in range(samples)],
+                 [rows[i]["gold"] for i in left for _ in range(samples)],
+                 SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    sampled = {i: flat[n * samples : (n + 1) * samples] for n, i in enumerate(left)}
+    return [mastery(plain[i], shot_ok.get(i, False), sampled.get(i, [])) for i in range(len(rows))]
+
+
+def split_counts(categories: list[str]) -> dict[str, int]:
+    """How many items each category holds, in the order HighlyKnown, MaybeKnown, WeaklyKnown, Unknown.
+
+    >>> split_counts(["Unknown", "HighlyKnown", "Unknown"])
+    {'HighlyKnown': 1, 'MaybeKnown': 0, 'WeaklyKnown': 0, 'Unknown': 2}
+    """
+    return {name: categories.count(name) for name in KNOWLEDGE}
+
+
+def knowledge_filter(backend: Backend, rows: list[dict], verifier: Verifier, drop: list[str], shots: int = 3,
+                     samples: int = 4, temperature: float = 0.7, seed: int = 0,
+                     max_new_tokens: int = 160) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The rows to train on (those whose category is not in `drop`), every row with its category, and notes:
+    the split's counts and how many rows were dropped."""
+    categories = knowledge_split(backend, rows, verifier, shots, samples, temperature, seed, max_new_tokens)
+    labelled = [{**row, "knowledge": category} for row, category in zip(rows, categories, strict=True)]
+    kept = [row for row, category in zip(rows, categories, strict=True) if category not in drop]
+    if not kept:
+        raise ValueError(f"knowledge_filter left no training item: all {len(rows)} are in {drop} "
+                         f"({split_counts(categories)}); drop fewer categories (knowledge_drop)")
+    return kept, labelled, {"split": split_counts(categories), "dropped": len(rows) - len(kept)}

@@ -1,0 +1,76 @@
+"""The rl strategy: reinforcement learning on the model's own answers, with trl's GRPO trainer.
+
+For each new-task question the model samples a group of answers (grpo.num_generations); the task's
+verifier scores each 1 (accepted) or 0; GRPO raises the likelihood of the answers that beat their
+group's mean and lowers the others'. No gold answer is imitated: every training token is one the
+model sampled itself, which is why RL is expected to forget less than fine-tuning on given targets
+(Shenfeld et al. 2025, "RL's razor"). Reads the task's rows (instruction, gold); trains the model in
+place (a peft model trains only its adapters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from desta.core.optim import OptimSection, trainer_settings
+from desta.posttrain.verifiers import Verifier
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from trl import GRPOTrainer
+
+
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """The text of a trl completion: a string, or (chat prompts) a list of messages whose last is the answer.
+
+    >>> completion_text([{"role": "assistant", "content": "It is 5."}]), completion_text("It is 5.")
+    ('It is 5.', 'It is 5.')
+    """
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def verifier_reward(verifier: Verifier, golds: list[Any]) -> Callable[..., list[float]]:
+    """A trl reward function: 1.0 for each completion the verifier accepts against the gold of its row (the
+    `item` column: an index into `golds`, so golds of any type stay out of the Arrow table), else 0.0.
+
+    >>> from desta.posttrain.verifiers import last_number
+    >>> reward = verifier_reward(last_number, ["5", "7"])
+    >>> reward(completions=[[{"role": "assistant", "content": "So 5."}], [{"role": "assistant", "content": "6"}]],
+    ...        item=[0, 1])
+    [1.0, 0.0]
+    """
+    def reward(completions: list, item: list[int], **_: Any) -> list[float]:
+        return [float(verifier(completion_text(c), golds[i])[0]) for c, i in zip(completions, item, strict=True)]
+
+    reward.__name__ = "verifier"  # trl logs rewards/<name>
+    return reward
+
+
+def grpo_dataset(rows: list[dict]) -> Dataset:
+    """The task's rows as trl prompts: a one-turn chat per question, and the row's index for the reward.
+
+    >>> grpo_dataset([{"instruction": "2 + 3?", "answer": "5", "gold": "5"}])[0]
+    {'prompt': [{'role': 'user', 'content': '2 + 3?'}], 'item': 0}
+    """
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["instruction"]}], "item": i}
+                              for i, r in enumerate(rows)])
+
+
+def train_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], verifier: Verifier,
+               optim: OptimSection, learning_rate: float, settings: dict[str, Any], output_dir: str,
+               logging_steps: int = 5) -> GRPOTrainer:
+    """Train `model` with GRPO on `rows` (steps, batch, schedule and seed from `optim`; `settings`: further
+    GRPOConfig keys, e.g. num_generations); returns the trainer, its log history included."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(**trainer_settings(optim, output_dir, learning_rate=learning_rate, logging_steps=logging_steps,
+                                         save_strategy="no", report_to=[], disable_tqdm=True,
+                                         gradient_checkpointing=optim.gradient_checkpointing, **settings))
+    trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(verifier, [r["gold"] for r in rows]), args=args,
+                          train_dataset=grpo_dataset(rows), processing_class=tokenizer)
+    trainer.train()
+    return trainer
