@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Experiment "scale": the smol set-up on all 1200 clips for 400 steps of 8 with the feature cache,
+# Experiment "scale": the smol set-up on all 1200 clips for 400 steps of 4 with the feature cache,
 # evaluated every 100 steps on the 48 held-out clips: per-category score against steps, with 95 %
 # intervals. The README's headline figures come from this run.
 #   bash recipes/experiments/scale/run.sh
@@ -11,7 +11,7 @@ bash recipes/experiments/data.sh
 
 [ -f $OUT/summary.json ] || desta train recipes/experiments/config.yaml output_dir=$OUT \
     model.encoder=$MODELS/whisper-tiny.en model.llm=$MODELS/SmolLM2-135M-Instruct \
-    data.train=$DATA/targets-self/dataset optim.max_steps=400 log.save_steps=100
+    data.train=$DATA/targets-self/dataset optim.batch_size=4 optim.max_steps=400 log.save_steps=100
 reports=()
 for step in 100 200 300 400; do
   [ -f $OUT/eval-$step/report.json ] || desta eval $OUT/checkpoint-$step --eval-set $DATA/evalset \
