@@ -41,6 +41,9 @@ class CompareConfig:
     """NAME=FOLDER training runs (desta train output folders) whose loss curves and speed go beside the table"""
     title: str = ""
     """figure title"""
+    paired_with: str | None = None
+    """a run to set every other run against at the same X: the overall speech-score difference, paired item by
+    item (the reports must hold the same items), with its bootstrap 95 % interval"""
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,12 +109,63 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     training = {name: _training(Path(folder)) for name, _, folder in (r.partition("=") for r in config.runs)}
-    (out / "compare.json").write_text(json.dumps({"metrics": table, "runs": training}, indent=2))
-    (out / "compare.md").write_text(render(table, config.x_label) + render_runs(training))
+    differences = paired_differences(runs, config.paired_with) if config.paired_with else {}
+    (out / "compare.json").write_text(json.dumps({"metrics": table, "runs": training, "paired": differences},
+                                                 indent=2))
+    (out / "compare.md").write_text(render(table, config.x_label) + render_paired(differences, config.paired_with,
+                                                                                  config.x_label)
+                                    + render_runs(training))
     plot(table, config.x_label, config.title, out / "compare.png")
     if training:
         plot_losses(training, out / "loss_curves.png")
     return table
+
+
+def paired_differences(runs: dict[str, list[tuple[float, dict]]], baseline: str) -> dict[str, list]:
+    """Each run's overall speech score minus `baseline`'s at the same X, paired by item and resampled within
+    each category as desta eval does: {run: [[x, difference, low, high]]}."""
+    from desta.core.stats import bootstrap_table
+
+    if baseline not in runs:
+        raise ValueError(f"paired_with={baseline!r} is none of the runs {sorted(runs)}")
+    base = dict(runs[baseline])
+    found: dict[str, list] = {}
+    for run, points in runs.items():
+        for x, report in sorted(points, key=lambda p: p[0]):
+            if run == baseline or x not in base:
+                continue
+            mine, theirs = report["per_item"], base[x]["per_item"]
+            if [i["item_id"] for i in mine] != [i["item_id"] for i in theirs]:
+                raise ValueError(f"{run} and {baseline} at {x:g} were evaluated on different items; pair reports "
+                                 "of the same eval set")
+            system = report["systems"][0]
+            other = base[x]["systems"][0]
+            diff = [None if a.get(f"{system}_score") is None or b.get(f"{other}_score") is None
+                    else a[f"{system}_score"] - b[f"{other}_score"] for a, b in zip(mine, theirs, strict=True)]
+            overall = bootstrap_table([i["category"] for i in mine], {"d": diff})["overall"]
+            found.setdefault(run, []).append([x, overall["values"]["d"], *(overall["ci"]["d"] or [None, None])])
+    return found
+
+
+def render_paired(differences: dict[str, list], baseline: str | None, x_label: str) -> str:
+    """The paired-difference table of compare.md ("~": the interval includes 0)."""
+    if not differences:
+        return ""
+    xs = sorted({row[0] for rows in differences.values() for row in rows})
+    lines = ["", f"## overall: score minus {baseline}'s (paired by item)", "",
+             "| run | " + " | ".join(f"{x_label} {x:g}" for x in xs) + " |", "|" + "---|" * (len(xs) + 1)]
+    for run, rows in differences.items():
+        by_x = {row[0]: row for row in rows}
+        cells = []
+        for x in xs:
+            row = by_x.get(x)
+            if row is None or row[1] is None:
+                cells.append("n/a")
+                continue
+            cells.append(f"{row[1]:+.2f}" + ("" if row[2] is None else f" [{row[2]:+.2f}, {row[3]:+.2f}]"
+                                             + (" ~" if row[2] <= 0 <= row[3] else "")))
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", ""])
 
 
 def _training(folder: Path) -> dict[str, Any]:
