@@ -21,6 +21,6 @@ run=$OUT/padded_30s
 [ -f $run/eval/report.json ] || desta eval $run --eval-set $DATA/evalset-24 --out $run/eval \
     --cache $DATA/eval-cache --max-new-tokens 48 --no-probes
 desta compare real_length:3=$real/eval-3 padded_30s:3=$run/eval --runs real_length=$real --runs padded_30s=$run \
-    --out recipes/experiments/padding/results --x-label epoch --title "encoder on the real length vs padded to 30 s" \
+    --paired-with real_length --out recipes/experiments/padding/results --x-label epoch --title "encoder on the real length vs padded to 30 s" \
     --metrics overall:speech,duration:speech,gender:speech,speaking_speed:speech,transcription:speech,instruction_following:speech
 echo "padding experiment: $((SECONDS / 60)) min"

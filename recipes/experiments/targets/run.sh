@@ -41,7 +41,7 @@ for kind in ${KINDS:-self_output labels kl}; do
     done
   done
 done
-desta compare "${reports[@]}" --out recipes/experiments/targets/results --x-label epoch \
+desta compare "${reports[@]}" --out recipes/experiments/targets/results --x-label epoch --paired-with self_output-connector \
     --title "self-output vs label targets vs distillation (SmolLM2-135M, 160 clips)" \
     --metrics overall:speech,instruction_following:speech,overall:agreement:speech,overall:forgetting_asr:speech,gender:speech,transcription:speech,probes:format_following,probes:heldout_loglik
 echo "targets experiment: $((SECONDS / 60)) min"

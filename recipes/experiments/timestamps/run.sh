@@ -21,6 +21,6 @@ run=$OUT/timestamped
 [ -f $run/eval/report.json ] || desta eval $run --eval-set $DATA/evalset-24 --out $run/eval \
     --cache $DATA/eval-cache --max-new-tokens 48 --no-probes
 desta compare bare:3=$bare/eval-3 timestamped:3=$run/eval --runs bare=$bare --runs timestamped=$run \
-    --out recipes/experiments/timestamps/results --x-label epoch --title "bare vs timestamped transcript slot" \
+    --paired-with bare --out recipes/experiments/timestamps/results --x-label epoch --title "bare vs timestamped transcript slot" \
     --metrics overall:speech,duration:speech,transcription:speech,gender:speech,speaking_speed:speech,instruction_following:speech
 echo "timestamps experiment: $((SECONDS / 60)) min"
