@@ -478,9 +478,29 @@ def system_names(checkpoints: list[str]) -> list[str]:
     return names
 
 
+def _speech_system(path: str, config: EvalConfig, text_llm: str | None, items_key: str,
+                   system_prompt: str | None = None) -> tuple[DestaModel, DestaProcessor, str, dict[str, Any]]:
+    """One checkpoint loaded for evaluation, asked with the system prompt it was trained with unless the config
+    (or else `system_prompt`) gives one; a checkpoint on another LLM than `text_llm` is refused. Returns the
+    model, its processor, the digest of its weights and the settings its cached answers are keyed by."""
+    from desta.loading import load
+
+    model, processor = load(path)
+    model.eval()
+    if config.system_prompt is not None:
+        processor.system_prompt = config.system_prompt or None
+    elif system_prompt:
+        processor.system_prompt = system_prompt
+    if text_llm is not None and model.config.llm_name_or_path != text_llm:
+        raise ValueError(f"{path} is built on {model.config.llm_name_or_path}, not {text_llm}; compare "
+                         "checkpoints of the same LLM in one report")
+    weights = file_digest(Path(path), (WEIGHTS, CONFIG, PROCESSOR_CONFIG))
+    settings = {"items": items_key, "max_new_tokens": config.max_new_tokens, "system_prompt": processor.system_prompt}
+    return model, processor, weights, settings
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run every checkpoint and the references on the eval set; write and return the report."""
-    from desta.loading import load
     from desta.posttrain.probes import retention_probes
 
     if config.benchmark:
@@ -508,17 +528,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     text_llm, encoders = None, {}
     speech = system_names(config.checkpoints)
     for name, path in zip(speech, config.checkpoints, strict=True):
-        model, processor = load(path)
-        model.eval()
-        if config.system_prompt is not None:
-            processor.system_prompt = config.system_prompt or None
-        if text_llm is not None and model.config.llm_name_or_path != text_llm:
-            raise ValueError(f"{path} is built on {model.config.llm_name_or_path}, not {text_llm}; compare "
-                             "checkpoints of the same LLM in one report")
+        model, processor, weights, settings = _speech_system(path, config, text_llm, items_key)
         text_llm = model.config.llm_name_or_path
-        weights = file_digest(Path(path), (WEIGHTS, CONFIG, PROCESSOR_CONFIG))
-        settings = {"items": items_key, "max_new_tokens": config.max_new_tokens,
-                    "system_prompt": processor.system_prompt}
         if config.gold_transcripts:
             transcripts = {i["id"]: i.get("transcript") or "" for i in items}
         else:  # the same Whisper gives the same transcripts
@@ -603,7 +614,6 @@ def evaluate_benchmark(config: EvalConfig) -> dict[str, Any]:
     figures as the authors report them, and OUT/rejects.jsonl for items the loader could not use."""
     from desta.benchmarks import BENCHMARKS, load_benchmark, official_scores, score_answer
     from desta.core.chunks import to_jsonl
-    from desta.loading import load
 
     benchmark = BENCHMARKS[config.benchmark]
     items, rejects = load_benchmark(config.benchmark, config.eval_set, config.subsets)
@@ -628,19 +638,9 @@ def evaluate_benchmark(config: EvalConfig) -> dict[str, Any]:
     timing: dict[str, float] = {}
     speech, text_llm = system_names(config.checkpoints), None
     for name, path in zip(speech, config.checkpoints, strict=True):
-        model, processor = load(path)
-        model.eval()
-        if config.system_prompt is not None:
-            processor.system_prompt = config.system_prompt or None
-        elif items[0]["system"]:  # the system prompt the benchmark's own runner sends
-            processor.system_prompt = items[0]["system"]
-        if text_llm is not None and model.config.llm_name_or_path != text_llm:
-            raise ValueError(f"{path} is built on {model.config.llm_name_or_path}, not {text_llm}; compare "
-                             "checkpoints of the same LLM in one report")
+        # items[0]["system"]: the system prompt the benchmark's own runner sends
+        model, processor, weights, settings = _speech_system(path, config, text_llm, items_key, items[0]["system"])
         text_llm = model.config.llm_name_or_path
-        weights = file_digest(Path(path), (WEIGHTS, CONFIG, PROCESSOR_CONFIG))
-        settings = {"items": items_key, "max_new_tokens": config.max_new_tokens,
-                    "system_prompt": processor.system_prompt}
         transcripts = cache.get({"kind": "whisper", "encoder": model.config.encoder_name_or_path or weights,
                                  "items": items_key}, clip_transcripts, model, processor, items, config.batch_size,
                                 config.progress)
