@@ -32,6 +32,18 @@ def short_clip() -> np.ndarray:
     return synthesize("Hello.", Voice(accent="American", variant="m3"))
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A saved speech checkpoint on the tiny random bases (a test module may define its own)."""
+    from desta.loading import build, save
+    from desta.tiny import save_tiny_bases
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    model, processor = build(*(str(p) for p in save_tiny_bases(folder / "bases")))
+    save(model, processor, folder / "ckpt")
+    return folder / "ckpt"
+
+
 @pytest.fixture(scope="session")
 def real_models():
     folder = small_models_dir()

@@ -31,17 +31,6 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from desta.loading import build, save
-    from desta.tiny import save_tiny_bases
-
-    folder = tmp_path_factory.mktemp("app")
-    model, processor = build(*(str(p) for p in save_tiny_bases(folder / "bases")))
-    save(model, processor, folder / "ckpt")
-    return folder / "ckpt"
-
-
-@pytest.fixture(scope="module")
 def engine(checkpoint):
     from desta.loading import load
 

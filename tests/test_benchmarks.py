@@ -371,17 +371,6 @@ def test_speech_ifeval_rate_and_forgetting_follow_the_published_definition():
 
 # ----- desta eval --benchmark, end to end on a tiny checkpoint -----
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from desta.loading import build, save
-    from desta.tiny import save_tiny_bases
-
-    folder = tmp_path_factory.mktemp("ckpt")
-    model, processor = build(*(str(p) for p in save_tiny_bases(folder / "bases")))
-    save(model, processor, folder / "ckpt")
-    return folder / "ckpt"
-
-
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_desta_eval_runs_each_benchmark(name, layouts, checkpoint, tmp_path, monkeypatch):
     import desta.evaluate as evaluation

@@ -166,18 +166,6 @@ def test_rouge_l_and_label_agreement_with_the_text_reference():
     assert agreement(open_item, "a calm voice", "a calm voice") == (None, 1.0)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from desta.loading import build, save
-    from desta.tiny import save_tiny_bases
-
-    folder = tmp_path_factory.mktemp("ckpt")
-    whisper_dir, llm_dir = save_tiny_bases(folder / "bases")
-    model, processor = build(str(whisper_dir), str(llm_dir))
-    save(model, processor, folder / "ckpt")
-    return folder / "ckpt"
-
-
 def test_asr_reference_reads_the_whisper_transcript_not_the_gold(described, checkpoint, tmp_path, monkeypatch):
     import desta.evaluate as evaluation
     from desta.audio import load_audio_ref
