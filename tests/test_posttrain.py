@@ -257,9 +257,15 @@ def test_posttrain_compares_strategies_and_seeds_and_resumes_run_by_run(tmp_path
     _, llm_dir = save_tiny_bases(tmp_path / "bases")
     out = tmp_path / "run"
     plan = dict(strategies=["sft", "replay", "lora+replay", "bos_replay", "knowledge_filter", "self_distill"],
-                seeds=[1, 2], seeded_strategies=["sft"], replay_sweep=[0, 0.2, 0.1])
-    comparison = posttrain(tiny_config(llm_dir, out, **plan), log=lambda *a: None)
+                seeds=[1, 2], seeded_strategies=["sft", "lora"], replay_sweep=[0, 0.2, 0.1])
+    progress: list[str] = []
+    comparison = posttrain(tiny_config(llm_dir, out, **plan), log=progress.append)
     names = [(r["name"], r["seed"]) for r in comparison["runs"]]
+    # long stages announce each part: the base measurement and every run's, after its training
+    measured = [line.split(" (")[0].strip() for line in progress if "measuring" in line]
+    assert measured[:5] == ["base model: measuring 4 task questions and the retention sets",
+                            "measuring 4 task questions", "measuring 4 format requests",
+                            "measuring 4 harmful and safe requests", "measuring 3 own answers' log-likelihood"]
     assert names == [("sft", 1), ("sft", 2), ("replay", 1), ("lora+replay", 1), ("bos_replay", 1),
                      ("knowledge_filter", 1), ("self_distill", 1), ("replay@0.1", 1)]
     # the sweep's 0 is sft and its 0.2 (the configured replay_ratio) the replay run: only 0.1 needs a run
@@ -294,10 +300,10 @@ def test_posttrain_compares_strategies_and_seeds_and_resumes_run_by_run(tmp_path
 def test_posttrain_config_checks_the_new_strategies():
     with pytest.raises(ConfigError) as err:
         PostTrainConfig(model="m", strategies=["sft", "rl+replay", "rl"], grpo={"num_generation": 4, "seed": 1},
-                        knowledge_drop=["Unknwn"], seeded_strategies=["lora"])
+                        knowledge_drop=["Unknwn"], seeded_strategies=["lora", "lora+replya"])
     problems = "\n".join(err.value.problems)
     assert "GRPOConfig has no setting 'num_generation'; did you mean 'num_generations'?" in problems
     assert "seed is set by desta" in problems and "['rl+replay']: rl learns from its own samples" in problems
-    assert "unknown categories ['Unknwn']" in problems and "['lora'] are not in strategies" in problems
+    assert "unknown categories ['Unknwn']" in problems and "['lora+replya'] are not strategies" in problems
     with pytest.raises(ConfigError, match=r"num_generations 3 must divide optim.batch_size x grad_accum \(8 x 1\)"):
         PostTrainConfig(model="m", strategies=["rl"], grpo={"num_generations": 3})

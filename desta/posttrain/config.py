@@ -101,7 +101,8 @@ class PostTrainConfig:
     """training seeds (data order, sampling, LoRA initialisation): each seeded strategy runs once per seed, with
     optim.seed set to it; empty: optim.seed alone"""
     seeded_strategies: list[str] | None = None
-    """the strategies that run once per seed (mean and spread); the others run with the first seed; null: all"""
+    """the strategies that run once per seed (mean and spread); the others run with the first seed; null: all.
+    Names not in `strategies` are skipped, so a shorter `strategies` list works with the recipe's list"""
     replay_sweep: list[float] = field(default_factory=list)
     """replay ratios to run `replay` at (first seed), for the sweep plot, e.g. [0, 0.01, 0.03, 0.05, 0.1]; 0 is
     `sft` itself"""
@@ -201,9 +202,9 @@ class PostTrainConfig:
         if rl_mixed:
             problems.append(("strategies", f"{rl_mixed}: rl learns from its own samples of the task's questions, so "
                                            f"it combines only with {list(RL_COMBINES)}"))
-        unknown_seeded = sorted(set(self.seeded_strategies or []) - set(self.strategies))
+        unknown_seeded = sorted(name for name in self.seeded_strategies or [] if set(name.split("+")) - set(STRATEGIES))
         if unknown_seeded:
-            problems.append(("seeded_strategies", f"{unknown_seeded} are not in strategies {self.strategies}"))
+            problems.append(("seeded_strategies", f"{unknown_seeded} are not strategies; known: {list(STRATEGIES)}"))
         if len(set(self.seeds)) != len(self.seeds):
             problems.append(("seeds", f"each seed once, got {self.seeds}"))
         bad_ratios = [r for r in self.replay_sweep if not 0 <= r < 1]

@@ -12,6 +12,8 @@ the held-out texts of desta.posttrain.probes, `measure` scores a model on all of
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -121,25 +123,30 @@ def text_loglik(backend: TransformersBackend, text: str) -> float:
 
 
 def measure(backend: TransformersBackend, task_rows: list[dict], verifier: Verifier, sets: dict[str, list[dict]],
-            references: list[str], eval_max_new_tokens: int,
-            probe_max_new_tokens: int) -> tuple[dict[str, list[float]], list[dict]]:
+            references: list[str], eval_max_new_tokens: int, probe_max_new_tokens: int,
+            log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, list[float]], list[dict]]:
     """Per-item scores of a model, and every item with the model's answer (for reading).
 
     Scores: task_accuracy (1: the verifier accepts the greedy answer), format_following (1: the IFEval
     instruction is followed), json_validity (the format items that ask for JSON), refusal_rate (harmful
     requests refused), over_refusal_rate (safe requests refused: lower is better), own_answer_loglik (the base
-    model's answers) and heldout_loglik (the held-out texts), both in nats per token.
+    model's answers) and heldout_loglik (the held-out texts), both in nats per token. `log` hears each part as
+    it starts (minutes apiece on a CPU).
     """
-    def ask(items: list[dict], key: str, max_new_tokens: int) -> list[str]:
+    started = time.perf_counter()
+
+    def ask(items: list[dict], what: str, key: str, max_new_tokens: int) -> list[str]:
+        log(f"  measuring {len(items)} {what} ({time.perf_counter() - started:.0f} s)")
         return [g.text for g in backend.generate([[{"role": "user", "content": i[key]}] for i in items],
                                                  SamplingSettings(max_new_tokens=max_new_tokens))]
 
-    task = ask(task_rows, "instruction", eval_max_new_tokens)
-    formats = ask(sets["format"], "prompt", probe_max_new_tokens)
-    refusals = ask(sets["harmful"] + sets["safe"], "prompt", probe_max_new_tokens)
+    task = ask(task_rows, "task questions", "instruction", eval_max_new_tokens)
+    formats = ask(sets["format"], "format requests", "prompt", probe_max_new_tokens)
+    refusals = ask(sets["harmful"] + sets["safe"], "harmful and safe requests", "prompt", probe_max_new_tokens)
     harmful, safe = refusals[: len(sets["harmful"])], refusals[len(sets["harmful"]):]
     task_ok = [float(verifier(a, r["gold"])[0]) for a, r in zip(task, task_rows, strict=True)]
     format_ok = [follows(a, i["spec"]).value for a, i in zip(formats, sets["format"], strict=True)]
+    log(f"  measuring {len(references)} own answers' log-likelihood ({time.perf_counter() - started:.0f} s)")
     own = [-answer_nll(backend.llm, backend.tokenizer, i["prompt"], ref)
            for i, ref in zip(sets["own_answer"], references, strict=True)]
     scores = {

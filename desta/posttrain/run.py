@@ -236,8 +236,8 @@ class Shared:
     base: dict[str, Any]
 
 
-def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path,
-              settings: dict[str, Any]) -> dict[str, Any]:
+def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path, settings: dict[str, Any],
+              log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Train one run from the base model, measure it, write its folder; returns its result (metrics.json)."""
     from transformers import Trainer
 
@@ -278,8 +278,9 @@ def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path,
         notes["rl_reward_first_last"] = [round(rewards[0], 3), round(rewards[-1], 3)]
     model.eval()
     trained = TransformersBackend(llm=model, tokenizer=tokenizer, batch_size=config.generation_batch_size)
+    log(f"  trained in {time.perf_counter() - started:.0f} s (its data and training); measuring")
     scores, answers = measure(trained, shared.eval_rows, shared.verifier, shared.sets, shared.references,
-                              config.eval_max_new_tokens, config.probe_max_new_tokens)
+                              config.eval_max_new_tokens, config.probe_max_new_tokens, log)
     write_atomic(folder / "answers.jsonl", to_jsonl(answers))
     if config.save_models:
         model.save_pretrained(folder / "model")
@@ -306,7 +307,7 @@ def measure_base(config: PostTrainConfig, folder: Path, settings: dict[str, Any]
     write_atomic(folder / "references.json", json.dumps(references))
     log(f"base model: measuring {len(eval_rows)} task questions and the retention sets")
     scores, answers = measure(backend, eval_rows, verifier, sets, references, config.eval_max_new_tokens,
-                              config.probe_max_new_tokens)
+                              config.probe_max_new_tokens, log)
     write_atomic(folder / "answers.jsonl", to_jsonl(answers))
     base = {"settings": settings, "scores": scores, "means": means(scores),
             "items": {k: len(v) for k, v in scores.items()}, "seconds": round(time.perf_counter() - started, 1)}
@@ -350,7 +351,7 @@ def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> di
             results.append(done[run.folder])
             continue
         log(f"[{number}/{len(runs)}] {run.folder}: training")
-        result = train_run(run, run_config(config, run), shared, out / run.folder, planned[run.folder])
+        result = train_run(run, run_config(config, run), shared, out / run.folder, planned[run.folder], log)
         d = result["deltas"]
         log(f"  task {base['means']['task_accuracy']:.2f} -> {result['metrics']['task_accuracy']:.2f}; retained "
             f"{d['retained']['value']:+.3f}; own-answer log-lik {d['own_answer_loglik']['value']:+.3f} "
