@@ -75,7 +75,7 @@ def render_comparison(comparison: dict) -> str:
     """The comparison as Markdown: the base model's scores, one row per strategy with each delta and its
     interval, the knowledge split where knowledge_filter ran, the replay sweep and the total time."""
     base, n = comparison["base"]["means"], comparison["base"]["items"]
-    lines = [f"# Forgetting comparison: {comparison['model']} ({comparison['style']})", "",
+    lines = [f"# Forgetting comparison: {Path(comparison['model']).name} ({comparison['style']})", "",
              "Each delta is trained minus base on the same items, with its 95 % paired bootstrap interval in brackets "
              "(bold: the interval leaves out 0). With several seeds: the seed mean ± the standard deviation over "
              "seeds, and the interval of the seed mean. Task: held-out new-task accuracy (verifier). Retained: mean "
@@ -129,10 +129,21 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
     return float(slope), float(intercept), r
 
 
+def _error_bars(stats: list[dict], sign: int) -> np.ndarray:
+    """matplotlib's (2, n) distances from each plotted value (sign x delta) to its interval's ends; 0 where a
+    run has no interval."""
+    bars = np.zeros((2, len(stats)))
+    for i, stat in enumerate(stats):
+        if stat.get("ci"):
+            ends = sorted(sign * v for v in stat["ci"])
+            bars[:, i] = [max(sign * stat["value"] - ends[0], 0.0), max(ends[1] - sign * stat["value"], 0.0)]
+    return bars
+
+
 def plot_forgetting(comparison: dict, path: Path) -> None:
     """Save the lectures' figure to `path`: one point per run (strategy and seed), new-task gain (x) against
     forgetting (y): the drop of the retained score (left) and of the own-answer log-likelihood (right), each
-    with its least-squares line."""
+    with its 95 % intervals and the least-squares line through the points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,11 +156,15 @@ def plot_forgetting(comparison: dict, path: Path) -> None:
     panels = [("retained", "forgetting: retained-score drop (rates)"),
               ("own_answer_loglik", "forgetting: own-answer log-lik drop (nats/token)")]
     x = np.array([r["deltas"]["task_accuracy"]["value"] for r in runs])
+    xerr = _error_bars([r["deltas"]["task_accuracy"] for r in runs], sign=1)
     for ax, (measure, label) in zip(axes, panels, strict=True):
         y = np.array([-r["deltas"][measure]["value"] for r in runs])
+        yerr = _error_bars([r["deltas"][measure] for r in runs], sign=-1)
         for name in names:
             mine = [i for i, r in enumerate(runs) if r["name"] == name]
-            ax.scatter(x[mine], y[mine], s=50, color=colours[name], label=name)
+            ax.errorbar(x[mine], y[mine], xerr=xerr[:, mine], yerr=yerr[:, mine], fmt="none", ecolor=colours[name],
+                        alpha=0.35, lw=1)
+            ax.scatter(x[mine], y[mine], s=50, color=colours[name], label=name, zorder=3)
         fit = _fit(x, y)
         if fit:
             slope, intercept, r = fit
@@ -162,8 +177,8 @@ def plot_forgetting(comparison: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"{comparison['model']}: gain against forgetting, one point per strategy and seed "
-                 "(lower right is better)")
+    fig.suptitle(f"{Path(comparison['model']).name}: gain against forgetting, one point per strategy and seed, "
+                 "95 % intervals (lower right is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
