@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,6 +215,8 @@ def test_eval_writes_report_for_a_tiny_checkpoint(described, checkpoint, tmp_pat
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| category | n | speech ckpt | speech ckpt-2 | text-ASR | text-gold |" in markdown
     assert "## Examples" in markdown and "## Instruction following by IFEval instruction" in markdown
+    llm = report["text_reference_llm"]  # a local folder: named, not its path (reports get shared)
+    assert f"same LLM ({Path(llm).name})" in markdown and llm not in markdown
     assert re.search(r"\| gender \| 2 \| \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", markdown)
     assert (tmp_path / "report" / "scores.png").stat().st_size > 5000
     assert set(report["retention_probes"]["ckpt"]) >= {"format_following", "refusal_rate", "heldout_loglik"}
