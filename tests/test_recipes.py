@@ -37,3 +37,19 @@ def test_forgetting_recipe_compares_every_strategy_with_seeds_and_the_replay_swe
     runs, sweep = plan_runs(config)
     assert [r.seed for r in runs if r.name == "sft"] == [0, 1, 2] and len(runs) == 20
     assert [ratio for ratio, _ in sweep] == [0, 0.01, 0.03, 0.05, 0.1]
+
+
+def test_scale_diagnosis_probe_reads_what_the_features_carry_and_nothing_else():
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("diagnose", ROOT / "recipes/experiments/scale/diagnose.py")
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=150)
+    carried = rng.normal(size=(150, 8)) + 3 * np.eye(3, 8)[y]  # the label shifts three of the features
+    assert diagnose.probe_accuracy(carried, y, folds=5, seed=0).mean() > 0.9
+    unrelated = rng.normal(size=(150, 8))
+    assert diagnose.probe_accuracy(unrelated, y, folds=5, seed=0).mean() < 0.55  # chance is 1/3

@@ -8,9 +8,10 @@ and what the training targets teach, per attribute.
   by the eval's own label matcher (desta.scoring.named_labels, synonyms and pronouns included, so an upper
   bound). A model is only taught what its targets say.
 
-    python recipes/experiments/scale/diagnose.py [--data runs/experiments/data] [--out recipes/experiments/scale/results]
+    python recipes/experiments/scale/diagnose.py [--data runs/experiments/data] [--out DIR]
 
-Writes diagnose.md and diagnose.json under --out. About a minute on one CPU core.
+Writes diagnose.md and diagnose.json under --out (default: recipes/experiments/scale/results). About
+30 seconds on one CPU core.
 """
 
 from __future__ import annotations
@@ -39,27 +40,31 @@ def pooled_features(cache: FeatureCache, ids: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> torch.nn.Linear:
+    """Multinomial logistic regression with an L2 penalty, fitted to convergence with L-BFGS."""
+    linear = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(x), y) + l2 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return linear
+
+
 def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int, seed: int, l2: float = 1e-3) -> np.ndarray:
-    """Out-of-fold correctness (0/1 per clip) of a multinomial logistic regression fitted with L-BFGS."""
+    """Out-of-fold correctness (0/1 per clip) of a logistic regression on standardised features."""
     order = np.random.default_rng(seed).permutation(len(y))
     correct = np.zeros(len(y))
-    classes = int(y.max()) + 1
     for fold in range(folds):
         test = order[fold::folds]
         train = np.setdiff1d(order, test)
         mean, std = x[train].mean(0), x[train].std(0) + 1e-6
-        xt = torch.tensor((x[train] - mean) / std, dtype=torch.float32)
-        yt = torch.tensor(y[train])
-        linear = torch.nn.Linear(x.shape[1], classes)
-        optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(linear(xt), yt) + l2 * linear.weight.square().sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+        linear = fit_logistic(torch.tensor((x[train] - mean) / std, dtype=torch.float32), torch.tensor(y[train]),
+                              int(y.max()) + 1, l2)
         with torch.no_grad():
             guess = linear(torch.tensor((x[test] - mean) / std, dtype=torch.float32)).argmax(1).numpy()
         correct[test] = guess == y[test]
