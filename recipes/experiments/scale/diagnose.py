@@ -80,6 +80,7 @@ def diagnose(features: str, targets: str, folds: int = 5, seed: int = 0) -> dict
     """Per attribute: labels, the majority rate, the probe's accuracy per tapped layer, and the share of
     target answers naming the gold label / any label; each with a 95 % bootstrap interval over clips."""
     torch.set_num_threads(1)
+    torch.manual_seed(seed)  # the probes' initial weights: the same table on every rerun
     data = load_from_disk(targets)
     cache = FeatureCache(features)
     clips: dict[str, dict] = {}
