@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
+from desta.core.artifacts import shown_model
 from desta.core.generation import SamplingSettings
 from desta.serve import AUDIO_FORMATS, ServeLimits
 
@@ -216,7 +217,7 @@ def build_app(chat: LocalChat | RemoteChat, limits: ServeLimits = DEFAULTS, max_
         return [], "", "", {"turns": [], "clips": []}, None, ""
 
     kind = "speech" if chat.accepts_audio else "text-only"
-    shown = Path(chat.model_id).name if Path(chat.model_id).exists() else chat.model_id  # no local path on the page
+    shown = shown_model(chat.model_id)
     with gr.Blocks(title=f"desta: {shown}", analytics_enabled=False) as app:
         gr.Markdown(f"## desta · `{shown}` ({kind})\n"
                     + ("Record or upload a clip, ask about it, and keep asking: each turn may add a clip, or none "

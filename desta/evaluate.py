@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from desta.core.args import raise_problems
-from desta.core.artifacts import CONFIG, PROCESSOR_CONFIG, REPORT_JSON, REPORT_MD, SCORES_PLOT, WEIGHTS
+from desta.core.artifacts import CONFIG, PROCESSOR_CONFIG, REPORT_JSON, REPORT_MD, SCORES_PLOT, WEIGHTS, shown_model
 from desta.core.generation import Backend, SamplingSettings, TransformersBackend
 from desta.core.instructions import INSTRUCTION_KINDS, draw_instruction, follows, instruction_text
 from desta.core.stats import bootstrap_table
@@ -838,11 +838,6 @@ def format_cell(row: dict, name: str, percent: bool = False) -> str:
     return _fmt(row["values"].get(name), row["ci"].get(name), percent)
 
 
-def _shown(model: str | None) -> str | None:
-    """A model as a report shows it: a local folder by its name (reports get shared), a Hub id as it is."""
-    return Path(model).name if model and Path(model).exists() else model
-
-
 def render_markdown(report: dict) -> str:
     """report.md: the per-category table with intervals, the instruction kinds, examples, the probes."""
     speech = report["systems"]
@@ -855,7 +850,7 @@ def render_markdown(report: dict) -> str:
                                                                     f"agreement ({s})", f"ROUGE-L ({s})"]
     head += [f"ASR cost ({r})" for r in sorted(set(asr_of.values()))]
     lines = [f"# desta eval: {report['items']} items", "",
-             f"Speech model(s) against the same LLM ({_shown(report['text_reference_llm'])}) reading the clip's "
+             f"Speech model(s) against the same LLM ({shown_model(report['text_reference_llm'])}) reading the clip's "
              "description: with the gold transcript (text-gold) and with the transcript the speech model receives "
              "from its Whisper (text-ASR). Forgetting = (speech - reference) / reference: against text-ASR it is "
              "what the connector loses, the ASR cost (text-ASR - text-gold) / text-gold is what Whisper's mistakes "

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from desta.core.artifacts import shown_model
 from desta.core.stats import bootstrap_table, mean_interval
 from desta.posttrain.retention import RETAINED
 
@@ -75,7 +76,7 @@ def render_comparison(comparison: dict) -> str:
     """The comparison as Markdown: the base model's scores, one row per strategy with each delta and its
     interval, the knowledge split where knowledge_filter ran, the replay sweep and the total time."""
     base, n = comparison["base"]["means"], comparison["base"]["items"]
-    lines = [f"# Forgetting comparison: {Path(comparison['model']).name} ({comparison['style']})", "",
+    lines = [f"# Forgetting comparison: {shown_model(comparison['model'])} ({comparison['style']})", "",
              "Each delta is trained minus base on the same items, with its 95 % paired bootstrap interval in brackets "
              "(bold: the interval leaves out 0). With several seeds: the seed mean ± the standard deviation over "
              "seeds, and the interval of the seed mean. Task: held-out new-task accuracy (verifier). Retained: mean "
@@ -177,7 +178,7 @@ def plot_forgetting(comparison: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"{Path(comparison['model']).name}: gain against forgetting, one point per strategy and seed, "
+    fig.suptitle(f"{shown_model(comparison['model'])}: gain against forgetting, one point per strategy and seed, "
                  "95 % intervals (lower right is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
