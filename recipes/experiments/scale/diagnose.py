@@ -82,9 +82,10 @@ def diagnose(features: str, targets: str, folds: int = 5, seed: int = 0) -> dict
     torch.set_num_threads(1)
     torch.manual_seed(seed)  # the probes' initial weights: the same table on every rerun
     data = load_from_disk(targets)
+    rows = data.select_columns([c for c in ("id", "response", *ATTRIBUTES) if c in data.column_names]).to_list()
     cache = FeatureCache(features)
     clips: dict[str, dict] = {}
-    for row in data.remove_columns([c for c in ("audio",) if c in data.column_names]):
+    for row in rows:  # read once, without the audio column
         clips.setdefault(row["id"], row)
     ids = [clip for clip in clips if clip in cache.meta["clips"]]
     x = pooled_features(cache, ids)
@@ -100,9 +101,10 @@ def diagnose(features: str, targets: str, folds: int = 5, seed: int = 0) -> dict
         majority = np.bincount(y).max() / len(y)
         layers = {str(layer): _cell(probe_accuracy(x[keep, i], y, folds, seed), seed)
                   for i, layer in enumerate(cache.meta["tapped_layers"])}
-        named = [named_labels(row["response"], labels, attribute) for row in data]
-        states_gold = [float(n == {row[attribute]}) for n, row in zip(named, data, strict=True) if row[attribute]]
-        names_any = [float(bool(n)) for n, row in zip(named, data, strict=True) if row[attribute]]
+        labelled = [row for row in rows if row.get(attribute)]
+        named = [named_labels(row["response"], labels, attribute) for row in labelled]
+        states_gold = [float(n == {row[attribute]}) for n, row in zip(named, labelled, strict=True)]
+        names_any = [float(bool(n)) for n in named]
         out["attributes"][attribute] = {"labels": labels, "majority": majority, "probe": layers,
                                         "targets_name_gold": _cell(states_gold, seed),
                                         "targets_name_any": _cell(names_any, seed)}
