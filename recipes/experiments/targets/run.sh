@@ -18,7 +18,6 @@ DATA=${DATA:-runs/experiments/data}
 OUT=${OUT:-runs/experiments/targets}
 bash recipes/experiments/data.sh
 
-reports=()
 for kind in ${KINDS:-self_output labels kl}; do
   for adapter in ${ADAPTERS:-connector lora}; do
     # distillation is run with the connector only: the LoRA comparison is made on the two data kinds
@@ -37,11 +36,26 @@ for kind in ${KINDS:-self_output labels kl}; do
       epoch=$((epoch + 1))
       [ -f $run/eval-$epoch/report.json ] || desta eval $checkpoint --eval-set $DATA/evalset-24 \
           --out $run/eval-$epoch --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48
-      reports+=("$kind-$adapter:$epoch=$run/eval-$epoch")
     done
   done
 done
-desta compare "${reports[@]}" --out recipes/experiments/targets/results --x-label epoch --paired-with self_output-connector \
+# the comparison holds every finished run, also those of earlier invocations (e.g. ADAPTERS=lora after
+# ADAPTERS=connector), and their loss curves and speed
+reports=(); runs=()
+for kind in self_output labels kl; do
+  for adapter in connector lora; do
+    run=$OUT/$kind-$adapter
+    [ -f $run/summary.json ] || continue
+    runs+=("$kind-$adapter=$run")
+    for epoch in 1 2 3; do
+      if [ -f $run/eval-$epoch/report.json ]; then reports+=("$kind-$adapter:$epoch=$run/eval-$epoch"); fi
+    done
+  done
+done
+paired=()
+if [ -f $OUT/self_output-connector/summary.json ]; then paired=(--paired-with self_output-connector); fi
+desta compare "${reports[@]}" --out recipes/experiments/targets/results --x-label epoch "${paired[@]}" \
+    --runs "$(IFS=,; echo "${runs[*]}")" \
     --title "self-output vs label targets vs distillation (SmolLM2-135M, 160 clips)" \
     --metrics overall:speech,instruction_following:speech,overall:agreement:speech,overall:forgetting_asr:speech,gender:speech,transcription:speech,probes:format_following,probes:heldout_loglik
 echo "targets experiment: $((SECONDS / 60)) min"
