@@ -108,9 +108,11 @@ def render_comparison(comparison: dict) -> str:
                   for name, k in splits]
     if comparison.get("sweep"):
         lines += ["", "Replay-ratio sweep (replay at each share of the training rows; 0 is sft):", "",
-                  "| replay ratio | run | Δ task | Δ retained | Δ own-answer log-lik |", "|---|---|---|---|---|"]
+                  "| replay ratio | run | Δ task | Δ format | Δ retained | Δ own-answer log-lik |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {p['ratio']:g} | {p['run']} | {_cell(p['deltas']['task_accuracy'])} | "
-                  f"{_cell(p['deltas']['retained'], 3)} | {_cell(p['deltas']['own_answer_loglik'], 3)} |"
+                  f"{_cell(p['deltas']['format_following'])} | {_cell(p['deltas']['retained'], 3)} | "
+                  f"{_cell(p['deltas']['own_answer_loglik'], 3)} |"
                   for p in comparison["sweep"]]
     notes = [f"- {row['strategy']}: " + "; ".join(f"{k}: {v}" for k, v in row["notes"].items() if k != "knowledge")
              for row in comparison["strategies"] if any(k != "knowledge" for k in row["notes"])]
@@ -186,27 +188,31 @@ def plot_forgetting(comparison: dict, path: Path) -> None:
 
 
 def plot_replay_sweep(sweep: list[dict], path: Path) -> None:
-    """Save the replay-ratio sweep to `path`: new-task gain and retained-score change against the replay ratio,
-    with their intervals as error bars."""
+    """Save the replay-ratio sweep to `path`: new-task gain, retained-score and format-following change (left,
+    rates) and the own-answer log-likelihood change (right, nats/token) against the replay ratio, each with
+    its 95 % interval as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ratios = np.array([p["ratio"] * 100 for p in sweep])
-    for measure, label in (("task_accuracy", "Δ task accuracy"), ("retained", "Δ retained score")):
-        values = np.array([p["deltas"][measure]["value"] for p in sweep])
-        cis = [p["deltas"][measure]["ci"] or [v, v] for p, v in zip(sweep, values, strict=True)]
-        errors = np.array([[v - c[0] for v, c in zip(values, cis, strict=True)],
-                           [c[1] - v for v, c in zip(values, cis, strict=True)]])
-        ax.errorbar(ratios, values, yerr=errors, marker="o", capsize=3, label=label)
-    ax.axhline(0, color="#999", lw=0.8)
-    ax.set_xlabel("replay ratio (% of training rows)")
-    ax.set_ylabel("trained - base")
-    ax.set_title("replay-ratio sweep (95 % intervals)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    rates = (("task_accuracy", "Δ task accuracy"), ("retained", "Δ retained score"),
+             ("format_following", "Δ format following"))
+    panels = [(axes[0], "trained - base (rate)", rates),
+              (axes[1], "trained - base (nats/token)", (("own_answer_loglik", "Δ own-answer log-lik"),))]
+    for ax, ylabel, measures in panels:
+        for measure, label in measures:
+            stats = [p["deltas"][measure] for p in sweep]
+            values = np.array([stat["value"] for stat in stats])
+            ax.errorbar(ratios, values, yerr=_error_bars(stats, sign=1), marker="o", capsize=3, label=label)
+        ax.axhline(0, color="#999", lw=0.8)
+        ax.set_xlabel("replay ratio (% of training rows)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("replay-ratio sweep: 0 % is sft, one seed per ratio (95 % intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
