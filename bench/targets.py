@@ -62,22 +62,22 @@ def main() -> None:
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
     timed(backend, conversations[:2], settings, 2)  # warm-up
     base = args.baseline_batch_size
-    one_s, one_tokens, one = timed(backend, conversations, settings, base)
+    base_s, base_tokens, base_answers = timed(backend, conversations, settings, base)
     batch_s, batch_tokens, batched = timed(backend, conversations, settings, args.batch_size)
-    same = sum(a.text == b.text for a, b in zip(one, batched, strict=True))
-    one_rate, batch_rate = one_tokens / one_s, batch_tokens / batch_s
+    same = sum(a.text == b.text for a, b in zip(base_answers, batched, strict=True))
+    base_rate, batch_rate = base_tokens / base_s, batch_tokens / batch_s
     baseline = "one at a time" if base == 1 else f"batch of {base}"
     print(f"{weights}, {args.prompts} prompts, greedy, max_new_tokens {args.max_new_tokens}, CPU "
           f"{torch.get_num_threads()} threads")
-    print(f"{baseline}: {one_tokens} tokens in {one_s:.1f} s = {one_rate:.1f} tokens/s")
+    print(f"{baseline}: {base_tokens} tokens in {base_s:.1f} s = {base_rate:.1f} tokens/s")
     print(f"batch of {args.batch_size}: {batch_tokens} tokens in {batch_s:.1f} s = {batch_rate:.1f} tokens/s")
-    print(f"batch of {args.batch_size} is {batch_rate / one_rate:.2f}x faster than {baseline}; {same}/{args.prompts} "
+    print(f"batch of {args.batch_size} is {batch_rate / base_rate:.2f}x faster than {baseline}; {same}/{args.prompts} "
           "answers identical")
     print(json.dumps({"bench": "targets", "weights": weights, "machine": f"{platform.machine()}, "
                       f"{torch.get_num_threads()} threads", "prompts": args.prompts, "batch_size": args.batch_size,
                       "baseline_batch_size": base,
-                      "max_new_tokens": args.max_new_tokens, "baseline_tokens_per_s": round(one_rate, 1),
-                      "batched_tokens_per_s": round(batch_rate, 1), "speedup": round(batch_rate / one_rate, 2),
+                      "max_new_tokens": args.max_new_tokens, "baseline_tokens_per_s": round(base_rate, 1),
+                      "batched_tokens_per_s": round(batch_rate, 1), "speedup": round(batch_rate / base_rate, 2),
                       "identical_answers": same}))
 
 
