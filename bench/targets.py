@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--models", default=None, help="folder with SmolLM2-135M-Instruct")
     args = parser.parse_args()
+    if min(args.prompts, args.batch_size, args.baseline_batch_size, args.max_new_tokens) < 1:
+        parser.error("--prompts, --batch-size, --baseline-batch-size and --max-new-tokens must each be at least 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         manifest = synth_corpus(Path(tmp) / "c", num_clips=args.prompts, seed=0, progress=False)
