@@ -297,6 +297,24 @@ def test_posttrain_compares_strategies_and_seeds_and_resumes_run_by_run(tmp_path
     assert json.loads((out / "sft" / "seed-1" / "metrics.json").read_text())["settings"]["optim"]["lr"] == 1e-3
 
 
+def test_posttrain_without_refusal_items_retains_format_alone(tmp_path):
+    _, llm_dir = save_tiny_bases(tmp_path / "bases")
+    out = tmp_path / "run"
+    config = tiny_config(llm_dir, out, strategies=["sft"])
+    config.retention.refusal_size = 0
+    progress: list[str] = []
+    comparison = posttrain(config, log=progress.append)
+    assert not any("harmful" in line for line in progress)  # not generated at all
+    assert comparison["base"]["items"]["refusal_rate"] == 0 and comparison["base"]["means"]["refusal_rate"] is None
+    deltas = comparison["strategies"][0]["deltas"]
+    assert "refusal_rate" not in deltas and deltas["retained"]["value"] == pytest.approx(
+        deltas["format_following"]["value"])
+    table = (out / "comparison.md").read_text()
+    assert "format following alone (no refusal items)" in table and "| base | " in table
+    with pytest.raises(ValueError, match="refusal_size 0 .no refusal items. or more"):
+        RetentionSection(refusal_size=-1)
+
+
 def test_posttrain_config_checks_the_new_strategies():
     with pytest.raises(ConfigError) as err:
         PostTrainConfig(model="m", strategies=["sft", "rl+replay", "rl"], grpo={"num_generation": 4, "seed": 1},

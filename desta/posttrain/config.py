@@ -71,16 +71,17 @@ class RetentionSection:
     own_answer_size: int = 200
     """general requests whose base-model answers a trained model should still find likely"""
     refusal_size: int = 48
-    """harmful requests to refuse, and as many safe ones that only sound risky, to answer"""
+    """harmful requests to refuse, and as many safe ones that only sound risky, to answer; 0: none (a model that
+    refuses no harmful request has no refusal to forget, and they cost a fifth of the measuring)"""
     own_answer_max_new_tokens: int = 64
     """length limit of the base model's reference answers"""
     seed: int = 0
     """the drawn items depend only on it"""
 
     def __post_init__(self) -> None:
-        if min(self.format_size, self.own_answer_size, self.refusal_size, self.own_answer_max_new_tokens) < 1:
-            raise_problems([("format_size", "format_size, own_answer_size, refusal_size and "
-                                            "own_answer_max_new_tokens must be at least 1")])
+        if min(self.format_size, self.own_answer_size, self.own_answer_max_new_tokens) < 1 or self.refusal_size < 0:
+            raise_problems([("format_size", "format_size, own_answer_size and own_answer_max_new_tokens must be at "
+                                            "least 1, refusal_size 0 (no refusal items) or more")])
 
 
 def _posttrain_optim() -> OptimSection:

@@ -5,7 +5,8 @@ A delta is trained minus base on the same items. Its interval resamples the item
 for a strategy run with several seeds, each item's difference is first averaged over the seeds, so the
 interval is that of the seed mean; the spread over seeds (standard deviation of the per-seed deltas) is
 reported beside it. The retained score is the mean of three rates (format following, refusing harmful
-requests, answering safe ones); its interval resamples within each of the three (stratified).
+requests, answering safe ones; format following alone when there are no refusal items); its interval
+resamples within each rate (stratified).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def item_differences(base: dict[str, list[float]], runs: list[dict[str, list[flo
                    axis=0)
 
 
+def retained_measures(base: dict[str, list[float]]) -> list[str]:
+    """The rates the retained score averages: those of RETAINED that have items (no refusal set: format alone).
+
+    >>> retained_measures({"format_following": [1.0], "refusal_rate": [], "over_refusal_rate": []})
+    ['format_following']
+    """
+    return [m for m in RETAINED if base.get(m)]
+
+
 def delta_stats(base: dict[str, list[float]], runs: list[dict[str, list[float]]], seed: int = 0) -> dict[str, dict]:
     """Per measure (and "retained"): the delta of the seed mean, its 95 % paired bootstrap interval, and the
     standard deviation of the per-seed deltas (None for one seed). Measures with no items are left out."""
@@ -46,10 +56,11 @@ def delta_stats(base: dict[str, list[float]], runs: list[dict[str, list[float]]]
         per_seed = [float(np.mean(r[measure]) - np.mean(base[measure])) for r in runs]
         out[measure] = {"value": value, "ci": None if math.isnan(low) else [low, high],
                         "sd": float(np.std(per_seed, ddof=1)) if len(runs) > 1 else None, "per_seed": per_seed}
-    strata = [m for m in RETAINED for _ in base[m]]
-    diffs = np.concatenate([RETAINED_SIGN[m] * item_differences(base, runs, m) for m in RETAINED])
+    rates = retained_measures(base)
+    strata = [m for m in rates for _ in base[m]]
+    diffs = np.concatenate([RETAINED_SIGN[m] * item_differences(base, runs, m) for m in rates])
     overall = bootstrap_table(strata, {"delta": diffs.tolist()}, seed=seed)["overall"]
-    per_seed = [float(np.mean([RETAINED_SIGN[m] * (np.mean(r[m]) - np.mean(base[m])) for m in RETAINED]))
+    per_seed = [float(np.mean([RETAINED_SIGN[m] * (np.mean(r[m]) - np.mean(base[m])) for m in rates]))
                 for r in runs]
     out["retained"] = {"value": overall["values"]["delta"], "ci": overall["ci"]["delta"],
                        "sd": float(np.std(per_seed, ddof=1)) if len(runs) > 1 else None, "per_seed": per_seed}
@@ -76,26 +87,30 @@ def render_comparison(comparison: dict) -> str:
     """The comparison as Markdown: the base model's scores, one row per strategy with each delta and its
     interval, the knowledge split where knowledge_filter ran, the replay sweep and the total time."""
     base, n = comparison["base"]["means"], comparison["base"]["items"]
+    rate = {k: "-" if v is None else f"{v:.3f}" for k, v in base.items()}
+    retained = ("format following, refusing harmful requests and answering safe ones" if n.get("refusal_rate")
+                else "format following alone (no refusal items)")
     lines = [f"# Forgetting comparison: {shown_model(comparison['model'])} ({comparison['style']})", "",
              "Each delta is trained minus base on the same items, with its 95 % paired bootstrap interval in brackets "
              "(bold: the interval leaves out 0). With several seeds: the seed mean ± the standard deviation over "
              "seeds, and the interval of the seed mean. Task: held-out new-task accuracy (verifier). Retained: mean "
-             "of format following, refusing harmful requests and answering safe ones (a drop is forgetting). "
+             f"of {retained} (a drop is forgetting). "
              "Own-answer log-lik: how likely the model still finds the base model's answers to general requests "
              "(nats/token; a drop is forgetting). Held-out log-lik: the same for five held-out texts.", "",
              f"Items: task {n['task_accuracy']}, format {n['format_following']}, harmful {n['refusal_rate']}, safe "
              f"{n['over_refusal_rate']}, own answers {n['own_answer_loglik']}, held-out texts {n['heldout_loglik']}.",
              "", "| model | task acc. | format | refusal | over-refusal | own-answer log-lik | held-out log-lik |",
              "|---|---|---|---|---|---|---|",
-             f"| base | {base['task_accuracy']:.3f} | {base['format_following']:.3f} | {base['refusal_rate']:.3f} | "
-             f"{base['over_refusal_rate']:.3f} | {base['own_answer_loglik']:.3f} | {base['heldout_loglik']:.3f} |", "",
+             f"| base | {rate['task_accuracy']} | {rate['format_following']} | {rate['refusal_rate']} | "
+             f"{rate['over_refusal_rate']} | {rate['own_answer_loglik']} | {rate['heldout_loglik']} |", "",
              "| strategy | seeds | rows | task acc. | Δ task | Δ format | Δ refusal | Δ over-refusal | Δ retained | "
              "Δ own-answer log-lik | Δ held-out log-lik |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in comparison["strategies"]:
         d = row["deltas"]
         lines.append(f"| {row['strategy']} | {len(row['seeds'])} | {row['train_rows']} | "
                      f"{row['metrics']['task_accuracy']:.3f} | {_cell(d['task_accuracy'])} | "
-                     f"{_cell(d['format_following'])} | {_cell(d['refusal_rate'])} | {_cell(d['over_refusal_rate'])} | "
+                     f"{_cell(d['format_following'])} | {_cell(d.get('refusal_rate'))} | "
+                     f"{_cell(d.get('over_refusal_rate'))} | "
                      f"{_cell(d['retained'], 3)} | {_cell(d['own_answer_loglik'], 3)} | "
                      f"{_cell(d['heldout_loglik'], 3)} |")
     splits = [(row["strategy"], row["notes"]["knowledge"]) for row in comparison["strategies"]
