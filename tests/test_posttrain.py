@@ -315,6 +315,23 @@ def test_posttrain_without_refusal_items_retains_format_alone(tmp_path):
         RetentionSection(refusal_size=-1)
 
 
+def test_posttrain_in_bf16_generates_under_autocast_and_keeps_likelihoods_in_float32(tmp_path, monkeypatch):
+    import desta.posttrain.run as run_module
+
+    _, llm_dir = save_tiny_bases(tmp_path / "bases")
+    config = tiny_config(llm_dir, tmp_path / "run", strategies=["sft"])
+    config.optim.precision = "bf16"
+    made = []
+    real = run_module.generation_backend
+    monkeypatch.setattr(run_module, "generation_backend", lambda *a: made.append(real(*a)) or made[-1])
+    comparison = posttrain(config, log=lambda *a: None)
+    assert made and all(b.autocast == torch.bfloat16 for b in made)
+    assert all(p.dtype == torch.float32 for b in made for p in b.llm.parameters())  # weights stay float32
+    assert comparison["strategies"][0]["deltas"]["own_answer_loglik"]["ci"] is not None
+    base = json.loads((tmp_path / "run" / "base" / "metrics.json").read_text())
+    assert base["settings"]["precision"] == "bf16"  # a float32 base is never taken for this one
+
+
 def test_posttrain_config_checks_the_new_strategies():
     with pytest.raises(ConfigError) as err:
         PostTrainConfig(model="m", strategies=["sft", "rl+replay", "rl"], grpo={"num_generation": 4, "seed": 1},

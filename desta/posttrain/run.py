@@ -125,7 +125,7 @@ def run_settings(config: PostTrainConfig, run: Run, sources: dict[str, str]) -> 
 def base_settings(config: PostTrainConfig, sources: dict[str, str]) -> dict[str, Any]:
     """The base measurement's fingerprint: the settings it depends on and the sources' digests."""
     return json.loads(json.dumps({**{k: getattr(config, k) for k in BASE_SETTINGS if k != "task"},
-                                  "task": dataclasses.asdict(config.task),
+                                  "precision": config.optim.precision, "task": dataclasses.asdict(config.task),
                                   "retention": dataclasses.asdict(config.retention), "sources": sources}))
 
 
@@ -223,6 +223,15 @@ def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTra
     return rows, examples, notes
 
 
+def generation_backend(llm: Any, tokenizer: Any, config: PostTrainConfig) -> TransformersBackend:
+    """Generation with this config's batch size, in bf16 under autocast when optim.precision is bf16 (the
+    likelihoods, computed on the model itself, stay in its own dtype)."""
+    import torch
+
+    return TransformersBackend(llm=llm, tokenizer=tokenizer, batch_size=config.generation_batch_size,
+                               autocast=torch.bfloat16 if config.optim.precision == "bf16" else None)
+
+
 @dataclass
 class Shared:
     """What every run reads: the task, the retention sets and references, the replay set, the base scores."""
@@ -249,8 +258,8 @@ def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path, s
     started = time.perf_counter()
     parts = set(run.strategy.split("+"))
     llm, tokenizer = load_chat_llm(config.model)
-    backend = TransformersBackend(llm=llm, tokenizer=tokenizer, batch_size=config.generation_batch_size)
-    rows, examples, notes = strategy_data(parts, backend, config, shared.train_rows, shared.replay_rows,
+    base_backend = generation_backend(llm, tokenizer, config)
+    rows, examples, notes = strategy_data(parts, base_backend, config, shared.train_rows, shared.replay_rows,
                                           shared.verifier)
     if "knowledge" in notes:
         write_atomic(folder / "knowledge.jsonl", to_jsonl(notes["knowledge"].pop("rows")))
@@ -269,7 +278,7 @@ def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path, s
         args = training_arguments(config.optim, str(folder / "trainer"), learning_rate=lr, logging_steps=5,
                                   save_strategy="no", report_to=[], disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=examples,
-                          data_collator=TextCollator(backend.pad_id))
+                          data_collator=TextCollator(base_backend.pad_id))
         trainer.train()
     shutil.rmtree(folder / "trainer", ignore_errors=True)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -277,7 +286,7 @@ def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path, s
     if rewards:
         notes["rl_reward_first_last"] = [round(rewards[0], 3), round(rewards[-1], 3)]
     model.eval()
-    trained = TransformersBackend(llm=model, tokenizer=tokenizer, batch_size=config.generation_batch_size)
+    trained = generation_backend(model, tokenizer, config)
     log(f"  trained in {time.perf_counter() - started:.0f} s (its data and training); measuring")
     scores, answers = measure(trained, shared.eval_rows, shared.verifier, shared.sets, shared.references,
                               config.eval_max_new_tokens, config.probe_max_new_tokens, log)
@@ -301,7 +310,7 @@ def measure_base(config: PostTrainConfig, folder: Path, settings: dict[str, Any]
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     started = time.perf_counter()
-    backend = TransformersBackend(config.model, batch_size=config.generation_batch_size)
+    backend = generation_backend(*load_chat_llm(config.model), config)
     log(f"base model: reference answers to {len(sets['own_answer'])} general requests")
     references = reference_answers(backend, sets["own_answer"], config.retention.own_answer_max_new_tokens)
     write_atomic(folder / "references.json", json.dumps(references))
@@ -322,7 +331,7 @@ def base_replay_rows(config: PostTrainConfig, folder: Path) -> list[dict]:
         return read_rows(config.replay_data, "replay_data")
     path = folder / "replay.jsonl"
     if not path.is_file():
-        backend = TransformersBackend(config.model, batch_size=config.generation_batch_size)
+        backend = generation_backend(*load_chat_llm(config.model), config)
         write_atomic(path, to_jsonl(replay_set(None, backend, config.answer_max_new_tokens)))
     return read_jsonl(path)
 
