@@ -41,7 +41,8 @@ class OptimSection:
     max_grad_norm: float = 1.0
     """gradient clipping"""
     precision: Precision = "auto"
-    """auto (bf16 on a GPU that has it, else fp32), fp32, bf16 (GPU, or CPU autocast), fp16 (GPU only)"""
+    """auto (bf16 on a GPU that has it, else fp32), fp32, bf16 (GPU, or CPU autocast; `desta posttrain` also
+    generates under it), fp16 (GPU only)"""
     gradient_checkpointing: bool = False
     """recompute the LLM's activations in the backward pass: less memory, about a third more compute"""
     seed: int = 42
