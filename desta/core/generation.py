@@ -127,7 +127,8 @@ class TransformersBackend:
             batch = order[start : start + self.batch_size]
             inputs = pad_batch([encoded[i] for i in batch], self.pad_id, side="left")
             width = inputs["input_ids"].shape[1]
-            # autocast: the matmuls in `autocast`'s dtype, the weights cast once per batch and kept as they are
+            # autocast: matmuls in `autocast`'s dtype; trainable weights are cast once per batch (autocast's cache),
+            # frozen ones at every step; the stored weights do not change
             with torch.autocast(device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
                 out = self.llm.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **kwargs)
             for row, i in enumerate(batch):
