@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from desta.core.optim import OptimSection, trainer_settings
 from desta.posttrain.verifiers import Verifier
 
@@ -60,17 +62,43 @@ def grpo_dataset(rows: list[dict]) -> Dataset:
                               for i, r in enumerate(rows)])
 
 
+def grpo_trainer_class() -> type[GRPOTrainer]:
+    """trl's GRPO trainer, sampling each batch of answers under one autocast region when it trains in bf16 or fp16.
+
+    trl generates with the model's forward, which accelerate wraps in autocast call by call: outside an enclosing
+    region every decoding step casts every float32 weight again. One region round the whole generation lets
+    autocast cast each trainable weight once (its cache ends with the region, before the weights change): the
+    same samples, about a fifth less time per GRPO step on a CPU (SmolLM2-135M, 8 answers of 64 tokens). A trl
+    without the hook it overrides gets its own trainer unchanged.
+    """
+    from trl import GRPOTrainer
+
+    if not hasattr(GRPOTrainer, "_generate_single_turn"):
+        return GRPOTrainer
+
+    class Trainer(GRPOTrainer):
+        def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            if dtype is None:
+                return super()._generate_single_turn(*args, **kwargs)
+            with torch.autocast(self.accelerator.device.type, dtype=dtype):
+                return super()._generate_single_turn(*args, **kwargs)
+
+    return Trainer
+
+
 def train_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], verifier: Verifier,
                optim: OptimSection, learning_rate: float, settings: dict[str, Any], output_dir: str,
                logging_steps: int = 5) -> GRPOTrainer:
     """Train `model` with GRPO on `rows` (steps, batch, schedule and seed from `optim`; `settings`: further
     GRPOConfig keys, e.g. num_generations); returns the trainer, its log history included."""
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     args = GRPOConfig(**trainer_settings(optim, output_dir, learning_rate=learning_rate, logging_steps=logging_steps,
                                          save_strategy="no", report_to=[], disable_tqdm=True,
                                          gradient_checkpointing=optim.gradient_checkpointing, **settings))
-    trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(verifier, [r["gold"] for r in rows]), args=args,
-                          train_dataset=grpo_dataset(rows), processing_class=tokenizer)
+    reward = verifier_reward(verifier, [r["gold"] for r in rows])
+    trainer = grpo_trainer_class()(model=model, reward_funcs=reward, args=args, train_dataset=grpo_dataset(rows),
+                                   processing_class=tokenizer)
     trainer.train()
     return trainer
