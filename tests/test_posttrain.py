@@ -14,6 +14,7 @@ from desta.posttrain.config import RetentionSection
 from desta.posttrain.knowledge import knowledge_filter, knowledge_split
 from desta.posttrain.report import delta_stats
 from desta.posttrain.rl import train_grpo
+from desta.posttrain.run import strategy_data
 from desta.posttrain.strategies import (
     answer_nll,
     bos_prefix,
@@ -199,6 +200,17 @@ def test_knowledge_split_on_a_model_stubbed_to_know_some_items():
         knowledge_filter(ScriptedBackend(lambda *a: "no"), rows, exact_match_code, ["Unknown"], samples=1)
 
 
+def test_knowledge_split_reads_answers_as_long_as_the_task_evaluation_does():
+    rows = [{"instruction": f"Item {i}: what is the code?", "answer": f"The code is {i}{i}.", "gold": f"{i}{i}"}
+            for i in range(4)]
+    backend = ScriptedBackend(lambda conversation, settings, call: "The code is 00." if call == 1 else "No.")
+    backend.tokenizer = tiny_tokenizer()
+    config = PostTrainConfig(model="m", eval_max_new_tokens=24, answer_max_new_tokens=160, knowledge_samples=2)
+    kept, _, notes = strategy_data({"knowledge_filter"}, backend, config, rows, [], exact_match_code)
+    assert [r["gold"] for r in kept] == ["00"] and notes["knowledge"]["dropped"] == 3
+    assert {s.max_new_tokens for _, s in backend.asked} == {24}
+
+
 def exact_match_code(answer, gold):
     return gold in answer, "contains the code"
 
@@ -220,6 +232,28 @@ def test_grpo_two_steps_train_only_the_lora_adapters():
     lora = {n for n in before if "lora_" in n}
     assert changed and changed <= lora  # the adapters learnt, every base weight is bit-identical
     assert {n for n in lora if "lora_B" in n} <= changed
+
+
+def test_grpo_in_bf16_learns_exactly_what_trls_own_trainer_learns(monkeypatch):
+    import trl
+
+    from desta.posttrain import rl
+
+    rows = [{"instruction": f"Say a word about {w}.", "answer": w, "gold": w} for w in ("sea", "sky")]
+    even = lambda answer, gold: (len(answer) % 2 == 0, "even length")  # noqa: E731 -- a reward that varies
+    optim = OptimSection(max_steps=2, batch_size=4, warmup_steps=0, precision="bf16")
+    assert rl.grpo_trainer_class() is not trl.GRPOTrainer  # this trl has the hook: generation runs in one region
+
+    def trained(trainer_class: type) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(rl, "grpo_trainer_class", lambda: trainer_class)
+        model = tiny_llm().train()
+        rl.train_grpo(model, tiny_tokenizer(), rows, even, optim, learning_rate=1e-2,
+                      settings={"num_generations": 4, "max_completion_length": 6}, output_dir="unused")
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    ours, theirs = trained(rl.grpo_trainer_class()), trained(trl.GRPOTrainer)
+    assert not torch.equal(ours["lm_head.weight"], tiny_llm().lm_head.weight)  # it trained
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)  # the same samples, the same steps
 
 
 def test_deltas_are_paired_with_intervals_and_spread_over_seeds():

@@ -191,9 +191,10 @@ def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTra
     notes: dict[str, Any] = {}
     rows, seed, tokens = list(train_rows), config.optim.seed, config.answer_max_new_tokens
     if "knowledge_filter" in parts:
+        # judged as the task's evaluation judges: an answer right only after eval_max_new_tokens is not known
         rows, labelled, notes["knowledge"] = knowledge_filter(
             backend, rows, verifier, config.knowledge_drop, config.knowledge_shots, config.knowledge_samples,
-            config.knowledge_temperature, seed, tokens)
+            config.knowledge_temperature, seed, config.eval_max_new_tokens)
         notes["knowledge"]["rows"] = labelled
     if "self_output" in parts:
         rows, notes["self_output"] = self_output(backend, rows, verifier, config.self_output_k,
