@@ -187,8 +187,9 @@ def plot_forgetting(comparison: dict, path: Path) -> None:
         if fit:
             slope, intercept, r = fit
             grid = np.linspace(x.min(), x.max(), 20)
-            ax.plot(grid, slope * grid + intercept, color="#444", lw=1, ls="--",
-                    label=f"fit: slope {slope:+.2f}, r {r:+.2f}")
+            ax.plot(grid, slope * grid + intercept, color="#444", lw=1, ls="--")
+            ax.text(0.02, 0.98, f"fitted line (dashed): slope {slope:+.2f}, r {r:+.2f}, {len(x)} runs",
+                    transform=ax.transAxes, va="top", fontsize=8, color="#444")
         ax.axhline(0, color="#999", lw=0.8)
         ax.axvline(0, color="#999", lw=0.8)
         ax.set_xlabel("new-task gain (accuracy, trained - base)")
@@ -215,6 +216,9 @@ def plot_replay_sweep(sweep: list[dict], path: Path) -> None:
     ratios = np.array([p["ratio"] * 100 for p in sweep])
     rates = (("task_accuracy", "Δ task accuracy"), ("retained", "Δ retained score"),
              ("format_following", "Δ format following"))
+    if all(np.isclose(p["deltas"]["retained"]["value"], p["deltas"]["format_following"]["value"])
+           for p in sweep):  # no refusal items: the retained score is format following itself
+        rates = (("task_accuracy", "Δ task accuracy"), ("format_following", "Δ format following (= retained)"))
     panels = [(axes[0], "trained - base (rate)", rates),
               (axes[1], "trained - base (nats/token)", (("own_answer_loglik", "Δ own-answer log-lik"),))]
     for ax, ylabel, measures in panels:
