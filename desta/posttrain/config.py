@@ -162,7 +162,8 @@ class PostTrainConfig:
     answer_max_new_tokens: int = 160
     """length limit of the model's own answers (replay, Magpie, self-output, paraphrase)"""
     eval_max_new_tokens: int = 96
-    """length limit of answers to the new task's held-out questions"""
+    """length limit of answers to the new task's held-out questions, and of the base model's answers that
+    knowledge_filter judges (an answer right only after this many tokens is not one the evaluation counts)"""
     probe_max_new_tokens: int = 96
     """length limit of answers to the retention probes"""
     generation_batch_size: int = 16
