@@ -66,6 +66,85 @@ TRAINING_POOLS: dict[str, list[str]] = {
         "How would you describe this speech sample?",
     ],
 }
+OPEN = "open"  # the category of requests about the whole clip; the others are description fields
+# Pools that also ask about each field a description holds, as DeSTA2.5's data asks many things of a clip:
+# per clip one category is drawn among "open" and the fields its description holds (equal chances), then
+# one phrasing of it. The answers stay the LLM's own: a question about the pitch makes it talk about the
+# pitch, which an open request to a small LLM rarely does.
+FIELD_POOLS: dict[str, dict[str, list[str]]] = {
+    "voice": {
+        OPEN: TRAINING_POOLS["desta25"],
+        "gender": [
+            "Tell me the speaker's gender.",
+            "Does a man or a woman say this?",
+            "Who is talking here: a male or a female voice?",
+            "From the voice alone, what sex would you guess the speaker is?",
+            "Identify whether the voice is male or female, and say why.",
+            "Describe who is speaking: man or woman?",
+        ],
+        "emotion": [
+            "What feeling comes through in the voice?",
+            "Describe the emotional tone of the speaker.",
+            "What mood is the speaker in?",
+            "Which emotion do you perceive in this voice?",
+            "Does the speaker sound happy, sad, angry or calm to you?",
+            "How is the speaker feeling, judging by their voice?",
+        ],
+        "accent": [
+            "What kind of English accent does the speaker have?",
+            "Where might the speaker come from, judging by the accent?",
+            "Describe the speaker's accent.",
+            "Which regional accent can you detect in the speech?",
+            "Tell me about the accent of the voice.",
+            "What does the accent reveal about the speaker's origin?",
+        ],
+        "age": [
+            "How old does the speaker sound?",
+            "Estimate the speaker's age group.",
+            "Is this a young or an older voice?",
+            "What age range would you give the speaker?",
+        ],
+        "pitch": [
+            "How would you characterize the pitch of this voice?",
+            "Is the voice deep or high?",
+            "Tell me about the speaker's pitch.",
+            "Does the speaker have a high, low or medium-pitched voice?",
+            "Comment on how high or deep the speaker sounds.",
+            "What can you say about the tone height of the voice?",
+        ],
+        "volume": [
+            "How loudly is the speaker talking?",
+            "Is the speech soft or loud?",
+            "Comment on the loudness of the voice.",
+            "What is the volume of the speaker's voice like?",
+            "Does the speaker talk quietly or loudly?",
+            "Tell me how loud this recording sounds.",
+        ],
+        "speaking_speed": [
+            "How quickly does the person speak?",
+            "Is the speech rate slow, moderate or quick?",
+            "Comment on the tempo of the speech.",
+            "Does the speaker talk fast or slowly?",
+            "Tell me about the speaker's pace.",
+            "How would you describe the rhythm and speed of this speech?",
+        ],
+        "duration": [
+            "How long is this recording?",
+            "About how many seconds does the speech last?",
+            "What is the clip's duration?",
+            "Tell me the length of the audio.",
+        ],
+        "transcript": [
+            "What is said in the recording?",
+            "Please transcribe the audio.",
+            "Write out the words you hear.",
+            "Tell me the exact words of the speaker.",
+            "What sentence is spoken here?",
+            "Quote what the person says.",
+        ],
+    },
+}
+Pool = dict[str, list[str]]  # category (OPEN or a description field) -> its phrasings
 
 # Evaluation instructions by category, in the styles of Speech-IFEval and Dynamic-SUPERB: a one-word
 # answer, a choice from a list ({labels}: the attribute's label set), yes/no about a candidate label
@@ -159,44 +238,88 @@ EVAL_INSTRUCTIONS: dict[str, list[str]] = {
 
 
 def _normal(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+    return re.sub(r"[^a-z0-9 ]", "", re.sub(r"\{\w+\}", "", text.lower())).strip()
+
+
+def _near(prompt: str, instruction: str, threshold: float = 0.7) -> bool:
+    """Whether a prompt is an evaluation instruction or a near copy of one: the same words (normalised), or
+    word sets overlapping by `threshold` of their union (Jaccard).
+
+    >>> _near("Transcribe the speech verbatim!", "Transcribe the speech verbatim.")
+    True
+    >>> _near("Please transcribe the audio.", "Transcribe the speech verbatim.")
+    False
+    """
+    a, b = set(_normal(prompt).split()), set(_normal(instruction).split())
+    return _normal(prompt) == _normal(instruction) or len(a & b) / max(len(a | b), 1) >= threshold
+
+
+def all_training_prompts() -> list[str]:
+    """Every prompt of every named training pool, flat and per field."""
+    prompts = [p for pool in TRAINING_POOLS.values() for p in pool]
+    return prompts + [p for pool in FIELD_POOLS.values() for phrasings in pool.values() for p in phrasings]
+
+
+def _clashes(prompts: list[str]) -> list[tuple[str, str]]:
+    evals = [t for templates in EVAL_INSTRUCTIONS.values() for t in templates]
+    return [(p, t) for p in prompts for t in evals if _near(p, t)]
 
 
 def check_disjoint() -> None:
-    """Raise if any evaluation instruction also appears (after normalisation) in a training pool."""
-    train = {_normal(p) for pool in TRAINING_POOLS.values() for p in pool}
-    clash = [t for templates in EVAL_INSTRUCTIONS.values() for t in templates if _normal(t) in train]
+    """Raise if any evaluation instruction (or a near copy of one) is in a training pool."""
+    clash = _clashes(all_training_prompts())
     if clash:
-        raise AssertionError(f"evaluation instructions found in a training pool: {clash}")
+        raise AssertionError(f"evaluation instructions found in a training pool (prompt, instruction): {clash}")
 
 
-def training_pool(name_or_list: str | list[str]) -> list[str]:
-    """A pool by name, or a custom list (checked against the evaluation instructions)."""
+def training_pool(name_or_list: str | list[str]) -> Pool:
+    """A pool by name, or a custom list of open requests (checked against the evaluation instructions), as
+    {category: phrasings}: a flat pool is all OPEN.
+
+    >>> sorted(training_pool("voice"))[:3], training_pool("desta2")
+    (['accent', 'age', 'duration'], {'open': ['What can you hear from the audio?']})
+    """
     if isinstance(name_or_list, list):
         pool = [p.strip() for p in name_or_list if p.strip()]
-        evals = {_normal(t) for templates in EVAL_INSTRUCTIONS.values() for t in templates}
-        clash = [p for p in pool if _normal(p) in evals]
+        clash = _clashes(pool)
         if clash:
-            raise ValueError(f"these prompts are evaluation instructions and cannot be trained on: {clash}")
+            raise ValueError(f"these prompts are evaluation instructions (or near copies) and cannot be trained on: "
+                             f"{clash}")
         if not pool:
             raise ValueError("the custom prompt pool is empty")
-        return pool
+        return {OPEN: pool}
+    if name_or_list in FIELD_POOLS:
+        return {category: list(phrasings) for category, phrasings in FIELD_POOLS[name_or_list].items()}
     if name_or_list not in TRAINING_POOLS:
-        raise ValueError(f"unknown prompt pool {name_or_list!r}; choose one of {sorted(TRAINING_POOLS)} "
+        raise ValueError(f"unknown prompt pool {name_or_list!r}; choose one of {sorted(TRAINING_POOLS | FIELD_POOLS)} "
                          "or give a list of prompts")
-    return list(TRAINING_POOLS[name_or_list])
+    return {OPEN: list(TRAINING_POOLS[name_or_list])}
 
 
-def pick_prompts(pool: list[str], index: int, seed: int, count: int = 1) -> list[str]:
-    """`count` distinct prompts for row `index`, a pure function of (seed, index).
+def pick_prompts(pool: Pool | list[str], index: int, seed: int, count: int = 1,
+                 fields: set[str] | None = None) -> list[str]:
+    """`count` distinct prompts for row `index`, a pure function of (seed, index) and the fields the row's
+    description holds (`fields`; None: every category of the pool). Each category the row allows (OPEN always)
+    has the same chance; a flat pool draws as it always has.
 
     >>> pick_prompts(["a", "b", "c"], index=4, seed=0, count=2) == pick_prompts(["a", "b", "c"], 4, 0, 2)
     True
+    >>> pick_prompts({"open": ["Hi?"], "pitch": ["High?"], "age": ["Old?"]}, 0, 0, 3, fields={"pitch"})
+    Traceback (most recent call last):
+    ...
+    ValueError: asked for 3 prompts per clip but the pool holds 2 for this row (categories ['open', 'pitch'])
     """
-    if count > len(pool):
-        raise ValueError(f"asked for {count} prompts per clip but the pool holds {len(pool)}")
+    pool = {OPEN: pool} if isinstance(pool, list) else pool
+    allowed = [c for c in pool if c == OPEN or fields is None or c in fields]
+    flat = [(c, p) for c in allowed for p in pool[c]]
+    if count > len(flat):
+        raise ValueError(f"asked for {count} prompts per clip but the pool holds {len(flat)} for this row "
+                         f"(categories {allowed})")
     rng = np.random.default_rng([seed, index])
-    return [pool[i] for i in rng.choice(len(pool), size=count, replace=False)]
+    if len(allowed) == 1:
+        return [flat[i][1] for i in rng.choice(len(flat), size=count, replace=False)]
+    weights = np.array([1.0 / (len(allowed) * len(pool[c])) for c, _ in flat])
+    return [flat[i][1] for i in rng.choice(len(flat), size=count, replace=False, p=weights / weights.sum())]
 
 
 check_disjoint()

@@ -43,7 +43,7 @@ from desta.core.chunks import (
 )
 from desta.core.generation import Backend, Generation, SamplingSettings, make_backend
 from desta.core.quality import looping
-from desta.prompts import DEFAULT_SYSTEM_PROMPT, pick_prompts, text_turn, training_pool
+from desta.prompts import DEFAULT_SYSTEM_PROMPT, OPEN, Pool, pick_prompts, text_turn, training_pool
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -79,7 +79,8 @@ class TargetsConfig:
     base_url: str | None = None
     """http backend: the server, e.g. http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY)"""
     pool: str | list[str] = "desta2"
-    """prompt pool name (desta2, desta25) or a list of prompts"""
+    """prompt pool name (desta2, desta25; voice: also questions about each field the description holds) or a
+    list of prompts"""
     prompts_per_clip: int = 1
     """distinct prompts per clip: one output row each"""
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
@@ -96,6 +97,9 @@ class TargetsConfig:
     """prompts and sampling depend only on it (and the row)"""
     batch_size: int = 16
     """prompts per generate call (transformers)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """weights of the LLM (transformers): auto is bfloat16 on a GPU and float32 on a CPU; bfloat16 on a CPU with
+    bf16 instructions is about twice as fast (answers of a bf16 model, not identical to float32's)"""
     concurrency: int = 8
     """requests in flight (http)"""
     timeout: float = 120.0
@@ -231,7 +235,10 @@ def _backend(config: TargetsConfig) -> Backend:
         return make_backend("http", config.model, base_url=config.base_url, concurrency=config.concurrency,
                             timeout=config.timeout, max_retries=config.max_retries)
     if config.backend == "transformers":
-        return make_backend("transformers", config.model, batch_size=config.batch_size)
+        import torch
+
+        dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+        return make_backend("transformers", config.model, batch_size=config.batch_size, dtype=dtype)
     return make_backend(config.backend, config.model)
 
 
@@ -263,9 +270,24 @@ def source_fingerprint(dataset: Dataset) -> str:
     return content_fingerprint(dataset, [c for c in dataset.column_names if c != "audio"])
 
 
-def target_items(num_rows: int, pool: list[str], seed: int, per_clip: int) -> list[tuple[int, str]]:
-    """(row, prompt) of every answer to write: `per_clip` prompts per row, a pure function of (seed, row)."""
-    return [(row, prompt) for row in range(num_rows) for prompt in pick_prompts(pool, row, seed, per_clip)]
+def row_fields(dataset: Dataset) -> list[set[str]]:
+    """The description fields each row holds (a gold column with a value), which a field pool may ask about."""
+    columns = [c for c in GOLD_COLUMNS if c in dataset.column_names]
+    table = dataset.select_columns(columns).to_dict() if columns else {}
+    return [{c for c in columns if table[c][row] not in (None, "")} for row in range(len(dataset))]
+
+
+def target_items(fields: list[set[str]], pool: Pool | list[str], seed: int,
+                 per_clip: int) -> list[tuple[int, str]]:
+    """(row, prompt) of every answer to write: `per_clip` prompts per row, a pure function of (seed, row) and
+    the fields the row's description holds."""
+    return [(row, prompt) for row, held in enumerate(fields)
+            for prompt in pick_prompts(pool, row, seed, per_clip, held)]
+
+
+def _stored_pool(pool: Pool) -> Pool | list[str]:
+    """How a job records its pool: a flat pool as its list of prompts (as jobs always have), else by field."""
+    return pool[OPEN] if list(pool) == [OPEN] else pool
 
 
 def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, Any]:
@@ -276,12 +298,12 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
     positions_by_id(dataset["id"], str(config.source))  # answers are joined to their clips by id
     pool = training_pool(config.pool)
     pool_name = config.pool if isinstance(config.pool, str) else "custom"
-    items = target_items(len(dataset), pool, config.seed, config.prompts_per_clip)
+    items = target_items(row_fields(dataset), pool, config.seed, config.prompts_per_clip)
     labels = config.kind == "labels"
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_SETTINGS}
     job = ChunkedJob(config.out, {"stage": "targets", **settings, "source": str(config.source),
                                   "model": None if labels else config.model, "backend": None if labels else
-                                  config.backend, "pool_prompts": pool, "pool_name": pool_name,
+                                  config.backend, "pool_prompts": _stored_pool(pool), "pool_name": pool_name,
                                   "source_fingerprint": source_fingerprint(dataset), "inputs": len(items)},
                      total=len(items), chunk_size=config.chunk_size, num_shards=config.num_shards,
                      shard_index=config.shard_index, overwrite=config.overwrite,
@@ -346,7 +368,8 @@ def _merge(job: ChunkedJob, dataset: Dataset) -> dict[str, Any]:
     """The merge itself: every (clip id, prompt) once among answers and rejects, answers joined by clip id."""
     rows, rejects = job.collect()
     ids = dataset["id"]
-    expected = target_items(len(dataset), job.job["pool_prompts"], job.job["seed"], job.job["prompts_per_clip"])
+    expected = target_items(row_fields(dataset), job.job["pool_prompts"], job.job["seed"],
+                            job.job["prompts_per_clip"])
     check_accounted(job.out, [(ids[row], prompt) for row, prompt in expected],
                     [(r["id"], r["prompt"]) for r in rows + rejects])
     positions = positions_by_id(ids, str(job.job["source"]))

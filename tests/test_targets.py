@@ -134,8 +134,8 @@ def test_cut_off_answers_can_be_trimmed_to_their_last_sentence():
 def test_training_pools_refuse_eval_instructions(monkeypatch):
     from desta import prompts
 
-    assert all(training_pool(name)[0] == "What can you hear from the audio?" for name in TRAINING_POOLS)
-    with pytest.raises(ValueError, match="evaluation instructions and cannot be trained on"):
+    assert all(training_pool(name)["open"][0] == "What can you hear from the audio?" for name in TRAINING_POOLS)
+    with pytest.raises(ValueError, match="evaluation instructions \\(or near copies\\) and cannot be trained on"):
         training_pool(["Describe the speaker's voice.", "Tell me more."])
     monkeypatch.setitem(prompts.TRAINING_POOLS, "leaky", ["Tell me more.", EVAL_INSTRUCTIONS["gender"][0].upper()])
     with pytest.raises(AssertionError, match="evaluation instructions found in a training pool"):
@@ -234,3 +234,29 @@ def test_duplicate_clip_ids_are_refused(tmp_path, backend):
     Dataset.from_dict({"id": ["a", "b", "a"], "description": ["x", "y", "z"]}).save_to_disk(str(tmp_path / "dup"))
     with pytest.raises(ValueError, match=r"1 duplicate ids \(e.g. 'a'\)"):
         targets(_config(tmp_path / "dup", tmp_path / "t"), backend)
+
+
+def test_no_training_prompt_is_an_eval_instruction_or_a_near_copy():
+    from desta.prompts import _near, all_training_prompts
+
+    evals = [t for templates in EVAL_INSTRUCTIONS.values() for t in templates]
+    assert [(p, t) for p in all_training_prompts() for t in evals if _near(p, t)] == []
+    with pytest.raises(ValueError, match="near copies"):
+        training_pool(["Transcribe the speech, verbatim!"])
+
+
+def test_voice_pool_asks_only_about_fields_the_description_holds(described, tmp_path, backend):
+    from datasets import load_from_disk
+
+    pool = training_pool("voice")
+    dataset = load_from_disk(str(described))
+    dataset = dataset.map(lambda r, i: {"accent": None if i % 2 else r["accent"]}, with_indices=True)
+    dataset.save_to_disk(str(tmp_path / "described"))
+    summary = targets(_config(tmp_path / "described", tmp_path / "t", pool="voice", prompts_per_clip=4), backend)
+    assert summary["inputs"] == 24
+    rows, _ = _output(tmp_path / "t")
+    category = {p: c for c, phrasings in pool.items() for p in phrasings}
+    asked = [(r["id"], category[r["prompt"]]) for r in rows]
+    no_accent = {r["id"] for r in rows if r["accent"] is None}
+    assert no_accent and not [a for a in asked if a[0] in no_accent and a[1] == "accent"]
+    assert len({c for _, c in asked}) >= 5  # open requests and several fields, drawn per clip
