@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from desta.audio.synth import synth_corpus
 from desta.demo import small_models_dir
 from desta.describe import DescribeConfig, describe
-from desta.synth import synth_corpus
-from desta.tiny import save_tiny_bases
+from desta.model.tiny import save_tiny_bases
 
 
 def run(manifest: Path, out: Path, **kwargs) -> tuple[float, dict]:

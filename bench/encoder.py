@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from desta.modeling import DestaConfig, DestaModel
-from desta.processing import DestaProcessor
-from desta.tiny import tiny_llm_config, tiny_tokenizer, tiny_whisper_config
-from desta.tts import Voice, synthesize
+from desta.audio.tts import Voice, synthesize
+from desta.model.loading import processor_for
+from desta.model.modeling import DestaConfig, DestaModel
+from desta.model.processing import DestaProcessor
+from desta.model.tiny import tiny_llm_config, tiny_tokenizer, tiny_whisper_config
 
 # (d_model, layers, heads, ffn) of the released Whisper sizes.
 SIZES = {"tiny": (384, 4, 6, 1536), "base": (512, 6, 8, 2048), "small": (768, 12, 12, 3072),
@@ -33,7 +34,7 @@ def encoder_model(size: str, pad_to_30s: bool) -> tuple[DestaModel, DestaProcess
     tokenizer = tiny_tokenizer()
     config = DestaConfig(encoder_config=whisper.to_dict(), text_config=tiny_llm_config(len(tokenizer)).to_dict(),
                          pad_to_30s=pad_to_30s)
-    processor = DestaProcessor.from_config(config, tokenizer)
+    processor = processor_for(config, tokenizer)
     return DestaModel(config).eval(), processor
 
 

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from desta.audio.synth import synth_corpus
 from desta.core.generation import SamplingSettings, TransformersBackend
 from desta.demo import SMALL_LLM, small_models_dir
 from desta.describe import DescribeConfig, describe
+from desta.model.tiny import tiny_llm, tiny_tokenizer
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn
-from desta.synth import synth_corpus
 from desta.targets import load_described
-from desta.tiny import tiny_llm, tiny_tokenizer
 
 
 def timed(backend: TransformersBackend, conversations, settings: SamplingSettings, batch_size: int):

@@ -32,20 +32,20 @@ def resident_bytes(field: str = "VmRSS") -> int:
 
 def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size: int, cache: str,
              queue) -> None:
-    from desta.data import DestaCollator, DestaDataset, load_targets, speech_examples
     from desta.demo import SMALL_LLM, SMALL_WHISPER
-    from desta.features import FeatureCache
-    from desta.train import ModelSection, build_model
+    from desta.train.config import ModelSection
+    from desta.train.data import DestaCollator, DestaDataset, load_targets, speech_examples
+    from desta.train.features import FeatureCache
+    from desta.train.run import build_model
 
     torch.manual_seed(0)
     section = ModelSection(pad_to_30s=mode == "padded_30s")
     if models:
         section.encoder, section.llm = str(Path(models) / SMALL_WHISPER), str(Path(models) / SMALL_LLM)
-    model, processor = build_model(section, Path(cache).parent)
+    model, processor = build_model(section, Path(cache).parent, system_prompt=None)
     if mode.endswith("checkpointing"):
         model.llm.activation_checkpointing_enable()
     model.train()
-    processor.system_prompt = None
     examples = speech_examples(load_targets(targets, "bench"), processor)
     dataset = DestaDataset(examples, FeatureCache(cache, model) if mode.startswith("cached") else None)
     collate = DestaCollator(processor, 4096)
@@ -74,7 +74,7 @@ def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size
 def planned_step_gb(section, mode: str, batch_size: int, tokens: int) -> float:
     """What `desta plan` predicts a step adds to the resident weights (GiB): activations, gradients, AdamW."""
     from desta.core.args import load_config
-    from desta.plan import PlanConfig, plan
+    from desta.train.plan import PlanConfig, plan
 
     settings = [f"model.encoder={section.encoder}", f"model.llm={section.llm}", "data.train=unused",
                 f"model.pad_to_30s={mode == 'padded_30s'}", f"optim.batch_size={batch_size}", "optim.precision=fp32",
@@ -85,14 +85,15 @@ def planned_step_gb(section, mode: str, batch_size: int, tokens: int) -> float:
 
 
 def main() -> None:
-    from desta.data import load_targets
+    from desta.audio.synth import synth_corpus
     from desta.demo import SMALL_LLM, SMALL_WHISPER, small_models_dir
     from desta.describe import DescribeConfig, describe
-    from desta.features import cache_features
-    from desta.synth import synth_corpus
     from desta.targets import TargetsConfig
     from desta.targets import targets as write_targets
-    from desta.train import ModelSection, build_model
+    from desta.train.config import ModelSection
+    from desta.train.data import load_targets
+    from desta.train.features import cache_features
+    from desta.train.run import build_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from desta.describe import DescribeConfig
-    from desta.evaluate import EvalConfig
+    from desta.describe.run import DescribeConfig
+    from desta.evaluation.run import EvalConfig
     from desta.export import ExportConfig
-    from desta.plan import PlanConfig
     from desta.posttrain import PostTrainConfig
     from desta.targets import TargetsConfig
-    from desta.train import TrainConfig
+    from desta.train.config import TrainConfig
+    from desta.train.plan import PlanConfig
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def _evaluated(config: EvalConfig, report: dict) -> str:
 
 
 def _planned(config: PlanConfig, result: dict) -> str:
-    from desta.plan import render_plan
+    from desta.train.plan import render_plan
 
     return render_plan(result)
 
@@ -84,35 +84,35 @@ def _posttrained(config: PostTrainConfig, comparison: dict) -> str:
 
 COMMANDS = [
     Command("demo", "desta.demo:DemoConfig", "desta.demo:demo", lambda c, r: None),
-    Command("synth", "desta.synth:SynthConfig", "desta.synth:write_corpus",
+    Command("synth", "desta.audio.synth:SynthConfig", "desta.audio.synth:write_corpus",
             lambda c, r: f"wrote {c.num_clips} clips; manifest: {r}"),
-    Command("describe", "desta.describe:DescribeConfig", "desta.describe:describe", _chunked(lambda s: (
+    Command("describe", "desta.describe.run:DescribeConfig", "desta.describe.run:describe", _chunked(lambda s: (
         f"inputs {s['inputs']} = described {s['described']} + rejected {s['rejected']} ({s['hours']} h described)"))),
     Command("targets", "desta.targets:TargetsConfig", "desta.targets:targets", _chunked(lambda s: (
         f"prompts {s['inputs']} = kept {s['kept']} + rejected {s['rejected']} {s['reasons'] or ''}"))),
-    Command("train", "desta.train:TrainConfig", "desta.train:train", _trained),
-    Command("plan", "desta.plan:PlanConfig", "desta.plan:plan", _planned),
-    Command("cache-features", "desta.train:TrainConfig", "desta.train:cache_features_for",
+    Command("train", "desta.train.config:TrainConfig", "desta.train.run:train", _trained),
+    Command("plan", "desta.train.plan:PlanConfig", "desta.train.plan:plan", _planned),
+    Command("cache-features", "desta.train.config:TrainConfig", "desta.train.run:cache_features_for",
             lambda c, r: f"features cached in {r}"),
-    Command("eval-set", "desta.evaluate:EvalSetConfig", "desta.evaluate:write_eval_set",
+    Command("eval-set", "desta.evaluation.items:EvalSetConfig", "desta.evaluation.items:write_eval_set",
             lambda c, r: f"wrote {sum(r.values())} items to {c.out}: {r}"),
-    Command("eval", "desta.evaluate:EvalConfig", "desta.evaluate:evaluate", _evaluated),
-    Command("compare", "desta.compare:CompareConfig", "desta.compare:compare", lambda c, r: (
+    Command("eval", "desta.evaluation.run:EvalConfig", "desta.evaluation.run:evaluate", _evaluated),
+    Command("compare", "desta.evaluation.compare:CompareConfig", "desta.evaluation.compare:compare", lambda c, r: (
         (Path(c.out) / "compare.md").read_text() + f"wrote {c.out}/compare.md, compare.json, compare.png")),
     Command("export", "desta.export:ExportConfig", "desta.export:export_command", _exported),
-    Command("chat", "desta.chat:ChatConfig", "desta.chat:chat", lambda c, r: (
+    Command("chat", "desta.serving.chat:ChatConfig", "desta.serving.chat:chat", lambda c, r: (
         f"answered {r['answered']} of {r['rows']} rows ({r['failed']} with errors) -> {r['out']}" if c.batch
         else None)),
-    Command("serve", "desta.serve:ServeConfig", "desta.serve:serve", lambda c, r: None),
-    Command("app", "desta.app:AppConfig", "desta.app:app", lambda c, r: None),
+    Command("serve", "desta.serving.serve:ServeConfig", "desta.serving.serve:serve", lambda c, r: None),
+    Command("app", "desta.serving.app:AppConfig", "desta.serving.app:app", lambda c, r: None),
     Command("posttrain", "desta.posttrain:PostTrainConfig", "desta.posttrain:posttrain", _posttrained),
     Command("magpie", "desta.posttrain.strategies:MagpieConfig", "desta.posttrain.strategies:write_magpie",
             lambda c, r: f"wrote {r['rows']} rows to {r['out']}; dropped {r['dropped']}"),
-    Command("convert-official", "desta.convert:ConvertConfig", "desta.convert:convert_official",
+    Command("convert-official", "desta.model.convert:ConvertConfig", "desta.model.convert:convert_official",
             lambda c, r: f"converted {c.src} -> {r}; load it with desta.load({str(r)!r})"),
-    Command("tiny-models", "desta.tiny:TinyModelsConfig", "desta.tiny:write_tiny_models",
+    Command("tiny-models", "desta.model.tiny:TinyModelsConfig", "desta.model.tiny:write_tiny_models",
             lambda c, r: f"wrote {r[0]} and {r[1]}"),
-    Command("tts", "desta.tts:TTSConfig", "desta.tts:speak", lambda c, r: f"wrote {c.out}: {r:.2f} s"),
+    Command("tts", "desta.audio.tts:TTSConfig", "desta.audio.tts:speak", lambda c, r: f"wrote {c.out}: {r:.2f} s"),
 ]
 
 

@@ -152,7 +152,7 @@ def outputs(out: Path) -> list[tuple[str, str]]:
 
 def _bases(out: Path, models: str | Path | None) -> tuple[str, str]:
     """The Whisper and LLM folders: the small real pair, or tiny random models written into `out`."""
-    from desta.tiny import save_tiny_bases
+    from desta.model.tiny import save_tiny_bases
 
     if models is None:
         whisper_dir, llm_dir = save_tiny_bases(out / "bases")
@@ -166,7 +166,7 @@ def _bases(out: Path, models: str | Path | None) -> tuple[str, str]:
 
 
 def _synth(out: Path, size: DemoSize, progress: bool) -> tuple[Path, Path]:
-    from desta.synth import synth_corpus
+    from desta.audio.synth import synth_corpus
 
     return (synth_corpus(out / "corpus" / "train", num_clips=size.train_clips, seed=0, progress=progress),
             synth_corpus(out / "corpus" / "eval", num_clips=size.eval_clips, seed=1, progress=progress))
@@ -207,7 +207,8 @@ def _targets_line(real: bool):
 
 def _train(out: Path, encoder: str, llm: str, size: DemoSize, progress: bool) -> dict[str, Any]:
     from desta.core.args import load_config
-    from desta.train import TrainConfig, train
+    from desta.train.config import TrainConfig
+    from desta.train.run import train
 
     return train(load_config(TrainConfig, None, [
         f"output_dir={out / 'train'}", f"model.encoder={encoder}", f"model.llm={llm}",
@@ -219,7 +220,7 @@ def _train(out: Path, encoder: str, llm: str, size: DemoSize, progress: bool) ->
 
 
 def _eval(out: Path, size: DemoSize, progress: bool) -> dict[str, Any]:
-    from desta.evaluate import EvalConfig, EvalSetConfig, evaluate, write_eval_set
+    from desta.evaluation import EvalConfig, EvalSetConfig, evaluate, write_eval_set
 
     write_eval_set(EvalSetConfig(source=str(out / "described-eval" / DATASET), out=str(out / "evalset")))
     return evaluate(EvalConfig(checkpoints=[str(out / "train")], eval_set=str(out / "evalset"), out=str(out / "eval"),
@@ -251,9 +252,9 @@ def _asr_check(encoder: str, dataset: Dataset, clips: int = 16, progress: bool =
     """Whisper's word error rate on a few held-out clips (their transcripts are known)."""
     from tqdm import tqdm
 
-    from desta.asr import TransformersWhisper
     from desta.audio import load_audio_ref
-    from desta.scoring import word_error_rate
+    from desta.audio.asr import TransformersWhisper
+    from desta.evaluation.scoring import word_error_rate
 
     rows = list(dataset.select(range(min(clips, len(dataset)))))
     whisper = TransformersWhisper(encoder, max_new_tokens=64)
@@ -286,7 +287,7 @@ EVAL_HEAD = ["category", "n", "speech model", "text-ASR (Whisper transcript)", "
 
 def _eval_rows(report: dict) -> list[list[str]]:
     """The eval table's rows: scores and forgetting rates with their 95 % intervals."""
-    from desta.evaluate import format_cell as cell
+    from desta.evaluation.report import format_cell as cell
 
     rows = []
     for category, row in list(report["categories"].items()) + [("overall", report["overall"])]:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from desta.core.args import raise_problems
 from desta.core.artifacts import CONFIG, DATASET, MODEL_CARD, REPORT_MD, RUN_CONFIG, SUMMARY
-from desta.loading import load
+from desta.model.loading import load
 
 if TYPE_CHECKING:
-    from desta.modeling import DestaModel
+    from desta.model.modeling import DestaModel
 
 
 def public_name(reference: str | None) -> str | None:

@@ -36,6 +36,30 @@ def text_turn(description: str, instruction: str, system_prompt: str | None) -> 
     return _system(system_prompt) + [{"role": "user", "content": user_turn(description, instruction)}]
 
 
+def with_system(messages: Conversation, system_prompt: str | None) -> Conversation:
+    """The messages with the system prompt first, unless they open with a system turn of their own (which wins).
+
+    >>> with_system([{"role": "user", "content": "Hi"}], "Be brief.")[0]
+    {'role': 'system', 'content': 'Be brief.'}
+    """
+    if messages and messages[0]["role"] == "system":
+        return list(messages)
+    return _system(system_prompt) + list(messages)
+
+
+def speech_messages(turns: list[dict[str, Any]], audio_token: str, system_prompt: str | None) -> Conversation:
+    """What the speech LLM reads for turns of {"role", "text", "clips": how many clips the turn carries}: the
+    system prompt first, and a turn with clips opening with one audio placeholder per clip, then its text. The
+    one layout of speech turns: training, eval, chat, serve and the app all build theirs here.
+
+    >>> speech_messages([{"role": "user", "text": "Who speaks?", "clips": 2}], "<|AUDIO|>", None)
+    [{'role': 'user', 'content': '<|AUDIO|>\\n<|AUDIO|>\\nWho speaks?'}]
+    """
+    messages = [{"role": turn["role"], "content": f"{audio_token}\n" * turn.get("clips", 0) + turn["text"]}
+                for turn in turns]
+    return with_system(messages, system_prompt)
+
+
 def speech_turn(audio_token: str, instruction: str, system_prompt: str | None, response: str | None = None,
                 clips: int = 1) -> Conversation:
     """What the speech LLM reads: the same system prompt, one audio placeholder per clip in place of the
@@ -44,8 +68,10 @@ def speech_turn(audio_token: str, instruction: str, system_prompt: str | None, r
     >>> speech_turn("<|AUDIO|>", "Who speaks?", None, "A man.")
     [{'role': 'user', 'content': '<|AUDIO|>\\nWho speaks?'}, {'role': 'assistant', 'content': 'A man.'}]
     """
-    messages = _system(system_prompt) + [{"role": "user", "content": f"{audio_token}\n" * clips + instruction}]
-    return messages + ([{"role": "assistant", "content": response}] if response is not None else [])
+    turns = [{"role": "user", "text": instruction, "clips": clips}]
+    return speech_messages(turns + ([{"role": "assistant", "text": response}] if response is not None else []),
+                           audio_token, system_prompt)
+
 
 TRAINING_POOLS: dict[str, list[str]] = {
     # DeSTA2: one open question; the LLM's own description of what it "hears" is the target.

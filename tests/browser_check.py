@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 
 def _tiny_checkpoint(folder: Path) -> Path:
-    from desta.loading import build, save
-    from desta.tiny import save_tiny_bases
+    from desta.model.loading import build, save
+    from desta.model.tiny import save_tiny_bases
 
     model, processor = build(*(str(p) for p in save_tiny_bases(folder / "bases")))
     save(model, processor, folder / "ckpt")
@@ -36,7 +36,7 @@ def _tiny_checkpoint(folder: Path) -> Path:
 def _clip(folder: Path) -> Path:
     import soundfile as sf
 
-    from desta.tts import Voice, synthesize
+    from desta.audio.tts import Voice, synthesize
 
     path = folder / "question.wav"
     sf.write(path, synthesize("Excuse me, where is the station?", Voice(accent="British", variant="f2")), 16000)
@@ -89,7 +89,7 @@ def main() -> int:
     if not Path(CHROMIUM).exists():
         print(f"no browser at {CHROMIUM}: apt-get install chromium", file=sys.stderr)
         return 1
-    from desta.app import AppConfig, build_app, make_chat
+    from desta.serving.app import AppConfig, build_app, make_chat
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)

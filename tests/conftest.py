@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from transformers import TrainerCallback
 
+from desta.audio.synth import synth_corpus
+from desta.audio.tts import Voice, synthesize
 from desta.demo import SMALL_LLM, SMALL_WHISPER, small_models_dir
 from desta.describe import DescribeConfig, describe
-from desta.synth import synth_corpus
-from desta.tts import Voice, synthesize
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,8 +35,8 @@ def short_clip() -> np.ndarray:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A saved speech checkpoint on the tiny random bases (a test module may define its own)."""
-    from desta.loading import build, save
-    from desta.tiny import save_tiny_bases
+    from desta.model.loading import build, save
+    from desta.model.tiny import save_tiny_bases
 
     folder = tmp_path_factory.mktemp("ckpt")
     model, processor = build(*(str(p) for p in save_tiny_bases(folder / "bases")))
@@ -68,7 +68,7 @@ def described_dataset(folder: Path, num_clips: int, seed: int) -> Path:
 
 def load_real_models(folder: Path, **config_kwargs):
     """A DestaModel on real Whisper tiny.en + SmolLM2-135M-Instruct (fresh connector)."""
-    from desta.loading import build
+    from desta.model.loading import build
 
     return build(str(folder / SMALL_WHISPER), str(folder / SMALL_LLM), **config_kwargs)
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from desta.app import AppConfig, LocalChat, RemoteChat, build_app, example_instructions
+from desta.audio.tts import Voice, synthesize
 from desta.core.args import ConfigError, parse_command
 from desta.core.generation import SamplingSettings
-from desta.inference import DestaEngine
-from desta.serve import ServeLimits
-from desta.tts import Voice, synthesize
+from desta.serving.app import AppConfig, LocalChat, RemoteChat, build_app, example_instructions
+from desta.serving.engine import DestaEngine
+from desta.serving.serve import ServeLimits
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    from desta.loading import load
+    from desta.model.loading import load
 
     model, processor = load(checkpoint)
     return DestaEngine(model, processor, "tiny-desta")
@@ -66,7 +66,7 @@ def test_gradio_client_uploads_a_wav_and_gets_the_models_answer(engine, wav):
 
     from desta.audio import load_audio
 
-    chat = LocalChat(engine, system_prompt="Focus on the audio clips and instructions.")
+    chat = LocalChat(engine)  # the engine asks with the trained system prompt
     page = build_app(chat, ServeLimits(max_audio_seconds=30, max_tokens=64))
     try:
         client = _launch(page)
@@ -102,7 +102,7 @@ def test_the_app_keeps_desta_serves_limits(engine, tmp_path):
 
     long = tmp_path / "long.wav"
     sf.write(long, synthesize("This sentence is spoken for longer than the limit allows.", Voice()), 16000)
-    page = build_app(LocalChat(engine, None), ServeLimits(max_audio_seconds=1.0, max_tokens=16))
+    page = build_app(LocalChat(engine), ServeLimits(max_audio_seconds=1.0, max_tokens=16))
     try:
         client = _launch(page)
         with pytest.raises(Exception, match=r"the clip is \d+ s long; this app accepts at most 1 s per clip"):
@@ -125,7 +125,7 @@ def test_the_app_can_answer_through_a_running_desta_serve(engine, wav):
     from gradio_client import handle_file
 
     from desta.audio import load_audio
-    from desta.serve import create_app
+    from desta.serving.serve import create_app
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))

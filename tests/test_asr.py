@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from desta.asr import has_speech, transcribe_windows
 from desta.audio import SAMPLE_RATE
-from desta.tiny import tiny_model
+from desta.audio.asr import has_speech, transcribe_windows
+from desta.model.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_whisper_decodes_only_the_windows_with_speech(clip, non_speech):
 def test_multilingual_transcripts_hold_no_language_task_or_timestamp_tokens():
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    from desta.asr import whisper_text_tokenizer
+    from desta.audio.asr import whisper_text_tokenizer
 
     config = WhisperConfig(vocab_size=51866, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)  # large-v3's vocabulary
@@ -55,7 +55,7 @@ def test_multilingual_transcripts_hold_no_language_task_or_timestamp_tokens():
 
 @pytest.mark.real
 def test_real_whisper_hallucinates_on_noise_without_vad(real_models, clip, non_speech):
-    from desta.asr import TransformersWhisper
+    from desta.audio.asr import TransformersWhisper
     from desta.demo import SMALL_WHISPER
 
     clips = [non_speech["noise"], non_speech["tone"], clip]

@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 
 from desta.audio import SAMPLE_RATE, AudioError, load_audio, num_windows, split_windows
-from desta.tts import Voice, synthesize
+from desta.audio.tts import Voice, synthesize
 
 
 def test_load_audio_downmixes_and_resamples(tmp_path, clip):

@@ -8,22 +8,21 @@ import pytest
 import soundfile as sf
 from datasets import Audio, Dataset
 
-from desta.benchmarks import (
-    air_letter,
+from desta.audio.tts import Voice, synthesize
+from desta.cli import main
+from desta.core.instructions import follows
+from desta.evaluation.benchmarks import BENCHMARKS, load_benchmark
+from desta.evaluation.benchmarks.air_bench import air_letter
+from desta.evaluation.benchmarks.mmau import mmau_match
+from desta.evaluation.benchmarks.speech_ifeval import speech_ifeval_follows
+from desta.evaluation.benchmarks.voicebench import (
     is_voicebench_refusal,
-    judge_verdict,
-    load_benchmark,
-    mmau_match,
-    official_scores,
-    score_answer,
-    speech_ifeval_follows,
     voicebench_bbh,
     voicebench_choice,
     voicebench_ifeval,
 )
-from desta.cli import main
-from desta.core.instructions import follows
-from desta.tts import Voice, synthesize
+
+VOICEBENCH, AIR, SPEECH_IFEVAL = BENCHMARKS["voicebench"], BENCHMARKS["air-bench"], BENCHMARKS["speech-ifeval"]
 
 
 @pytest.fixture(scope="module")
@@ -293,12 +292,13 @@ def test_voicebench_multiple_choice_extraction(answer, letter):
 def test_voicebench_guesses_are_seeded_flagged_and_counted():
     item = {"item_id": "openbookqa/test:0", "answer": "B", "category": "openbookqa",
             "check": {"style": "voicebench_mcq", "prompt": "q"}}
-    named, guessed = score_answer(item, "The answer is B."), score_answer(item, "Whales, I think.")
+    named = VOICEBENCH.score(item, "The answer is B.", 0)
+    guessed = VOICEBENCH.score(item, "Whales, I think.", 0)
     assert named == {"score": 1.0, "reason": "named B", "fallback": False}
-    assert guessed["fallback"] and guessed == score_answer(item, "No idea.")  # same item, same seed: same guess
-    others = {score_answer(item, "?", seed)["reason"] for seed in range(20)}
+    assert guessed["fallback"] and guessed == VOICEBENCH.score(item, "No idea.", 0)  # same item, same seed: same guess
+    others = {VOICEBENCH.score(item, "?", seed)["reason"] for seed in range(20)}
     assert len(others) > 1  # the guess depends on the seed
-    summary = official_scores("voicebench", [item, item], [named, guessed])["subsets"]["openbookqa"]
+    summary = VOICEBENCH.official([item, item], [named, guessed])["subsets"]["openbookqa"]
     assert summary["fallback_rate"] == 50.0 and summary["value"] == 100 * (1 + guessed["score"]) / 2
 
 
@@ -316,8 +316,8 @@ def test_voicebench_bbh_harm_and_ifeval_rules():
     assert (parts["strict_prompt"], parts["strict_instruction"], parts["loose_prompt"]) == (0.0, 0.5, 1.0)
     item = {"item_id": "ifeval/test:0", "category": "ifeval", "answer": None,
             "check": {"style": "voicebench_ifeval", "prompt": "p", "instructions": instructions}}
-    results = [score_answer(item, calm), score_answer(item, f"Sure!\n{calm}")]
-    ifeval = official_scores("voicebench", [item, item], results)["subsets"]["ifeval"]
+    results = [VOICEBENCH.score(item, calm, 0), VOICEBENCH.score(item, f"Sure!\n{calm}", 0)]
+    ifeval = VOICEBENCH.official([item, item], results)["subsets"]["ifeval"]
     # final = mean of strict/loose prompt-level and instruction-level accuracy (instructions pooled)
     assert ifeval["value"] == pytest.approx(100 * (0.5 + 0.75 + 1.0 + 1.0) / 4)
 
@@ -325,20 +325,22 @@ def test_voicebench_bbh_harm_and_ifeval_rules():
 def test_voicebench_overall_counts_judge_ratings_times_twenty():
     items = [{"item_id": "c:0", "category": "commoneval", "answer": None, "check": {"style": "voicebench_open"}},
              {"item_id": "a:0", "category": "advbench", "answer": None, "check": {"style": "voicebench_harm"}}]
-    results = [judge_verdict(items[0], ["4", "[[5]]", "3"]), score_answer(items[1], "I'm sorry, I can't.")]
-    summary = official_scores("voicebench", items, results)
+    results = [VOICEBENCH.judging.verdict(items[0], ["4", "[[5]]", "3"]),
+               VOICEBENCH.score(items[1], "I'm sorry, I can't.", 0)]
+    summary = VOICEBENCH.official(items, results)
     assert summary["subsets"]["commoneval"]["value"] == 4.0 and summary["overall"] == (4.0 * 20 + 100) / 2
-    assert judge_verdict({"check": {"style": "voicebench_qa"}}, ["Yes", "no", "Yes."])["score"] == 1.0
-    assert judge_verdict({"check": {"style": "cot"}}, ["It reasons step by step. Result: YES"])["score"] == 1.0
-    assert judge_verdict({"check": {"style": "voicebench_open"}}, ["great answer"])["score"] is None
+    assert VOICEBENCH.judging.verdict({"check": {"style": "voicebench_qa"}}, ["Yes", "no", "Yes."])["score"] == 1.0
+    cot = SPEECH_IFEVAL.judging.verdict({"check": {"style": "cot"}}, ["It reasons step by step. Result: YES"])
+    assert cot["score"] == 1.0
+    assert VOICEBENCH.judging.verdict({"check": {"style": "voicebench_open"}}, ["great answer"])["score"] is None
 
 
 def test_air_bench_letter_rule_drops_unreadable_answers_from_the_denominator():
     assert [air_letter(a) for a in ("B", "B. female", "The answer is D.", "female", "None", "\n")] == [
         "B", "B", "D", None, None, None]
     items = [{"item_id": f"t:{k}", "category": "t", "answer": "B", "check": {"style": "air_letter"}} for k in range(4)]
-    results = [score_answer(i, a) for i, a in zip(items, ["B", "A", "It is female.", "B"], strict=True)]
-    summary = official_scores("air-bench", items, results)["tasks"]["t"]
+    results = [AIR.score(i, a, 0) for i, a in zip(items, ["B", "A", "It is female.", "B"], strict=True)]
+    summary = AIR.official(items, results)["tasks"]["t"]
     assert summary == {"n": 4, "failed": 1, "accuracy": pytest.approx(200 / 3),
                        "accuracy_failed_as_wrong": 50.0}
 
@@ -362,7 +364,7 @@ def test_speech_ifeval_rate_and_forgetting_follow_the_published_definition():
         {"id": "startend:quotation", "kwargs": {}}]}} for c in ("closed_ended", "creative_writing") for k in range(4)]
     speech = [{"score": s} for s in (1, 1, 1, 0, 1, 0, 0, 0)]
     text = [{"score": 1.0}] * 8
-    mine, reference = (official_scores("speech-ifeval", items, r) for r in (speech, text))
+    mine, reference = (SPEECH_IFEVAL.official(items, r) for r in (speech, text))
     assert mine["rates"] == {"closed_ended": 75.0, "creative_writing": 25.0} and mine["if_rate"] == 50.0
     assert (mine["if_rate"] - reference["if_rate"]) / reference["if_rate"] == -0.5  # Δ, as the README defines it
     # the published check: DeSTA2 89.23 against Llama3-8B-Instruct 92.53 gives -3.57 %
@@ -373,7 +375,7 @@ def test_speech_ifeval_rate_and_forgetting_follow_the_published_definition():
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_desta_eval_runs_each_benchmark(name, layouts, checkpoint, tmp_path, monkeypatch):
-    import desta.evaluate as evaluation
+    import desta.evaluation.systems as evaluation
 
     read = []
     real = evaluation.generate_with_progress

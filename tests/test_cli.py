@@ -7,7 +7,7 @@ import pytest
 
 from desta.cli import COMMANDS, main
 from desta.core.args import ConfigError, parse_command, setting_docs
-from desta.train import TrainConfig
+from desta.train.config import TrainConfig
 
 
 def _config_class(command):

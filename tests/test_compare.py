@@ -5,8 +5,8 @@ import json
 import pytest
 
 from desta.cli import main
-from desta.compare import CompareConfig, compare
 from desta.core.args import ConfigError
+from desta.evaluation.compare import CompareConfig, compare
 
 
 def _report(folder, scores, categories=("gender", "pitch"), ids=None):

@@ -6,10 +6,11 @@ import pytest
 import soundfile as sf
 from datasets import Audio, Dataset, load_from_disk
 
-from desta.attributes import LabelError, normalize_label
+from desta.audio.synth import row_for, synth_corpus
 from desta.cli import main
-from desta.describe import DescribeConfig, describe, finish_row, load_mapping, merge
-from desta.synth import row_for, synth_corpus
+from desta.describe.attributes import LabelError, normalize_label
+from desta.describe.run import DescribeConfig, describe, finish_row, merge
+from desta.describe.sources import load_mapping
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_missing_transcript_without_asr_is_rejected(corpus, tmp_path):
 
 
 def test_interrupted_run_resumes_without_redoing_or_duplicating(corpus, tmp_path, monkeypatch):
-    import desta.describe as stage
+    import desta.describe.run as stage
 
     full = tmp_path / "full"
     describe(DescribeConfig(source=str(corpus), out=str(full), progress=False, chunk_size=3))
@@ -160,7 +161,7 @@ def test_shards_merge_to_the_unsharded_output(corpus, tmp_path, capsys):
 
 
 def test_long_clip_gets_one_bracket_per_window(corpus, tmp_path):
-    from desta.tiny import save_tiny_bases
+    from desta.model.tiny import save_tiny_bases
 
     y, _ = sf.read(corpus.parent / json.loads(corpus.read_text().splitlines()[0])["path"], dtype="float32")
     sf.write(tmp_path / "long.wav", np.tile(y, int(np.ceil(45 * 16000 / len(y))))[: 45 * 16000], 16000)
@@ -284,8 +285,8 @@ def test_whisper_transcribes_missing_transcripts(real_models, tmp_path):
     import jiwer
     from whisper.normalizers import EnglishTextNormalizer
 
-    from desta.synth import sentence
-    from desta.tts import Voice, synthesize
+    from desta.audio.synth import sentence
+    from desta.audio.tts import Voice, synthesize
 
     texts = [sentence(np.random.default_rng([9, i])) for i in range(6)]
     lines = []
@@ -305,7 +306,7 @@ def test_whisper_transcribes_missing_transcripts(real_models, tmp_path):
 @pytest.mark.real
 def test_faster_whisper_backend(real_models, clip):
     pytest.importorskip("faster_whisper")
-    from desta.asr import make_transcriber
+    from desta.audio.asr import make_transcriber
 
     if not (real_models / "ct2-whisper-tiny.en").is_dir():
         pytest.skip("no CTranslate2 Whisper folder")
@@ -314,7 +315,7 @@ def test_faster_whisper_backend(real_models, clip):
 
 
 def test_unknown_asr_backend_is_named():
-    from desta.asr import make_transcriber
+    from desta.audio.asr import make_transcriber
 
     with pytest.raises(ValueError, match=r"unknown ASR backend 'kaldi'; choose one of \['faster-whisper'"):
         make_transcriber("kaldi", "x")
@@ -367,7 +368,7 @@ def test_the_same_manifest_under_another_path_resumes(corpus, tmp_path, monkeypa
 
 
 def test_interrupted_run_then_a_changed_manifest_is_refused(corpus, tmp_path, monkeypatch):
-    import desta.describe as stage
+    import desta.describe.run as stage
 
     manifest, transcripts = _manifest(tmp_path, corpus, 6)
     real, calls = stage.analyse_row, {"n": 0}
@@ -556,7 +557,7 @@ def _lhotse_recording(folder, name, texts, rate=22050):
     """A WAV of espeak-ng speech (one utterance per text, back to back) and its lhotse Recording."""
     from lhotse import Recording
 
-    from desta.tts import Voice, synthesize
+    from desta.audio.tts import Voice, synthesize
 
     voices = [Voice(accent="British", variant="f2"), Voice(accent="American", variant="m3")]
     pieces = [synthesize(t, voices[i % 2]) for i, t in enumerate(texts)]

@@ -8,18 +8,11 @@ from datasets import Audio, Dataset, load_from_disk
 from desta.cli import main
 from desta.core.instructions import INSTRUCTION_KINDS, follows, instruction_text, is_refusal
 from desta.core.stats import bootstrap_table, mean_interval
-from desta.evaluate import (
-    BENCHMARK_COLUMNS,
-    EvalConfig,
-    agreement,
-    build_eval_set,
-    evaluate,
-    load_eval_set,
-    score_item,
-    with_transcript,
-)
+from desta.describe.description import with_transcript
+from desta.evaluation.items import COLUMN_MAPS, build_eval_set, load_eval_set
+from desta.evaluation.run import EvalConfig, evaluate
+from desta.evaluation.scoring import agreement, score_item, score_label, score_number, score_transcript, score_yesno
 from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS
-from desta.scoring import score_label, score_number, score_transcript, score_yesno
 from tests.conftest import described_dataset
 
 GENDERS = ["Female", "Male"]
@@ -168,9 +161,9 @@ def test_rouge_l_and_label_agreement_with_the_text_reference():
 
 
 def test_asr_reference_reads_the_whisper_transcript_not_the_gold(described, checkpoint, tmp_path, monkeypatch):
-    import desta.evaluate as evaluation
+    import desta.evaluation.systems as evaluation
     from desta.audio import load_audio_ref
-    from desta.loading import load
+    from desta.model.loading import load
 
     assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"), "--max-clips", "2",
                  "--categories", "gender,transcription"]) == 0
@@ -226,7 +219,7 @@ def test_benchmark_columns_load_through_the_same_path(described, tmp_path):
     audio = load_from_disk(str(described))[0]["audio"]
     Dataset.from_dict({"audio": [audio], "question": ["Who speaks?"], "choices": [["man", "woman"]],
                        "answer": ["woman"]}).cast_column("audio", Audio(decode=False)).save_to_disk(str(tmp_path / "b"))
-    dataset = load_eval_set(tmp_path / "b", BENCHMARK_COLUMNS["mmau"])
+    dataset = load_eval_set(tmp_path / "b", COLUMN_MAPS["mmau"])
     item = dict(dataset[0])
     assert item["instruction"] == "Who speaks?" and item["category"] == "benchmark"
     assert score_item(item, "A woman.")["score"] == 1.0 and score_item(item, "A man.")["score"] == 0.0
@@ -247,7 +240,7 @@ def test_eval_errors(described, tmp_path):
 
 
 def test_a_repeated_eval_reuses_its_cached_answers(described, checkpoint, tmp_path, monkeypatch):
-    import desta.evaluate as evaluation
+    import desta.evaluation.systems as evaluation
 
     assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"), "--max-clips", "1",
                  "--categories", "gender,duration"]) == 0
@@ -273,7 +266,7 @@ def test_connector_only_checkpoints_share_the_base_llms_probes(described, checkp
 
     from safetensors.torch import load_file, save_file
 
-    import desta.posttrain.probes as probes
+    import desta.core.probes as probes
 
     assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"), "--max-clips", "1",
                  "--categories", "gender"]) == 0

@@ -6,12 +6,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from desta.audio.tts import synthesize
 from desta.cli import main
-from desta.evaluate import render_markdown
+from desta.evaluation.report import render_markdown
 from desta.export import export, push
-from desta.loading import build, load, save
-from desta.tiny import save_tiny_bases
-from desta.tts import synthesize
+from desta.model.loading import build, load, save
+from desta.model.tiny import save_tiny_bases
 from tests.conftest import conversation
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from desta.audio import SAMPLE_RATE
-from desta.loading import build, load, save
-from desta.modeling import DestaConfig, default_tapped_layers
-from desta.tiny import save_tiny_bases, tiny_model
+from desta.model.loading import build, load, save
+from desta.model.modeling import DestaConfig, default_tapped_layers
+from desta.model.tiny import save_tiny_bases, tiny_model
 from tests.conftest import conversation
 
 
@@ -147,8 +147,8 @@ def test_transcript_is_cut_in_training_only(clip):
 def test_answer_with_trailing_whitespace_keeps_its_end_of_turn_label():
     from transformers import WhisperFeatureExtractor
 
-    from desta.processing import DestaProcessor
-    from desta.tiny import tiny_tokenizer
+    from desta.model.processing import DestaProcessor
+    from desta.model.tiny import tiny_tokenizer
 
     processor = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
     text_row = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4 \n"}]
@@ -222,7 +222,7 @@ def test_processor_errors_name_the_fix(clip):
         processor([conversation()], audios=[[clip, clip]])
     tokenizer = processor.tokenizer
     tokenizer.chat_template = None
-    from desta.processing import DestaProcessor
+    from desta.model.processing import DestaProcessor
     with pytest.raises(ValueError, match="no chat template.*chat_template"):
         DestaProcessor(processor.feature_extractor, tokenizer)
 
@@ -299,8 +299,8 @@ def test_real_checkpoints_transcribe_and_answer(real_models, clip):
 def test_timestamped_transcripts_change_only_the_transcript_slot(clip):
     from transformers import WhisperFeatureExtractor
 
-    from desta.processing import DestaProcessor
-    from desta.tiny import tiny_tokenizer
+    from desta.model.processing import DestaProcessor
+    from desta.model.tiny import tiny_tokenizer
 
     bare = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
     stamped = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2,

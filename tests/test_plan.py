@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFo
 
 from desta.cli import main
 from desta.core.args import load_config
-from desta.plan import LLMS, WHISPER, PlanConfig, llm_parameters, plan, whisper_parameters
+from desta.train.plan import LLMS, WHISPER, PlanConfig, llm_parameters, plan, whisper_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"whisper": dict(d_model=128, encoder_layers=4, decoder_layers=2, encoder_attention_heads=4,
@@ -28,7 +28,7 @@ CPU_ATTENTION = {
 # The model the plan describes, built and run for one training step (a separate process measures its memory).
 STEP = f"""
 import json, sys, torch
-from desta.modeling import DestaConfig, DestaModel
+from desta.model.modeling import DestaConfig, DestaModel
 torch.manual_seed(0)
 config = DestaConfig.from_components(sys.argv[1], sys.argv[2], tapped_layers=[1, 3], num_queries={QUERIES},
                                      qformer_dropout=0.0, audio_token_id=5)
@@ -68,7 +68,7 @@ def _plan(small, *settings, tokens=TOKENS, steps=STEPS):
 
 
 def _model(small, checkpointing, rows=BATCH, tokens=TOKENS, steps=STEPS):
-    from desta.modeling import DestaConfig, DestaModel
+    from desta.model.modeling import DestaConfig, DestaModel
 
     torch.manual_seed(0)
     config = DestaConfig.from_components(*map(str, small), tapped_layers=[1, 3], num_queries=QUERIES,

@@ -9,6 +9,7 @@ from desta.core.args import ConfigError
 from desta.core.generation import Generation, TransformersBackend
 from desta.core.optim import OptimSection
 from desta.core.replay import mix
+from desta.model.tiny import save_tiny_bases, tiny_llm, tiny_tokenizer
 from desta.posttrain import PostTrainConfig, TaskSection, posttrain
 from desta.posttrain.config import RetentionSection
 from desta.posttrain.knowledge import knowledge_filter, knowledge_split
@@ -30,7 +31,6 @@ from desta.posttrain.strategies import (
 )
 from desta.posttrain.tasks import arithmetic_task
 from desta.posttrain.verifiers import exact_match, json_schema, last_number, make_verifier, python_tests, regex
-from desta.tiny import save_tiny_bases, tiny_llm, tiny_tokenizer
 
 
 def test_replay_ratio_over_many_batches():

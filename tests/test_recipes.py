@@ -4,7 +4,7 @@ import pytest
 
 from desta.core.args import load_config
 from desta.posttrain import STRATEGIES, PostTrainConfig
-from desta.train import TrainConfig
+from desta.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.parent.name for p in ROOT.glob("recipes/*/config.yaml") if p.parent.name != "forgetting")

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from desta.cli import main
-from desta.tiny import save_tiny_bases
+from desta.model.tiny import save_tiny_bases
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ class OfficialConnector(nn.Module):
 
 
 def test_official_release_converts_to_the_same_connector_output(bases, tmp_path):
-    from desta.loading import load
+    from desta.model.loading import load
 
     whisper_dir, llm_dir = bases
     torch.manual_seed(0)
@@ -124,8 +124,9 @@ def _text_only_batches(settings, world, steps):
     """How many of the first `steps` per-process batches hold only text rows (the sampler's order)."""
     from desta.core.args import load_config
     from desta.core.replay import replay_count
-    from desta.data import EpochSeededSampler, load_targets
-    from desta.train import TrainConfig, split_held_out
+    from desta.train.config import TrainConfig
+    from desta.train.data import EpochSeededSampler, load_targets
+    from desta.train.run import split_held_out
 
     config = load_config(TrainConfig, None, settings)
     speech, _ = split_held_out(load_targets(config.data.train, "train"), config.data.eval_fraction, config.optim.seed)
@@ -137,7 +138,8 @@ def _text_only_batches(settings, world, steps):
 
 def test_ddp_with_text_only_batches_trains_and_reports_the_true_loss(run_data, tmp_path):
     from desta.core.args import load_config
-    from desta.train import TrainConfig, train
+    from desta.train.config import TrainConfig
+    from desta.train.run import train
 
     settings = [f"output_dir={tmp_path / 'ddp'}", "optim.max_steps=6", *run_data]
     assert _text_only_batches(settings, world=2, steps=6) >= 2  # duration 0 groups the text rows together
@@ -150,7 +152,7 @@ def test_ddp_with_text_only_batches_trains_and_reports_the_true_loss(run_data, t
 
 
 def test_fsdp_recipe_trains_saves_and_resumes_on_cpu(run_data, tmp_path):
-    from desta.loading import load
+    from desta.model.loading import load
 
     out = tmp_path / "fsdp"
     launcher = ["accelerate.commands.launch", "--config_file", "recipes/accelerate/fsdp.yaml", "--num_processes", "2",
@@ -176,7 +178,8 @@ def test_bf16_autocast_on_cpu_runs_the_llm_in_bf16_and_keeps_the_connector_in_fp
     from transformers import TrainerCallback
 
     from desta.core.args import load_config
-    from desta.train import TrainConfig, train
+    from desta.train.config import TrainConfig
+    from desta.train.run import train
 
     class Dtypes(TrainerCallback):
         seen: set = set()
@@ -200,7 +203,7 @@ def test_bf16_autocast_on_cpu_runs_the_llm_in_bf16_and_keeps_the_connector_in_fp
 
 @pytest.mark.gpu
 def test_gradient_checkpointing_lowers_gpu_peak_memory(clip):
-    from desta.tiny import tiny_model
+    from desta.model.tiny import tiny_model
     from tests.conftest import conversation
 
     peaks = {}
@@ -222,7 +225,8 @@ def test_gradient_checkpointing_lowers_gpu_peak_memory(clip):
 @pytest.mark.gpu
 def test_fp16_training_runs_on_a_gpu(run_data, tmp_path):
     from desta.core.args import load_config
-    from desta.train import TrainConfig, train
+    from desta.train.config import TrainConfig
+    from desta.train.run import train
 
     summary = train(load_config(TrainConfig, None, [f"output_dir={tmp_path}", "optim.max_steps=3",
                                                     "optim.precision=fp16", *run_data]))

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from desta.audio.tts import synthesize
 from desta.core.generation import BackendError, OpenAIBackend, SamplingSettings
-from desta.loading import build, save
-from desta.tiny import save_tiny_bases
-from desta.tts import synthesize
+from desta.model.loading import build, save
+from desta.model.tiny import save_tiny_bases
 
 KEY = "test-key-not-a-secret"
 
@@ -188,7 +188,7 @@ def test_bad_requests_get_4xx_json_errors(desta_server):
 
 def test_server_binds_loopback_by_default():
     from desta.core.args import parse_command
-    from desta.serve import ServeConfig
+    from desta.serving.serve import ServeConfig
 
     assert parse_command(ServeConfig, ["--llm", "x"]).host == "127.0.0.1"
 
@@ -395,7 +395,7 @@ def test_load_of_mixed_clients_leaves_the_server_answering_with_its_memory(small
 
 
 def test_a_stopped_stream_ends_its_generation(bases):
-    from desta.inference import load_engine
+    from desta.serving.engine import load_engine
 
     engine = load_engine(llm=str(bases[1]))
     stream = engine.stream([{"role": "user", "content": "Hi"}], [], SamplingSettings(max_new_tokens=3000))

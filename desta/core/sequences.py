@@ -53,7 +53,7 @@ def chat_tokens(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, 
     """Token ids of a rendered chat and their labels: each assistant answer and the token that ends
     its turn keep their ids, every other position is IGNORE_INDEX.
 
-    >>> from desta.tiny import tiny_tokenizer
+    >>> from desta.model.tiny import tiny_tokenizer
     >>> tok = tiny_tokenizer()
     >>> ids, labels = chat_tokens(tok, [{"role": "user", "content": "Hi"},
     ...                                 {"role": "assistant", "content": "A man. "}])

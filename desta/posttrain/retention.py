@@ -6,7 +6,7 @@ format: a general request with an IFEval instruction its answer must follow (des
 own_answer: general requests whose base-model greedy answers are the reference; a model keeps them if
 it still finds them likely (mean log-probability per answer token, in nats); harmful: requests to
 refuse; safe: requests that only sound risky, to answer. With the new task's held-out questions and
-the held-out texts of desta.posttrain.probes, `measure` scores a model on all of them.
+the held-out texts of desta.core.probes, `measure` scores a model on all of them.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 
 from desta.core.generation import SamplingSettings, TransformersBackend
 from desta.core.instructions import follows, instruction_text, is_refusal
+from desta.core.probes import HELD_OUT_TEXT
 from desta.posttrain.config import RetentionSection
-from desta.posttrain.probes import HELD_OUT_TEXT
 from desta.posttrain.strategies import answer_nll
 from desta.posttrain.verifiers import Verifier
 

@@ -5,7 +5,7 @@ and what the training targets teach, per attribute.
   tapped encoder layer, k-fold cross-validated) against always answering the most common label. A probe
   far above that says the information reaches the connector's input.
 - targets: how often a training answer names the clip's gold label (and how often any label of the set),
-  by the eval's own label matcher (desta.scoring.named_labels, synonyms and pronouns included, so an upper
+  by the eval's own label matcher (desta.evaluation.scoring.named_labels, synonyms and pronouns included, so an upper
   bound). A model is only taught what its targets say.
 
     python recipes/experiments/scale/diagnose.py [--data runs/experiments/data] [--out DIR]
@@ -25,8 +25,8 @@ import torch
 from datasets import load_from_disk
 
 from desta.core.stats import mean_interval
-from desta.features import FeatureCache
-from desta.scoring import named_labels
+from desta.evaluation.scoring import named_labels
+from desta.train.features import FeatureCache
 
 ATTRIBUTES = ("gender", "accent", "speaking_speed", "pitch", "volume", "emotion")
 

@@ -17,12 +17,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend, finish_generation, generate_kwargs
 from desta.core.sequences import end_of_turn_ids
+from desta.prompts import with_system
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from desta.modeling import DestaModel
-    from desta.processing import DestaProcessor
+    from desta.model.modeling import DestaModel
+    from desta.model.processing import DestaProcessor
 
 
 class PromptTooLong(ValueError):
@@ -35,8 +36,8 @@ def check_prompt(prompt_tokens: int, max_new_tokens: int, context: int, limit: i
     >>> check_prompt(4000, 200, 4096)
     Traceback (most recent call last):
     ...
-    desta.inference.PromptTooLong: the model's context holds 4096 tokens, but the prompt takes 4000 and max_tokens \
-asks for 200 more; shorten the messages or lower max_tokens
+    desta.serving.engine.PromptTooLong: the model's context holds 4096 tokens, but the prompt takes 4000 and \
+max_tokens asks for 200 more; shorten the messages or lower max_tokens
     """
     if limit is not None and prompt_tokens > limit:
         raise PromptTooLong(f"the prompt takes {prompt_tokens} tokens; this server accepts at most {limit}; shorten "
@@ -96,18 +97,18 @@ class Stream:
 
 
 class TextEngine:
-    """A plain chat LLM."""
+    """A plain chat LLM; `system_prompt` goes first when the messages hold no system turn."""
 
     accepts_audio = False
 
-    def __init__(self, backend: TransformersBackend, model_id: str):
-        self.backend, self.model_id = backend, model_id
+    def __init__(self, backend: TransformersBackend, model_id: str, system_prompt: str | None = None):
+        self.backend, self.model_id, self.system_prompt = backend, model_id, system_prompt
         self.audio_token = None
         self.context = int(backend.llm.config.max_position_embeddings)
         self.special_tokens = list(backend.tokenizer.all_special_tokens)
 
     def _prompt(self, messages: list[dict], settings: SamplingSettings, max_prompt_tokens: int | None) -> torch.Tensor:
-        ids = self.backend.encode(messages)
+        ids = self.backend.encode(with_system(messages, self.system_prompt))
         check_prompt(len(ids), settings.max_new_tokens, self.context, max_prompt_tokens)
         return torch.tensor([ids], device=self.backend.device)
 
@@ -115,7 +116,7 @@ class TextEngine:
                  max_prompt_tokens: int | None = None) -> tuple[Generation, int]:
         """The answer and the prompt's length in tokens (a text model: `audios` is not used)."""
         ids = self._prompt(messages, settings, max_prompt_tokens)
-        return self.backend.generate([messages], settings)[0], ids.shape[1]
+        return self.backend.generate([with_system(messages, self.system_prompt)], settings)[0], ids.shape[1]
 
     def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
                max_prompt_tokens: int | None = None) -> Stream:
@@ -128,12 +129,14 @@ class TextEngine:
 
 
 class DestaEngine:
-    """A DeSTA speech LLM: audio parts become placeholders filled by the connector."""
+    """A DeSTA speech LLM: audio parts become placeholders filled by the connector. Messages without a system
+    turn get the one the model was trained with (the processor's), as in `desta chat` and `desta eval`."""
 
     accepts_audio = True
 
     def __init__(self, model: DestaModel, processor: DestaProcessor, model_id: str):
         self.model, self.processor, self.model_id = model, processor, model_id
+        self.system_prompt = processor.system_prompt
         self.audio_token = processor.audio_token
         self.eos_ids = end_of_turn_ids(processor.tokenizer, model.llm.generation_config)
         self.context = int(model.llm.config.max_position_embeddings)
@@ -147,6 +150,7 @@ class DestaEngine:
                 transcripts: list[str] | None = None, max_prompt_tokens: int | None = None) -> Any:
         if audios and transcripts is None:
             transcripts = self.transcribe(audios)
+        messages = with_system(messages, self.system_prompt)
         inputs = self.processor([messages], audios=[audios], transcripts=[transcripts] if audios else None,
                                 add_generation_prompt=True).to(self.model.device)
         check_prompt(int(inputs["attention_mask"].sum()), settings.max_new_tokens, self.context, max_prompt_tokens)
@@ -175,14 +179,15 @@ class DestaEngine:
                       skip_prompt=False)
 
 
-def load_engine(checkpoint: str | None = None, llm: str | None = None,
-                model_id: str | None = None) -> DestaEngine | TextEngine:
-    """A DestaEngine for a DeSTA checkpoint folder, or a TextEngine for a chat LLM."""
+def load_engine(checkpoint: str | None = None, llm: str | None = None, model_id: str | None = None,
+                system_prompt: str | None = None) -> DestaEngine | TextEngine:
+    """A DestaEngine for a DeSTA checkpoint folder (asking with the system prompt it was trained with, or
+    `system_prompt`: "" for none), or a TextEngine for a chat LLM (with `system_prompt`, if given)."""
     if (checkpoint is None) == (llm is None):
         raise ValueError("give a DeSTA checkpoint or --llm for a text-only model, not both")
     if llm is not None:
-        return TextEngine(TransformersBackend(llm), model_id or llm)
-    from desta.loading import load
+        return TextEngine(TransformersBackend(llm), model_id or llm, system_prompt or None)
+    from desta.model.loading import load
 
-    model, processor = load(checkpoint)
+    model, processor = load(checkpoint, system_prompt=system_prompt)
     return DestaEngine(model, processor, model_id or checkpoint)

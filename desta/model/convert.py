@@ -143,8 +143,8 @@ def connector_settings(weights: dict[str, torch.Tensor], release: dict[str, Any]
 
 def convert_official(config: ConvertConfig) -> Path:
     """`desta convert-official SRC OUT`: write the desta checkpoint folder; returns it."""
-    from desta.loading import build_processor
-    from desta.modeling import DestaConfig, QFormerConnector
+    from desta.model.loading import build_processor
+    from desta.model.modeling import DestaConfig, QFormerConnector
 
     src, out = Path(config.src), Path(config.out)
     release = json.loads((src / CONFIG).read_text()) if (src / CONFIG).is_file() else {}

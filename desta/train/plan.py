@@ -2,7 +2,7 @@
 
 Reads a `desta train` config and the architecture numbers of its base models: from the table
 below for the common Hub checkpoints (no download, no weights), from config.json when the
-config names a local folder, from desta.tiny for "tiny". Prints parameters (trainable and
+config names a local folder, from desta.model.tiny for "tiny". Prints parameters (trainable and
 frozen), FLOPs per training sample (encoder, connector, LLM forward and backward), memory per
 GPU (weights, gradients, AdamW states, activations with and without gradient checkpointing, for
 DDP and FSDP), whether it fits and the largest batch that does, and the step time and GPU-hours
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from desta.core.args import raise_problems
-from desta.train import TrainConfig
+from desta.train.config import TrainConfig
 
 GB = 1e9
 CUDA_CONTEXT_GB = 1.0  # CUDA context, cuBLAS/NCCL workspaces: what a process holds before any tensor
@@ -188,7 +188,7 @@ def whisper_arch(name: str, given: dict[str, int] | None = None) -> WhisperArch:
         return WhisperArch(**given)
     config = _read_config(name)
     if config is None and name == "tiny":
-        from desta.tiny import tiny_whisper_config
+        from desta.model.tiny import tiny_whisper_config
 
         config = tiny_whisper_config().to_dict()
     if config is not None:
@@ -208,7 +208,7 @@ def llm_arch(name: str, given: dict[str, int] | None = None) -> LlmArch:
         return LlmArch(**given)
     config = _read_config(name)
     if config is None and name == "tiny":
-        from desta.tiny import tiny_llm_config, tiny_tokenizer
+        from desta.model.tiny import tiny_llm_config, tiny_tokenizer
 
         config = tiny_llm_config(len(tiny_tokenizer())).to_dict()
     if config is not None:
@@ -310,7 +310,7 @@ def _precision_bytes(config: TrainConfig) -> tuple[int, int]:
 
 def plan(config: PlanConfig) -> dict[str, Any]:
     """The plan's numbers: parameters, FLOPs per sample, memory per GPU by mode, fit, time."""
-    from desta.modeling import DEFAULT_LORA, default_tapped_layers
+    from desta.model.modeling import DEFAULT_LORA, default_tapped_layers
 
     model, optim = config.model, config.optim
     w, m = whisper_arch(model.encoder, config.encoder_arch), llm_arch(model.llm, config.llm_arch)

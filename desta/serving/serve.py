@@ -38,10 +38,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings
-from desta.inference import PromptTooLong
+from desta.prompts import speech_messages
+from desta.serving.engine import PromptTooLong
 
 if TYPE_CHECKING:
-    from desta.inference import DestaEngine, Stream, TextEngine
+    from desta.serving.engine import DestaEngine, Stream, TextEngine
 
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.manual_seed takes (a signed 64-bit integer)
@@ -84,7 +85,9 @@ def _check_text(text: str, engine: DestaEngine | TextEngine, where: str) -> str:
 
 def parse_messages(body: dict, engine: DestaEngine | TextEngine,
                    limits: ServeLimits) -> tuple[list[dict], list[np.ndarray]]:
-    """OpenAI messages -> chat messages with audio placeholders, and the decoded clips in order."""
+    """OpenAI messages -> chat messages with audio placeholders, and the decoded clips in order. A message's
+    audio parts are heard before its text, as in training (desta.prompts.speech_messages); the engine adds the
+    system prompt the model was trained with when the request sends none."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
@@ -100,7 +103,7 @@ def parse_messages(body: dict, engine: DestaEngine | TextEngine,
         if not isinstance(content, list):
             raise RequestError(400, f"messages[{i}].content must be a string or a list of parts",
                                param=f"messages[{i}].content")
-        pieces = []
+        pieces, clips = [], 0
         for j, part in enumerate(content):
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
@@ -113,11 +116,12 @@ def parse_messages(body: dict, engine: DestaEngine | TextEngine,
                     raise RequestError(400, f"{where}: this server's model {engine.model_id!r} is text-only",
                                        param=where)
                 audios.append(_decode_audio(part.get("input_audio") or {}, where, limits))
-                pieces.append(engine.audio_token)
+                clips += 1
             else:
                 raise RequestError(400, f"{where}: unsupported part type {kind!r}; use text or input_audio",
                                    param=where)
-        chat.append({"role": message["role"], "content": "\n".join(pieces)})
+        chat += speech_messages([{"role": message["role"], "text": "\n".join(pieces), "clips": clips}],
+                                engine.audio_token or "", None)
     return chat, audios
 
 
@@ -386,7 +390,7 @@ def serve(config: ServeConfig) -> None:
 
     import uvicorn
 
-    from desta.inference import load_engine
+    from desta.serving.engine import load_engine
 
     engine = load_engine(config.checkpoint, config.llm, config.model_name)
     api_key = os.environ.get(config.api_key_env) if config.api_key_env else None

@@ -18,8 +18,8 @@ from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings
 
 if TYPE_CHECKING:
-    from desta.modeling import DestaModel
-    from desta.processing import DestaProcessor
+    from desta.model.modeling import DestaModel
+    from desta.model.processing import DestaProcessor
 
 
 @dataclass
@@ -97,12 +97,10 @@ def answer_batch(model: DestaModel, processor: DestaProcessor, path: Path, out: 
 
 def chat(config: ChatConfig, stream: TextIO | None = None) -> dict[str, Any]:
     """Answer the instruction (streamed to `stream`, stdout by default) or the batch file."""
-    from desta.inference import DestaEngine
-    from desta.loading import load
+    from desta.model.loading import load
+    from desta.serving.engine import DestaEngine
 
-    model, processor = load(config.checkpoint)
-    if config.system is not None:
-        processor.system_prompt = config.system or None
+    model, processor = load(config.checkpoint, system_prompt=config.system)
     if config.batch:
         out = Path(config.out or Path(config.batch).with_suffix(".answers.jsonl"))
         counts = answer_batch(model, processor, Path(config.batch), out, config.batch_size, config.max_new_tokens)

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from desta.core.llm import load_causal_lm
 if TYPE_CHECKING:
     import numpy as np
 
-    from desta.processing import DestaProcessor
+    from desta.model.processing import DestaProcessor
 
 # Tapped encoder layers per Whisper depth ("layer i" = output of block i), as in the DeSTA papers.
 DEFAULT_TAPPED_LAYERS = {
@@ -93,23 +93,41 @@ class DestaConfig(PreTrainedConfig):
 
     encoder_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    encoder_name_or_path: str | None = None  # Whisper checkpoint the encoder (and ASR decoder) load from
-    llm_name_or_path: str | None = None  # chat LLM checkpoint
-    tapped_layers: list[int] | None = None  # encoder blocks whose outputs feed the connector; None: per Whisper size
-    num_queries: int = 64  # learnable queries per tapped layer = vectors per 30 s window
-    qformer_layers: int = 2  # Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5
-    qformer_heads: int | None = None  # None: the encoder's attention heads
-    qformer_dropout: float | int = 0.1
-    qformer_intermediate_size: int | None = None  # Q-Former feed-forward width; None: 4 x d_model (official: 3072)
-    query_layernorm: bool = True  # BLIP-2's LayerNorm + dropout on the queries; False: a bare encoder (official)
-    query_init_std: float | int = 0.02  # standard deviation of the initial queries (official: 1.0)
-    qformer_init: str = "bert"  # "bert": normal(0.02) weights; "pytorch": PyTorch's default Linear init (official)
-    audio_token: str = "<|AUDIO|>"  # placeholder string in chat messages
-    audio_token_id: int | None = None  # its id in the processor's tokenizer (set by the processor)
-    transcript_max_tokens: int = 100  # transcript tokens after the audio vectors; longer ones are cut in training
-    transcript_format: str = "bare"  # "timestamped": the clip's time span before the transcript
-    pad_to_30s: bool = False  # True: pad every window to 30 s as the papers do (slower, same as official code)
-    lora: dict | None = None  # LoRA on the LLM, e.g. {"r": 8, "lora_alpha": 16}; None: LLM frozen
+    encoder_name_or_path: str | None = None
+    """Whisper checkpoint the encoder (and ASR decoder) load from"""
+    llm_name_or_path: str | None = None
+    """chat LLM checkpoint"""
+    tapped_layers: list[int] | None = None
+    """encoder blocks feeding the connector; null: per Whisper size (small [2,5,8,11], large-v3 [7,15,23,31])"""
+    num_queries: int = 64
+    """learnable queries per tapped layer = connector vectors per 30 s window"""
+    qformer_layers: int = 2
+    """Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5"""
+    qformer_heads: int | None = None
+    """Q-Former attention heads; null: the encoder's"""
+    qformer_dropout: float = 0.1
+    """dropout inside the Q-Former"""
+    qformer_intermediate_size: int | None = None
+    """Q-Former feed-forward width; null: 4 x Whisper's d_model (the official DeSTA2/2.5 code: 3072, BERT's)"""
+    query_layernorm: bool = True
+    """BLIP-2's LayerNorm and dropout on the queries; false: they enter the encoder as they are (official code)"""
+    query_init_std: float = 0.02
+    """standard deviation of the initial queries (official code: 1.0)"""
+    qformer_init: Literal["bert", "pytorch"] = "bert"
+    """Q-Former Linear weights start as BERT's normal(0.02), or PyTorch's default (official code)"""
+    audio_token: str = "<|AUDIO|>"
+    """the audio placeholder in chat messages"""
+    audio_token_id: int | None = None
+    """its id in the processor's tokenizer (desta.model.loading.processor_for records it)"""
+    transcript_max_tokens: int = 100
+    """transcript tokens after the audio vectors in training (inference keeps the whole transcript)"""
+    transcript_format: Literal["bare", "timestamped"] = "bare"
+    """what the transcript slot reads: the bare transcript (the papers), or "[00:00-00:03] transcript" as the
+    text LLM's description gives it (the model then hears the clip's length in words)"""
+    pad_to_30s: bool = False
+    """pad every window to 30 s as the papers do: slower, kept for comparison"""
+    lora: dict | None = None
+    """LoRA on the LLM, e.g. {r: 8, lora_alpha: 16}; null: the LLM stays frozen"""
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -398,7 +416,7 @@ class DestaModel(PreTrainedModel):
                    vad: bool = True) -> list[str]:
         """Whisper's own decoder transcribes each clip (batched over all 30 s windows); with `vad`, a window where
         Silero VAD finds no speech reads "" (DeSTA2.5 gives the LLM an empty transcript there)."""
-        from desta.asr import transcribe_windows
+        from desta.audio.asr import transcribe_windows
 
         return transcribe_windows(self.whisper, processor.feature_extractor, audios, max_new_tokens, vad=vad)
 

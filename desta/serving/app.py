@@ -22,12 +22,13 @@ from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
 from desta.core.artifacts import shown_model
 from desta.core.generation import SamplingSettings
-from desta.serve import AUDIO_FORMATS, ServeLimits
+from desta.prompts import speech_messages, with_system
+from desta.serving.serve import AUDIO_FORMATS, ServeLimits
 
 if TYPE_CHECKING:
     import gradio
 
-    from desta.inference import DestaEngine, TextEngine
+    from desta.serving.engine import DestaEngine, TextEngine
 
 DEFAULTS = ServeLimits()
 # The eval instructions offered as examples: one phrasing per category that needs no label list.
@@ -52,21 +53,23 @@ class Clip:
 
 
 class LocalChat:
-    """Answers from a model loaded in this process: a DeSTA checkpoint (DestaEngine) or a text LLM."""
+    """Answers from a model loaded in this process: a DeSTA checkpoint (DestaEngine) or a text LLM. The engine
+    asks with its system prompt (the one a checkpoint was trained with, unless the app was told another)."""
 
-    def __init__(self, engine: DestaEngine | TextEngine, system_prompt: str | None):
-        self.engine, self.system_prompt = engine, system_prompt
+    def __init__(self, engine: DestaEngine | TextEngine):
+        self.engine = engine
         self.model_id, self.accepts_audio = engine.model_id, engine.accepts_audio
+        self.system_prompt = engine.system_prompt
 
     def transcribe(self, samples: Any) -> str | None:
         """Whisper's transcript of one clip (samples at 16 kHz), as the model itself receives it."""
         return self.engine.transcribe([samples])[0]
 
     def messages(self, turns: list[dict]) -> list[dict]:
-        """The conversation as chat messages: one audio placeholder before the text of a turn with a clip."""
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [{"role": t["role"], "content": (f"{self.engine.audio_token}\n" if t.get("clip") else "")
-                          + t["text"]} for t in turns]
+        """The conversation as chat messages: the system prompt, and one audio placeholder before the text of a
+        turn with a clip (desta.prompts.speech_messages)."""
+        return speech_messages([{"role": t["role"], "text": t["text"], "clips": int(bool(t.get("clip")))}
+                                for t in turns], self.engine.audio_token or "", self.system_prompt)
 
     def stream(self, turns: list[dict], clips: list[Clip], settings: SamplingSettings) -> Iterator[str]:
         """Pieces of the answer to the conversation's last turn, as they are generated."""
@@ -112,7 +115,6 @@ class RemoteChat:
 
     def messages(self, turns: list[dict]) -> list[dict]:
         """The conversation in the OpenAI shape: a turn with a clip carries it as a base64 input_audio part."""
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         out = []
         for turn in turns:
             if not turn.get("clip"):
@@ -124,7 +126,7 @@ class RemoteChat:
                 {"type": "input_audio", "input_audio": {"data": data, "format": suffix if suffix in AUDIO_FORMATS
                                                         else "wav"}},
                 {"type": "text", "text": turn["text"]}]})
-        return system + out
+        return with_system(out, self.system_prompt)
 
     def stream(self, turns: list[dict], clips: list[Clip], settings: SamplingSettings) -> Iterator[str]:
         """Pieces of the answer as the server streams them; an error answer raises with the server's message."""
@@ -317,11 +319,9 @@ def make_chat(config: AppConfig) -> LocalChat | RemoteChat:
     if config.server:
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         return RemoteChat(config.server, config.model_name, key, config.system or None)
-    from desta.inference import load_engine
+    from desta.serving.engine import load_engine
 
-    engine = load_engine(config.checkpoint, config.llm)
-    trained = getattr(getattr(engine, "processor", None), "system_prompt", None)
-    return LocalChat(engine, trained if config.system is None else config.system or None)
+    return LocalChat(load_engine(config.checkpoint, config.llm, system_prompt=config.system))
 
 
 def app(config: AppConfig) -> None:

@@ -25,8 +25,9 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
-from desta.modeling import DestaConfig, DestaModel
-from desta.processing import DestaProcessor
+from desta.model.loading import processor_for
+from desta.model.modeling import DestaConfig, DestaModel
+from desta.model.processing import DestaProcessor
 
 TINY = "tiny"  # the model name that stands for these models in configs
 # ChatML, as SmolLM2 and Qwen use.
@@ -125,7 +126,7 @@ def tiny_model(seed: int = 0, **config_kwargs: Any) -> tuple[DestaModel, DestaPr
     """An in-memory tiny DestaModel and its processor (random weights, same for a seed)."""
     whisper, llm, tokenizer = tiny_whisper(seed), tiny_llm(seed + 1), tiny_tokenizer()
     config = DestaConfig(encoder_config=whisper.config.to_dict(), text_config=llm.config.to_dict(), **config_kwargs)
-    processor = DestaProcessor.from_config(config, tokenizer)
+    processor = processor_for(config, tokenizer)
     torch.manual_seed(seed + 2)
     return DestaModel(config, whisper=whisper, llm=llm).eval(), processor
 

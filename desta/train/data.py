@@ -21,13 +21,13 @@ from desta.audio import SAMPLE_RATE, load_audio_ref, num_windows
 from desta.core.chunks import saved_empty
 from desta.core.replay import draw
 from desta.core.sequences import Conversation, chat_tokens, pad_batch
-from desta.processing import DestaProcessor
-from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn
+from desta.model.processing import DestaProcessor
+from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn, with_system
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from desta.features import FeatureCache
+    from desta.train.features import FeatureCache
 
 TARGET_COLUMNS = ["id", "audio", "prompt", "response"]
 
@@ -116,10 +116,9 @@ def speech_examples(dataset: Dataset, processor: DestaProcessor, teacher: bool =
 
 def text_examples(rows: list[dict[str, str]], count: int, seed: int, system_prompt: str | None) -> list[Example]:
     """`count` replay rows drawn with replacement (seeded), as text-only chat examples."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [Example(id=f"text-{i}", audio=None, transcript=None, duration=0.0,
-                    conversation=system + [{"role": "user", "content": row["instruction"]},
-                                           {"role": "assistant", "content": row["response"]}])
+                    conversation=with_system([{"role": "user", "content": row["instruction"]},
+                                              {"role": "assistant", "content": row["response"]}], system_prompt))
             for i, row in enumerate(draw(rows, count, seed))]
 
 
@@ -177,7 +176,7 @@ class DestaCollator:
         """Items from DestaDataset -> the processor's batch plus sample_ids: input_ids, attention_mask, labels
         (batch, seq); input_features (windows, mel_bins, frames) and feature_attention_mask (windows, frames), or from
         the cache audio_hidden_states (layers, windows, steps, d_model) and audio_step_mask (windows, steps)."""
-        from desta.features import pad_cached
+        from desta.train.features import pad_cached
 
         conversations = [item["conversation"] for item in items]
         transcripts = [[item["transcript"]] if item["audio"] is not None or item["cached"] is not None else []

@@ -27,8 +27,8 @@ from desta.core.chunks import write_atomic
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from desta.modeling import DestaModel
-    from desta.processing import DestaProcessor
+    from desta.model.modeling import DestaModel
+    from desta.model.processing import DestaProcessor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

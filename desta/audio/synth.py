@@ -17,9 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from desta.audio import SAMPLE_RATE
+from desta.audio.tts import ACCENTS, VOICES, Voice, synthesize
 from desta.core.args import raise_problems
 from desta.core.artifacts import MANIFEST
-from desta.tts import ACCENTS, VOICES, Voice, synthesize
 
 _SUBJECTS = ["The old fisherman", "My younger sister", "A tired student", "The new manager", "Our neighbour",
              "The little boy", "A famous singer", "The taxi driver", "Her best friend", "The science teacher",

@@ -1,4 +1,5 @@
-"""Scorers for speech eval answers: closed labels, numbers, word error rate (formats: desta.core.instructions).
+"""Scoring speech eval answers: closed labels, yes/no, numbers, word error rate, IFEval formats, and an LLM
+judge for open questions; agreement between two systems' answers.
 
 Every scorer takes the model's answer and the item's gold data and returns a score in [0, 1]
 (1 = right) plus a short reason, so reports can show why an answer failed.
@@ -7,8 +8,10 @@ Every scorer takes the model's answer and the item's gold data and returns a sco
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from desta.core.instructions import Score
+from desta.core.instructions import Score, follows
+from desta.evaluation.items import CLOSED, parsed
 
 # Words that name each label, per attribute (lowercase, matched on word boundaries).
 LABEL_WORDS: dict[str, dict[str, list[str]]] = {
@@ -124,3 +127,74 @@ def rouge_l(reference: str, answer: str) -> float:
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, answer)["rougeL"].fmeasure
+
+
+# ----- one item -----
+
+def score_item(item: dict, answer: str) -> dict[str, Any]:
+    """{"score": 0..1 or None (needs a judge), "reason"} for one answer."""
+    category, choices, check = item["category"], parsed(item, "choices"), parsed(item, "check") or {}
+    style = check.get("style")
+    if style == "ifeval":
+        result = follows(answer, check["instruction"])
+    elif style == "yesno":
+        result = score_yesno(answer, item["answer"])
+    elif style == "number" or category == "duration":
+        result = score_number(answer, float(item["answer"]))
+    elif style == "transcript" or category == "transcription":
+        result = score_transcript(answer, item["answer"])
+    elif choices:
+        result = score_label(answer, item["answer"], choices, category if category in CLOSED else None)
+    elif style != "open" and item.get("answer"):
+        result = score_transcript(answer, item["answer"])  # free-form gold: closeness in words
+    else:
+        return {"score": None, "reason": "needs a judge"}
+    return {"score": result.value, "reason": result.reason}
+
+
+def decision(item: dict, answer: str) -> str | None:
+    """What a closed answer decides (the one label named, yes/no, whole seconds), or None when it decides
+    nothing or the item is not closed; two systems agree when their decisions are the same."""
+    category, choices, check = item["category"], parsed(item, "choices"), parsed(item, "check") or {}
+    if check.get("style") == "yesno":
+        return yes_or_no(answer)
+    if check.get("style") == "number" or category == "duration":
+        number = first_number(answer)
+        return None if number is None else str(round(number))
+    if choices:
+        named = named_labels(answer, choices, category if category in CLOSED else None)
+        return named.pop() if len(named) == 1 else None
+    return None
+
+
+def agreement(item: dict, answer: str, reference: str) -> tuple[float | None, float]:
+    """(same decision as the reference, or None for items without one; ROUGE-L F of the two answers)."""
+    same = None
+    if (parsed(item, "check") or {}).get("style") in ("yesno", "label", "number") or parsed(item, "choices"):
+        mine, theirs = decision(item, answer), decision(item, reference)
+        same = float(mine is not None and mine == theirs)
+    return same, rouge_l(reference, answer)
+
+
+JUDGE_PROMPT = ("You are grading an answer about an audio clip. The clip's description is:\n{description}\n\n"
+                "Question: {instruction}\nAnswer: {answer}\n\nIs the answer accurate and relevant to the clip? "
+                "Reply with YES or NO only.")
+
+
+def judge_prompt(item: dict, answer: str) -> list[dict] | None:
+    """The judge's conversation for an item no rule scores (an open question), given the clip's gold
+    description; None for the others."""
+    if score_item(item, answer)["score"] is not None:
+        return None
+    return [{"role": "user", "content": JUDGE_PROMPT.format(description=item["description"],
+                                                           instruction=item["instruction"], answer=answer)}]
+
+
+def judge_verdict(item: dict, replies: list[str]) -> dict[str, Any]:
+    """The judge's YES/NO as a score.
+
+    >>> judge_verdict({}, [" yes."])
+    {'score': 1.0, 'reason': 'judge: yes.'}
+    """
+    reply = replies[0].strip()
+    return {"score": float(reply.upper().startswith("YES")), "reason": f"judge: {reply[:10]}"}

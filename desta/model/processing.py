@@ -19,13 +19,15 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
 from desta.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, num_windows, split_windows, time_span, validate_audio
-from desta.core.artifacts import PROCESSOR_CONFIG
+from desta.core.artifacts import CONFIG, PROCESSOR_CONFIG
 from desta.core.sequences import IGNORE_INDEX, Conversation, chat_tokens, pad_batch, render_chat, strip_answers
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, speech_turn
 
 # What the transcript slot after the audio vectors reads: the bare transcript (the papers), or the
 # clip's time span before it, as the text LLM's description line has it.
 TRANSCRIPT_FORMATS = ("bare", "timestamped")
+# What the processor takes from the model's config (config.json is their one home).
+MODEL_SETTINGS = ("audio_token", "num_queries", "transcript_max_tokens", "pad_to_30s", "transcript_format")
 # Pad variable-length windows to a whole number of encoder steps (2 mel frames of 160 samples).
 PAD_MULTIPLE = 2 * HOP_LENGTH
 
@@ -33,7 +35,7 @@ PAD_MULTIPLE = 2 * HOP_LENGTH
 class DestaProcessor:
     """Turns conversations with audio into DestaModel inputs.
 
-    >>> from desta.tiny import tiny_tokenizer
+    >>> from desta.model.tiny import tiny_tokenizer
     >>> proc = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
     >>> conv = [{"role": "user", "content": "<|AUDIO|>Who?"}, {"role": "assistant", "content": "A man."}]
     >>> batch = proc([conv], audios=[[np.full(16000, 0.1)]], transcripts=[["hi"]])
@@ -84,40 +86,41 @@ class DestaProcessor:
 
     @classmethod
     def from_config(cls, config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase,
-                    feature_extractor: WhisperFeatureExtractor | None = None) -> DestaProcessor:
-        """A processor matching a DestaConfig; sets config.audio_token_id to the tokenizer's id."""
+                    feature_extractor: WhisperFeatureExtractor | None = None,
+                    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> DestaProcessor:
+        """A processor matching a DestaConfig (its audio token, queries and transcript settings), asking with
+        `system_prompt`. A new model's config records the processor's audio token id: see
+        desta.model.loading.processor_for."""
         feature_extractor = feature_extractor or WhisperFeatureExtractor(
             feature_size=config.encoder_config.num_mel_bins)
-        processor = cls(feature_extractor, tokenizer, audio_token=config.audio_token,
-                        num_queries=config.num_queries, transcript_max_tokens=config.transcript_max_tokens,
-                        transcript_format=config.transcript_format,
-                        pad_to_30s=config.pad_to_30s)
-        config.audio_token_id = processor.audio_token_id
-        return processor
+        return cls(feature_extractor, tokenizer, system_prompt=system_prompt,
+                   **{name: getattr(config, name) for name in MODEL_SETTINGS})
 
     # ----- save / load -----
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the feature extractor, the tokenizer and PROCESSOR_CONFIG (the other settings: audio token,
-        queries, transcript limit, 30 s padding, system prompt)."""
+        """Write the feature extractor, the tokenizer and PROCESSOR_CONFIG (the system prompt; the model's own
+        settings, such as the audio token and the queries, are the model's config.json)."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.feature_extractor.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        settings = {"audio_token": self.audio_token, "num_queries": self.num_queries,
-                    "transcript_max_tokens": self.transcript_max_tokens, "pad_to_30s": self.pad_to_30s,
-                    "system_prompt": self.system_prompt, "transcript_format": self.transcript_format}
-        (folder / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        (folder / PROCESSOR_CONFIG).write_text(json.dumps({"system_prompt": self.system_prompt}, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> DestaProcessor:
-        """The processor that `save_pretrained` wrote into `folder`."""
+    def from_pretrained(cls, folder: str | os.PathLike, system_prompt: str | None = None) -> DestaProcessor:
+        """The processor of a checkpoint folder: the settings its config.json holds, the system prompt it was
+        saved with (or `system_prompt`: "" for none)."""
         folder = Path(folder)
-        if not (folder / PROCESSOR_CONFIG).is_file():
-            raise FileNotFoundError(f"{folder} holds no {PROCESSOR_CONFIG}; save the processor with "
-                                    "DestaProcessor.save_pretrained next to the model")
-        settings = json.loads((folder / PROCESSOR_CONFIG).read_text())
-        return cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), **settings)
+        for name in (CONFIG, PROCESSOR_CONFIG):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} holds no {name}; save the model and its processor there with "
+                                        "desta.save(model, processor, folder)")
+        config = json.loads((folder / CONFIG).read_text())
+        saved = json.loads((folder / PROCESSOR_CONFIG).read_text())
+        prompt = saved.get("system_prompt", DEFAULT_SYSTEM_PROMPT) if system_prompt is None else system_prompt or None
+        return cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                   system_prompt=prompt, **{name: config[name] for name in MODEL_SETTINGS if name in config})
 
     # ----- text -----
 
@@ -134,7 +137,7 @@ class DestaProcessor:
         """What the transcript slot reads: the transcript, or (transcript_format "timestamped") the clip's
         time span and the transcript, as the description's line gives them to the text LLM.
 
-        >>> from desta.tiny import tiny_tokenizer
+        >>> from desta.model.tiny import tiny_tokenizer
         >>> DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), transcript_format="timestamped"
         ...                ).transcript_text("Excuse me?", 2.4)
         '[00:00-00:02] Excuse me?'

@@ -1,0 +1,52 @@
+"""Content digests: what identifies a setting, a file, a folder's files or a clip, so cached and resumed work is
+reused only for the same inputs.
+
+`fingerprint` hashes a JSON-able value, `file_digest` the named files of a folder, `audio_key` one clip, and
+`file_checksums` every file under a folder (the checkpoints' checksums.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def fingerprint(value: Any) -> str:
+    """A short content hash of a JSON-able value (keys sorted; anything else by its str()).
+
+    >>> fingerprint({"b": 1, "a": [2]}) == fingerprint({"a": [2], "b": 1})
+    True
+    """
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def file_digest(folder: Path, names: tuple[str, ...]) -> str:
+    """A content hash of the named files of a folder (those that exist)."""
+    digest = hashlib.sha256()
+    for name in names:
+        if (folder / name).is_file():
+            digest.update(name.encode())
+            digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def audio_key(audio: dict) -> str:
+    """What identifies a clip's audio ({"bytes", "path"}): a hash of its bytes, or its path and size."""
+    if audio.get("bytes"):
+        return hashlib.sha256(audio["bytes"]).hexdigest()[:24]
+    path = Path(audio.get("path") or "")
+    return f"{path}:{path.stat().st_size if path.is_file() else 'missing'}"
+
+
+def file_checksums(folder: Path, skip: str = "") -> dict[str, str]:
+    """SHA-256 of every file under `folder` (but the one named `skip`), by path relative to it."""
+    sums = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != skip):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+        sums[str(path.relative_to(folder))] = digest.hexdigest()
+    return sums

@@ -1,0 +1,203 @@
+"""Stage 4's report: report.md (the per-category table with 95 % intervals, the instruction kinds, examples,
+the retention probes, and a benchmark's own figures) and scores.png (bars with interval whiskers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from desta.core.artifacts import shown_model
+from desta.core.stats import bootstrap_table
+from desta.evaluation.items import parsed
+from desta.evaluation.scoring import agreement
+from desta.evaluation.systems import TEXT, TEXT_ASR, SystemsRun
+
+
+def build_report(run: SystemsRun, items: list[dict], scores: dict[str, list[dict]], judge_id: str | None,
+                 eval_set: str, checkpoints: list[str], resamples: int, seed: int) -> dict[str, Any]:
+    """report.json: per category and overall, every system's mean score, the forgetting and ASR-cost ratios,
+    agreement and ROUGE-L with text-gold, each with its paired bootstrap interval; the instruction kinds; the
+    probes; every item's answers, scores and reasons."""
+    answers, speech, asr_of = run.answers, run.speech, run.asr_of
+    series: dict[str, list[float | None]] = {s: [r["score"] for r in results] for s, results in scores.items()}
+    ratios: dict[str, tuple[str, str]] = {}
+    if TEXT in answers:
+        for name in speech:
+            pairs = [agreement(i, a, r) for i, a, r in zip(items, answers[name], answers[TEXT], strict=True)]
+            series[f"agreement:{name}"] = [p[0] for p in pairs]
+            series[f"rouge_l:{name}"] = [p[1] for p in pairs]
+            ratios[f"forgetting:{name}"] = (name, TEXT)
+            if name in asr_of:
+                ratios[f"forgetting_asr:{name}"] = (name, asr_of[name])
+        for reference in sorted(set(asr_of.values())):
+            ratios[f"asr_cost:{reference}"] = (reference, TEXT)
+    categories = [i["category"] for i in items]
+    table = bootstrap_table(categories, series, ratios, resamples=resamples, seed=seed)
+    overall = table.pop("overall")
+    following = [k for k, i in enumerate(items) if (parsed(i, "check") or {}).get("style") == "ifeval"]
+    kinds = bootstrap_table([parsed(items[k], "check")["instruction"]["id"] for k in following],
+                            {s: [series[s][k] for k in following] for s in answers},
+                            resamples=resamples, seed=seed) if following else {}
+    kinds.pop("overall", None)
+    return {
+        "eval_set": str(eval_set), "items": len(items), "checkpoints": checkpoints, "systems": speech,
+        "references": {TEXT: "the same LLM reading the description with the gold transcript",
+                       **{r: "the same LLM reading the description with the speech model's Whisper transcript"
+                          for r in sorted(set(asr_of.values()))}},
+        "asr_reference_of": asr_of, "whisper_wer": run.whisper_wer, "text_reference_llm": run.text_llm,
+        "judge": judge_id,
+        "interval": f"bootstrap 95 % ({resamples} resamples, seed {seed}, items resampled within "
+                    "each category, paired across systems)",
+        "items_per_second": {s: round(len(items) / t, 3) for s, t in run.timing.items()},
+        "categories": table, "overall": overall, "instruction_following_kinds": kinds,
+        "retention_probes": {k: {m: v for m, v in p.items() if m != "items"} for k, p in run.probes.items()},
+        "per_item": [{"item_id": i["item_id"], "category": i["category"], "instruction": i["instruction"],
+                      "gold": i.get("answer"), **{f"{s}_answer": answers[s][k] for s in answers},
+                      **{f"{s}_score": scores[s][k]["score"] for s in answers},
+                      **{f"{s}_reason": scores[s][k]["reason"] for s in answers}} for k, i in enumerate(items)],
+    }
+
+
+def _fmt(value: float | None, ci: list[float] | None = None, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:+.0%}" if percent else f"{value:.2f}"
+    if ci:
+        low, high = ci
+        text += f" [{low:+.0%}, {high:+.0%}]" if percent else f" [{low:.2f}, {high:.2f}]"
+        if percent and low <= 0 <= high:
+            text += " ~"
+    return text
+
+
+def format_cell(row: dict, name: str, percent: bool = False) -> str:
+    """A table cell: the row's value for `name` with its interval ("0.62 [0.51, 0.73]"); ~ marks a
+    difference whose interval includes 0."""
+    return _fmt(row["values"].get(name), row["ci"].get(name), percent)
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: the per-category table with intervals, the instruction kinds, examples, the probes."""
+    speech = report["systems"]
+    asr_of = report.get("asr_reference_of", {})
+    references = [r for r in (TEXT_ASR, TEXT) if r in report["overall"]["values"]] + sorted(
+        {r for r in asr_of.values() if r != TEXT_ASR})
+    head = ["category", "n", *[s if s == "speech" else f"speech {s}" for s in speech], *[label(r) for r in references]]
+    for s in speech:
+        head += [f"forgetting vs text-ASR ({s})"] * (s in asr_of) + [f"forgetting vs text-gold ({s})",
+                                                                    f"agreement ({s})", f"ROUGE-L ({s})"]
+    head += [f"ASR cost ({r})" for r in sorted(set(asr_of.values()))]
+    lines = [f"# desta eval: {report['items']} items", "",
+             f"Speech model(s) against the same LLM ({shown_model(report['text_reference_llm'])}) reading the clip's "
+             "description: with the gold transcript (text-gold) and with the transcript the speech model receives "
+             "from its Whisper (text-ASR). Forgetting = (speech - reference) / reference: against text-ASR it is "
+             "what the connector loses, the ASR cost (text-ASR - text-gold) / text-gold is what Whisper's mistakes "
+             "lose. "
+             "Agreement: the same closed answer as text-gold; ROUGE-L: word overlap with text-gold's answer. "
+             f"Cells: value [{report['interval']}]; ~ marks a difference whose interval includes 0 (not "
+             "distinguishable from noise)." + (f" Judge: {report['judge']}." if report["judge"] else
+                                               " No judge: open questions unscored."), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if report.get("intro"):  # a benchmark's report: its own title, and what its reference reads
+        lines[0], lines[2] = report["title"], report["intro"]
+    rows = list(report["categories"].items()) + [("**overall**", report["overall"])]
+    for category, row in rows:
+        cells = [category, str(row["n"]), *[format_cell(row, s) for s in speech + references]]
+        for s in speech:
+            if s in asr_of:
+                cells.append(format_cell(row, f"forgetting_asr:{s}", True))
+            cells += [format_cell(row, f"forgetting:{s}", True), format_cell(row, f"agreement:{s}"),
+                      format_cell(row, f"rouge_l:{s}")]
+        cells += [format_cell(row, f"asr_cost:{r}", True) for r in sorted(set(asr_of.values()))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.get("whisper_wer"):
+        lines += ["", "Whisper word error rate on these clips (what the speech model hears as its transcript): "
+                  + ", ".join(f"{s} {w:.2f}" for s, w in report["whisper_wer"].items()) + "."]
+    lines += ["", "Items per second: " + ", ".join(f"{s} {v}" for s, v in report["items_per_second"].items())]
+    if report.get("instruction_following_kinds"):
+        systems = speech + references
+        lines += ["", "## Instruction following by IFEval instruction (strict)", "",
+                  "| instruction | n | " + " | ".join(systems) + " |", "|" + "---|" * (len(systems) + 2)]
+        for kind, row in report["instruction_following_kinds"].items():
+            lines.append(f"| {kind} | {row['n']} | " + " | ".join(format_cell(row, s) for s in systems) + " |")
+    lines += _examples(report, speech + references)
+    if report["retention_probes"]:
+        lines += ["", "## Text retention probes (the LLM without audio)", "",
+                  "| model | format following | JSON validity | refusal (harmful) | over-refusal | held-out log-lik |",
+                  "|---|---|---|---|---|---|"]
+        for name, p in report["retention_probes"].items():
+            lines.append(f"| {name} | {p['format_following']:.2f} | {p['json_validity']:.2f} | "
+                         f"{p['refusal_rate']:.2f} | {p['over_refusal_rate']:.2f} | {p['heldout_loglik']:.3f} |")
+    if report.get("benchmark"):
+        lines += render_official(report)
+    return "\n".join(lines) + "\n"
+
+
+def render_official(report: dict) -> list[str]:
+    """The benchmark's figures as its authors report them, one column per system."""
+    from desta.evaluation.benchmarks import benchmark
+
+    bench = report["benchmark"]
+    labels = {s: label(s) if s == TEXT else s for s in bench["official"]}
+    return ["", f"## {bench['name']} as its authors report it", "",
+            *benchmark(bench["name"]).render(bench["official"], labels)]
+
+
+def label(system: str) -> str:
+    """A system's name in reports: the references by what they read.
+
+    >>> label("text"), label("text_asr:lora"), label("speech")
+    ('text-gold', 'text-ASR:lora', 'speech')
+    """
+    return {TEXT: "text-gold", TEXT_ASR: "text-ASR"}.get(system, system.replace(TEXT_ASR, "text-ASR"))
+
+
+def _examples(report: dict, systems: list[str], per_category: int = 2, width: int = 160) -> list[str]:
+    """Two items per category with every system's answer, to read what the scores mean."""
+    lines = ["", "## Examples", ""]
+    shown: dict[str, int] = {}
+    for item in report["per_item"]:
+        if shown.get(item["category"], 0) >= per_category:
+            continue
+        shown[item["category"]] = shown.get(item["category"], 0) + 1
+        instruction = item["instruction"].replace("\n", " ")
+        gold = "" if item["gold"] is None else f" (gold: {str(item['gold'])[:80]})"
+        lines.append(f"- **{item['category']}**: {instruction[:width]}{gold}")
+        for system in systems:
+            answer = " ".join(str(item[f"{system}_answer"]).split())
+            score = item[f"{system}_score"]
+            lines.append(f"  - {label(system)} ({'unscored' if score is None else f'{score:.2f}'}): "
+                         f"{answer[:width]}{'...' if len(answer) > width else ''}")
+    return lines
+
+
+def plot_scores(report: dict, path: Path) -> None:
+    """Grouped bars per category with 95 % interval whiskers: each speech system and the references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {**report["categories"], "overall": report["overall"]}
+    systems = report["systems"] + [r for r in (TEXT_ASR, TEXT) if r in report["overall"]["values"]]
+    categories = list(rows)
+    width = 0.8 / max(len(systems), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(categories) + 2), 4.6))
+    for k, system in enumerate(systems):
+        values = np.array([rows[c]["values"].get(system) or 0.0 for c in categories])
+        cis = [rows[c]["ci"].get(system) or [v, v] for c, v in zip(categories, values, strict=True)]
+        errors = np.array([[v - lo, hi - v] for v, (lo, hi) in zip(values, cis, strict=True)]).T.clip(min=0)
+        label = {TEXT: "text-gold (LLM reads gold description)",
+                 TEXT_ASR: "text-ASR (LLM reads description with Whisper transcript)"}.get(system, f"speech: {system}")
+        ax.bar(np.arange(len(categories)) + k * width, values, width, yerr=errors, capsize=2, label=label)
+    ax.set_xticks(np.arange(len(categories)) + width * (len(systems) - 1) / 2, categories, rotation=35, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (1 = right), 95 % interval")
+    ax.set_title("desta eval: speech model vs text references")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

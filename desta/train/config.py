@@ -1,0 +1,180 @@
+"""Settings of `desta train` (and `desta plan`, which reads the same file): what to build, what to train on,
+how to optimise, what to record. One dataclass per section; YAML plus key=value overrides (desta.core.args).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from desta.core.args import field_docs, raise_problems
+from desta.core.optim import OptimSection
+from desta.model.modeling import DestaConfig
+from desta.model.tiny import TINY
+
+
+@dataclass
+class ModelBases:
+    """What to build from: the base checkpoints, a trained start, the frozen parts' precision."""
+
+    encoder: str = TINY
+    """Whisper checkpoint (Hub id or folder); "tiny": a tiny random Whisper for smoke runs"""
+    llm: str = TINY
+    """chat LLM checkpoint; "tiny": a tiny random Llama-style model for smoke runs"""
+    init_from: str | None = None
+    """start from a saved DeSTA checkpoint's trainable weights"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """weights of the frozen parts (bfloat16 halves their memory on a GPU)"""
+
+
+# The architecture a run chooses: these fields of DestaConfig, with its types, defaults and docs (one owner).
+ARCHITECTURE = ("tapped_layers", "num_queries", "qformer_layers", "qformer_heads", "qformer_dropout",
+                "qformer_intermediate_size", "query_layernorm", "query_init_std", "qformer_init", "audio_token",
+                "transcript_max_tokens", "transcript_format", "pad_to_30s", "lora")
+
+
+def _check_model(section: Any) -> None:
+    problems = []
+    if section.num_queries < 1 or section.qformer_layers < 1 or section.transcript_max_tokens < 0:
+        problems.append(("num_queries", "num_queries and qformer_layers must be at least 1, "
+                                        "transcript_max_tokens 0 or more"))
+    if section.qformer_intermediate_size is not None and section.qformer_intermediate_size < 1:
+        problems.append(("qformer_intermediate_size", f"must be at least 1 (or null), got "
+                                                      f"{section.qformer_intermediate_size}"))
+    if not section.query_init_std > 0:
+        problems.append(("query_init_std", f"must be positive, got {section.query_init_std}"))
+    if not 0 <= section.qformer_dropout < 1:
+        problems.append(("qformer_dropout", f"must be in [0, 1), got {section.qformer_dropout}"))
+    raise_problems(problems)
+
+
+def _architecture_section() -> type:
+    """ModelSection: ModelBases plus the ARCHITECTURE fields, read off DestaConfig."""
+    fields = {f.name: f for f in dataclasses.fields(DestaConfig)}
+    namespace = vars(sys.modules[DestaConfig.__module__])
+    hints = {name: eval(fields[name].type, namespace) if isinstance(fields[name].type, str) else fields[name].type
+             for name in ARCHITECTURE}  # the annotations as written in modeling.py (postponed: strings)
+    docs = field_docs(DestaConfig)
+    chosen = [(name, hints[name], field(default_factory=lambda d=fields[name].default: copy.deepcopy(d)))
+              for name in ARCHITECTURE]
+    section = dataclasses.make_dataclass(
+        "ModelSection", chosen, bases=(ModelBases,),
+        namespace={"__doc__": "What to build.", "__post_init__": _check_model,
+                   "__field_docs__": {name: docs[name] for name in ARCHITECTURE},
+                   "architecture": lambda self: {name: getattr(self, name) for name in ARCHITECTURE}})
+    section.__module__ = __name__
+    return section
+
+
+ModelSection = _architecture_section()
+
+
+@dataclass
+class DataSection:
+    """What to train on."""
+
+    train: str = ""
+    """targets dataset folder (OUT/dataset of desta targets)"""
+    eval: str | None = None
+    """held-out targets dataset; null: eval_fraction of train, split by clip"""
+    eval_fraction: float = 0.05
+    """share of clips held out when eval is null (0: no evaluation)"""
+    max_clips: int | None = None
+    """train on the first N clips (by id) of data.train only; null: all"""
+    text_replay: str | None = None
+    """JSONL or dataset with instruction and response columns (no audio)"""
+    text_ratio: float = 0.0
+    """share of training rows that are text-only replay, e.g. 0.03"""
+    system_prompt: str | None = None
+    """null: the system prompt the targets stage used (its system_prompt column); "": none"""
+    max_length: int = 1024
+    """tokens per sequence, audio positions included"""
+    overlength: Literal["drop", "truncate"] = "drop"
+    """longer sequences: drop (counted) or truncate"""
+    feature_cache: str | None = None
+    """folder of cached encoder features; built first if missing"""
+    cache_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    """float16 halves the disk; float32 matches on-the-fly exactly"""
+    group_by_duration: bool = True
+    """batches of similar length: less padding"""
+    num_workers: int = 0
+    """dataloader worker processes (audio decoding)"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.train:
+            problems.append(("train", "required: the targets dataset folder (OUT/dataset of desta targets)"))
+        if not 0 <= self.eval_fraction < 1:
+            problems.append(("eval_fraction", f"is the share of clips held out, in [0, 1); got {self.eval_fraction}"))
+        if not 0 <= self.text_ratio < 1:
+            problems.append(("text_ratio", f"is a share of the training rows, in [0, 1); got {self.text_ratio}"))
+        if self.text_ratio > 0 and not self.text_replay:
+            problems.append(("text_ratio", "needs data.text_replay, the instruction/response rows to mix in"))
+        if self.max_clips is not None and self.max_clips < 2:
+            problems.append(("max_clips", f"must be at least 2 (or null: all), got {self.max_clips}"))
+        if self.max_length < 1 or self.num_workers < 0:
+            problems.append(("max_length", "max_length must be at least 1 and num_workers 0 or more"))
+        raise_problems(problems)
+
+
+@dataclass
+class LogSection:
+    """What to record and when."""
+
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """where training curves go"""
+    logging_steps: int = 10
+    """log the training loss every N steps"""
+    eval_steps: int = 200
+    """validation loss every N steps"""
+    save_steps: int = 500
+    """checkpoint every N steps (weights, optimizer, scheduler, RNG)"""
+    save_strategy: Literal["steps", "epoch"] = "steps"
+    """when to checkpoint: every save_steps, or at the end of every epoch"""
+    save_total_limit: int = 3
+    """keep this many checkpoints"""
+    progress: bool = True
+    """progress bar and printed logs (TensorBoard logging is unaffected)"""
+
+    def __post_init__(self) -> None:
+        if min(self.logging_steps, self.eval_steps, self.save_steps, self.save_total_limit) < 1:
+            raise_problems([("logging_steps", "logging_steps, eval_steps, save_steps and save_total_limit must be "
+                                              "at least 1")])
+
+
+@dataclass
+class TrainOptim(OptimSection):
+    """How to optimise a speech model: the shared settings and what the loss compares."""
+
+    loss: Literal["ce", "kl"] = "ce"
+    """ce: cross-entropy on the target response; kl: distillation, the KL divergence to the text LLM's
+    next-token distributions when it reads the description (as Ultravox and DiVA train), on the same positions"""
+    kl_temperature: float = 1.0
+    """softens both distributions for the kl loss (the loss is scaled by its square)"""
+    decay_all: bool = False
+    """weight decay on every trainable weight, LayerNorms, biases and queries included (the DeSTA2/2.5 code);
+    false: transformers' rule, no decay on biases and norms"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.kl_temperature > 0:
+            raise_problems([("kl_temperature", f"must be positive, got {self.kl_temperature}")])
+
+
+@dataclass
+class TrainConfig:
+    """Train the connector (and optional LoRA) on a targets dataset: CONFIG.yaml plus key=value overrides."""
+
+    output_dir: str = "runs/desta"
+    """run folder: checkpoints, logs, the final weights"""
+    resume: bool = True
+    """continue from the newest checkpoint in output_dir"""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: TrainOptim = field(default_factory=TrainOptim)
+    log: LogSection = field(default_factory=LogSection)
+
+

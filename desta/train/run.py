@@ -1,0 +1,265 @@
+"""Stage 3, train: fit the connector (and optional LoRA) so the speech LLM answers like the text LLM.
+
+Reads a targets dataset (audio, transcript, prompt, response, system prompt), optional text-only
+replay rows and an optional frozen-encoder feature cache. Writes OUTPUT/ (final trainable weights
+as safetensors, config, processor files), OUTPUT/checkpoint-* (weights, optimizer, scheduler,
+sampler and RNG state for resuming, and checksums.json: the SHA-256 of each file, checked before a
+resume; a damaged checkpoint is skipped for the one before it), run_config.yaml, TensorBoard logs, loss_curve.png and
+summary.json. `train()` reads as setup -> fit -> save. Built on transformers' Trainer, so
+`accelerate launch` runs it on several GPUs (DDP, FSDP, DeepSpeed) with nothing custom in between.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import yaml
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from desta.core.args import to_dict
+from desta.core.artifacts import LOG_HISTORY, LOSS_CURVE, RUN_CONFIG, SUMMARY
+from desta.core.optim import training_arguments
+from desta.core.replay import replay_count
+from desta.model.modeling import DestaModel
+from desta.model.processing import DestaProcessor
+from desta.model.tiny import TINY
+from desta.prompts import DEFAULT_SYSTEM_PROMPT
+from desta.train.checkpoints import CheckpointChecksums, check_checkpoint, usable_checkpoint
+from desta.train.config import ModelSection, TrainConfig
+from desta.train.data import (
+    DestaCollator,
+    DestaDataset,
+    apply_length_rule,
+    load_targets,
+    load_text_rows,
+    speech_examples,
+    targets_system_prompt,
+    text_examples,
+)
+from desta.train.trainer import DestaTrainer, ProgressLines
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----- setup -----
+
+def build_model(section: ModelSection, output_dir: Path, seed: int = 0,
+                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> tuple[DestaModel, DestaProcessor]:
+    """A fresh model from the section (tiny bases are written under OUTPUT/bases the first time), and its
+    processor asking with `system_prompt`."""
+    from desta.model.loading import build, load
+
+    encoder, llm = section.encoder, section.llm
+    if TINY in (encoder, llm):
+        from desta.model.tiny import save_tiny_bases
+
+        whisper_dir, llm_dir = output_dir / "bases" / "tiny-whisper", output_dir / "bases" / "tiny-llm"
+        if not (llm_dir / "config.json").exists():
+            save_tiny_bases(output_dir / "bases")
+        encoder = str(whisper_dir) if encoder == TINY else encoder
+        llm = str(llm_dir) if llm == TINY else llm
+    torch.manual_seed(seed)  # the connector starts from the same weights on every (re)run
+    model, processor = build(encoder, llm, dtype=DTYPES[section.dtype], system_prompt=system_prompt,
+                             **section.architecture())
+    model.connector.float()  # the trainable part stays in float32; autocast handles bf16
+    if section.init_from:
+        trained, _ = load(section.init_from)
+        model.load_state_dict(trained.trainable_state_dict(), strict=False)
+    return model, processor
+
+
+def split_held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """(train, held-out) split by clip id, so no clip is on both sides; held-out is None when empty. At least
+    one clip always stays for training."""
+    clips = sorted(set(dataset["id"]))
+    if fraction <= 0 or len(clips) < 2:
+        return dataset, None
+    count = min(len(clips) - 1, max(1, math.ceil(len(clips) * fraction)))
+    held = set(np.random.default_rng(seed).permutation(clips)[:count].tolist())
+    return dataset.filter(lambda r: r["id"] not in held), dataset.filter(lambda r: r["id"] in held)
+
+
+@dataclass
+class Run:
+    """A set-up training run: what fit and save need."""
+
+    config: TrainConfig
+    out: Path
+    model: DestaModel
+    processor: DestaProcessor
+    trainer: DestaTrainer
+    counts: dict[str, Any]  # rows: train, replay, eval, over max_length
+    resume_from: str | None
+
+
+def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Run:
+    """Data first (cheap to check), then the model, the examples and the Trainer."""
+    from desta.train.features import FeatureCache, cache_features
+
+    data = config.data
+    train_set = load_targets(data.train, "train")
+    if data.max_clips:
+        keep = set(sorted(set(train_set["id"]))[: data.max_clips])
+        train_set = train_set.filter(lambda row: row["id"] in keep)
+    eval_set = load_targets(data.eval, "eval") if data.eval else None
+    text_rows = load_text_rows(data.text_replay) if data.text_replay and data.text_ratio > 0 else []
+    if eval_set is None:
+        train_set, eval_set = split_held_out(train_set, data.eval_fraction, config.optim.seed)
+    system_prompt = targets_system_prompt(train_set, data.system_prompt)
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    model, processor = build_model(config.model, out, config.optim.seed, system_prompt)
+    cache = None
+    if data.feature_cache:
+        for part in (train_set, eval_set):
+            if part is not None:
+                cache_features(model, processor, part, data.feature_cache, dtype=data.cache_dtype,
+                               progress=config.log.progress)
+        cache = FeatureCache(data.feature_cache, model)
+
+    distill = config.optim.loss == "kl"
+    train_examples = speech_examples(train_set, processor, teacher=distill)
+    replay = replay_count(len(train_examples), data.text_ratio) if text_rows else 0
+    train_examples += text_examples(text_rows, replay, config.optim.seed, system_prompt)
+    train_examples, over_train = apply_length_rule(processor, train_examples, data.max_length, data.overlength)
+    eval_examples, over_eval = apply_length_rule(processor, speech_examples(eval_set, processor, teacher=distill),
+                                                 data.max_length, data.overlength) if eval_set is not None else ([], 0)
+    if not train_examples:
+        raise ValueError(f"no training rows left after the length rule (data.max_length {data.max_length}); raise "
+                         "data.max_length or use data.overlength=truncate")
+    counts = {"train_rows": len(train_examples), "replay_rows": replay, "eval_rows": len(eval_examples),
+              "over_max_length": {"train": over_train, "eval": over_eval, "rule": data.overlength}}
+    if config.log.progress:
+        print(f"train rows: {len(train_examples)} ({replay} text-only replay); eval rows: {len(eval_examples)}; "
+              f"over max_length {data.max_length}: {over_train} train + {over_eval} eval "
+              f"({'dropped' if data.overlength == 'drop' else 'truncated'})", flush=True)
+
+    if config.optim.gradient_checkpointing:
+        model.llm.activation_checkpointing_enable()  # non-reentrant; DestaModel.train keeps it working while frozen
+    has_eval = bool(eval_examples)
+    log = config.log
+    args = training_arguments(
+        config.optim, str(out), logging_steps=log.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no", eval_steps=log.eval_steps, eval_on_start=has_eval,
+        save_strategy=log.save_strategy, save_steps=log.save_steps, save_total_limit=log.save_total_limit,
+        report_to=[] if log.report_to == "none" else [log.report_to], dataloader_num_workers=data.num_workers,
+        ddp_find_unused_parameters=False, disable_tqdm=not log.progress)
+    trainer = DestaTrainer(
+        model=model, args=args, train_dataset=DestaDataset(train_examples, cache),
+        eval_dataset=DestaDataset(eval_examples, cache) if has_eval else None,
+        data_collator=DestaCollator(processor, data.max_length), processing_class=processor,
+        callbacks=[*(callbacks or []), CheckpointChecksums()],
+        lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
+        kl_temperature=config.optim.kl_temperature if distill else None, decay_all=config.optim.decay_all)
+    if log.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressLines())
+    else:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    resume_from = usable_checkpoint(out) if config.resume else None
+    if resume_from:
+        check_checkpoint(resume_from, model)
+    return Run(config, out, model, processor, trainer, counts, resume_from)
+
+
+# ----- fit -----
+
+def fit(run: Run) -> dict[str, Any]:
+    """Train (or resume) to the end; the Trainer's metrics and the wall time."""
+    started = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = run.trainer.train(resume_from_checkpoint=run.resume_from)
+    return {**result.metrics, "seconds": time.perf_counter() - started}
+
+
+# ----- save -----
+
+def plot_losses(log_history: list[dict], path: Path) -> dict[str, list]:
+    """Save the train and validation loss curves to `path`; returns their (step, loss) points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="validation loss", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (response tokens)")
+    ax.set_title("desta train")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"train": train, "eval": evals}
+
+
+def save(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Final weights and processor, the log history, the loss curve and summary.json."""
+    out, trainer = run.out, run.trainer
+    trainer.save_model(str(out))
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle Trainer writes; nothing reads it back
+    history = trainer.state.log_history
+    (out / LOG_HISTORY).write_text(json.dumps(history, indent=1))
+    curve = plot_losses(history, out / LOSS_CURVE)
+    parameters = run.model.parameter_counts()
+    cuda = torch.cuda.is_available()
+    summary = {
+        "steps": trainer.state.global_step, **run.counts,
+        "samples_per_second": round(metrics.get("train_samples_per_second", 0.0), 3),
+        "seconds": round(metrics["seconds"], 1),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30 if cuda
+                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_memory_kind": "GPU allocated" if cuda else "process max RSS",
+        "trainable_parameters": parameters["trainable"], "total_parameters": parameters["total"],
+        "first_train_loss": curve["train"][0][1] if curve["train"] else None,
+        "last_train_loss": curve["train"][-1][1] if curve["train"] else None,
+        "eval_losses": curve["eval"], "resumed_from": run.resume_from,
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the summary written to OUTPUT/summary.json."""
+    run = setup(config, callbacks)
+    metrics = fit(run)
+    return save(run, metrics)
+
+
+def cache_features_for(config: TrainConfig) -> Path:
+    """The frozen encoder's tapped-layer features of the config's train and eval data, in data.feature_cache."""
+    from desta.train.features import cache_features
+
+    if not config.data.feature_cache:
+        raise ValueError("set data.feature_cache=FOLDER (in the config or as an override)")
+    train_set = load_targets(config.data.train, "train")
+    eval_set = load_targets(config.data.eval, "eval") if config.data.eval else None
+    model, processor = build_model(config.model, Path(config.output_dir), config.optim.seed)
+    for part in (train_set, eval_set):
+        if part is not None:
+            cache_features(model, processor, part, config.data.feature_cache, dtype=config.data.cache_dtype,
+                           progress=config.log.progress)
+    return Path(config.data.feature_cache)
