@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--asr-clips", type=int, default=60, help="clips for the (slower) ASR run")
-    parser.add_argument("--models", default=None, help="folder with whisper-tiny.en (fetch_offline_models.sh)")
+    parser.add_argument("--models", default=None, help="folder with whisper-tiny.en (tools/fetch_offline_models.sh)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -88,6 +88,8 @@ COMMANDS = [
             lambda c, r: f"wrote {c.num_clips} clips; manifest: {r}"),
     Command("describe", "desta.describe.run:DescribeConfig", "desta.describe.run:describe", _chunked(lambda s: (
         f"inputs {s['inputs']} = described {s['described']} + rejected {s['rejected']} ({s['hours']} h described)"))),
+    Command("probe", "desta.describe.probe:ProbeConfig", "desta.describe.probe:probe", lambda c, r: (
+        (Path(c.out) / "probe.md").read_text() + f"wrote {c.out}/probe.md, probe.json, probe.png")),
     Command("targets", "desta.targets:TargetsConfig", "desta.targets:targets", _chunked(lambda s: (
         f"prompts {s['inputs']} = kept {s['kept']} + rejected {s['rejected']} {s['reasons'] or ''}"))),
     Command("train", "desta.train.config:TrainConfig", "desta.train.run:train", _trained),

@@ -40,7 +40,7 @@ SMALL_HUB_IDS = {SMALL_WHISPER: "openai/whisper-tiny.en", SMALL_LLM: "HuggingFac
 
 def small_models_dir(models_dir: str | os.PathLike | None = None) -> Path | None:
     """A folder holding both small real checkpoints (the argument, $DESTA_MODELS, or the default of
-    fetch_offline_models.sh), or None."""
+    tools/fetch_offline_models.sh), or None."""
     candidates = [models_dir, os.environ.get("DESTA_MODELS"), Path.home() / ".cache" / "desta-offline-models"]
     for candidate in candidates:
         if candidate and (Path(candidate) / SMALL_WHISPER / WEIGHTS).is_file() and (

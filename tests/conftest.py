@@ -48,7 +48,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def real_models():
     folder = small_models_dir()
     if folder is None:
-        pytest.skip("real checkpoints absent: run shared/tools/fetch_offline_models.sh (or set DESTA_MODELS)")
+        pytest.skip("real checkpoints absent: run tools/fetch_offline_models.sh (or set DESTA_MODELS)")
     return folder
 
 

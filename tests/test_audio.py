@@ -3,7 +3,6 @@ import pytest
 import soundfile as sf
 
 from desta.audio import SAMPLE_RATE, AudioError, load_audio, num_windows, split_windows
-from desta.audio.tts import Voice, synthesize
 
 
 def test_load_audio_downmixes_and_resamples(tmp_path, clip):
@@ -43,18 +42,3 @@ def test_windows_cover_the_clip_in_order():
     assert num_windows(1) == 1 and num_windows(30 * SAMPLE_RATE) == 1 and num_windows(30 * SAMPLE_RATE + 1) == 2
 
 
-def test_tts_repeats_closely_and_follows_pitch():
-    import librosa
-
-    low = synthesize("Good morning everyone.", Voice(variant="m1", pitch=20))
-    again = synthesize("Good morning everyone.", Voice(variant="m1", pitch=20))
-    assert abs(len(again) - len(low)) <= 0.01 * len(low)
-    high = synthesize("Good morning everyone.", Voice(variant="m1", pitch=80))
-
-    def median_f0(y):
-        f0, voiced, _ = librosa.pyin(y, fmin=60, fmax=500, sr=SAMPLE_RATE)
-        return np.nanmedian(f0[voiced])
-
-    assert median_f0(high) > 1.2 * median_f0(low)
-    with pytest.raises(ValueError, match="unknown accent"):
-        synthesize("hi", Voice(accent="Martian"))

@@ -181,16 +181,6 @@ def test_merge_refuses_missing_chunks(corpus, tmp_path):
         merge(tmp_path / "d")
 
 
-def test_description_for_a_known_row():
-    result = {"duration": 2.2, "transcript": "Excuse me?", "gender": "Female", "emotion": "Neutral",
-              "accent": "British", "age": None, "pitch": "High", "volume": "Low", "noise": "Clean",
-              "f0_hz": 250.0, "level_dbfs": -30.0, "snr_db": 40.0, "active_seconds": 1.0, "sources": {}}
-    row = finish_row(result, ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed",
-                              "duration"])
-    assert row["description"] == ("[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, "
-                                  "Pitch: High, Volume: Low, Speaking speed: Slow, Duration: 2s)")
-    short = finish_row(result, ["gender", "duration"])
-    assert short["description"] == "[00:00-00:02] Excuse me? (Gender: Female, Duration: 2s)"
 
 
 def test_csv_manifest_with_worker_processes(corpus, tmp_path):
@@ -626,3 +616,15 @@ def test_lhotse_prepare_folder_reads_the_part_asked_for(tmp_path):
     assert row["transcript"] == "THE BOAT SAILED AWAY." and row["speaker"] == "84" and row["gender"] is None
     with pytest.raises(ValueError, match=r"parts \['dev-clean', 'test-clean'\], not 'train'; pass --split"):
         describe(DescribeConfig(source=str(out), out=str(tmp_path / "e"), progress=False))
+
+
+def test_description_for_a_known_row():
+    result = {"duration": 2.2, "transcript": "Excuse me?", "gender": "Female", "emotion": "Neutral",
+              "accent": "British", "age": None, "pitch": "High", "volume": "Low", "noise": "Clean",
+              "f0_hz": 250.0, "level_dbfs": -30.0, "snr_db": 40.0, "active_seconds": 1.0, "sources": {}}
+    row = finish_row(result, ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed",
+                              "duration"])
+    assert row["description"] == ("[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, "
+                                  "Pitch: High, Volume: Low, Speaking speed: Slow, Duration: 2s)")
+    short = finish_row(result, ["gender", "duration"])
+    assert short["description"] == "[00:00-00:02] Excuse me? (Gender: Female, Duration: 2s)"

@@ -1,46 +1,25 @@
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from datasets import Audio, Dataset, load_from_disk
 
 from desta.cli import main
 from desta.core.instructions import INSTRUCTION_KINDS, follows, instruction_text, is_refusal
-from desta.core.stats import bootstrap_table, mean_interval
 from desta.describe.description import with_transcript
 from desta.evaluation.items import COLUMN_MAPS, build_eval_set, load_eval_set
 from desta.evaluation.run import EvalConfig, evaluate
-from desta.evaluation.scoring import agreement, score_item, score_label, score_number, score_transcript, score_yesno
+from desta.evaluation.scoring import score_item
 from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS
 from tests.conftest import described_dataset
 
 GENDERS = ["Female", "Male"]
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("Female", 1.0), ("The speaker is a woman.", 1.0), ("She sounds calm.", 1.0), ("female voice", 1.0),
-    ("Male", 0.0), ("It is a man speaking.", 0.0), ("I can't tell.", 0.0), ("Either male or female.", 0.0),
-])
-def test_gender_answers(answer, expected):
-    assert score_label(answer, "Female", GENDERS, "gender").value == expected
 
 
-@pytest.mark.parametrize("answer, gold, expected", [
-    ("They talk quite slowly.", "Slow", 1.0), ("At a moderate pace.", "Normal", 1.0),
-    ("Very fast!", "Slow", 0.0), ("Rapidly.", "Fast", 1.0),
-])
-def test_speed_answers(answer, gold, expected):
-    assert score_label(answer, gold, ["Fast", "Normal", "Slow"], "speaking_speed").value == expected
 
 
-def test_accent_and_number_and_transcript():
-    assert score_label("A Scottish accent.", "Scottish", ["American", "British", "Scottish"], "accent").value == 1
-    assert score_label("British, I think", "Scottish", ["American", "British", "Scottish"], "accent").value == 0
-    assert score_number("Roughly 4 seconds", 3.6).value == 1 and score_number("20 s", 3.6).value == 0
-    assert score_number("no idea", 3.6).reason == "no number"
-    assert score_transcript("Excuse me, where's the station?", "excuse me where is the station").value == 1.0
-    assert score_transcript("", "excuse me").value == 0.0
 
 
 # One passing and one failing answer per IFEval instruction kind desta draws from.
@@ -89,9 +68,6 @@ def test_ifeval_checkers_on_known_answers(kind):
     assert follows("   ", spec).value == 0.0  # an empty answer never follows
 
 
-def test_yes_no_items():
-    assert score_yesno("Yes, it is a woman.", "yes").value == 1 and score_yesno("No.", "yes").value == 0
-    assert score_yesno("It might be.", "no").reason == "says neither yes nor no"
 
 
 def test_refusal_detection():
@@ -134,30 +110,8 @@ def test_eval_set_draws_seeded_phrasings_disjoint_from_training(described, tmp_p
     assert [r["instruction"] for r in load_eval_set(tmp_path / "set")] == [i["instruction"] for i in items]
 
 
-def test_bootstrap_on_a_fixed_input_gives_the_known_interval():
-    from scipy import stats
-
-    scores = [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]
-    assert mean_interval(scores, resamples=2000, seed=0) == (0.7, 0.4, 1.0)
-    scipy_ci = stats.bootstrap((np.array(scores, float),), np.mean, n_resamples=2000, method="percentile",
-                               rng=np.random.default_rng(0)).confidence_interval
-    assert (scipy_ci.low, scipy_ci.high) == pytest.approx((0.4, 1.0), abs=0.05)
-    table = bootstrap_table(["a"] * 10 + ["b"] * 10, {"s": scores + [0] * 10, "t": [1] * 20,
-                                                      "same": scores + [0] * 10}, {"f": ("s", "t"), "d": ("s", "same")})
-    assert table["a"]["values"]["f"] == pytest.approx(-0.3) and table["a"]["ci"]["f"] == pytest.approx([-0.6, 0.0])
-    assert table["b"]["values"]["f"] == -1.0 and table["b"]["ci"]["f"] == [-1.0, -1.0]
-    assert table["overall"]["values"]["s"] == pytest.approx(0.35)  # the mean of the category means
-    assert table["a"]["ci"]["d"] == [0.0, 0.0]  # paired: identical systems differ by exactly nothing
 
 
-def test_rouge_l_and_label_agreement_with_the_text_reference():
-    item = {"category": "gender", "choices": ["Female", "Male"], "check": {"style": "label"}, "answer": "Female"}
-    same, rouge = agreement(item, "The speaker is a woman.", "The speaker is female.")
-    assert same == 1.0 and rouge == pytest.approx(2 / 3)  # "the speaker is": P 3/5, R 3/4
-    assert agreement(item, "A man.", "A woman.")[0] == 0.0
-    assert agreement(item, "Hard to say.", "Hard to say.")[0] == 0.0  # deciding nothing is not agreeing
-    open_item = {"category": "open", "choices": None, "check": {"style": "open"}, "answer": None}
-    assert agreement(open_item, "a calm voice", "a calm voice") == (None, 1.0)
 
 
 def test_asr_reference_reads_the_whisper_transcript_not_the_gold(described, checkpoint, tmp_path, monkeypatch):

@@ -38,13 +38,6 @@ def test_connector_gives_queries_per_window_in_llm_width(clip):
         assert out.shape == (windows, 64, model.config.text_config.hidden_size)
 
 
-def test_45_second_clip_gives_two_windows_in_order(clip):
-    model, processor = tiny_model()
-    long_clip = np.tile(clip, int(np.ceil(45 * SAMPLE_RATE / len(clip))))[: 45 * SAMPLE_RATE]
-    batch = processor([conversation()], audios=[[long_clip]], transcripts=[[None]])
-    assert batch["input_features"].shape[0] == 2
-    assert int((batch["input_ids"] == processor.audio_token_id).sum()) == 2 * 64
-    assert torch.isfinite(model(**batch).loss)
 
 
 def test_variable_length_and_padded_modes_both_run(clip):
@@ -127,33 +120,8 @@ def test_text_only_batch_keeps_every_trainable_weight_in_the_graph():
         assert torch.isfinite(model(**batch).loss)
 
 
-def test_transcript_is_cut_in_training_only(clip):
-    _, processor = tiny_model(transcript_max_tokens=3)
-    transcript = "the quick brown fox jumps over the lazy dog"
-    whole = processor.tokenizer(" " + transcript, add_special_tokens=False).input_ids
-    assert len(whole) > 3
-
-    def slot(batch):
-        ids = batch["input_ids"][0].tolist()
-        start = max(i for i, t in enumerate(ids) if t == processor.audio_token_id) + 1
-        return ids[start:start + len(whole)]
-
-    training = processor([conversation()], audios=[[clip]], transcripts=[[transcript]])
-    inference = processor([conversation(None)], audios=[[clip]], transcripts=[[transcript]], add_generation_prompt=True)
-    assert slot(training)[:3] == whole[:3] and slot(training)[3:] != whole[3:]
-    assert slot(inference) == whole
 
 
-def test_answer_with_trailing_whitespace_keeps_its_end_of_turn_label():
-    from transformers import WhisperFeatureExtractor
-
-    from desta.model.processing import DestaProcessor
-    from desta.model.tiny import tiny_tokenizer
-
-    processor = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
-    text_row = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4 \n"}]
-    labels = processor([text_row])["labels"][0]
-    assert processor.tokenizer.decode(labels[labels != -100]) == "4<|im_end|>"
 
 
 def test_one_step_trains_connector_only(clip):
@@ -181,19 +149,6 @@ def test_lora_trains_lora_and_connector_only(clip):
         assert changed == ("lora_" in name or name.startswith("connector.")), name
 
 
-def test_labels_cover_response_and_end_of_turn_and_loss_is_their_mean(clip):
-    model, processor = tiny_model()
-    model.eval()
-    batch = processor([conversation("A woman asks for the station.")], audios=[[clip]], transcripts=[["hi"]])
-    labels = batch["labels"][0]
-    kept = labels[labels != -100]
-    assert processor.tokenizer.decode(kept) == "A woman asks for the station.<|im_end|>"
-    out = model(**batch)
-    logits = out.logits[0, :-1]
-    targets = labels[1:]
-    mask = targets != -100
-    expected = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
-    torch.testing.assert_close(out.loss, expected)
 
 
 def test_placeholder_feature_mismatch_names_both_counts(clip):
@@ -208,23 +163,6 @@ def test_placeholder_feature_mismatch_names_both_counts(clip):
         model(**without)
 
 
-def test_processor_errors_name_the_fix(clip):
-    _, processor = tiny_model()
-    with pytest.raises(ValueError, match=r"expected a sampling rate of 16000 Hz, got 44100 Hz.*resample"):
-        processor([conversation()], audios=[[clip]], sampling_rate=44100)
-    with pytest.raises(ValueError, match="empty"):
-        processor([conversation()], audios=[[np.zeros(0, dtype=np.float32)]])
-    nan_clip = clip.copy()
-    nan_clip[10] = np.nan
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        processor([conversation()], audios=[[nan_clip]])
-    with pytest.raises(ValueError, match=r"1 audio placeholders .* but 2 audio clips"):
-        processor([conversation()], audios=[[clip, clip]])
-    tokenizer = processor.tokenizer
-    tokenizer.chat_template = None
-    from desta.model.processing import DestaProcessor
-    with pytest.raises(ValueError, match="no chat template.*chat_template"):
-        DestaProcessor(processor.feature_extractor, tokenizer)
 
 
 def test_tapped_layer_defaults_and_bad_layers():
@@ -296,28 +234,6 @@ def test_real_checkpoints_transcribe_and_answer(real_models, clip):
     assert answer.strip()
 
 
-def test_timestamped_transcripts_change_only_the_transcript_slot(clip):
-    from transformers import WhisperFeatureExtractor
-
-    from desta.model.processing import DestaProcessor
-    from desta.model.tiny import tiny_tokenizer
-
-    bare = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2)
-    stamped = DestaProcessor(WhisperFeatureExtractor(), tiny_tokenizer(), num_queries=2,
-                             transcript_format="timestamped")
-    batch_bare = bare([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
-    batch_stamped = stamped([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
-    ids_bare, ids_stamped = batch_bare["input_ids"][0].tolist(), batch_stamped["input_ids"][0].tolist()
-    audio_end = max(i for i, t in enumerate(ids_bare) if t == bare.audio_token_id) + 1
-    slot_bare, slot_stamped = bare.transcript_ids("excuse me"), stamped.transcript_ids("excuse me", len(clip) / 16000)
-    assert stamped.tokenizer.decode(slot_stamped).strip() == "[00:00-00:02] excuse me"
-    assert ids_bare[:audio_end] == ids_stamped[:audio_end]  # the audio positions are the same
-    assert ids_bare[audio_end:audio_end + len(slot_bare)] == slot_bare
-    assert ids_stamped[audio_end:audio_end + len(slot_stamped)] == slot_stamped
-    assert ids_bare[audio_end + len(slot_bare):] == ids_stamped[audio_end + len(slot_stamped):]  # the rest too
-    assert batch_bare["labels"][0].tolist()[audio_end + len(slot_bare):] == \
-        batch_stamped["labels"][0].tolist()[audio_end + len(slot_stamped):]
-    torch.testing.assert_close(batch_bare["input_features"], batch_stamped["input_features"])
 
 
 def test_official_connector_settings_build_the_official_q_former():

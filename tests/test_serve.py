@@ -66,11 +66,16 @@ def text_server(text_server_process):
 
 
 @pytest.fixture(scope="module")
-def desta_server(bases, tmp_path_factory):
+def desta_checkpoint(bases, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
-    model, processor = build(str(bases[0]), str(bases[1]))
+    model, processor = build(str(bases[0]), str(bases[1]), system_prompt="Answer about the clip you hear.")
     save(model, processor, folder)
-    process, url = _start([str(folder), "--model-name", "tiny-desta", "--max-body-mb", "0.5",
+    return folder
+
+
+@pytest.fixture(scope="module")
+def desta_server(desta_checkpoint):
+    process, url = _start([str(desta_checkpoint), "--model-name", "tiny-desta", "--max-body-mb", "0.5",
                            "--max-audio-seconds", "20"])
     yield url
     process.kill()
@@ -157,6 +162,36 @@ def test_speech_model_answers_audio_parts(desta_server):
     text_only = client.chat.completions.create(model="tiny-desta", max_tokens=3,
                                                messages=[{"role": "user", "content": "Hi"}])
     assert text_only.choices[0].finish_reason in ("stop", "length")
+
+
+def test_served_chat_and_eval_models_see_the_same_turns(desta_server, desta_checkpoint):
+    """A request without a system message is answered with the turns `desta chat` and `desta eval` build: the
+    trained system prompt, then the audio placeholder and the instruction (audio first, whatever the part order)."""
+    from desta.model.loading import load
+    from desta.prompts import with_system
+    from desta.serving.engine import DestaEngine
+    from desta.serving.serve import ServeLimits, parse_messages
+
+    clip = synthesize("Where is the station?")
+    model, processor = load(desta_checkpoint)
+    engine = DestaEngine(model, processor, "tiny-desta")
+    trained = processor.conversation("Who is speaking?")  # what chat and eval ask with
+    assert trained[0] == {"role": "system", "content": "Answer about the clip you hear."}
+    for parts in ([{"type": "input_audio", "input_audio": {"data": _wav_b64(clip), "format": "wav"}},
+                   {"type": "text", "text": "Who is speaking?"}],
+                  [{"type": "text", "text": "Who is speaking?"},
+                   {"type": "input_audio", "input_audio": {"data": _wav_b64(clip), "format": "wav"}}]):
+        messages, audios = parse_messages({"messages": [{"role": "user", "content": parts}]}, engine, ServeLimits())
+        assert with_system(messages, engine.system_prompt) == trained and len(audios) == 1
+    expected, prompt_tokens = engine.generate(trained, [clip], SamplingSettings(max_new_tokens=6))
+    reply = httpx.post(f"{desta_server}/chat/completions", timeout=60, json={
+        "model": "tiny-desta", "max_tokens": 6, "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": _wav_b64(clip), "format": "wav"}},
+            {"type": "text", "text": "Who is speaking?"}]}]}).json()
+    assert reply["usage"]["prompt_tokens"] == prompt_tokens  # the system turn counted: it was sent to the model
+    assert reply["choices"][0]["message"]["content"] == expected.text
+    answered = model.chat(processor, [trained], [[clip]], max_new_tokens=6, do_sample=False)[0]  # desta eval's call
+    assert answered == expected.text
 
 
 def test_bad_requests_get_4xx_json_errors(desta_server):

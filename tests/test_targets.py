@@ -5,7 +5,7 @@ from datasets import load_from_disk
 
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend
 from desta.model.tiny import tiny_llm, tiny_tokenizer
-from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS, text_turn, training_pool
+from desta.prompts import TRAINING_POOLS, training_pool
 from desta.targets import DEFAULT_REFUSAL_PATTERNS, TargetsConfig, flag, targets
 from tests.conftest import described_dataset
 
@@ -31,17 +31,6 @@ def _output(out):
     return rows, (out / "rejects.jsonl").read_text()
 
 
-def test_rendered_prompt_for_a_known_row():
-    description = ("[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, Pitch: High, "
-                   "Volume: Low, Speaking speed: Slow, Duration: 2s)")
-    messages = text_turn(description, "What can you hear from the audio?", "Focus on the audio clips and "
-                                                                               "instructions.")
-    rendered = tiny_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == (
-        "<|im_start|>system\nFocus on the audio clips and instructions.<|im_end|>\n"
-        "<|im_start|>user\n[00:00-00:02] Excuse me? (Gender: Female, Emotion: Neutral, Accent: British, "
-        "Pitch: High, Volume: Low, Speaking speed: Slow, Duration: 2s)\n\nWhat can you hear from the audio?"
-        "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_batched_greedy_equals_one_at_a_time(backend):
@@ -131,15 +120,6 @@ def test_cut_off_answers_can_be_trimmed_to_their_last_sentence():
     assert trim_to_sentence(finished) is finished
 
 
-def test_training_pools_refuse_eval_instructions(monkeypatch):
-    from desta import prompts
-
-    assert all(training_pool(name)["open"][0] == "What can you hear from the audio?" for name in TRAINING_POOLS)
-    with pytest.raises(ValueError, match="evaluation instructions \\(or near copies\\) and cannot be trained on"):
-        training_pool(["Describe the speaker's voice.", "Tell me more."])
-    monkeypatch.setitem(prompts.TRAINING_POOLS, "leaky", ["Tell me more.", EVAL_INSTRUCTIONS["gender"][0].upper()])
-    with pytest.raises(AssertionError, match="evaluation instructions found in a training pool"):
-        prompts.check_disjoint()
 
 
 def test_bad_sources_give_clear_errors(tmp_path, backend, described):
@@ -236,13 +216,6 @@ def test_duplicate_clip_ids_are_refused(tmp_path, backend):
         targets(_config(tmp_path / "dup", tmp_path / "t"), backend)
 
 
-def test_no_training_prompt_is_an_eval_instruction_or_a_near_copy():
-    from desta.prompts import _near, all_training_prompts
-
-    evals = [t for templates in EVAL_INSTRUCTIONS.values() for t in templates]
-    assert [(p, t) for p in all_training_prompts() for t in evals if _near(p, t)] == []
-    with pytest.raises(ValueError, match="near copies"):
-        training_pool(["Transcribe the speech, verbatim!"])
 
 
 def test_voice_pool_asks_only_about_fields_the_description_holds(described, tmp_path, backend):

@@ -319,3 +319,41 @@ def test_console_shows_the_loss_every_logging_steps_with_the_time_left(targets_d
         assert f"loss {loss:.3f}" in line and ("ETA" in line) == (step < 6)
     assert any(x.startswith("step 0/6 (0%): eval_loss") for x in lines)
     assert any(x.startswith("step 6/6 (100%): eval_loss") for x in lines)
+
+
+def test_a_qwen2_style_llm_trains_saves_reloads_and_answers(targets_dir, tmp_path):
+    """A Qwen2-style backbone (ChatML with its own default system turn, no BOS token, biased q/k/v projections):
+    the connector and LoRA train, the base (biases included) stays frozen, the saved checkpoint reloads with the
+    same logits, and `desta chat` answers from it."""
+    from desta.cli import main
+    from desta.model.loading import load
+    from desta.model.tiny import save_tiny_bases
+
+    whisper, qwen = save_tiny_bases(tmp_path / "bases", llm="qwen2")
+    snapshot = Snapshot()
+    summary = train(_config(targets_dir, tmp_path / "run", "optim.max_steps=4", f"model.encoder={whisper}",
+                            f"model.llm={qwen}", "model.lora={r: 4, lora_alpha: 8, lora_dropout: 0.0}"),
+                    callbacks=[snapshot])
+    assert summary["steps"] == 4
+    changed = {n for n, p in snapshot.model.named_parameters() if not torch.equal(p, snapshot.before[n])}
+    assert any(n.startswith("connector.") for n in changed) and any("lora_" in n for n in changed)
+    assert not [n for n in changed if not n.startswith("connector.") and "lora_" not in n]
+    assert any(n.endswith("q_proj.base_layer.bias") for n in snapshot.before)  # Qwen2's biases, frozen above
+
+    model, processor = load(tmp_path / "run")
+    assert processor.tokenizer.bos_token is None and type(model.llm.get_base_model()).__name__ == "Qwen2ForCausalLM"
+    conversation = processor.conversation("Who speaks?")
+    assert processor.render(conversation, add_generation_prompt=True).startswith(
+        "<|im_start|>system\nFocus on the audio clips and instructions.<|im_end|>")  # the trained turn, not Qwen's
+    import numpy as np
+
+    clip = np.sin(np.arange(16000) / 16000 * 2 * np.pi * 220).astype(np.float32) * 0.1
+    inputs = processor([conversation], audios=[[clip]], transcripts=[["hello"]], add_generation_prompt=True)
+    again, _ = load(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
+    import soundfile as sf
+
+    sf.write(tmp_path / "clip.wav", clip, 16000)
+    assert main(["chat", str(tmp_path / "run"), "Who speaks?", "--audio", str(tmp_path / "clip.wav"),
+                 "--max-new-tokens", "4"]) == 0

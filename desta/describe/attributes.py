@@ -192,3 +192,35 @@ def normalize_label(attribute: str, value: object, extra: dict[str, str] | None 
     if attribute == "accent":  # an open set: keep the corpus's word, tidied
         return " ".join(w.capitalize() for w in re.split(r"[\s_]+", text) if w)
     raise LabelError(f"unknown attribute {attribute!r}; one of gender, emotion, age, accent")
+
+
+# ----- naming labels in text -----
+
+# Words that name each label, per attribute (lowercase, matched on word boundaries).
+LABEL_WORDS: dict[str, dict[str, list[str]]] = {
+    "gender": {"Male": ["male", "man", "masculine", "boy", "gentleman", "he", "his", "him"],
+               "Female": ["female", "woman", "feminine", "girl", "lady", "she", "her"]},
+    "speaking_speed": {"Slow": ["slow", "slowly", "leisurely", "unhurried"],
+                       "Normal": ["normal", "moderate", "average", "steady", "medium", "regular"],
+                       "Fast": ["fast", "quick", "quickly", "rapid", "rapidly", "brisk", "hurried"]},
+    "pitch": {"Low": ["low", "deep", "lower"], "Normal": ["normal", "medium", "moderate", "average", "mid"],
+              "High": ["high", "higher", "high-pitched"]},
+    "volume": {"Low": ["quiet", "soft", "low", "faint", "whisper"], "Normal": ["normal", "moderate", "medium",
+                                                                             "average"],
+               "High": ["loud", "high", "booming", "noisy"]},
+}
+
+
+def _mentions(answer: str, words: list[str]) -> list[int]:
+    text = answer.lower()
+    return [m.start() for w in words for m in re.finditer(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)]
+
+
+def named_labels(answer: str, labels: list[str], attribute: str | None = None) -> set[str]:
+    """The labels of the set an answer names, by the label itself or a word for it.
+
+    >>> sorted(named_labels("She sounds calm.", ["Female", "Male"], "gender"))
+    ['Female']
+    """
+    words = LABEL_WORDS.get(attribute or "", {})
+    return {label for label in labels if _mentions(answer, [label.lower(), *words.get(label, [])])}

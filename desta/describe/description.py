@@ -18,7 +18,8 @@ DESCRIPTION_NAMES = {"gender": "Gender", "emotion": "Emotion", "accent": "Accent
                      "volume": "Volume", "speaking_speed": "Speaking speed", "noise": "Noise",
                      "duration": "Duration"}
 _NAMES_BACK = {shown: name for name, shown in DESCRIPTION_NAMES.items()}
-_LINE = re.compile(r"^\[(\d\d:\d\d)-(\d\d:\d\d)\] ?(.*?)(?: \(([^()]*)\))?$")
+# a line: its time span, then (lazily, so an empty transcript leaves the brackets to the attributes) its text
+_LINE = re.compile(r"^\[(\d\d:\d\d)-(\d\d:\d\d)\](?: (.*?))??(?: \(([^()]*)\))?$")
 
 
 def format_description(segments: list[tuple[float, float, str]], attributes: dict[str, str | None],
@@ -50,7 +51,7 @@ def parse_description(description: str) -> tuple[list[tuple[str, str, str]], dic
     if not lines or not all(lines):
         raise ValueError(f"cannot read description {description[:80]!r}; expected lines like "
                          "'[00:00-00:02] text (Attribute: value, ...)' as desta describe writes them")
-    segments = [(m.group(1), m.group(2), m.group(3)) for m in lines]
+    segments = [(m.group(1), m.group(2), m.group(3) or "") for m in lines]
     attributes: dict[str, str] = {}
     for pair in filter(None, (lines[0].group(4) or "").split(", ")):
         shown, _, value = pair.partition(": ")

@@ -163,6 +163,53 @@ class DestaConfig(PreTrainedConfig):
         )
 
 
+def tapped_states(encoder: nn.Module, tapped_layers: list[int], input_features: torch.Tensor,
+                  feature_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a Whisper encoder on windows of any length up to 30 s; return the tapped layers.
+
+    input_features: (windows, mel_bins, frames); feature_attention_mask: (windows, frames).
+    Returns hidden states (layers, windows, steps, d_model) and a step mask (windows, steps).
+
+    transformers' WhisperEncoder.forward insists on 3000 frames, so the blocks are driven here:
+    positions are sliced to the real length, padded mel frames are zeroed before and after the
+    first convolution (so the last real steps see what a clip alone sees: the convolutions'
+    zero padding) and padded steps are masked out of self-attention, so a clip's features do
+    not depend on its batch.
+    """
+    max_steps = encoder.max_source_positions
+    dtype = encoder.conv1.weight.dtype
+    with torch.set_grad_enabled(torch.is_grad_enabled() and encoder.conv1.weight.requires_grad):
+        x = input_features.to(dtype)
+        frame_mask = None
+        if feature_attention_mask is not None and not bool(feature_attention_mask.all()):
+            frame_mask = feature_attention_mask[:, None, :].to(dtype)  # (windows, 1, frames)
+            x = x * frame_mask
+        x = F.gelu(encoder.conv1(x))
+        if frame_mask is not None:
+            x = x * frame_mask
+        x = F.gelu(encoder.conv2(x)).transpose(1, 2)  # (windows, steps, d_model)
+        steps = x.shape[1]
+        if steps > max_steps:
+            raise ValueError(f"an audio window gives {steps} encoder steps but Whisper holds at most {max_steps} "
+                             "(30 s); split long audio with desta.audio.split_windows (the processor does)")
+        x = x + encoder.embed_positions.weight[:steps]
+        if feature_attention_mask is None:
+            step_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        else:
+            step_mask = feature_attention_mask[:, ::FRAMES_PER_ENCODER_STEP].bool()  # (windows, steps)
+        attn_mask = None
+        if not bool(step_mask.all()):
+            attn_mask = torch.zeros(step_mask.shape[0], 1, steps, steps, dtype=x.dtype, device=x.device)
+            attn_mask = attn_mask.masked_fill(~step_mask[:, None, None, :], torch.finfo(x.dtype).min)
+        taps = []
+        wanted = set(tapped_layers)
+        for index, layer in enumerate(encoder.layers[: max(wanted) + 1]):
+            x = layer(x, attn_mask)
+            if index in wanted:
+                taps.append(x)
+    return torch.stack(taps), step_mask  # (layers, windows, steps, d_model), (windows, steps)
+
+
 class QFormerConnector(nn.Module):
     """Whisper hidden states at several layers -> a fixed number of vectors in the LLM's width.
 
@@ -291,50 +338,13 @@ class DestaModel(PreTrainedModel):
 
     def encode_audio(self, input_features: torch.Tensor,
                      feature_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the Whisper encoder on windows of any length up to 30 s; return the tapped layers.
+        """The frozen Whisper encoder's tapped layers for windows of any length up to 30 s (`tapped_states`).
 
         input_features: (windows, mel_bins, frames); feature_attention_mask: (windows, frames).
         Returns hidden states (layers, windows, steps, d_model) and a step mask (windows, steps).
-
-        transformers' WhisperEncoder.forward insists on 3000 frames, so the blocks are driven here:
-        positions are sliced to the real length, padded mel frames are zeroed before and after the
-        first convolution (so the last real steps see what a clip alone sees: the convolutions'
-        zero padding) and padded steps are masked out of self-attention, so a clip's features do
-        not depend on its batch.
         """
-        encoder = self.whisper.get_encoder()
-        max_steps = encoder.max_source_positions
-        dtype = encoder.conv1.weight.dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder.conv1.weight.requires_grad):
-            x = input_features.to(dtype)
-            frame_mask = None
-            if feature_attention_mask is not None and not bool(feature_attention_mask.all()):
-                frame_mask = feature_attention_mask[:, None, :].to(dtype)  # (windows, 1, frames)
-                x = x * frame_mask
-            x = F.gelu(encoder.conv1(x))
-            if frame_mask is not None:
-                x = x * frame_mask
-            x = F.gelu(encoder.conv2(x)).transpose(1, 2)  # (windows, steps, d_model)
-            steps = x.shape[1]
-            if steps > max_steps:
-                raise ValueError(f"an audio window gives {steps} encoder steps but Whisper holds at most {max_steps} "
-                                 "(30 s); split long audio with desta.audio.split_windows (the processor does)")
-            x = x + encoder.embed_positions.weight[:steps]
-            if feature_attention_mask is None:
-                step_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            else:
-                step_mask = feature_attention_mask[:, ::FRAMES_PER_ENCODER_STEP].bool()  # (windows, steps)
-            attn_mask = None
-            if not bool(step_mask.all()):
-                attn_mask = torch.zeros(step_mask.shape[0], 1, steps, steps, dtype=x.dtype, device=x.device)
-                attn_mask = attn_mask.masked_fill(~step_mask[:, None, None, :], torch.finfo(x.dtype).min)
-            taps = []
-            wanted = set(self.config.tapped_layers)
-            for index, layer in enumerate(encoder.layers[: max(wanted) + 1]):
-                x = layer(x, attn_mask)
-                if index in wanted:
-                    taps.append(x)
-        return torch.stack(taps), step_mask  # (layers, windows, steps, d_model), (windows, steps)
+        return tapped_states(self.whisper.get_encoder(), self.config.tapped_layers, input_features,
+                             feature_attention_mask)
 
     def embed_audio(self, input_features: torch.Tensor | None = None,
                     feature_attention_mask: torch.Tensor | None = None,

@@ -1,4 +1,5 @@
-"""Tiny random models for smoke runs: a Whisper, a Llama-style LLM and an in-memory chat tokenizer.
+"""Tiny random models for smoke runs: a Whisper, a Llama-style LLM (or a Qwen2-style one: biased q/k/v
+projections, a chat template that adds its own system turn, no BOS token) and in-memory chat tokenizers.
 
 Everything here builds without network in well under a second, with weights fixed by the seed.
 `model.encoder=tiny` / `model.llm=tiny` in a training config, `desta demo` and `desta tiny-models`
@@ -11,7 +12,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -20,6 +21,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
@@ -34,6 +37,11 @@ TINY = "tiny"  # the model name that stands for these models in configs
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# ChatML as Qwen2.5 writes it: a default system turn when the messages bring none.
+QWEN_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a tiny assistant.<|im_end|>\n{% endif %}"
+    + CHAT_TEMPLATE
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _CORPUS = [
@@ -62,6 +70,15 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         tokenizer_object=Tokenizer.from_str(_bpe(vocab_size).to_str()),
         bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer set up as Qwen2.5's is: no BOS token is ever added, <|im_end|> ends a turn,
+    <|endoftext|> pads, and the chat template opens with a default system turn when none is given."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_bpe(vocab_size).to_str()),
+        bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE,
     )
 
 
@@ -94,6 +111,17 @@ def tiny_llm_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     return LlamaConfig(**{**settings, **overrides})
+
+
+def tiny_qwen2_config(vocab_size: int, **overrides: Any) -> Qwen2Config:
+    """A 2-layer, 64-wide Qwen2-style causal LM: biases on the q/k/v projections, no BOS token."""
+    tokenizer = tiny_qwen_tokenizer()
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    return Qwen2Config(**{**settings, **overrides})
 
 
 def _english_whisper_generation_config() -> GenerationConfig:
@@ -131,14 +159,22 @@ def tiny_model(seed: int = 0, **config_kwargs: Any) -> tuple[DestaModel, DestaPr
     return DestaModel(config, whisper=whisper, llm=llm).eval(), processor
 
 
-def save_tiny_bases(folder: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
-    """Write the tiny Whisper and tiny LLM (with tokenizer) as ordinary transformers folders."""
+def save_tiny_bases(folder: str | os.PathLike, seed: int = 0,
+                    llm: Literal["llama", "qwen2"] = "llama") -> tuple[Path, Path]:
+    """Write the tiny Whisper and a tiny LLM (with its tokenizer) as ordinary transformers folders: the
+    Llama-style one (tiny-llm), or the Qwen2-style one (tiny-qwen2)."""
     folder = Path(folder)
-    whisper_dir, llm_dir = folder / "tiny-whisper", folder / "tiny-llm"
+    whisper_dir, llm_dir = folder / "tiny-whisper", folder / ("tiny-llm" if llm == "llama" else "tiny-qwen2")
     tiny_whisper(seed).save_pretrained(whisper_dir)
     WhisperFeatureExtractor(feature_size=80).save_pretrained(whisper_dir)
-    tiny_llm(seed + 1).save_pretrained(llm_dir)
-    tiny_tokenizer().save_pretrained(llm_dir)
+    if llm == "llama":
+        tiny_llm(seed + 1).save_pretrained(llm_dir)
+        tiny_tokenizer().save_pretrained(llm_dir)
+    else:
+        torch.manual_seed(seed + 1)
+        tokenizer = tiny_qwen_tokenizer()
+        Qwen2ForCausalLM(tiny_qwen2_config(len(tokenizer))).save_pretrained(llm_dir)
+        tokenizer.save_pretrained(llm_dir)
     return whisper_dir, llm_dir
 
 

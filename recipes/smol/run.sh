@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The DeSTA loop on real small models: Whisper tiny.en + SmolLM2-135M-Instruct, 2-core CPU.
-# MODELS holds whisper-tiny.en/ and SmolLM2-135M-Instruct/ (fetch_offline_models.sh, or `hf download`).
+# MODELS holds whisper-tiny.en/ and SmolLM2-135M-Instruct/ (tools/fetch_offline_models.sh, or `hf download`).
 #   bash recipes/smol/run.sh MODELS [OUT]
 set -euo pipefail
 MODELS=${1:?give the folder holding whisper-tiny.en and SmolLM2-135M-Instruct}

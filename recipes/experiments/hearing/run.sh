@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Experiment "hearing": does the speech model hear what its LLM reads when its targets talk about the voice?
+# All runs train on the same 1200 clips with two prompts each from the "voice" pool (open requests plus
+# questions about each description field; data.sh) and are evaluated on the same 240 items of 24 held-out
+# clips, against the speech model's own LLM reading the description (text-ASR, text-gold):
+#   qwen-lora       SmolLM2-135M speech model, Qwen2.5-Coder-1.5B-Instruct's answers (another teacher), + LoRA r8
+#   self-lora       SmolLM2-135M speech model, its own answers (self-output), + LoRA r8
+#   qwen-connector  Qwen's answers, the connector alone (the LLM untouched, so it cannot forget in text)
+#   qwen-backbone   Qwen2.5-Coder-1.5B-Instruct as the speech model's own frozen LLM, trained on its own answers
+#                   (self-output end to end): the swap-backbone path, on QWEN_CLIPS clips (what fits a CPU)
+# Each run: one epoch, batches of 8, the frozen encoder's features cached once for all runs. Resumable:
+# finished trainings and evals are kept, answers come from the eval cache. Then `desta probe` on both
+# target sets (what the features carry, what each teacher's answers name) and the comparison.
+#   bash recipes/experiments/hearing/run.sh
+#   RUNS="qwen-lora self-lora" bash recipes/experiments/hearing/run.sh      (a subset)
+set -euo pipefail
+MODELS=${MODELS:-$HOME/.cache/desta-offline-models}
+DATA=${DATA:-runs/experiments/data}
+OUT=${OUT:-runs/experiments/hearing}
+QWEN_CLIPS=${QWEN_CLIPS:-150}
+SMOL=$MODELS/SmolLM2-135M-Instruct QWEN=$MODELS/Qwen2.5-Coder-1.5B-Instruct WHISPER=$MODELS/whisper-tiny.en
+RESULTS=recipes/experiments/hearing/results
+bash recipes/experiments/hearing/data.sh
+mkdir -p $RESULTS
+
+for run in ${RUNS:-qwen-lora self-lora qwen-connector qwen-backbone}; do
+  targets=$DATA/targets-voice-qwen/dataset llm=$SMOL extra=()
+  case $run in
+    self-lora) targets=$DATA/targets-voice-smol/dataset ;;
+    qwen-backbone) llm=$QWEN
+                   extra+=(data.max_clips=$QWEN_CLIPS model.dtype=bfloat16 optim.precision=bf16 optim.batch_size=4
+                           data.feature_cache=$DATA/features-qwen) ;;
+  esac
+  [[ $run == *-lora ]] && extra+=("model.lora={r: 8, lora_alpha: 16}")
+  [ -f $OUT/$run/summary.json ] || desta train recipes/experiments/config.yaml output_dir=$OUT/$run \
+      model.encoder=$WHISPER model.llm=$llm data.train=$targets optim.epochs=1 log.eval_steps=100 \
+      log.save_steps=1000 "${extra[@]}"
+  [ -f $OUT/$run/eval/report.json ] || desta eval $OUT/$run --eval-set $DATA/evalset-24 --out $OUT/$run/eval \
+      --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48
+  cp $OUT/$run/eval/report.md $RESULTS/report-$run.md
+done
+
+# what Whisper tiny.en's features carry, and what each teacher's answers name (both on the training clips)
+for teacher in qwen smol; do
+  [ -f $OUT/probe-$teacher/probe.json ] || desta probe $DATA/targets-voice-$teacher/dataset --encoder $WHISPER \
+      --out $OUT/probe-$teacher
+  cp $OUT/probe-$teacher/probe.md $RESULTS/probe-$teacher.md
+done
+
+reports=(); runs=()
+for run in qwen-lora self-lora qwen-connector qwen-backbone; do
+  [ -f $OUT/$run/eval/report.json ] || continue
+  reports+=("$run:1=$OUT/$run/eval"); runs+=("$run=$OUT/$run")
+done
+paired=()
+[ -f $OUT/self-lora/eval/report.json ] && paired=(--paired-with self-lora)
+desta compare "${reports[@]}" --out $RESULTS --x-label epoch "${paired[@]}" --runs "$(IFS=,; echo "${runs[*]}")" \
+    --title "voice-pool targets: Qwen2.5-Coder-1.5B's answers vs self-output (1200 clips, 1 epoch)" \
+    --metrics overall:speech,overall:text_asr,gender:speech,accent:speech,speaking_speed:speech,pitch:speech,volume:speech,transcription:speech,instruction_following:speech,overall:forgetting_asr:speech,overall:agreement:speech,probes:format_following,probes:heldout_loglik
+echo "hearing experiment: $((SECONDS / 60)) min"
