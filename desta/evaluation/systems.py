@@ -85,14 +85,15 @@ class SpeechSystem:
         return TransformersBackend(llm=self.model.llm, tokenizer=self.processor.tokenizer, batch_size=batch_size)
 
 
-def load_system(path: str, system_prompt: str | None, text_llm: str | None) -> SpeechSystem:
-    """A checkpoint for evaluation, its processor built with `system_prompt` (None: the one it was trained with;
-    "": none); one built on another LLM than `text_llm` is refused."""
+def load_system(path: str, system_prompt: str | None, text_llm: str | None,
+                dtype: str = "float32") -> SpeechSystem:
+    """A checkpoint for evaluation (weights in `dtype`), its processor built with `system_prompt` (None: the one
+    it was trained with; "": none); one built on another LLM than `text_llm` is refused."""
     from desta.model.loading import load
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"checkpoint {path} not found; give a folder written by desta train or export")
-    model, processor = load(path, system_prompt=system_prompt)
+    model, processor = load(path, dtype=getattr(torch, dtype), system_prompt=system_prompt)
     model.eval()
     if text_llm is not None and model.config.llm_name_or_path != text_llm:
         raise ValueError(f"{path} is built on {model.config.llm_name_or_path}, not {text_llm}; compare "

@@ -24,19 +24,20 @@ bash recipes/experiments/hearing/data.sh
 mkdir -p $RESULTS
 
 for run in ${RUNS:-qwen-lora self-lora qwen-connector qwen-backbone}; do
-  targets=$DATA/targets-voice-qwen/dataset llm=$SMOL extra=()
+  targets=$DATA/targets-voice-qwen/dataset llm=$SMOL extra=() eval_extra=()
   case $run in
     self-lora) targets=$DATA/targets-voice-smol/dataset ;;
     qwen-backbone) llm=$QWEN
                    extra+=(data.max_clips=$QWEN_CLIPS model.dtype=bfloat16 optim.precision=bf16 optim.batch_size=4
-                           data.feature_cache=$DATA/features-qwen) ;;
+                           data.feature_cache=$DATA/features-qwen)
+                   eval_extra+=(--dtype bfloat16) ;;
   esac
   [[ $run == *-lora ]] && extra+=("model.lora={r: 8, lora_alpha: 16}")
   [ -f $OUT/$run/summary.json ] || desta train recipes/experiments/config.yaml output_dir=$OUT/$run \
       model.encoder=$WHISPER model.llm=$llm data.train=$targets optim.epochs=1 log.eval_steps=100 \
       log.save_steps=1000 "${extra[@]}"
   [ -f $OUT/$run/eval/report.json ] || desta eval $OUT/$run --eval-set $DATA/evalset-24 --out $OUT/$run/eval \
-      --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48
+      --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48 "${eval_extra[@]}"
   cp $OUT/$run/eval/report.md $RESULTS/report-$run.md
 done
 
