@@ -1,5 +1,7 @@
 """Training throughput and memory: on-the-fly encoder padded to 30 s, on-the-fly at real length, cached
-features, and cached features with gradient checkpointing of the (frozen) LLM.
+features, cached features with the LM head on every position (the training forward before #28: the
+baseline of the response-only logits every other mode uses), and cached features with gradient
+checkpointing of the (frozen) LLM.
 
 Same data (synthetic clips with template targets), same model, same steps; each mode runs in its
 own process so its peak memory is its own (VmHWM: the process's peak resident memory). The step
@@ -50,13 +52,15 @@ def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size
     dataset = DestaDataset(examples, FeatureCache(cache, model) if mode.startswith("cached") else None)
     collate = DestaCollator(processor, 4096)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    widths = []
+    widths, labelled = [], []
+    logits_at = "all" if mode.endswith("all_logits") else "labelled"
 
     def step(index: int) -> None:
         items = [dataset[(index * batch_size + k) % len(dataset)] for k in range(batch_size)]
         batch = {k: v for k, v in collate(items).items() if k != "sample_ids"}
         widths.append(batch["input_ids"].shape[1])
-        model(**batch).loss.backward()
+        labelled.append(int((batch["labels"][:, 1:] != -100).sum()) / batch_size)  # positions the head projects
+        model(**batch, logits_at=logits_at).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -68,17 +72,19 @@ def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size
     seconds = time.perf_counter() - start
     peak = resident_bytes("VmHWM")
     queue.put({"mode": mode, "samples_per_s": steps * batch_size / seconds, "peak_rss_gb": peak / 2**30,
-               "step_gb": (peak - before) / 2**30, "tokens": max(widths)})
+               "step_gb": (peak - before) / 2**30, "tokens": max(widths),
+               "projected": max(widths) if logits_at == "all" else round(sum(labelled) / len(labelled))})
 
 
-def planned_step_gb(section, mode: str, batch_size: int, tokens: int) -> float:
-    """What `desta plan` predicts a step adds to the resident weights (GiB): activations, gradients, AdamW."""
+def planned_step_gb(section, mode: str, batch_size: int, tokens: int, projected: int) -> float:
+    """What `desta plan` predicts a step adds to the resident weights (GiB): activations, gradients, AdamW; the LM
+    head projecting `projected` positions per row."""
     from desta.core.args import load_config
     from desta.train.plan import PlanConfig, plan
 
     settings = [f"model.encoder={section.encoder}", f"model.llm={section.llm}", "data.train=unused",
                 f"model.pad_to_30s={mode == 'padded_30s'}", f"optim.batch_size={batch_size}", "optim.precision=fp32",
-                f"tokens={tokens}", "clip_seconds=3.0"]
+                f"tokens={tokens}", "clip_seconds=3.0", f"response_tokens={projected}"]
     parts = plan(load_config(PlanConfig, None, settings))["memory"][
         "1 gpu+checkpointing" if mode.endswith("checkpointing") else "1 gpu"]
     return (parts["total"] - parts["weights"] - 1.0) * 1e9 / 2**30  # without the CUDA context
@@ -120,7 +126,7 @@ def main() -> None:
         del model
         results = {}
         context = mp.get_context("spawn")
-        for mode in ("padded_30s", "variable", "cached", "cached+checkpointing"):
+        for mode in ("padded_30s", "variable", "cached", "cached+all_logits", "cached+checkpointing"):
             queue = context.Queue()
             process = context.Process(target=run_mode, args=(mode, targets, str(models) if models else None,
                                                              args.steps, args.batch_size, str(tmp / "cache"), queue))
@@ -128,17 +134,20 @@ def main() -> None:
             results[mode] = queue.get()
             process.join()
     for mode, r in results.items():
-        r["planned_step_gb"] = planned_step_gb(section, mode, args.batch_size, r["tokens"])
+        r["planned_step_gb"] = planned_step_gb(section, mode, args.batch_size, r["tokens"], r["projected"])
     weights = "whisper-tiny.en + SmolLM2-135M-Instruct" if models else "tiny random"
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, CPU"
     print(f"{weights}; batch {args.batch_size}; {args.steps} timed steps; {machine}")
     for mode, r in results.items():
         print(f"{mode:>20}: {r['samples_per_s']:7.2f} samples/s, peak RSS {r['peak_rss_gb']:.2f} GiB, step memory "
-              f"{r['step_gb']:.2f} GiB (desta plan: {r['planned_step_gb']:.2f}; rows of up to {r['tokens']} tokens)")
+              f"{r['step_gb']:.2f} GiB (desta plan: {r['planned_step_gb']:.2f}; rows of up to {r['tokens']} tokens, "
+              f"{r['projected']} projected)")
     base = results["padded_30s"]["samples_per_s"]
     print(f"variable length: {results['variable']['samples_per_s'] / base:.1f}x, cached: "
           f"{results['cached']['samples_per_s'] / base:.1f}x the padded-to-30 s speed; building the cache took "
           f"{cache_seconds:.1f} s for {args.clips} clips")
+    print(f"response-only logits: step memory {results['cached']['step_gb']:.2f} GiB against "
+          f"{results['cached+all_logits']['step_gb']:.2f} GiB with every position's (cached features)")
     print(json.dumps({"bench": "train", "weights": weights, "machine": machine, "batch_size": args.batch_size,
                       "steps": args.steps, **{f"{m}_samples_per_s": round(r["samples_per_s"], 3)
                                               for m, r in results.items()},

@@ -58,8 +58,9 @@ DEFAULT_REFUSAL_PATTERNS = [
 ]
 # Settings that change how a run is carried out but not one answer: left out of the job description a
 # resumed run must match (greedy batches give the answers one-at-a-time generation gives).
-RUNTIME_SETTINGS = ("out", "base_url", "batch_size", "concurrency", "timeout", "max_retries", "chunk_size",
-                    "num_shards", "shard_index", "merge", "progress", "overwrite")
+RUNTIME_SETTINGS = ("out", "base_url", "batch_size", "batching", "token_budget", "cache", "prompts_per_call",
+                    "concurrency", "timeout", "max_retries", "chunk_size", "num_shards", "shard_index", "merge",
+                    "progress", "overwrite")
 
 
 @dataclass
@@ -75,7 +76,8 @@ class TargetsConfig:
     model: str = ""
     """the LLM (Hub id or folder; the served model name for the http backend)"""
     backend: Literal["transformers", "vllm", "http"] = "transformers"
-    """generation backend: transformers (batched, CPU or GPU), vllm (GPU), http (an OpenAI-compatible server)"""
+    """generation backend: transformers (batched, CPU or GPU), vllm (GPU; untested: it has never run here), http (an
+    OpenAI-compatible server)"""
     base_url: str | None = None
     """http backend: the server, e.g. http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY)"""
     pool: str | list[str] = "desta2"
@@ -96,7 +98,20 @@ class TargetsConfig:
     seed: int = 0
     """prompts and sampling depend only on it (and the row)"""
     batch_size: int = 16
-    """prompts per generate call (transformers)"""
+    """prompts per generate batch when batching by prompts (transformers)"""
+    batching: Literal["auto", "tokens", "prompts"] = "auto"
+    """transformers: tokens: each batch holds as many prompts as fit token_budget (longest prompts first); prompts:
+    batch_size prompts; auto: tokens on a GPU (or wherever token_budget is given), prompts on a CPU (as before)"""
+    token_budget: int | None = None
+    """tokens per generate batch when batching by tokens: rows x (longest prompt + max_new_tokens); null: sized
+    from the GPU's free memory and the LLM's key/value cache per token"""
+    cache: Literal["dynamic", "static"] = "dynamic"
+    """transformers' key/value cache: dynamic, or static (preallocated; transformers compiles the decoding step
+    on a GPU: faster once compiled, one compile per batch shape)"""
+    prompts_per_call: int | None = None
+    """greedy runs hand the backend this many prompts at once (several chunks, each still written on its own), so
+    token-budget batches can fill; null: chunk_size, or with a token budget 4 x token_budget / max_new_tokens.
+    Sampled runs hand one chunk at a time, so a resumed chunk samples the same"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weights of the LLM (transformers): auto is bfloat16 on a GPU and float32 on a CPU; bfloat16 on a CPU with
     bf16 instructions is about twice as fast (answers of a bf16 model, not identical to float32's)"""
@@ -143,6 +158,9 @@ class TargetsConfig:
         if self.max_new_tokens < 1 or self.prompts_per_clip < 1 or self.chunk_size < 1 or self.batch_size < 1:
             problems.append(("max_new_tokens", "max_new_tokens, prompts_per_clip, chunk_size and batch_size must be "
                                                "at least 1"))
+        for name in ("token_budget", "prompts_per_call"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append((name, f"must be at least 1 (or null), got {getattr(self, name)}"))
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             problems.append(("temperature", f"temperature must be 0 or more and top_p in (0, 1], got "
                                             f"{self.temperature} and {self.top_p}"))
@@ -237,8 +255,14 @@ def _backend(config: TargetsConfig) -> Backend:
     if config.backend == "transformers":
         import torch
 
+        from desta.core.llm import default_device
+
         dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
-        return make_backend("transformers", config.model, batch_size=config.batch_size, dtype=dtype)
+        by_tokens = config.batching == "tokens" or (config.batching == "auto" and (
+            config.token_budget is not None or default_device() == "cuda"))
+        budget = (config.token_budget or "memory") if by_tokens else None
+        return make_backend("transformers", config.model, batch_size=config.batch_size, dtype=dtype,
+                            token_budget=budget, cache=config.cache)
     return make_backend(config.backend, config.model)
 
 
@@ -309,6 +333,7 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
                      shard_index=config.shard_index, overwrite=config.overwrite,
                      not_compared=("source",))
     todo = job.todo()
+    gold = None
     if labels:
         gold = dataset.select_columns([c for c in GOLD_COLUMNS if c in dataset.column_names]).to_list()
     else:
@@ -317,39 +342,82 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
     bar = tqdm(total=sum(len(job.rows_of(c)) for c in todo), unit="prompt", disable=not config.progress,
                desc=f"targets shard {config.shard_index}/{config.num_shards}")
     started, tokens, done = time.perf_counter(), 0, 0
-    for chunk in todo:
-        chunk_items = [items[i] for i in job.rows_of(chunk)]
-        settings = config.sampling(chunk)  # seeded per chunk: a resumed chunk samples the same
-        if labels:
-            generator = json.dumps({"backend": "labels", "template": "label_response"}, sort_keys=True)
-            generations = [Generation(label_response(gold[r]), "stop", 0) for r, _ in chunk_items]
-        else:
-            generator = json.dumps({"model": backend.model_id, "backend": backend.name, **settings.as_dict(),
-                                    "seed": config.seed}, sort_keys=True)
-            generations = backend.generate([text_turn(descriptions[r], p, config.system_prompt)
-                                            for r, p in chunk_items], settings)
-        rows, rejects = [], []
-        for (row, prompt), generation in zip(chunk_items, generations, strict=True):
-            tokens += generation.completion_tokens
-            if config.trim_cut_off:
-                generation = trim_to_sentence(generation)
-            reason = flag(generation, config.max_new_tokens, config.refusal_patterns)
-            record = {"id": ids[row], "prompt": prompt, "prompt_pool": pool_name,
-                      "system_prompt": config.system_prompt or "", "response": generation.text,
-                      "generator": generator}
-            if reason and not config.keep_flagged:
-                rejects.append({"id": ids[row], "prompt": prompt, "reason": reason, "response": generation.text})
-                continue
-            rows.append({**record, "flag": reason or ""} if config.keep_flagged else record)
-        job.write(chunk, rows, rejects)
-        done += len(chunk_items)
-        elapsed = time.perf_counter() - started
-        bar.update(len(chunk_items))
-        bar.set_postfix(rows_per_s=f"{done / elapsed:.2f}", tokens_per_s=f"{tokens / elapsed:.1f}")
+    per_call = config.chunk_size if labels else prompts_per_call(config, backend)
+    for group in call_groups(todo, [len(job.rows_of(c)) for c in todo], per_call):
+        answers: list[Generation] = []
+        if not labels:  # one call for the group's chunks; greedy answers do not depend on how prompts are batched
+            answers = backend.generate([text_turn(descriptions[r], p, config.system_prompt)
+                                        for chunk in group for r, p in (items[i] for i in job.rows_of(chunk))],
+                                       config.sampling(group[0]))
+        for chunk in group:
+            tokens, done = _write_chunk(config, job, chunk, [items[i] for i in job.rows_of(chunk)], answers, backend,
+                                        gold, ids, pool_name, tokens, done)
+            elapsed = time.perf_counter() - started
+            bar.update(len(job.rows_of(chunk)))
+            bar.set_postfix(rows_per_s=f"{done / elapsed:.2f}", tokens_per_s=f"{tokens / elapsed:.1f}")
     bar.close()
     if config.num_shards == 1:
         return _merge(job, dataset)
     return {"shard": config.shard_index, "chunks": len(job.mine()), "run_now": len(todo)}
+
+
+def prompts_per_call(config: TargetsConfig, backend: Backend) -> int:
+    """Prompts handed to the backend at once: one chunk when sampling (a resumed chunk samples the same), else
+    prompts_per_call, else enough for about four batches of a token budget, else one chunk."""
+    if config.temperature > 0:
+        return config.chunk_size
+    if config.prompts_per_call:
+        return config.prompts_per_call
+    budget = getattr(backend, "token_budget", None)
+    return max(config.chunk_size, 4 * budget // config.max_new_tokens) if budget else config.chunk_size
+
+
+def call_groups(chunks: list[int], sizes: list[int], per_call: int) -> list[list[int]]:
+    """Consecutive chunks grouped until each group holds at least `per_call` prompts (the last may hold fewer).
+
+    >>> call_groups([0, 1, 2, 3, 4], [128, 128, 128, 128, 40], per_call=256)
+    [[0, 1], [2, 3], [4]]
+    """
+    groups: list[list[int]] = []
+    held = per_call
+    for chunk, size in zip(chunks, sizes, strict=True):
+        if held >= per_call:
+            groups.append([])
+            held = 0
+        groups[-1].append(chunk)
+        held += size
+    return groups
+
+
+def _write_chunk(config: TargetsConfig, job: ChunkedJob, chunk: int, chunk_items: list[tuple[int, str]],
+                 answers: list[Generation], backend: Backend | None, gold: list[dict] | None, ids: list[str],
+                 pool_name: str, tokens: int, done: int) -> tuple[int, int]:
+    """Flag and write one chunk's answers (its slice of the group's `answers`, or label targets from `gold`);
+    returns the running counts of tokens and prompts."""
+    settings = config.sampling(chunk)  # seeded per chunk: a resumed chunk samples the same
+    if gold is not None:
+        generator = json.dumps({"backend": "labels", "template": "label_response"}, sort_keys=True)
+        generations = [Generation(label_response(gold[r]), "stop", 0) for r, _ in chunk_items]
+    else:
+        generator = json.dumps({"model": backend.model_id, "backend": backend.name, **settings.as_dict(),
+                                "seed": config.seed}, sort_keys=True)
+        generations = answers[: len(chunk_items)]
+        del answers[: len(chunk_items)]  # the group's answers are consumed chunk by chunk, in order
+    rows, rejects = [], []
+    for (row, prompt), generation in zip(chunk_items, generations, strict=True):
+        tokens += generation.completion_tokens
+        if config.trim_cut_off:
+            generation = trim_to_sentence(generation)
+        reason = flag(generation, config.max_new_tokens, config.refusal_patterns)
+        record = {"id": ids[row], "prompt": prompt, "prompt_pool": pool_name,
+                  "system_prompt": config.system_prompt or "", "response": generation.text,
+                  "generator": generator}
+        if reason and not config.keep_flagged:
+            rejects.append({"id": ids[row], "prompt": prompt, "reason": reason, "response": generation.text})
+            continue
+        rows.append({**record, "flag": reason or ""} if config.keep_flagged else record)
+    job.write(chunk, rows, rejects)
+    return tokens, done + len(chunk_items)
 
 
 def merge(out: str | os.PathLike) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def test_gradient_checkpointing_recomputes_the_frozen_llm_layers(clip):
         loss, saved, forward_calls, backward_calls = _saved_bytes_and_layer_calls(model, batch)
         model.eval()
         with torch.no_grad():
-            assert model(**batch).loss.item() == loss.item()  # no dropout anywhere in train mode
+            assert model(**batch, logits_at="labelled").loss.item() == loss.item()  # no dropout anywhere in train mode
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results[checkpointing] = saved, forward_calls, backward_calls, grads
     layers = len(model.llm.model.layers)
@@ -122,6 +122,33 @@ def test_text_only_batch_keeps_every_trainable_weight_in_the_graph():
 
 
 
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}])
+def test_response_only_logits_give_the_full_logits_loss_and_gradients(clip, short_clip, lora):
+    model, processor = tiny_model(qformer_dropout=0.0, lora=lora)
+    batch = processor([conversation("A woman asks for the station."), conversation("No.")],
+                      audios=[[clip], [short_clip]], transcripts=[["excuse me"], ["hello"]])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    full = model(**batch, logits_at="all")
+    full_grads = torch.autograd.grad(full.loss, trainable)
+    labelled = model(**batch)  # training with labels: only the response positions are projected
+    labelled_grads = torch.autograd.grad(labelled.loss, trainable)
+    positions = int((batch["labels"][:, 1:] != -100).sum())
+    vocab = model.config.text_config.vocab_size
+    assert full.logits.shape == (*batch["input_ids"].shape, vocab) and labelled.logits is None
+    assert labelled.label_logits.shape == (positions, vocab) and positions < batch["input_ids"].numel() // 3
+    torch.testing.assert_close(labelled.loss, full.loss, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(labelled_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    keep = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(labelled.label_logits, full.logits[:, :-1][keep], atol=1e-5, rtol=1e-5)
+    model.eval()
+    with torch.no_grad():  # evaluation keeps every position's logits
+        assert model(**batch).logits.shape == full.logits.shape
+    with pytest.raises(ValueError, match="logits_at must be one of"):
+        model(**batch, logits_at="response")
 
 
 def test_one_step_trains_connector_only(clip):

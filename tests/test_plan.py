@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFo
 
 from desta.cli import main
 from desta.core.args import load_config
-from desta.train.plan import LLMS, WHISPER, PlanConfig, llm_parameters, plan, whisper_parameters
+from desta.train.plan import LLMS, WHISPER, PlanConfig, llm_parameters, plan, render_plan, whisper_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"whisper": dict(d_model=128, encoder_layers=4, decoder_layers=2, encoder_attention_heads=4,
@@ -59,15 +59,17 @@ def small(tmp_path_factory):
     return folder / "whisper", folder / "llm"
 
 
-def _plan(small, *settings, tokens=TOKENS, steps=STEPS):
+def _plan(small, *settings, tokens=TOKENS, steps=STEPS, response=None):
     whisper, llm = small
     return plan(load_config(PlanConfig, None, [
         f"model.encoder={whisper}", f"model.llm={llm}", "data.train=unused", "model.tapped_layers=[1,3]",
         f"model.num_queries={QUERIES}", f"optim.batch_size={BATCH}", "optim.precision=fp32", f"tokens={tokens}",
-        f"clip_seconds={steps / 50}", *settings]))
+        f"clip_seconds={steps / 50}", f"response_tokens={response or tokens}", *settings]))
 
 
-def _model(small, checkpointing, rows=BATCH, tokens=TOKENS, steps=STEPS):
+def _model(small, checkpointing, rows=BATCH, tokens=TOKENS, steps=STEPS, response=None):
+    """A training-mode model on the small bases and a batch whose labels are every token, or the last
+    `response` + 1 (the response and its end of turn: `response` positions predict them)."""
     from desta.model.modeling import DestaConfig, DestaModel
 
     torch.manual_seed(0)
@@ -78,7 +80,8 @@ def _model(small, checkpointing, rows=BATCH, tokens=TOKENS, steps=STEPS):
         model.llm.activation_checkpointing_enable()
     ids = torch.randint(10, 15000, (rows, tokens))
     ids[:, 3:3 + QUERIES] = 5
-    return model.train(), {"input_ids": ids, "input_features": torch.randn(rows, 80, 2 * steps), "labels": ids}
+    labels = ids if response is None else ids.masked_fill(torch.arange(tokens) < tokens - response - 1, -100)
+    return model.train(), {"input_ids": ids, "input_features": torch.randn(rows, 80, 2 * steps), "labels": labels}
 
 
 def _whisper(w):
@@ -141,13 +144,33 @@ def _kept_for_backward(model, batch):
     return sum(kept.values())
 
 
-def test_activation_memory_matches_what_autograd_keeps(small):
+@pytest.mark.parametrize("response", [None, 100])
+def test_activation_memory_matches_what_autograd_keeps(small, response):
     for checkpointing in (False, True):
-        model, batch = _model(small, checkpointing, rows=1)
+        model, batch = _model(small, checkpointing, rows=1, response=response)
         kept = _kept_for_backward(model, batch)
-        parts = _plan(small, "optim.batch_size=1")["memory"]["1 gpu+checkpointing" if checkpointing else "1 gpu"]
+        parts = _plan(small, "optim.batch_size=1", response=response)["memory"][
+            "1 gpu+checkpointing" if checkpointing else "1 gpu"]
         planned = sum(parts[f"activations_{k}"] for k in ("llm", "connector", "loss")) * 1e9
-        assert planned == pytest.approx(kept, rel=0.03), checkpointing
+        assert planned == pytest.approx(kept, rel=0.03), (checkpointing, response)
+
+
+def test_response_only_logits_shrink_the_plans_logits_and_the_targets_stage_is_planned():
+    settings = ["gpu=h200", "samples=5000000", "answer_tokens=150"]
+    every = plan(load_config(PlanConfig, ROOT / "recipes" / "desta25" / "config.yaml",
+                             [*settings, "response_tokens=300"]))  # all 300 positions: the forward before #28
+    response = plan(load_config(PlanConfig, ROOT / "recipes" / "desta25" / "config.yaml", settings))
+    before, after = every["memory"]["1 gpu"], response["memory"]["1 gpu"]
+    assert before["activations_logits"] == pytest.approx(4.6, abs=0.05)  # GB at batch 12, as issue #28 read it
+    assert after["activations_logits"] == pytest.approx(before["activations_logits"] * 150 / 299, rel=1e-6)
+    assert response["largest_batch"]["1 gpu"] > every["largest_batch"]["1 gpu"]
+    assert response["flops"]["llm"] < every["flops"]["llm"]
+    targets = response["targets"]
+    assert targets["tokens"] == 750_000_000  # 5 M answers of 150 tokens
+    assert targets["hours"]["batch 16 (the old default)"] == pytest.approx(385, abs=1)
+    assert targets["hours"]["batch 256"] == pytest.approx(38, abs=0.5)
+    text = render_plan(response)
+    assert "vLLM (stated, not measured)" in text and "750 M tokens to generate" in text
 
 
 def test_peak_memory_matches_measured_rss(small):

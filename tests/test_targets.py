@@ -40,6 +40,73 @@ def test_batched_greedy_equals_one_at_a_time(backend):
     assert batched == [backend.generate([c], settings)[0] for c in conversations]
 
 
+def test_token_budget_batches_hold_the_budget_and_answer_as_fixed_batches(backend):
+    from desta.core.generation import budget_batches
+
+    conversations = [[{"role": "user", "content": "describe " * k}] for k in range(1, 12)]
+    settings = SamplingSettings(max_new_tokens=10)
+    lengths = [len(backend.encode(c)) for c in conversations]
+    batches = budget_batches(lengths, 10, token_budget=120)
+    assert sorted(i for batch in batches for i in batch) == list(range(11))
+    assert all(len(batch) * (max(lengths[i] for i in batch) + 10) <= 120 for batch in batches)
+    assert [lengths[i] for batch in batches for i in batch] == sorted(lengths, reverse=True)  # longest first
+    assert len(batches) < len(budget_batches(lengths, 10, token_budget=60))
+    expected = backend.generate(conversations, settings)
+    for cache in ("dynamic", "static"):
+        budgeted = TransformersBackend(llm=backend.llm, tokenizer=backend.tokenizer, token_budget=120, cache=cache)
+        assert budgeted.generate(conversations, settings) == expected, cache
+    with pytest.raises(ValueError, match="sized from free memory needs a CUDA device, not cpu"):
+        TransformersBackend(llm=backend.llm, tokenizer=backend.tokenizer, token_budget="memory")
+
+
+def test_a_batch_out_of_gpu_memory_is_split_and_the_budget_halved(backend, monkeypatch):
+    import torch
+
+    from desta.core.generation import bytes_per_token, memory_token_budget
+
+    conversations = [[{"role": "user", "content": "describe " * k}] for k in range(1, 9)]
+    settings = SamplingSettings(max_new_tokens=6)
+    expected = backend.generate(conversations, settings)
+    budgeted = TransformersBackend(llm=backend.llm, tokenizer=backend.tokenizer, token_budget=1000)
+    generate, rows_tried = budgeted.llm.generate, []
+
+    def small_memory(input_ids, **kwargs):  # a GPU that holds 3 rows at most
+        rows_tried.append(len(input_ids))
+        if len(input_ids) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return generate(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(budgeted.llm, "generate", small_memory)
+    with pytest.warns(UserWarning, match="ran out of GPU memory"):
+        assert budgeted.generate(conversations, settings) == expected
+    assert rows_tried[0] == 8 and sum(rows for rows in rows_tried if rows <= 3) == 8  # each prompt answered once
+    failures = sum(rows > 3 for rows in rows_tried)
+    assert failures >= 2 and budgeted.token_budget == 1000 // 2**failures  # halved at each, kept for later batches
+    free = 10 * 2**30  # 10 GiB free: 80 % of it in tokens of the model's cache and activations
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 2**30))
+    assert memory_token_budget(backend.llm, "cuda") == int(free * 0.8) // bytes_per_token(backend.llm.config, 4)
+
+
+def test_greedy_runs_hand_several_chunks_to_a_token_budget_backend(described, tmp_path, backend):
+    from desta.targets import call_groups, prompts_per_call
+
+    class Counting:
+        name, model_id, token_budget, calls = backend.name, backend.model_id, 12, []
+
+        def generate(self, conversations, settings):
+            Counting.calls.append(len(conversations))
+            return backend.generate(conversations, settings)
+
+    chunked = targets(_config(described, tmp_path / "chunked"), backend)  # 6 prompts in chunks of 2
+    grouped = targets(_config(described, tmp_path / "grouped"), Counting())
+    assert Counting.calls == [6] and grouped == chunked  # 4 x budget 12 / 6 new tokens: 8 prompts per call
+    assert _output(tmp_path / "grouped") == _output(tmp_path / "chunked")
+    assert prompts_per_call(_config(described, tmp_path, temperature=0.7), Counting()) == 2  # sampled: per chunk
+    assert call_groups([3, 4, 7], [2, 2, 1], per_call=3) == [[3, 4], [7]]
+    with pytest.raises(ValueError, match="token_budget: must be at least 1"):
+        _config(described, tmp_path, token_budget=0)
+
+
 def test_stage_writes_prompt_response_generator(described, tmp_path, backend):
     summary = targets(_config(described, tmp_path / "t", pool="desta25", prompts_per_clip=2), backend)
     assert summary["inputs"] == 12 and summary["kept"] + summary["rejected"] == 12

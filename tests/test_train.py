@@ -178,6 +178,84 @@ def test_kl_training_distills_from_the_text_llm(targets_dir, tmp_path):
         assert torch.equal(param, snapshot.before[name]) != name.startswith("connector."), name
 
 
+def _sample_losses(model, batch):
+    """Summed cross-entropy of each sample, by sample id, from every position's logits (packed rows are cut where
+    their position ids restart)."""
+    inputs = {k: v for k, v in batch.items() if k != "sample_ids" and not k.startswith("teacher_")}
+    logits = model(**inputs, logits_at="all").logits
+    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                     reduction="none")  # (rows, seq - 1); -100 labels give 0
+    rows, width = batch["labels"].shape
+    starts = batch.get("position_ids", torch.arange(width).expand(rows, -1)) == 0
+    samples = (starts.cumsum(dim=1) - 1)[:, :-1]  # which sample of its row each predicting position belongs to
+    ids, losses = iter(batch["sample_ids"]), {}
+    for row in range(len(token_losses)):
+        real = int(batch["attention_mask"][row].sum())
+        for k in range(int(starts[row, :real].sum())):
+            losses[next(ids)] = token_losses[row][samples[row] == k].sum()
+    return losses
+
+
+def test_packed_batches_keep_each_samples_loss_gradients_and_distillation_targets(targets_dir, tmp_path):
+    from desta.model.parts import labelled_logits
+    from desta.train.data import DestaCollator, DestaDataset, load_targets, speech_examples
+    from desta.train.run import build_model
+    from desta.train.trainer import response_kl
+
+    model, processor = build_model(ModelSection(qformer_dropout=0.0), tmp_path)
+    dataset = DestaDataset(speech_examples(load_targets(str(targets_dir), "train"), processor, teacher=True)[:6])
+    items = [dataset[i] for i in range(6)]
+    padded = DestaCollator(processor, 1024)(items)
+    packed = DestaCollator(processor, 1024, pack_length=1024)(items)
+    assert packed["input_ids"].shape[0] == 2 and packed["input_ids"].shape[1] <= 1024  # 6 samples of about 300
+    assert packed["attention_mask"].sum() == padded["attention_mask"].sum()  # the same tokens, less padding
+    assert int((packed["position_ids"][packed["attention_mask"] == 1] == 0).sum()) == 6  # a restart per sample
+    model.train()
+    alone, together = _sample_losses(model, padded), _sample_losses(model, packed)
+    assert sorted(alone) == sorted(together)
+    for sample_id, loss in alone.items():
+        torch.testing.assert_close(together[sample_id], loss, atol=1e-5, rtol=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses, grads = [], []
+    for batch in (padded, packed):
+        inputs = {k: v for k, v in batch.items() if k != "sample_ids" and not k.startswith("teacher_")}
+        out = model(**inputs)
+        with torch.no_grad():
+            teacher, _ = labelled_logits(model.llm, batch["teacher_labels"], input_ids=batch["teacher_input_ids"],
+                                         attention_mask=batch["teacher_attention_mask"])
+        kl = response_kl(out.label_logits, teacher)  # pairs the k-th response position of each side
+        losses.append((out.loss, kl))
+        grads.append(torch.autograd.grad(out.loss + kl, trainable))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kl_on_response_logits_equals_kl_on_full_logits():
+    from desta.core.sequences import IGNORE_INDEX
+    from desta.train.trainer import distillation_loss, response_kl
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 9, 13, requires_grad=True), torch.randn(2, 7, 13)
+    labels, teacher_labels = torch.full((2, 9), IGNORE_INDEX), torch.full((2, 7), IGNORE_INDEX)
+    labels[0, 6:], labels[1, 5:8] = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    teacher_labels[0, 4:], teacher_labels[1, 2:5] = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    full = distillation_loss(student, labels, teacher, teacher_labels, temperature=2.0)
+    gathered = response_kl(student[:, :-1][labels[:, 1:] != IGNORE_INDEX],
+                           teacher[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX], temperature=2.0)
+    assert full.item() == gathered.item() > 0
+    (full_grad,), (gathered_grad,) = torch.autograd.grad(full, student), torch.autograd.grad(gathered, student)
+    assert torch.equal(full_grad, gathered_grad)
+
+
+def test_packing_trains_and_checks_its_length(targets_dir, tmp_path):
+    summary = train(_config(targets_dir, tmp_path / "packed", "optim.max_steps=3", "data.packing=true",
+                            "data.pack_length=2048"))
+    assert summary["steps"] == 3 and summary["first_train_loss"] > 0
+    with pytest.raises(ConfigError, match=r"data.pack_length: must be at least max_length \(1024\)"):
+        load_config(TrainConfig, None, [f"data.train={targets_dir}", "data.pack_length=512"])
+
+
 # ----- reliability: damaged checkpoints, config and data problems before anything loads -----
 
 @pytest.fixture(scope="module")
@@ -268,7 +346,9 @@ def test_data_is_checked_before_models_load_or_files_are_written(targets_dir, tm
     out = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="train dataset .*nothing' not found"):
         train(load_config(TrainConfig, None, [f"output_dir={out}", f"data.train={tmp_path / 'nothing'}"]))
-    load_from_disk(str(targets_dir)).select([]).save_to_disk(str(tmp_path / "empty"))
+    from desta.core.chunks import save_dataset_atomic
+
+    save_dataset_atomic(load_from_disk(str(targets_dir)).select([]), tmp_path / "empty")  # as the stages save it
     with pytest.raises(ValueError, match="empty holds no rows; nothing to train on"):
         train(load_config(TrainConfig, None, [f"output_dir={out}", f"data.train={tmp_path / 'empty'}"]))
     assert not out.exists()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
@@ -80,19 +81,86 @@ def finish_generation(new_ids: list[int], eos_ids: set[int], limit: int,
     return Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), reason, len(kept))
 
 
+# The prompt widths a static cache is compiled for are rounded up to this many tokens (left padding), so a run
+# compiles the decoding step for a few shapes rather than one per batch.
+STATIC_WIDTH_MULTIPLE = 64
+# The share of a GPU's free memory a memory-sized token budget takes: the rest absorbs what the estimate leaves
+# out (the allocator's fragmentation, sampling's temporaries).
+MEMORY_SHARE = 0.8
+
+
+def bytes_per_token(config: Any, element_size: int = 2) -> int:
+    """GPU memory one token of a generate batch holds, in bytes: its keys and values in every layer (2 x layers x
+    key/value heads x head width) and, while the prompt is read, its activations (hidden states and the MLP's
+    intermediate values, about 4 x hidden + 3 x intermediate), all in the weights' dtype.
+
+    >>> from transformers import LlamaConfig  # Llama-3.1-8B: 128 KiB of cache and 116 KiB of activations
+    >>> bytes_per_token(LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+    ...                             num_key_value_heads=8, intermediate_size=14336))
+    249856
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cache = 2 * config.num_hidden_layers * kv_heads * head_dim
+    activations = 4 * config.hidden_size + 3 * config.intermediate_size
+    return (cache + activations) * element_size
+
+
+def memory_token_budget(llm: PreTrainedModel, device: str, share: float = MEMORY_SHARE) -> int:
+    """The token budget of a generate batch (prompt + new tokens, summed over its rows) that fits in `share` of the
+    CUDA device's free memory now, the LLM's weights already loaded."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"a token budget sized from free memory needs a CUDA device, not {device}; give "
+                         "token_budget (tokens per batch) or batch by prompts (batch_size)")
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free * share) // bytes_per_token(llm.config, next(llm.parameters()).element_size())
+
+
+def budget_batches(lengths: list[int], max_new_tokens: int, token_budget: int, multiple: int = 1) -> list[list[int]]:
+    """Prompt indices, longest first, cut into batches that hold at most `token_budget` tokens once padded: rows x
+    (the batch's longest prompt, rounded up to `multiple`, + max_new_tokens). A prompt too long for the budget
+    still gets a batch of its own.
+
+    >>> budget_batches([100, 40, 90, 30, 60], max_new_tokens=20, token_budget=300)
+    [[0, 2], [4, 1, 3]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, start = [], 0
+    while start < len(order):
+        width = -(-lengths[order[start]] // multiple) * multiple + max_new_tokens
+        rows = max(1, token_budget // width)
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
 class TransformersBackend:
     """Batched generation with a transformers causal LM: left padding, batches sorted by prompt
     length (less padding), KV cache, greedy or sampled; `autocast` (e.g. torch.bfloat16) computes in that
     dtype under torch.autocast while the weights stay as loaded (on a CPU with bf16 instructions, faster
-    than float32; the answers are those of a bf16 model, not identical to float32's)."""
+    than float32; the answers are those of a bf16 model, not identical to float32's).
+
+    Batches hold `batch_size` prompts, or with `token_budget` as many as fit that many tokens (prompt + new
+    tokens per row, `budget_batches`); "memory" sizes the budget from the GPU's free memory
+    (`memory_token_budget`). A batch that runs out of GPU memory is split in two and retried, and the budget
+    halved for the batches after it. `cache` "static": transformers' preallocated key/value cache, whose
+    decoding step transformers compiles on a GPU (prompt widths rounded up to STATIC_WIDTH_MULTIPLE)."""
 
     name = "transformers"
+    logits_processor: Any = None  # a transformers LogitsProcessor(List) every generate call applies, e.g. RuleAdapter
 
     def __init__(self, model: str | None = None, batch_size: int = 16, device: str | None = None,
                  dtype: torch.dtype | None = None, llm: PreTrainedModel | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, autocast: torch.dtype | None = None):
+                 tokenizer: PreTrainedTokenizerBase | None = None, autocast: torch.dtype | None = None,
+                 token_budget: int | Literal["memory"] | None = None, cache: Literal["dynamic", "static"] = "dynamic"):
         if llm is None and model is None:
             raise ValueError("give a model id or folder, or an in-memory llm and tokenizer")
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+        if token_budget not in (None, "memory") and (not isinstance(token_budget, int) or token_budget < 1):
+            raise ValueError(f"token_budget must be a positive number of tokens, 'memory' or None, got "
+                             f"{token_budget!r}")
         if llm is None:
             llm, tokenizer = load_chat_llm(model, device=device, dtype=dtype)
         if not getattr(tokenizer, "chat_template", None):
@@ -104,6 +172,8 @@ class TransformersBackend:
         self.model_id = str(model or getattr(self.llm.config, "_name_or_path", "") or "in-memory")
         self.batch_size = batch_size
         self.autocast = autocast
+        self.cache = cache
+        self.token_budget = memory_token_budget(self.llm, self.device) if token_budget == "memory" else token_budget
         self.eos_ids = end_of_turn_ids(tokenizer, self.llm.generation_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -112,35 +182,86 @@ class TransformersBackend:
         return chat_tokens(self.tokenizer, conversation, add_generation_prompt=True, with_labels=False)[0]
 
     def _generate_kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
-        return generate_kwargs(settings, self.pad_id)
+        kwargs = generate_kwargs(settings, self.pad_id)
+        if self.logits_processor is not None:
+            kwargs["logits_processor"] = self.logits_processor
+        return kwargs
 
     @torch.no_grad()
     def generate(self, conversations: list[Conversation], settings: SamplingSettings) -> list[Generation]:
         """One Generation per conversation, in the order given; seeded by `settings.seed`."""
+        new_ids = self.generate_ids([self.encode(c) for c in conversations], settings)
+        return [self._finish(ids, settings.max_new_tokens) for ids in new_ids]
+
+    def batches(self, lengths: list[int], max_new_tokens: int) -> list[list[int]]:
+        """How prompts of these lengths are batched: indices, longest prompts first."""
+        if self.token_budget is None:
+            order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+            return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        multiple = STATIC_WIDTH_MULTIPLE if self.cache == "static" else 1
+        return budget_batches(lengths, max_new_tokens, self.token_budget, multiple)
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
+        """The new token ids after each prompt's ids, in the order given (up to max_new_tokens, end-of-turn
+        included); seeded by `settings.seed`."""
         torch.manual_seed(settings.seed)
-        encoded = [self.encode(c) for c in conversations]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        results: list[Generation | None] = [None] * len(encoded)
+        results: list[list[int] | None] = [None] * len(prompts)
         kwargs = self._generate_kwargs(settings)
-        device_type = torch.device(self.device).type
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            inputs = pad_batch([encoded[i] for i in batch], self.pad_id, side="left")
-            width = inputs["input_ids"].shape[1]
-            # autocast: matmuls in `autocast`'s dtype; trainable weights are cast once per batch (autocast's cache),
-            # frozen ones at every step; the stored weights do not change
-            with torch.autocast(device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-                out = self.llm.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **kwargs)
-            for row, i in enumerate(batch):
-                results[i] = self._finish(out[row, width:].tolist(), settings.max_new_tokens)
+        if self.cache == "static":
+            kwargs["cache_implementation"] = "static"
+        pending = list(range(len(prompts)))
+        while pending:
+            plan = self.batches([len(prompts[i]) for i in pending], settings.max_new_tokens)
+            batches = [[pending[k] for k in batch] for batch in plan]
+            for number, batch in enumerate(batches):
+                try:
+                    out, width = self._generate_batch([prompts[i] for i in batch], kwargs)
+                except torch.cuda.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    self._halve(len(batch))
+                    pending = [i for later in batches[number:] for i in later]  # planned again, in smaller batches
+                    break
+                for row, i in enumerate(batch):
+                    results[i] = out[row, width:].tolist()
+            else:
+                pending = []
         return results  # type: ignore[return-value]
+
+    def _halve(self, rows: int) -> None:
+        """After a batch of `rows` prompts ran out of GPU memory: half the token budget (or batch size) from now on."""
+        if self.token_budget is not None:
+            self.token_budget //= 2
+        else:
+            self.batch_size = max(1, rows // 2)
+        warnings.warn(f"a batch of {rows} prompts ran out of GPU memory; the rest run in smaller batches (token budget "
+                      f"{self.token_budget}, batch size {self.batch_size})", stacklevel=3)
+
+    def _generate_batch(self, prompts: list[list[int]], kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """One generate call on left-padded prompts: the output ids (rows, width + new) and the padded width."""
+        inputs = pad_batch(prompts, self.pad_id, side="left")
+        if self.cache == "static":  # a few widths, so the compiled decoding step is reused
+            extra = -inputs["input_ids"].shape[1] % STATIC_WIDTH_MULTIPLE
+            inputs = {k: torch.nn.functional.pad(v, (extra, 0), value=self.pad_id if k == "input_ids" else 0)
+                      for k, v in inputs.items()}
+        # autocast: matmuls in `autocast`'s dtype; trainable weights are cast once per batch (autocast's cache),
+        # frozen ones at every step; the stored weights do not change
+        device_type = torch.device(self.device).type
+        with torch.autocast(device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.llm.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **kwargs)
+        return out, inputs["input_ids"].shape[1]
 
     def _finish(self, new_ids: list[int], limit: int) -> Generation:
         return finish_generation(new_ids, self.eos_ids, limit, self.tokenizer)
 
 
 class VLLMBackend:
-    """vLLM offline engine on a GPU (`pip install vllm`); same interface as the transformers backend."""
+    """vLLM offline engine on a GPU (`pip install vllm`); same interface as the transformers backend.
+
+    Untested: no test or benchmark has run it (vLLM needs a CUDA machine with vLLM installed, which desta's test
+    machines are not); the transformers backend is the measured one (bench/gpu.py, docs/gpu.md)."""
 
     name = "vllm"
 

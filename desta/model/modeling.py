@@ -1,8 +1,9 @@
 """The DeSTA speech LLM: frozen Whisper encoder -> Q-Former connector -> frozen chat LLM.
 
-One file, transformers-native: `DestaConfig` (a `PreTrainedConfig`) and `DestaModel` (a
-`PreTrainedModel`). The connector's 64 vectors per 30 s window, followed by the transcript's
-token embeddings, fill the audio placeholder positions of the LLM's input embeddings.
+transformers-native: `DestaConfig` (a `PreTrainedConfig`) and `DestaModel` (a `PreTrainedModel`),
+built from the parts in desta.model.parts (the encoder taps, the Q-Former connector, the LLM's forward
+pass). The connector's 64 vectors per 30 s window, followed by the transcript's token embeddings, fill
+the audio placeholder positions of the LLM's input embeddings.
 Saving writes only the trainable weights (connector, LoRA) as safetensors; loading reads the
 base encoder and LLM from the checkpoints the config names, and never unpickles.
 """
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -24,34 +24,31 @@ from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    Blip2QFormerConfig,
-    Blip2QFormerModel,
     PreTrainedConfig,
     PreTrainedModel,
     WhisperForConditionalGeneration,
 )
 from transformers.configuration_utils import SubConfigSpec
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from desta.audio import FRAMES_PER_ENCODER_STEP
 from desta.core.artifacts import WEIGHTS, WEIGHTS_INDEX
 from desta.core.llm import load_causal_lm
+from desta.model.parts import (
+    DestaOutput,
+    LogitPositions,
+    QFormerConnector,
+    default_tapped_layers,
+    lm_forward,
+    merge_audio,
+    tapped_states,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
     from desta.model.processing import DestaProcessor
 
-# Tapped encoder layers per Whisper depth ("layer i" = output of block i), as in the DeSTA papers.
-DEFAULT_TAPPED_LAYERS = {
-    4: [0, 1, 2, 3],  # tiny
-    6: [1, 2, 3, 5],  # base
-    12: [2, 5, 8, 11],  # small
-    24: [5, 11, 17, 23],  # medium
-    32: [7, 15, 23, 31],  # large-v3 (DeSTA2.5)
-}
 # How the Q-Former's Linear layers start: transformers' BERT init, or PyTorch's own (the official code never
 # calls post_init, so its connector keeps PyTorch's kaiming-uniform init).
 QFORMER_INITS = ("bert", "pytorch")
@@ -61,18 +58,6 @@ DEFAULT_LORA = {
     "lora_dropout": 0.05,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
-
-
-def default_tapped_layers(num_layers: int) -> list[int]:
-    """The tapped layers for a Whisper of `num_layers` blocks: the papers' choice, else 4 evenly spaced.
-
-    >>> default_tapped_layers(12), default_tapped_layers(8)
-    ([2, 5, 8, 11], [1, 3, 5, 7])
-    """
-    if num_layers in DEFAULT_TAPPED_LAYERS:
-        return list(DEFAULT_TAPPED_LAYERS[num_layers])
-    count = min(4, num_layers)
-    return [round((i + 1) * num_layers / count) - 1 for i in range(count)]
 
 
 @strict
@@ -161,109 +146,6 @@ class DestaConfig(PreTrainedConfig):
             llm_name_or_path=str(llm),
             **kwargs,
         )
-
-
-def tapped_states(encoder: nn.Module, tapped_layers: list[int], input_features: torch.Tensor,
-                  feature_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a Whisper encoder on windows of any length up to 30 s; return the tapped layers.
-
-    input_features: (windows, mel_bins, frames); feature_attention_mask: (windows, frames).
-    Returns hidden states (layers, windows, steps, d_model) and a step mask (windows, steps).
-
-    transformers' WhisperEncoder.forward insists on 3000 frames, so the blocks are driven here:
-    positions are sliced to the real length, padded mel frames are zeroed before and after the
-    first convolution (so the last real steps see what a clip alone sees: the convolutions'
-    zero padding) and padded steps are masked out of self-attention, so a clip's features do
-    not depend on its batch.
-    """
-    max_steps = encoder.max_source_positions
-    dtype = encoder.conv1.weight.dtype
-    with torch.set_grad_enabled(torch.is_grad_enabled() and encoder.conv1.weight.requires_grad):
-        x = input_features.to(dtype)
-        frame_mask = None
-        if feature_attention_mask is not None and not bool(feature_attention_mask.all()):
-            frame_mask = feature_attention_mask[:, None, :].to(dtype)  # (windows, 1, frames)
-            x = x * frame_mask
-        x = F.gelu(encoder.conv1(x))
-        if frame_mask is not None:
-            x = x * frame_mask
-        x = F.gelu(encoder.conv2(x)).transpose(1, 2)  # (windows, steps, d_model)
-        steps = x.shape[1]
-        if steps > max_steps:
-            raise ValueError(f"an audio window gives {steps} encoder steps but Whisper holds at most {max_steps} "
-                             "(30 s); split long audio with desta.audio.split_windows (the processor does)")
-        x = x + encoder.embed_positions.weight[:steps]
-        if feature_attention_mask is None:
-            step_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        else:
-            step_mask = feature_attention_mask[:, ::FRAMES_PER_ENCODER_STEP].bool()  # (windows, steps)
-        attn_mask = None
-        if not bool(step_mask.all()):
-            attn_mask = torch.zeros(step_mask.shape[0], 1, steps, steps, dtype=x.dtype, device=x.device)
-            attn_mask = attn_mask.masked_fill(~step_mask[:, None, None, :], torch.finfo(x.dtype).min)
-        taps = []
-        wanted = set(tapped_layers)
-        for index, layer in enumerate(encoder.layers[: max(wanted) + 1]):
-            x = layer(x, attn_mask)
-            if index in wanted:
-                taps.append(x)
-    return torch.stack(taps), step_mask  # (layers, windows, steps, d_model), (windows, steps)
-
-
-class QFormerConnector(nn.Module):
-    """Whisper hidden states at several layers -> a fixed number of vectors in the LLM's width.
-
-    One set of learnable queries per tapped layer reads that layer's frames through a shared
-    BLIP-2 Q-Former (cross-attention in every block); a softmax over layers, learnt per query,
-    mixes the results; LayerNorm and a Linear map them to the LLM width. With
-    `query_layernorm=False` the queries go straight into the Q-Former's encoder stack, as in the
-    official DeSTA2/2.5 code (a bare BERT encoder: no LayerNorm or dropout on the queries).
-    """
-
-    def __init__(self, config: DestaConfig):
-        super().__init__()
-        width = config.encoder_config.d_model
-        layers = len(config.tapped_layers)
-        self.queries = nn.Parameter(torch.randn(layers, config.num_queries, width) * config.query_init_std)
-        qformer = Blip2QFormerModel(Blip2QFormerConfig(
-            hidden_size=width,
-            num_hidden_layers=config.qformer_layers,
-            num_attention_heads=config.qformer_heads or config.encoder_config.encoder_attention_heads,
-            intermediate_size=config.qformer_intermediate_size or 4 * width,
-            encoder_hidden_size=width,
-            cross_attention_frequency=1,
-            hidden_dropout_prob=config.qformer_dropout,
-            attention_probs_dropout_prob=config.qformer_dropout,
-        ))
-        if config.qformer_init == "pytorch":
-            for module in qformer.modules():
-                if isinstance(module, nn.Linear):
-                    module.reset_parameters()
-        # Without the query LayerNorm only the encoder stack is kept, so no parameter sits outside the graph.
-        self.qformer = qformer if config.query_layernorm else qformer.encoder
-        self.layer_logits = nn.Parameter(torch.zeros(layers, config.num_queries))
-        self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, config.text_config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
-        """(layers, windows, steps, d_model), (windows, steps) -> (windows, queries, llm_hidden)."""
-        layers, windows, steps, width = hidden_states.shape
-        queries = self.queries[:, None].expand(-1, windows, -1, -1)  # (layers, windows, queries, d_model)
-        queries = queries.reshape(layers * windows, -1, width)
-        frames = hidden_states.reshape(layers * windows, steps, width)
-        frame_mask = step_mask.repeat(layers, 1)  # (layers * windows, steps)
-        if isinstance(self.qformer, Blip2QFormerModel):
-            out = self.qformer(query_embeds=queries, encoder_hidden_states=frames,
-                               encoder_attention_mask=frame_mask.long()).last_hidden_state
-        else:
-            cross_mask = create_bidirectional_mask(config=self.qformer.config, inputs_embeds=queries,
-                                                   attention_mask=frame_mask, encoder_hidden_states=frames)
-            out = self.qformer(queries, encoder_hidden_states=frames, encoder_attention_mask=cross_mask,
-                               query_length=queries.shape[1]).last_hidden_state
-        out = out.view(layers, windows, -1, width)  # (layers, windows, queries, d_model)
-        weights = self.layer_logits.softmax(dim=0)[:, None, :, None]  # (layers, 1, queries, 1)
-        fused = (out * weights.to(out.dtype)).sum(dim=0)  # (windows, queries, d_model)
-        return self.proj(self.norm(fused))
 
 
 class DestaModel(PreTrainedModel):
@@ -387,12 +269,7 @@ class DestaModel(PreTrainedModel):
                 embeds = embeds + self._idle_audio(embeds.device).to(embeds.dtype)
             return embeds
         audio = self.embed_audio(input_features, feature_attention_mask, audio_hidden_states, audio_step_mask)
-        windows, queries, _ = audio.shape
-        if slots != windows * queries:
-            raise ValueError(f"the text holds {slots} audio placeholder positions but the audio gives "
-                             f"{windows * queries} vectors ({windows} windows x {queries} queries); build the inputs "
-                             "with DestaProcessor so each clip's placeholder is expanded to its window count")
-        return embeds.masked_scatter(audio_mask[..., None], audio.to(embeds.dtype))
+        return merge_audio(embeds, input_ids, audio_id, audio)
 
     def _idle_audio(self, device: torch.device) -> torch.Tensor:
         """Zero, computed by the whole audio path (encoder and connector) from one silent encoder step.
@@ -407,12 +284,23 @@ class DestaModel(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, audio_hidden_states: torch.Tensor | None = None,
-                audio_step_mask: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        """Logits, and with `labels` the mean cross-entropy over the tokens whose label is not -100."""
+                audio_step_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                logits_at: LogitPositions | None = None, **kwargs: Any) -> DestaOutput:
+        """Logits, and with `labels` the mean cross-entropy over the tokens whose label is not -100.
+
+        logits_at: "labelled" projects only the positions that predict a labelled token (the response): the
+        same loss and gradients without the (batch, seq, vocab) logits of every audio and prompt position;
+        the output then holds `label_logits` (positions, vocab), row by row, and no `logits`. "all": every
+        position, `logits` (batch, seq, vocab). Default: "labelled" while training with labels, else "all"
+        (evaluation and generation see the logits they always saw).
+        position_ids: (batch, seq) restarting at 0 for each sample of a packed row (desta.model.packing):
+        attention is then block-diagonal, each sample seeing only itself.
+        """
         inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask,
                                           audio_hidden_states, audio_step_mask)
         kwargs.setdefault("use_cache", False)  # one pass over the whole sequence: a key/value cache only holds memory
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        mode = logits_at or ("labelled" if self.training and labels is not None else "all")
+        return lm_forward(self.llm, inputs_embeds, attention_mask, labels, position_ids, mode, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

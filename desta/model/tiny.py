@@ -12,7 +12,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,9 +28,9 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
-from desta.model.loading import processor_for
-from desta.model.modeling import DestaConfig, DestaModel
-from desta.model.processing import DestaProcessor
+if TYPE_CHECKING:
+    from desta.model.modeling import DestaModel
+    from desta.model.processing import DestaProcessor
 
 TINY = "tiny"  # the model name that stands for these models in configs
 # ChatML, as SmolLM2 and Qwen use.
@@ -152,6 +152,9 @@ def tiny_llm(seed: int = 0) -> LlamaForCausalLM:
 
 def tiny_model(seed: int = 0, **config_kwargs: Any) -> tuple[DestaModel, DestaProcessor]:
     """An in-memory tiny DestaModel and its processor (random weights, same for a seed)."""
+    from desta.model.loading import processor_for  # here: the tiny bases alone load under an older transformers
+    from desta.model.modeling import DestaConfig, DestaModel
+
     whisper, llm, tokenizer = tiny_whisper(seed), tiny_llm(seed + 1), tiny_tokenizer()
     config = DestaConfig(encoder_config=whisper.config.to_dict(), text_config=llm.config.to_dict(), **config_kwargs)
     processor = processor_for(config, tokenizer)

@@ -100,6 +100,11 @@ class DataSection:
     """float16 halves the disk; float32 matches on-the-fly exactly"""
     group_by_duration: bool = True
     """batches of similar length: less padding"""
+    packing: bool = False
+    """pack each batch's samples into rows of up to pack_length tokens, each sample isolated (its own positions,
+    block-diagonal attention): the same losses with less padding"""
+    pack_length: int | None = None
+    """tokens per packed row; null: max_length (at least max_length, so every sample fits a row)"""
     num_workers: int = 0
     """dataloader worker processes (audio decoding)"""
 
@@ -117,6 +122,9 @@ class DataSection:
             problems.append(("max_clips", f"must be at least 2 (or null: all), got {self.max_clips}"))
         if self.max_length < 1 or self.num_workers < 0:
             problems.append(("max_length", "max_length must be at least 1 and num_workers 0 or more"))
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            problems.append(("pack_length", f"must be at least max_length ({self.max_length}) so every sample fits a "
+                                            f"row, got {self.pack_length}; raise it or set it to null"))
         raise_problems(problems)
 
 

@@ -3,8 +3,9 @@
 Reads a targets dataset (OUT/dataset of `desta targets`) and optional text-only replay rows.
 `speech_examples` / `text_examples` build chat examples with the processor's speech turn;
 `DestaDataset` decodes audio (or reads the feature cache) only when a batch needs it;
-`DestaCollator` pads a batch; `EpochSeededSampler` groups clips of similar duration into batches
-whose order depends only on (seed, epoch), so a resumed run sees the batches an uninterrupted one would.
+`DestaCollator` pads a batch (or packs it: several samples per row, each isolated); `EpochSeededSampler`
+groups clips of similar duration into batches whose order depends only on (seed, epoch), so a resumed run
+sees the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from desta.audio import SAMPLE_RATE, load_audio_ref, num_windows
 from desta.core.chunks import saved_empty
 from desta.core.replay import draw
 from desta.core.sequences import Conversation, chat_tokens, pad_batch
+from desta.model.packing import balance_rows, pack_rows
 from desta.model.processing import DestaProcessor
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn, with_system
 
@@ -167,15 +169,18 @@ class DestaDataset(torch.utils.data.Dataset):
 
 class DestaCollator:
     """Items -> one padded batch: ids, masks, labels (-100 outside responses), audio features or cached
-    encoder states, and the sample ids (for error messages)."""
+    encoder states, and the sample ids (for error messages). With `pack_length`, the batch's samples are
+    packed into rows of up to that many tokens (desta.model.packing) and position_ids mark the samples."""
 
-    def __init__(self, processor: DestaProcessor, max_length: int):
-        self.processor, self.max_length = processor, max_length
+    def __init__(self, processor: DestaProcessor, max_length: int, pack_length: int | None = None):
+        self.processor, self.max_length, self.pack_length = processor, max_length, pack_length
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Items from DestaDataset -> the processor's batch plus sample_ids: input_ids, attention_mask, labels
         (batch, seq); input_features (windows, mel_bins, frames) and feature_attention_mask (windows, frames), or from
-        the cache audio_hidden_states (layers, windows, steps, d_model) and audio_step_mask (windows, steps)."""
+        the cache audio_hidden_states (layers, windows, steps, d_model) and audio_step_mask (windows, steps).
+        Packed: input_ids, attention_mask, labels and position_ids are (rows, seq), the samples in sample_ids'
+        order, and the audio windows follow that order."""
         from desta.train.features import pad_cached
 
         conversations = [item["conversation"] for item in items]
@@ -195,6 +200,9 @@ class DestaCollator:
             for key in ("input_ids", "attention_mask", "labels"):
                 batch[key] = batch[key][:, : self.max_length]
             self._check_audio_kept(batch)
+        if self.pack_length is not None:
+            batch, order = self._pack(batch)
+            items = [items[i] for i in order]  # the teacher's rows and the sample ids follow the packed order
         if any(item.get("teacher") for item in items):
             # the text LLM's turns with the same responses: its next-token distributions are the targets
             tokens = [chat_tokens(self.processor.tokenizer, item["teacher"] or item["conversation"]) for item in items]
@@ -203,6 +211,25 @@ class DestaCollator:
             batch.update({f"teacher_{k}": v for k, v in teacher.items()})
         batch["sample_ids"] = [item["id"] for item in items]
         return batch
+
+    def _pack(self, batch: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """The padded batch's samples packed into balanced rows; returns the packed batch and the
+        samples' order in it. The audio windows are put in that order, as the model fills placeholders row by row."""
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        rows = balance_rows(lengths, self.pack_length)
+        order = [index for row in rows for index in row]
+        samples = [(batch["input_ids"][i, :n].tolist(), batch["labels"][i, :n].tolist()) for i, n in enumerate(lengths)]
+        packed: dict[str, Any] = pack_rows(samples, rows, self.processor.tokenizer.pad_token_id)
+        windows = ((batch["input_ids"] == self.processor.audio_token_id).sum(dim=1)
+                   // self.processor.num_queries).tolist()  # audio windows per sample
+        first = [sum(windows[:i]) for i in range(len(windows))]
+        window_order = torch.tensor([first[i] + k for i in order for k in range(windows[i])], dtype=torch.long)
+        for key in ("input_features", "feature_attention_mask", "audio_step_mask"):
+            if key in batch:
+                packed[key] = batch[key][window_order]  # (windows, ...)
+        if "audio_hidden_states" in batch:
+            packed["audio_hidden_states"] = batch["audio_hidden_states"][:, window_order]  # (layers, windows, ...)
+        return packed, order
 
     def _check_audio_kept(self, batch: dict[str, Any]) -> None:
         audio_id = self.processor.audio_token_id

@@ -6,7 +6,8 @@ config names a local folder, from desta.model.tiny for "tiny". Prints parameters
 frozen), FLOPs per training sample (encoder, connector, LLM forward and backward), memory per
 GPU (weights, gradients, AdamW states, activations with and without gradient checkpointing, for
 DDP and FSDP), whether it fits and the largest batch that does, and the step time and GPU-hours
-at a stated model-FLOPs utilisation (MFU).
+at a stated model-FLOPs utilisation (MFU); and, before training, the targets stage: the tokens the text LLM
+writes for the dataset and the hours that takes at the generation rates measured on an H200.
 
 How the numbers are made (tests/test_plan.py checks them against torch.utils.flop_counter and
 against measured memory on small CPU shapes):
@@ -23,7 +24,10 @@ against measured memory on small CPU shapes):
   4 bytes per head (the attention's log-sum-exp); with checkpointing, c d bytes per layer (its
   input) plus one layer's full set during its recompute. The loss keeps 4 bytes per token and
   vocabulary entry (fp32 log-probabilities); beside them live the logits (c bytes) and, in the
-  backward pass, their gradient and the log-softmax backward's temporary (8 bytes). The
+  backward pass, their gradient and the log-softmax backward's temporary (8 bytes). Training projects
+  only the positions that predict a response token (`response_tokens` of them, DestaModel's
+  logits_at="labelled"), so these terms, the LM head's FLOPs and its input (c bytes per hidden
+  value, gathered) count those positions only; the final norm still keeps 4 d + 4 bytes per token. The
   connector keeps (1 + 2 layers) x steps x d values per tapped layer and window (the frames and
   each layer's keys and values) plus layers x queries x (14 d + 2 f) values.
 - Weights: frozen parts in model.dtype, the trainable connector (and LoRA) in fp32 with its
@@ -132,6 +136,20 @@ GPUS = {
 }
 
 
+# Targets-stage generation rates, tokens written per second, measured on one H200 with the transformers backend
+# on Llama-3.1-8B shapes (bf16, 150-token prompts, 128 new tokens; issue #28, before token budgets): by setting.
+TARGET_RATES = {
+    "batch 16 (the old default)": 541,
+    "batch 64": 1767,
+    "batch 128": 2871,
+    "batch 256": 5490,
+    "static cache, batch 64": 2965,
+}
+# vLLM's offline throughput for Llama-3.1-8B (bf16) on one H100 as third-party benchmarks report it: a stated
+# figure, not measured by desta (its vLLM backend has not run here).
+VLLM_STATED_RATE = 12_500
+
+
 @dataclass
 class PlanConfig(TrainConfig):
     """Plan a training run without the weights: parameters, FLOPs per sample, memory per GPU, time and GPU-hours.
@@ -155,6 +173,14 @@ class PlanConfig(TrainConfig):
     """sequence length per row, audio positions included; null: data.max_length"""
     teacher_tokens: int | None = None
     """sequence length of the text LLM's turn for optim.loss kl; null: the same as tokens"""
+    response_tokens: int = 150
+    """labelled tokens per row (the answer and its end-of-turn token): the only positions the LM head projects in
+    training (DeSTA2.5's answers: about 150 tokens)"""
+    answers: int | None = None
+    """answers the targets stage writes; null: the training rows per epoch (samples, or hours_of_audio /
+    clip_seconds)"""
+    answer_tokens: int = 150
+    """mean tokens per generated answer (targets stage)"""
     mfu: float = 0.35
     """share of the GPUs' peak bf16 FLOP/s the run achieves (0.3-0.5 is usual for an 8B model)"""
     encoder_arch: dict[str, int] | None = None
@@ -171,6 +197,9 @@ class PlanConfig(TrainConfig):
         if self.gpus < 1 or not 0 < self.mfu <= 1 or not self.clip_seconds > 0:
             problems.append(("gpus", f"gpus must be at least 1, mfu in (0, 1] and clip_seconds positive; got "
                                      f"{self.gpus}, {self.mfu}, {self.clip_seconds}"))
+        if self.response_tokens < 1 or self.answer_tokens < 1 or (self.answers is not None and self.answers < 1):
+            problems.append(("response_tokens", f"response_tokens, answer_tokens and answers must be at least 1; got "
+                                                f"{self.response_tokens}, {self.answer_tokens}, {self.answers}"))
         raise_problems(problems)
 
 
@@ -288,15 +317,17 @@ def connector_flops(d: int, taps: int, queries: int, layers: int, intermediate: 
     return {"forward": forward, "backward": backward}
 
 
-def llm_flops(m: LlmArch, tokens: int) -> dict[str, float]:
-    """LLM FLOPs per sequence, forward: the layers' projections and attention, the output projection, and what
-    a checkpointed layer recomputes (all but its last product: a frozen layer's backward needs no output of it)."""
+def llm_flops(m: LlmArch, tokens: int, projected: int | None = None) -> dict[str, float]:
+    """LLM FLOPs per sequence, forward: the layers' projections and attention, the output projection of the
+    `projected` positions (null: all), and what a checkpointed layer recomputes (all but its last product: a
+    frozen layer's backward needs no output of it)."""
     q, kv = m.heads * m.dim_head, m.kv_heads * m.dim_head
     projections = 2 * tokens * (m.hidden * (2 * q + 2 * kv) + 3 * m.hidden * m.intermediate)
     attention = 4 * tokens * tokens * q
     down = 2 * tokens * m.intermediate * m.hidden
+    head = 2 * (tokens if projected is None else projected) * m.hidden * m.vocab
     return {"projections": m.layers * projections, "attention": m.layers * attention,
-            "head": 2 * tokens * m.hidden * m.vocab, "recompute": m.layers * (projections - down + attention)}
+            "head": head, "recompute": m.layers * (projections - down + attention)}
 
 
 # ----- the plan -----
@@ -336,12 +367,13 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     encoder = encoder_flops(w, windows, steps, max(taps) + 1)
     connector = connector_flops(w.d_model, len(taps), model.num_queries, model.qformer_layers, intermediate, steps,
                                 windows, m.hidden)
-    llm = llm_flops(m, tokens)
+    response = min(config.response_tokens, tokens - 1)
+    llm = llm_flops(m, tokens, response)
     llm_train = llm["projections"] + llm["attention"] + llm["head"] + (
         llm["projections"] + 2.5 * llm["attention"] + llm["head"])  # forward, and the input gradients
     teacher = 0.0
     if optim.loss == "kl":
-        teacher_llm = llm_flops(m, config.teacher_tokens or tokens)
+        teacher_llm = llm_flops(m, config.teacher_tokens or tokens, response)
         teacher = teacher_llm["projections"] + teacher_llm["attention"] + teacher_llm["head"]
     cached = bool(config.data.feature_cache)
     per_sample = {"encoder": 0.0 if cached else encoder, "connector": connector["forward"] + connector["backward"],
@@ -371,12 +403,18 @@ def plan(config: PlanConfig) -> dict[str, Any]:
             "gpu_hours": hours * config.gpus if hours else None}
     cache_hours = (encoder * samples / (gpu.bf16_flops * config.mfu * config.gpus) / 3600
                    if cached and samples else None)
+    answers = config.answers or samples
+    generated = answers * config.answer_tokens if answers else None
+    targets = {"answers": answers, "tokens": generated,
+               "hours": {name: generated / rate / 3600 for name, rate in TARGET_RATES.items()} if generated else None,
+               "vllm_hours": generated / VLLM_STATED_RATE / 3600 if generated else None}
     return {"encoder": model.encoder, "llm": model.llm, "gpu": gpu.name, "gpus": config.gpus, "memory_gb": memory_gb,
             "usable_gb": usable, "parameters": params, "trainable": trainable, "frozen": frozen,
-            "tokens": tokens, "windows": windows, "steps": steps, "taps": taps, "flops": per_sample,
+            "tokens": tokens, "response_tokens": response, "windows": windows, "steps": steps, "taps": taps,
+            "flops": per_sample,
             "encoder_forward": encoder, "cache_hours": cache_hours, "batch": batch, "memory": memory,
             "largest_batch": largest, "samples": samples, "epochs": optim.epochs, "per_step_samples": per_step_samples,
-            "mfu": config.mfu, "time": time}
+            "mfu": config.mfu, "time": time, "targets": targets}
 
 
 def modes(gpus: int) -> tuple[str, ...]:
@@ -386,10 +424,13 @@ def modes(gpus: int) -> tuple[str, ...]:
 
 
 def activation_bytes(w: WhisperArch, m: LlmArch, taps: int, queries: int, qformer_layers: int, intermediate: int,
-                     tokens: int, windows: int, steps: int, c: int, checkpointing: bool) -> dict[str, float]:
+                     tokens: int, windows: int, steps: int, c: int, checkpointing: bool,
+                     projected: int | None = None) -> dict[str, float]:
     """Bytes of one sample's activations at the peak (the start of the backward pass), by part: what autograd
     saves (llm, connector, loss) and what lives beside it (the logits and their gradient, the layer being
-    recomputed). The frozen encoder runs without gradients before them: its taps are the connector's frames."""
+    recomputed). The frozen encoder runs without gradients before them: its taps are the connector's frames.
+    The LM head projects `projected` positions (null: all `tokens`)."""
+    projected = tokens if projected is None else projected
     q, kv = m.heads * m.dim_head, m.kv_heads * m.dim_head
     layer = 8 * m.hidden + 8 + c * (2 * q + 2 * kv + 3 * m.intermediate) + 4 * m.heads  # per token
     d = w.d_model
@@ -397,8 +438,9 @@ def activation_bytes(w: WhisperArch, m: LlmArch, taps: int, queries: int, qforme
         "llm": tokens * m.layers * (c * m.hidden if checkpointing else layer),
         "connector": c * taps * windows * ((1 + 2 * qformer_layers) * steps * d
                                            + qformer_layers * queries * (14 * d + 2 * intermediate)),
-        "loss": tokens * (4 * m.vocab + 4 * m.hidden + 4),  # fp32 log-probabilities, the final norm's input
-        "logits": tokens * m.vocab * (c + 8),  # the logits; in the backward pass their gradient and a temporary
+        # the final norm's fp32 input (every token); the head's input and the fp32 log-probabilities (projected ones)
+        "loss": tokens * (4 * m.hidden + 4) + projected * (4 * m.vocab + c * m.hidden),
+        "logits": projected * m.vocab * (c + 8),  # the logits; in the backward pass their gradient and a temporary
         "recompute": tokens * layer if checkpointing else 0,
     }
 
@@ -419,7 +461,8 @@ def memory_per_gpu(config: PlanConfig, w: WhisperArch, m: LlmArch, params: dict[
         root = params["whisper_decoder"] + (w.mel_bins * 3 * d + 3 * d * d + WINDOW_STEPS * d) + trainable
         gathered = (root + 2 * llm_layer_parameters(m) + m.vocab * m.hidden) * frozen_bytes
     acts = activation_bytes(w, m, len(taps), config.model.num_queries, config.model.qformer_layers, intermediate,
-                            tokens, windows, steps, c, mode.endswith("checkpointing"))
+                            tokens, windows, steps, c, mode.endswith("checkpointing"),
+                            min(config.response_tokens, tokens - 1))
     parts = {"weights": weights, "gradients_and_adamw": states + autocast_copy,
              **({"fsdp_gathered": gathered} if config.gpus > 1 else {}),
              **{f"activations_{k}": v * batch for k, v in acts.items()}}
@@ -485,4 +528,20 @@ def render_plan(result: dict[str, Any]) -> str:
         lines.append("give --hours-of-audio or --samples (rows per epoch) for the run's length")
     if result["cache_hours"]:
         lines.append(f"feature cache: the encoder runs once per clip first, {result['cache_hours']:.1f} h")
+    lines += ["", *render_targets(result["targets"])]
     return "\n".join(lines)
+
+
+def render_targets(targets: dict[str, Any]) -> list[str]:
+    """The targets stage's lines of the plan: tokens to generate and the hours at each generation rate."""
+    if not targets["tokens"]:
+        return ["targets stage: give --answers, --samples or --hours-of-audio for the tokens to generate"]
+    lines = [f"targets stage: {targets['answers']:,} answers x {targets['tokens'] // targets['answers']} tokens = "
+             f"{targets['tokens'] / 1e6:,.0f} M tokens to generate; GPU-hours at the rates measured on one H200 "
+             "(transformers backend, Llama-3.1-8B shapes, 150-token prompts):"]
+    lines += [f"  {name:28} {TARGET_RATES[name]:>7,} tokens/s  {hours:8,.1f} h" for name, hours in
+              targets["hours"].items()]
+    lines.append(f"  {'vLLM (stated, not measured)':28} {VLLM_STATED_RATE:>7,} tokens/s  "
+                 f"{targets['vllm_hours']:8,.1f} h  (third-party figure for one H100; desta's vLLM backend is "
+                 "untested)")
+    return lines

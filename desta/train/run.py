@@ -161,7 +161,9 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     trainer = DestaTrainer(
         model=model, args=args, train_dataset=DestaDataset(train_examples, cache),
         eval_dataset=DestaDataset(eval_examples, cache) if has_eval else None,
-        data_collator=DestaCollator(processor, data.max_length), processing_class=processor,
+        data_collator=DestaCollator(processor, data.max_length,
+                                    (data.pack_length or data.max_length) if data.packing else None),
+        processing_class=processor,
         callbacks=[*(callbacks or []), CheckpointChecksums()],
         lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
         kl_temperature=config.optim.kl_temperature if distill else None, decay_all=config.optim.decay_all)

@@ -1,6 +1,6 @@
 """The training loop's parts around transformers' Trainer: the loss (cross-entropy, or distillation from the
-text LLM), duration-grouped sampling, a NaN/inf guard that names the step and samples, and readable progress
-lines with the time left.
+text LLM; both from the logits of the response positions alone), duration-grouped sampling, a NaN/inf guard
+that names the step and samples, and readable progress lines with the time left.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerControl, TrainerState, TrainingArgument
 from transformers.trainer_callback import ProgressCallback
 
 from desta.core.sequences import IGNORE_INDEX
+from desta.model.parts import labelled_logits
 from desta.train.data import (
     EpochSeededSampler,
 )
@@ -32,8 +33,14 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
     teacher_labels (batch, seq_t). The two sequences differ before the response (audio vs description)
     but hold the same response tokens, so the k-th response position of one is the k-th of the other.
     """
-    student = student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]  # (positions, vocab)
-    teacher = teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX]
+    return response_kl(student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX],
+                       teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX], temperature)
+
+
+def response_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) averaged over response positions: the logits (positions, vocab) of the positions
+    that predict each response token, in the same order on both sides (desta.model.parts.labelled_logits
+    gives them so)."""
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"the student's sequences hold {student.shape[0]} response positions but the teacher's "
                          f"{teacher.shape[0]}; both must carry the same responses (was a sequence truncated? raise "
@@ -86,7 +93,7 @@ class DestaTrainer(Trainer):
         summed_over_devices = num_items_in_batch is not None and not teacher
         if summed_over_devices:
             inputs["num_items_in_batch"] = num_items_in_batch
-        outputs = model(**inputs)
+        outputs = model(**inputs, logits_at="labelled")  # the LM head projects the response positions only
         loss = outputs.loss
         if summed_over_devices and self.args.average_tokens_across_devices:
             # num_items_in_batch counts every process's tokens and DDP averages the gradients over processes,
@@ -95,9 +102,9 @@ class DestaTrainer(Trainer):
         if teacher and self.kl_temperature is not None:
             llm = getattr(model, "module", model).llm
             with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
-                teacher_logits = llm(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"]).logits
-            loss = distillation_loss(outputs.logits, inputs["labels"], teacher_logits, teacher["labels"],
-                                     self.kl_temperature)
+                teacher_logits, _ = labelled_logits(llm, teacher["labels"], input_ids=teacher["input_ids"],
+                                                    attention_mask=teacher["attention_mask"], use_cache=False)
+            loss = response_kl(outputs.label_logits, teacher_logits, self.kl_temperature)
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"loss is {loss.detach().float().item()} at step {self.state.global_step + 1}; "
                                      f"samples in the batch: {sample_ids}")
