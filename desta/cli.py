@@ -110,6 +110,8 @@ COMMANDS = [
     Command("posttrain", "desta.posttrain:PostTrainConfig", "desta.posttrain:posttrain", _posttrained),
     Command("magpie", "desta.posttrain.strategies:MagpieConfig", "desta.posttrain.strategies:write_magpie",
             lambda c, r: f"wrote {r['rows']} rows to {r['out']}; dropped {r['dropped']}"),
+    Command("token-shift", "desta.posttrain.token_shift:TokenShiftConfig", "desta.posttrain.token_shift:token_shift",
+            lambda c, r: (Path(c.out) / "token_shift.md").read_text() + f"wrote {c.out}/token_shift.md, .json, .png"),
     Command("convert-official", "desta.model.convert:ConvertConfig", "desta.model.convert:convert_official",
             lambda c, r: f"converted {c.src} -> {r}; load it with desta.load({str(r)!r})"),
     Command("tiny-models", "desta.model.tiny:TinyModelsConfig", "desta.model.tiny:write_tiny_models",

@@ -7,7 +7,8 @@ from desta.posttrain import STRATEGIES, PostTrainConfig
 from desta.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(p.parent.name for p in ROOT.glob("recipes/*/config.yaml") if p.parent.name != "forgetting")
+POSTTRAIN_RECIPES = ("forgetting", "alignment")  # desta posttrain configs, not desta train ones
+RECIPES = sorted(p.parent.name for p in ROOT.glob("recipes/*/config.yaml") if p.parent.name not in POSTTRAIN_RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -31,12 +32,33 @@ def test_forgetting_recipe_compares_every_strategy_with_seeds_and_the_replay_swe
 
     config = load_config(PostTrainConfig, ROOT / "recipes" / "forgetting" / "config.yaml",
                          ["model=HuggingFaceTB/SmolLM2-135M-Instruct"])
-    assert set(config.strategies) == set(STRATEGIES)
+    alignment = load_config(PostTrainConfig, ROOT / "recipes" / "alignment" / "config.yaml",
+                            ["model=HuggingFaceTB/SmolLM2-135M-Instruct"])
+    assert set(config.strategies) | set(alignment.strategies) == set(STRATEGIES)  # the two recipes cover them all
     assert min(config.task.train_size, config.task.eval_size, config.retention.format_size,
                config.retention.own_answer_size) >= 200
     runs, sweep = plan_runs(config)
     assert [r.seed for r in runs if r.name == "sft"] == [0, 1, 2] and len(runs) == 20
     assert [ratio for ratio, _ in sweep] == [0, 0.01, 0.03, 0.05, 0.1]
+
+
+def test_alignment_recipe_measures_every_new_strategy_beside_sft_on_the_forgetting_items():
+    from desta.core.args import to_dict
+    from desta.posttrain.run import plan_runs
+
+    forgetting, alignment = (load_config(PostTrainConfig, ROOT / "recipes" / name / "config.yaml",
+                                         ["model=HuggingFaceTB/SmolLM2-135M-Instruct"])
+                             for name in ("forgetting", "alignment"))
+    new = set(alignment.strategies) - set(forgetting.strategies) - {"magpie", "sft"}
+    assert new == {"response_tuning", "rule_adapter", "self_align", "replay_kl", "on_policy_distill",
+                   "knowledge_known", "knowledge_unknown"}
+    paired = {s for pair in alignment.head_to_head for s in pair}
+    assert new <= paired and ["magpie", "replay_kl"] in alignment.head_to_head
+    same = ("task", "retention", "optim", "eval_max_new_tokens", "probe_max_new_tokens", "generation_batch_size")
+    assert {k: to_dict(alignment)[k] for k in same} == {k: to_dict(forgetting)[k] for k in same}  # the same items
+    runs, _ = plan_runs(alignment)
+    assert [r.seed for r in runs if r.name == "sft"] == [0, 1, 2] and len(runs) == 13
+    assert set(alignment.save_models_of) == {"sft", "self_align"}  # what run.sh's token-shift step reads
 
 
 def test_scale_diagnosis_probe_reads_what_the_features_carry_and_nothing_else():

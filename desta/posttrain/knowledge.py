@@ -6,17 +6,22 @@ hallucinations?"), with the task's verifier as the judge: HighlyKnown (the greed
 MaybeKnown (wrong, but right greedily with solved examples before the question: few-shot),
 WeaklyKnown (wrong both ways, but right in some of N sampled answers), Unknown (never right). Their
 finding: Unknown items are learnt slowly and, once learnt, make the model forget and hallucinate;
-MaybeKnown items help most.
+MaybeKnown items help most. knowledge_known and knowledge_unknown test it directly: the same number
+of items, all HighlyKnown/MaybeKnown or all Unknown (`knowledge_subset`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
 
 from desta.core.generation import Backend, SamplingSettings
 from desta.core.sequences import Conversation
 from desta.posttrain.config import KNOWLEDGE
 from desta.posttrain.verifiers import Verifier
+
+KNOWN = ("HighlyKnown", "MaybeKnown")  # what knowledge_known trains on; knowledge_unknown trains on Unknown
 
 
 def mastery(greedy_ok: bool, few_shot_ok: bool, sampled_ok: list[bool]) -> str:
@@ -89,3 +94,27 @@ def knowledge_filter(backend: Backend, rows: list[dict], verifier: Verifier, dro
         raise ValueError(f"knowledge_filter left no training item: all {len(rows)} are in {drop} "
                          f"({split_counts(categories)}); drop fewer categories (knowledge_drop)")
     return kept, labelled, {"split": split_counts(categories), "dropped": len(rows) - len(kept)}
+
+
+def knowledge_subset(rows: list[dict], categories: list[str], keep: Literal["known", "unknown"], match_size: bool,
+                     seed: int = 0) -> tuple[list[dict], dict[str, Any]]:
+    """The rows knowledge_known (`keep` known: HighlyKnown and MaybeKnown) or knowledge_unknown (Unknown) trains on,
+    drawn down (seeded, in their order) to the size of the other set when `match_size`; and notes.
+
+    >>> rows = [{"gold": str(i)} for i in range(5)]
+    >>> cats = ["Unknown", "HighlyKnown", "Unknown", "Unknown", "MaybeKnown"]
+    >>> [r["gold"] for r in knowledge_subset(rows, cats, "known", True)[0]]
+    ['1', '4']
+    >>> len(knowledge_subset(rows, cats, "unknown", True)[0]), len(knowledge_subset(rows, cats, "unknown", False)[0])
+    (2, 3)
+    """
+    known = [r for r, c in zip(rows, categories, strict=True) if c in KNOWN]
+    unknown = [r for r, c in zip(rows, categories, strict=True) if c == "Unknown"]
+    if not known or not unknown:
+        raise ValueError(f"knowledge_{keep} needs both HighlyKnown/MaybeKnown and Unknown items to compare, the split "
+                         f"is {split_counts(categories)}; use a task the base model solves in part, or more items")
+    chosen = known if keep == "known" else unknown
+    size = min(len(known), len(unknown)) if match_size else len(chosen)
+    picked = sorted(np.random.default_rng(seed).choice(len(chosen), size=size, replace=False).tolist())
+    return [chosen[i] for i in picked], {"split": split_counts(categories), "trained_on": keep, "items": size,
+                                         "dropped": len(rows) - size}

@@ -121,6 +121,7 @@ def render_comparison(comparison: dict) -> str:
                   "| strategy | " + " | ".join(names) + " | dropped |", "|---" * (len(names) + 2) + "|"]
         lines += [f"| {name} | " + " | ".join(str(k["split"][c]) for c in names) + f" | {k['dropped']} |"
                   for name, k in splits]
+    lines += knowledge_lines(comparison)
     if comparison.get("sweep"):
         lines += ["", "Replay-ratio sweep (replay at each share of the training rows; 0 is sft):", "",
                   "| replay ratio | run | Δ task | Δ format | Δ retained | Δ own-answer log-lik |",
@@ -133,9 +134,70 @@ def render_comparison(comparison: dict) -> str:
              for row in comparison["strategies"] if any(k != "knowledge" for k in row["notes"])]
     if notes:
         lines += ["", "What the data transforms did (first seed):", "", *notes]
+    lines += render_head_to_head(comparison)
     lines += ["", f"Total time: {comparison['seconds'] / 60:.1f} min of runs (base and every run, across resumed "
                   "invocations).", ""]
     return "\n".join(lines)
+
+
+def head_to_head(results: list[dict[str, Any]], pairs: list[list[str]], first_seed: int) -> list[dict[str, Any]]:
+    """For each [first, second] pair of strategies: second minus first on the same items (their first-seed runs),
+    with 95 % paired bootstrap intervals (`delta_stats` with the first as the reference). Pairs with a strategy
+    that has no run are left out."""
+    runs = {r["name"]: r for r in sorted(results, key=lambda r: r["seed"] != first_seed) if "scores" in r}
+    return [{"first": a, "second": b, "deltas": delta_stats(runs[a]["scores"], [runs[b]["scores"]]),
+             "metrics": {a: runs[a]["metrics"], b: runs[b]["metrics"]}}
+            for a, b in pairs if a in runs and b in runs]
+
+
+def render_head_to_head(comparison: dict) -> list[str]:
+    """comparison.md's head-to-head table, and, when rule_adapter ran, the rule-adapter table (base, base + rules
+    and each strategy it is paired with, side by side)."""
+    pairs = comparison.get("head_to_head") or []
+    if not pairs:
+        return []
+    lines = ["", "Head to head: the second strategy minus the first on the same items (first seed), 95 % paired "
+                 "bootstrap intervals (bold: the interval leaves out 0):", "",
+             "| first | second | Δ task | Δ format | Δ own-answer log-lik | Δ held-out log-lik |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {p['first']} | {p['second']} | {_cell(p['deltas']['task_accuracy'])} | "
+              f"{_cell(p['deltas']['format_following'])} | {_cell(p['deltas']['own_answer_loglik'], 3)} | "
+              f"{_cell(p['deltas']['heldout_loglik'], 3)} |" for p in pairs]
+    ruled = [p for p in pairs if "rule_adapter" in (p["first"], p["second"])]
+    if ruled:
+        partners = [(p["second"] if p["first"] == "rule_adapter" else p["first"], p) for p in ruled]
+        rows = [("base", comparison["base"]["means"]),
+                ("base + rules (rule_adapter)", ruled[0]["metrics"]["rule_adapter"])]
+        rows += [(name, p["metrics"][name]) for name, p in partners]
+        lines += ["", "Rule-based adapter: the base model, the base model decoding with the rules (no training), and "
+                      "the trained model it is paired with, on the same items:", "",
+                  "| model | task acc. | format | own-answer log-lik | held-out log-lik |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['task_accuracy']:.3f} | {m['format_following']:.3f} | {m['own_answer_loglik']:.3f} | "
+                  f"{m['heldout_loglik']:.3f} |" for name, m in rows]
+    return lines
+
+
+def knowledge_lines(comparison: dict) -> list[str]:
+    """The knowledge-split prediction in one table: held-out task accuracy after training on HighlyKnown/MaybeKnown
+    items only and on Unknown items only, each against the base, and the difference between the two."""
+    rows = {r["strategy"]: r for r in comparison["strategies"]}
+    pair = next((p for p in comparison.get("head_to_head") or []
+                 if (p["first"], p["second"]) == ("knowledge_known", "knowledge_unknown")), None)
+    if "knowledge_known" not in rows or "knowledge_unknown" not in rows:
+        return []
+    lines = ["", "What the knowledge split predicts (Gekhman et al.: fine-tuning on Unknown items hurts held-out "
+                 "accuracy): the same number of training items, all HighlyKnown/MaybeKnown or all Unknown:", "",
+             "| trained on | items | held-out task acc. | Δ task vs base | Δ format | Δ own-answer log-lik |",
+             "|---|---|---|---|---|---|"]
+    for name, label in (("knowledge_known", "HighlyKnown + MaybeKnown"), ("knowledge_unknown", "Unknown")):
+        row = rows[name]
+        lines.append(f"| {label} | {row['notes']['knowledge']['items']} | {row['metrics']['task_accuracy']:.3f} | "
+                     f"{_cell(row['deltas']['task_accuracy'])} | {_cell(row['deltas']['format_following'])} | "
+                     f"{_cell(row['deltas']['own_answer_loglik'], 3)} |")
+    if pair:
+        lines.append(f"| Unknown minus known | | | {_cell(pair['deltas']['task_accuracy'])} | "
+                     f"{_cell(pair['deltas']['format_following'])} | {_cell(pair['deltas']['own_answer_loglik'], 3)} |")
+    return lines
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:

@@ -22,6 +22,7 @@ import torch
 from desta.core.generation import SamplingSettings, TransformersBackend
 from desta.core.instructions import follows, instruction_text, is_refusal
 from desta.core.probes import HELD_OUT_TEXT
+from desta.core.rules import RuleAdapter, rule_nll
 from desta.posttrain.config import RetentionSection
 from desta.posttrain.strategies import answer_nll
 from desta.posttrain.verifiers import Verifier
@@ -125,14 +126,17 @@ def text_loglik(backend: TransformersBackend, text: str) -> float:
 
 def measure(backend: TransformersBackend, task_rows: list[dict], verifier: Verifier, sets: dict[str, list[dict]],
             references: list[str], eval_max_new_tokens: int, probe_max_new_tokens: int,
-            log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, list[float]], list[dict]]:
+            log: Callable[[str], None] = lambda _: None,
+            adapter: RuleAdapter | None = None) -> tuple[dict[str, list[float]], list[dict]]:
     """Per-item scores of a model, and every item with the model's answer (for reading).
 
     Scores: task_accuracy (1: the verifier accepts the greedy answer), format_following (1: the IFEval
     instruction is followed), json_validity (the format items that ask for JSON), refusal_rate (harmful
     requests refused), over_refusal_rate (safe requests refused: lower is better), own_answer_loglik (the base
     model's answers) and heldout_loglik (the held-out texts), both in nats per token. `log` hears each part as
-    it starts (minutes apiece on a CPU).
+    it starts (minutes apiece on a CPU). With a rule `adapter` (the backend decodes with it), the base model's
+    answers are scored under the adapted distribution, as the adapted model would sample them; held-out texts are
+    not answers, so their likelihood is the model's own.
     """
     started = time.perf_counter()
 
@@ -149,7 +153,8 @@ def measure(backend: TransformersBackend, task_rows: list[dict], verifier: Verif
     task_ok = [float(verifier(a, r["gold"])[0]) for a, r in zip(task, task_rows, strict=True)]
     format_ok = [follows(a, i["spec"]).value for a, i in zip(formats, sets["format"], strict=True)]
     log(f"  measuring {len(references)} own answers' log-likelihood ({time.perf_counter() - started:.0f} s)")
-    own = [-answer_nll(backend.llm, backend.tokenizer, i["prompt"], ref)
+    own = [-(answer_nll(backend.llm, backend.tokenizer, i["prompt"], ref) if adapter is None
+             else rule_nll(backend.llm, backend.tokenizer, adapter, i["prompt"], ref))
            for i, ref in zip(sets["own_answer"], references, strict=True)]
     scores = {
         "task_accuracy": task_ok,

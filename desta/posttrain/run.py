@@ -1,8 +1,9 @@
 """`desta posttrain`: measure the base model, train each strategy (and seed) from it, measure again, compare.
 
 Reads the config (desta.posttrain.config). Writes OUT/base/ (the base model's per-item scores and answers,
-its reference answers, the default replay set), OUT/<strategy>/seed-<seed>/ (the training data, the
-answers, metrics.json with per-item scores and deltas, the model when save_models), OUT/comparison.json,
+its reference answers, the default replay set, the knowledge split the knowledge_known and
+knowledge_unknown runs share), OUT/<strategy>/seed-<seed>/ (the training data, the answers, metrics.json
+with per-item scores and deltas, the model when save_models or save_models_of), OUT/comparison.json,
 OUT/comparison.md, OUT/forgetting.png and, with a replay sweep, OUT/replay_sweep.png.
 
 Resumable run by run: a run whose metrics.json exists was finished and is not trained again, provided
@@ -27,14 +28,22 @@ from typing import Any
 from desta.core.artifacts import COMPARISON_JSON, COMPARISON_MD, FORGETTING_PLOT, REPLAY_SWEEP_PLOT
 from desta.core.chunks import differences, read_jsonl, to_jsonl, write_atomic
 from desta.core.generation import TransformersBackend
-from desta.core.llm import load_chat_llm
+from desta.core.llm import default_device, default_dtype, load_causal_lm, load_chat_llm
 from desta.core.replay import mix
+from desta.core.rules import RuleAdapter
 from desta.posttrain.config import PART_SETTINGS, PLAN_SETTINGS, PostTrainConfig
-from desta.posttrain.knowledge import knowledge_filter
-from desta.posttrain.report import delta_stats, plot_forgetting, plot_replay_sweep, render_comparison, summarize
+from desta.posttrain.knowledge import knowledge_filter, knowledge_split, knowledge_subset
+from desta.posttrain.report import (
+    delta_stats,
+    head_to_head,
+    plot_forgetting,
+    plot_replay_sweep,
+    render_comparison,
+    summarize,
+)
 from desta.posttrain.retention import means, measure, reference_answers, retention_sets
+from desta.posttrain.self_align import self_align_pairs
 from desta.posttrain.strategies import (
-    TextCollator,
     bos_replay,
     encode,
     filter_tokens,
@@ -44,13 +53,14 @@ from desta.posttrain.strategies import (
     self_output,
 )
 from desta.posttrain.tasks import load_task, read_rows, replay_set
+from desta.posttrain.training import train_model, trains
 from desta.posttrain.verifiers import Verifier, make_verifier
 
 METRICS = "metrics.json"  # written last: its presence marks a run finished
 BASE = "base"
 # The settings the base measurement depends on (with the sources' fingerprint).
-BASE_SETTINGS = ("model", "task", "retention", "eval_max_new_tokens", "probe_max_new_tokens", "generation_batch_size",
-                 "answer_max_new_tokens")
+BASE_SETTINGS = ("model", "chat_template", "task", "retention", "eval_max_new_tokens", "probe_max_new_tokens",
+                 "generation_batch_size", "answer_max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,8 @@ def base_settings(config: PostTrainConfig, sources: dict[str, str]) -> dict[str,
                                   "retention": dataclasses.asdict(config.retention), "sources": sources}))
 
 
-def _digest(path: Path) -> str:
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file's content, or of every file (name and content) under a folder."""
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
@@ -145,7 +156,7 @@ def source_digests(config: PostTrainConfig) -> dict[str, str]:
     so a run made from other weights or data is never taken for this one."""
     named = {"model": config.model, "task.train": config.task.train, "task.eval": config.task.eval,
              "replay_data": config.replay_data}
-    return {key: _digest(Path(value)) if Path(value).exists() else value
+    return {key: content_digest(Path(value)) if Path(value).exists() else value
             for key, value in named.items() if value}
 
 
@@ -176,6 +187,26 @@ def check_resume(out: Path, planned: dict[str, dict[str, Any]], overwrite: bool)
     return done
 
 
+def cached_split(backend: TransformersBackend, rows: list[dict], verifier: Verifier, config: PostTrainConfig,
+                 cache: Path | None) -> list[str]:
+    """The knowledge split of `rows` (desta.posttrain.knowledge), kept in `cache` (OUT/base, cleared whenever the base
+    model is measured again) under a name made of every setting it depends on, so knowledge_known and
+    knowledge_unknown judge the base model's answers once."""
+    depends = {"rows": rows, "shots": config.knowledge_shots, "samples": config.knowledge_samples,
+               "temperature": config.knowledge_temperature, "seed": config.optim.seed,
+               "tokens": config.eval_max_new_tokens, "precision": config.optim.precision,
+               "batch": config.generation_batch_size}
+    key = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"knowledge-{key}.json" if cache else None
+    if path and path.is_file():
+        return json.loads(path.read_text())
+    categories = knowledge_split(backend, rows, verifier, config.knowledge_shots, config.knowledge_samples,
+                                 config.knowledge_temperature, config.optim.seed, config.eval_max_new_tokens)
+    if path:
+        write_atomic(path, json.dumps(categories))
+    return categories
+
+
 def _some(rows: list[dict], part: str, dropped: dict[str, int]) -> list[dict]:
     """The pseudo-replay rows, or an error when filtering left none (a replay share of nothing cannot be mixed)."""
     if not rows and any(dropped.values()):
@@ -185,9 +216,11 @@ def _some(rows: list[dict], part: str, dropped: dict[str, int]) -> list[dict]:
 
 
 def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTrainConfig, train_rows: list[dict],
-                  replay_rows: list[dict], verifier: Verifier) -> tuple[list[dict], list[dict], dict[str, Any]]:
+                  replay_rows: list[dict], verifier: Verifier,
+                  cache: Path | None = None) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """The rows and tokenised examples a strategy trains on, and notes on what its transforms did (the
-    knowledge split's labelled rows under notes["knowledge"]["rows"])."""
+    knowledge split's labelled rows under notes["knowledge"]["rows"]). self_align's rows are its preference pairs
+    (no examples: DPO tokenises them); replay_kl's replay rows and examples carry "kl" (the KL applies there)."""
     notes: dict[str, Any] = {}
     rows, seed, tokens = list(train_rows), config.optim.seed, config.answer_max_new_tokens
     if "knowledge_filter" in parts:
@@ -196,6 +229,18 @@ def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTra
             backend, rows, verifier, config.knowledge_drop, config.knowledge_shots, config.knowledge_samples,
             config.knowledge_temperature, seed, config.eval_max_new_tokens)
         notes["knowledge"]["rows"] = labelled
+    for part in parts & {"knowledge_known", "knowledge_unknown"}:
+        categories = cached_split(backend, rows, verifier, config, cache)
+        notes["knowledge"] = {"rows": [{**r, "knowledge": c} for r, c in zip(rows, categories, strict=True)]}
+        rows, counts = knowledge_subset(rows, categories, "known" if part == "knowledge_known" else "unknown",
+                                        config.knowledge_match_size, seed)
+        notes["knowledge"].update(counts)
+    if "self_align" in parts:
+        # answers as long as the task's evaluation reads them
+        rows, notes["self_align"] = self_align_pairs(backend, rows, verifier, config.self_align_k,
+                                                     config.self_align_temperature, config.self_align_min_margin,
+                                                     seed, config.eval_max_new_tokens)
+        return rows, [], notes
     if "self_output" in parts:
         rows, notes["self_output"] = self_output(backend, rows, verifier, config.self_output_k,
                                                  config.self_output_temperature, config.self_output_fallback,
@@ -204,6 +249,8 @@ def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTra
         rows, notes["paraphrase"] = paraphrase(backend, rows, verifier, tokens)
     if "self_distill" in parts:
         rows, notes["self_distill"] = self_distill(backend, rows, verifier, tokens)
+    if "response_tuning" in parts:  # the task's answers alone, their instructions left empty (not replay rows)
+        rows = [{**r, "question": r["instruction"], "instruction": ""} for r in rows]
     if "magpie" in parts:
         pseudo, notes["magpie_dropped"] = magpie(backend, config.magpie_count, config.magpie_max_new_tokens,
                                                  seed=seed, answer_tokens=tokens)
@@ -215,13 +262,35 @@ def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTra
                                                         seed)
         rows = mix(rows, _some(texts, "bos_replay", notes["bos_replay_dropped"]), config.replay_ratio, seed)
         notes["bos_replay_texts"] = len(texts)
+    if "replay_kl" in parts:
+        source = "magpie" if config.replay_kl_source == "magpie" else "bos_replay"
+        pseudo, notes["replay_kl_dropped"] = (
+            magpie(backend, config.magpie_count, config.magpie_max_new_tokens, seed=seed, answer_tokens=tokens)
+            if source == "magpie" else bos_replay(backend, config.bos_replay_count, config.bos_replay_max_new_tokens,
+                                                  config.bos_replay_prefix, seed))
+        pseudo = [{**r, "kl": True} for r in _some(pseudo, source, notes["replay_kl_dropped"])]
+        rows = mix(rows, pseudo, config.replay_ratio, seed)
+        notes["replay_kl_rows"] = len(pseudo)
     if "replay" in parts:
         rows = mix(rows, replay_rows, config.replay_ratio, seed)
-    examples = [encode(backend.tokenizer, r, config.style, config.max_length) for r in rows]
+    examples = [{**encode(backend.tokenizer, r, config.style, config.max_length), **({"kl": 1} if r.get("kl") else {})}
+                for r in rows]
     if "token_filter" in parts:
         examples, notes["token_filter_masked_share"] = filter_tokens(backend.llm, examples,
                                                                      config.token_filter_threshold)
     return rows, examples, notes
+
+
+def load_model(config: PostTrainConfig) -> tuple[Any, Any]:
+    """The model and its tokenizer (desta.core.llm.load_chat_llm); with config.chat_template, a model whose tokenizer
+    has no chat template (a base model) gets that one."""
+    if config.chat_template is None:
+        return load_chat_llm(config.model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer.chat_template = config.chat_template
+    return load_causal_lm(config.model, dtype=default_dtype()).to(default_device()).eval(), tokenizer
 
 
 def generation_backend(llm: Any, tokenizer: Any, config: PostTrainConfig) -> TransformersBackend:
@@ -244,62 +313,49 @@ class Shared:
     references: list[str]
     replay_rows: list[dict]
     base: dict[str, Any]
+    cache: Path | None = None
+    """where data several runs share is kept (the knowledge split): OUT/base"""
 
 
 def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path, settings: dict[str, Any],
               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Train one run from the base model, measure it, write its folder; returns its result (metrics.json)."""
-    from transformers import Trainer
-
-    from desta.core.optim import training_arguments
-
+    """Train one run from the base model (rule_adapter alone: none), measure it, write its folder; returns its
+    result (metrics.json)."""
     if folder.exists():
         shutil.rmtree(folder)  # what an unfinished or outdated run left
     folder.mkdir(parents=True)
     started = time.perf_counter()
     parts = set(run.strategy.split("+"))
-    llm, tokenizer = load_chat_llm(config.model)
+    llm, tokenizer = load_model(config)
     base_backend = generation_backend(llm, tokenizer, config)
     rows, examples, notes = strategy_data(parts, base_backend, config, shared.train_rows, shared.replay_rows,
-                                          shared.verifier)
+                                          shared.verifier, shared.cache)
     if "knowledge" in notes:
         write_atomic(folder / "knowledge.jsonl", to_jsonl(notes["knowledge"].pop("rows")))
     write_atomic(folder / "train_data.jsonl", to_jsonl(rows))
-    model, lr = llm, config.optim.lr
-    if "lora" in parts:
-        from peft import LoraConfig, get_peft_model
-
-        model, lr = get_peft_model(llm, LoraConfig(task_type="CAUSAL_LM", **config.lora)), config.lora_lr
-    if "rl" in parts:
-        from desta.posttrain.rl import train_grpo
-
-        trainer = train_grpo(model, tokenizer, rows, shared.verifier, config.optim, lr, config.grpo,
-                             str(folder / "trainer"))
-    else:
-        args = training_arguments(config.optim, str(folder / "trainer"), learning_rate=lr, logging_steps=5,
-                                  save_strategy="no", report_to=[], disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=examples,
-                          data_collator=TextCollator(base_backend.pad_id))
-        trainer.train()
-    shutil.rmtree(folder / "trainer", ignore_errors=True)
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
-    if rewards:
-        notes["rl_reward_first_last"] = [round(rewards[0], 3), round(rewards[-1], 3)]
+    model, losses, trained_notes = train_model(parts, llm, tokenizer, rows, examples, config, shared.verifier,
+                                               base_backend.pad_id, folder / "trainer")
+    notes |= trained_notes
     model.eval()
     trained = generation_backend(model, tokenizer, config)
+    adapter = None
+    if "rule_adapter" in parts:  # decoding rules on every answer, and on the likelihood of the base model's answers
+        from transformers import LogitsProcessorList
+
+        adapter = RuleAdapter(tokenizer, trained.eos_ids, config.rules)
+        trained.logits_processor = LogitsProcessorList([adapter])
     log(f"  trained in {time.perf_counter() - started:.0f} s (its data and training); measuring")
     scores, answers = measure(trained, shared.eval_rows, shared.verifier, shared.sets, shared.references,
-                              config.eval_max_new_tokens, config.probe_max_new_tokens, log)
+                              config.eval_max_new_tokens, config.probe_max_new_tokens, log, adapter)
     write_atomic(folder / "answers.jsonl", to_jsonl(answers))
-    if config.save_models:
+    if (config.save_models or run.strategy in config.save_models_of) and trains(parts):
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
     result = {"name": run.name, "strategy": run.strategy, "seed": run.seed, "replay_ratio": config.replay_ratio,
-              "settings": settings, "train_rows": len(rows), "train_loss_first": losses[0] if losses else None,
-              "train_loss_last": losses[-1] if losses else None, "notes": notes, "metrics": means(scores),
-              "deltas": delta_stats(shared.base["scores"], [scores]), "scores": scores,
-              "seconds": round(time.perf_counter() - started, 1)}
+              "settings": settings, "train_rows": len(rows) if trains(parts) else 0,
+              "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+              "notes": notes, "metrics": means(scores), "deltas": delta_stats(shared.base["scores"], [scores]),
+              "scores": scores, "seconds": round(time.perf_counter() - started, 1)}
     write_atomic(folder / METRICS, json.dumps(result, indent=1))
     return result
 
@@ -311,7 +367,7 @@ def measure_base(config: PostTrainConfig, folder: Path, settings: dict[str, Any]
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     started = time.perf_counter()
-    backend = generation_backend(*load_chat_llm(config.model), config)
+    backend = generation_backend(*load_model(config), config)
     log(f"base model: reference answers to {len(sets['own_answer'])} general requests")
     references = reference_answers(backend, sets["own_answer"], config.retention.own_answer_max_new_tokens)
     write_atomic(folder / "references.json", json.dumps(references))
@@ -332,7 +388,7 @@ def base_replay_rows(config: PostTrainConfig, folder: Path) -> list[dict]:
         return read_rows(config.replay_data, "replay_data")
     path = folder / "replay.jsonl"
     if not path.is_file():
-        backend = generation_backend(*load_chat_llm(config.model), config)
+        backend = generation_backend(*load_model(config), config)
         write_atomic(path, to_jsonl(replay_set(None, backend, config.answer_max_new_tokens)))
     return read_jsonl(path)
 
@@ -353,7 +409,7 @@ def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> di
     references = json.loads((out / BASE / "references.json").read_text())
     needs_replay = any("replay" in run.strategy.split("+") for run in runs if run.folder not in done)
     shared = Shared(train_rows, eval_rows, verifier, sets, references,
-                    base_replay_rows(config, out / BASE) if needs_replay else [], base)
+                    base_replay_rows(config, out / BASE) if needs_replay else [], base, out / BASE)
     results = []
     for number, run in enumerate(runs, 1):
         if run.folder in done:
@@ -370,6 +426,7 @@ def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> di
     strategies, points = summarize(results, base, sweep, config.run_seeds[0])
     comparison = {"model": config.model, "style": config.style, "base": {k: base[k] for k in ("means", "items")},
                   "strategies": strategies, "sweep": points,
+                  "head_to_head": head_to_head(results, config.head_to_head, config.run_seeds[0]),
                   "runs": [{k: v for k, v in r.items() if k not in ("scores", "settings")} for r in results],
                   "seconds": round(base["seconds"] + sum(r["seconds"] for r in results), 1),
                   "seconds_this_invocation": round(time.perf_counter() - invocation, 1)}
