@@ -8,9 +8,10 @@
 #   qwen-connector  Qwen's answers, the connector alone (the LLM untouched, so it cannot forget in text)
 #   qwen-backbone   Qwen2.5-Coder-1.5B-Instruct as the speech model's own frozen LLM, trained on its own answers
 #                   (self-output end to end): the swap-backbone path, on QWEN_CLIPS clips (what fits a CPU)
-# Each run: one epoch, batches of 8, the frozen encoder's features cached once for all runs. Resumable:
-# finished trainings and evals are kept, answers come from the eval cache. Then `desta probe` on both
-# target sets (what the features carry, what each teacher's answers name) and the comparison.
+# Each run: one epoch, batches of 8, bf16 autocast (the CPU has bf16 instructions), the frozen encoder's
+# features cached once for all runs. Resumable: finished trainings and evals are kept, answers come from the
+# eval cache. Then `desta probe` on both target sets (what the features carry, what each teacher's answers
+# name) and the comparison.
 #   bash recipes/experiments/hearing/run.sh
 #   RUNS="qwen-lora self-lora" bash recipes/experiments/hearing/run.sh      (a subset)
 set -euo pipefail
@@ -28,13 +29,13 @@ for run in ${RUNS:-qwen-lora self-lora qwen-connector qwen-backbone}; do
   case $run in
     self-lora) targets=$DATA/targets-voice-smol/dataset ;;
     qwen-backbone) llm=$QWEN
-                   extra+=(data.max_clips=$QWEN_CLIPS model.dtype=bfloat16 optim.precision=bf16 optim.batch_size=4
+                   extra+=(data.max_clips=$QWEN_CLIPS model.dtype=bfloat16 optim.batch_size=4
                            data.feature_cache=$DATA/features-qwen)
                    eval_extra+=(--dtype bfloat16) ;;
   esac
   [[ $run == *-lora ]] && extra+=("model.lora={r: 8, lora_alpha: 16}")
   [ -f $OUT/$run/summary.json ] || desta train recipes/experiments/config.yaml output_dir=$OUT/$run \
-      model.encoder=$WHISPER model.llm=$llm data.train=$targets optim.epochs=1 log.eval_steps=100 \
+      model.encoder=$WHISPER model.llm=$llm data.train=$targets optim.epochs=1 optim.precision=bf16 log.eval_steps=100 \
       log.save_steps=1000 "${extra[@]}"
   [ -f $OUT/$run/eval/report.json ] || desta eval $OUT/$run --eval-set $DATA/evalset-24 --out $OUT/$run/eval \
       --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48 "${eval_extra[@]}"
