@@ -35,7 +35,10 @@ def test_desta_probe_writes_a_report_per_field(tmp_path):
     assert set(result["flagged"]) <= set(result["fields"])
     assert not set(result["flagged"]) & set(result["describe_attributes"])
     markdown = (out / "probe.md").read_text()
-    assert "| gender |" in markdown and "attributes=" in markdown
+    assert "| gender |" in markdown
+    # the command that leaves fields out is offered only when a field is flagged
+    assert ("attributes=" in markdown) == bool(result["flagged"])
+    assert ("Flagged: none" in markdown) == (not result["flagged"])
     assert (out / "probe.png").stat().st_size > 5000
 
 

@@ -252,8 +252,11 @@ def render_probe(result: dict[str, Any]) -> str:
         if targets:
             cells.append(_cell(row.get("targets_name_gold")))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Flagged: {', '.join(result['flagged']) or 'none'}. To leave them out of the descriptions: "
-              f"`desta describe ... attributes={','.join(result['describe_attributes'])}`."]
+    if result["flagged"]:
+        lines += ["", f"Flagged: {', '.join(result['flagged'])}. To leave them out of the descriptions: "
+                  f"`desta describe ... attributes={','.join(result['describe_attributes'])}`."]
+    else:
+        lines += ["", "Flagged: none: the audio conveys every field probed."]
     return "\n".join(lines) + "\n"
 
 

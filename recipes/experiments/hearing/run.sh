@@ -59,4 +59,8 @@ paired=()
 desta compare "${reports[@]}" --out $RESULTS --x-label epoch "${paired[@]}" --runs "$(IFS=,; echo "${runs[*]}")" \
     --title "voice-pool targets: Qwen2.5-Coder-1.5B's answers vs self-output (1200 clips, 1 epoch)" \
     --metrics overall:speech,overall:text_asr,gender:speech,accent:speech,speaking_speed:speech,pitch:speech,volume:speech,transcription:speech,instruction_following:speech,overall:forgetting_asr:speech,overall:agreement:speech,probes:format_following,probes:heldout_loglik
+# what each LoRA costs the LLM in text (its LLM with the LoRA merged, on desta posttrain's retention sets)
+lora=(); for run in qwen-lora self-lora; do [ -f $OUT/$run/summary.json ] && lora+=("$run=$OUT/$run"); done
+[ ${#lora[@]} -gt 0 ] && python recipes/experiments/hearing/retention.py "${lora[@]}" --out $RESULTS \
+    --work $OUT/retention
 echo "hearing experiment: $((SECONDS / 60)) min"
