@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from desta.core.chunks import write_atomic
 from desta.core.digests import fingerprint
 from desta.core.generation import TransformersBackend
 from desta.core.llm import load_chat_llm
@@ -53,7 +54,7 @@ def scores_of(name: str, backend: TransformersBackend, sets: dict, references: l
             return kept["scores"]
     scores, _ = measure(backend, [], None, sets, references, max_new_tokens, max_new_tokens,
                         log=lambda line: print(f"{name}:{line}"))
-    path.write_text(json.dumps({"digest": digest, "settings": settings, "scores": scores}))
+    write_atomic(path, json.dumps({"digest": digest, "settings": settings, "scores": scores}))
     return scores
 
 
@@ -67,7 +68,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=200, help="format requests and own-answer requests each")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
+    malformed = [run for run in args.runs if "=" not in run]
+    if malformed:
+        parser.error(f"runs must be NAME=CHECKPOINT, got {malformed}")
     runs = dict(run.split("=", 1) for run in args.runs)
+    missing = [f"{name}={folder}" for name, folder in runs.items() if not (Path(folder) / "config.json").is_file()]
+    if missing:
+        parser.error(f"not a saved speech model (no config.json): {missing}; give the folder desta train wrote")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +96,7 @@ def main() -> None:
     else:
         print(f"base: reference answers to {len(sets['own_answer'])} general requests")
         references = reference_answers(base_backend, sets["own_answer"], args.max_new_tokens)
-        references_path.write_text(json.dumps({"settings": settings, "answers": references}))
+        write_atomic(references_path, json.dumps({"settings": settings, "answers": references}))
     base = scores_of("base", base_backend, sets, references, settings, work, args.max_new_tokens)
     del base_backend
     report = {"base_llm": str(base_name), "settings": settings, "base": means(base), "runs": {}, "paired": {}}
@@ -108,8 +115,8 @@ def main() -> None:
                            for m in MEASURES}
             report["paired"][f"{first} - {second}"] = {
                 m: dict(zip(("value", "low", "high"), mean_interval(d), strict=True)) for m, d in differences.items()}
-    (out / "retention.json").write_text(json.dumps(report, indent=1))
-    (out / "retention.md").write_text(render(report))
+    write_atomic(out / "retention.json", json.dumps(report, indent=1))
+    write_atomic(out / "retention.md", render(report))
     print(render(report))
 
 
