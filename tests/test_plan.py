@@ -214,3 +214,15 @@ def test_plan_answers_whether_it_fits_on_a_24_gb_card(capsys):
     assert desta25["largest_batch"]["1 gpu"] == 0 and desta25["largest_batch"]["1 gpu+checkpointing"] >= 1
     assert main(["plan", str(ROOT / "recipes" / "desta2" / "config.yaml"), "--gpu", "b200"]) == 2
     assert "unknown GPU kind 'b200'" in capsys.readouterr().err
+
+
+def test_each_loss_adds_what_it_computes_per_sample(capsys):
+    def flops(loss):
+        config = load_config(PlanConfig, ROOT / "recipes" / "desta2" / "config.yaml", [f"optim.loss={loss}"])
+        return plan(config)["flops"]
+
+    ce, kl, on_policy = flops("ce"), flops("kl"), flops("on_policy")
+    assert ce["teacher"] == ce["sampling"] == kl["sampling"] == 0 < kl["teacher"] == on_policy["teacher"]
+    assert on_policy["sampling"] > on_policy["teacher"]  # the same LLM forward, and the connector
+    assert main(["plan", str(ROOT / "recipes" / "desta2" / "config.yaml"), "optim.loss=on_policy"]) == 0
+    assert "sampling the answer" in capsys.readouterr().out

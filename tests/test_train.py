@@ -437,3 +437,19 @@ def test_a_qwen2_style_llm_trains_saves_reloads_and_answers(targets_dir, tmp_pat
     sf.write(tmp_path / "clip.wav", clip, 16000)
     assert main(["chat", str(tmp_path / "run"), "Who speaks?", "--audio", str(tmp_path / "clip.wav"),
                  "--max-new-tokens", "4"]) == 0
+
+
+def test_init_from_starts_from_a_trained_run_and_refuses_weights_it_would_drop(targets_dir, tmp_path):
+    from desta.model.loading import load
+    from desta.train.run import build_model
+
+    lora = "model.lora={r: 4, lora_alpha: 8}"
+    train(_config(targets_dir, tmp_path / "first", "optim.max_steps=2", lora))
+    trained = load(tmp_path / "first")[0].trainable_state_dict()
+    again = _config(targets_dir, tmp_path / "first", f"model.init_from={tmp_path / 'first'}", lora)
+    started = build_model(again.model, tmp_path / "first")[0].trainable_state_dict()
+    assert sorted(started) == sorted(trained) and any("lora_A" in name for name in trained)
+    assert all(torch.equal(started[name], trained[name]) for name in trained)
+    without_lora = _config(targets_dir, tmp_path / "first", f"model.init_from={tmp_path / 'first'}")
+    with pytest.raises(ValueError, match=r"holds \d+ weights this model lacks \(e.g. llm\..*lora.*model.lora"):
+        build_model(without_lora.model, tmp_path / "first")

@@ -305,9 +305,12 @@ class DestaModel(PreTrainedModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
+                 audio_hidden_states: torch.Tensor | None = None, audio_step_mask: torch.Tensor | None = None,
                  **generate_kwargs: Any) -> torch.Tensor:
-        """Token-level generation (batched, left-padded inputs from the processor): new token ids."""
-        inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask)
+        """Token-level generation (batched, left-padded inputs from the processor; the audio as mel features or
+        cached encoder states): new token ids."""
+        inputs_embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask, audio_hidden_states,
+                                          audio_step_mask)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def transcribe(self, processor: DestaProcessor, audios: list[np.ndarray], max_new_tokens: int = 128,

@@ -157,19 +157,27 @@ class LogSection:
 class TrainOptim(OptimSection):
     """How to optimise a speech model: the shared settings and what the loss compares."""
 
-    loss: Literal["ce", "kl"] = "ce"
+    loss: Literal["ce", "kl", "on_policy"] = "ce"
     """ce: cross-entropy on the target response; kl: distillation, the KL divergence to the text LLM's
-    next-token distributions when it reads the description (as Ultravox and DiVA train), on the same positions"""
+    next-token distributions when it reads the description (as Ultravox and DiVA train), on the same positions;
+    on_policy: the speech model samples its own answer to each prompt and the loss is the reverse KL to the text
+    LLM reading the description, on the sampled tokens (slower: a generation per step; validation loss as kl)"""
     kl_temperature: float = 1.0
-    """softens both distributions for the kl loss (the loss is scaled by its square)"""
+    """softens both distributions for the kl and on_policy losses (the loss is scaled by its square)"""
+    on_policy_max_new_tokens: int = 64
+    """longest answer the speech model samples per prompt for the on_policy loss"""
     decay_all: bool = False
     """weight decay on every trainable weight, LayerNorms, biases and queries included (the DeSTA2/2.5 code);
     false: transformers' rule, no decay on biases and norms"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        problems = []
         if not self.kl_temperature > 0:
-            raise_problems([("kl_temperature", f"must be positive, got {self.kl_temperature}")])
+            problems.append(("kl_temperature", f"must be positive, got {self.kl_temperature}"))
+        if self.on_policy_max_new_tokens < 1:
+            problems.append(("on_policy_max_new_tokens", f"must be at least 1, got {self.on_policy_max_new_tokens}"))
+        raise_problems(problems)
 
 
 @dataclass
@@ -184,5 +192,10 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: TrainOptim = field(default_factory=TrainOptim)
     log: LogSection = field(default_factory=LogSection)
+
+    def __post_init__(self) -> None:
+        if self.optim.loss == "on_policy" and self.data.packing:
+            raise_problems([("data.packing", "optim.loss on_policy samples each prompt's answer on a row of its own; "
+                                             "set data.packing=false (or optim.loss=kl)")])
 
 

@@ -102,8 +102,8 @@ def speech_examples(dataset: Dataset, processor: DestaProcessor, teacher: bool =
     `teacher`, also the text LLM's turn (description + prompt) with the same response, for distillation."""
     columns = dataset.column_names
     if teacher and "description" not in columns:
-        raise ValueError("distillation (optim.loss kl) needs the targets' description column; train on the output "
-                         "of desta targets")
+        raise ValueError("distillation (optim.loss kl or on_policy) needs the targets' description column; train on "
+                         "the output of desta targets")
     durations = dataset["duration"] if "duration" in columns else [10.0] * len(dataset)
     transcripts = dataset["transcript"] if "transcript" in columns else [None] * len(dataset)
     descriptions = dataset["description"] if teacher else [None] * len(dataset)

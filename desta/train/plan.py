@@ -172,7 +172,7 @@ class PlanConfig(TrainConfig):
     tokens: int | None = None
     """sequence length per row, audio positions included; null: data.max_length"""
     teacher_tokens: int | None = None
-    """sequence length of the text LLM's turn for optim.loss kl; null: the same as tokens"""
+    """sequence length of the text LLM's turn for optim.loss kl and on_policy; null: the same as tokens"""
     response_tokens: int = 150
     """labelled tokens per row (the answer and its end-of-turn token): the only positions the LM head projects in
     training (DeSTA2.5's answers: about 150 tokens)"""
@@ -371,13 +371,15 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     llm = llm_flops(m, tokens, response)
     llm_train = llm["projections"] + llm["attention"] + llm["head"] + (
         llm["projections"] + 2.5 * llm["attention"] + llm["head"])  # forward, and the input gradients
-    teacher = 0.0
-    if optim.loss == "kl":
+    teacher = sampling = 0.0
+    if optim.loss in ("kl", "on_policy"):
         teacher_llm = llm_flops(m, config.teacher_tokens or tokens, response)
         teacher = teacher_llm["projections"] + teacher_llm["attention"] + teacher_llm["head"]
+    if optim.loss == "on_policy":  # the student's answer: a forward's FLOPs, spread over one decoding step a token
+        sampling = llm["projections"] + llm["attention"] + llm["head"] + connector["forward"]
     cached = bool(config.data.feature_cache)
     per_sample = {"encoder": 0.0 if cached else encoder, "connector": connector["forward"] + connector["backward"],
-                  "llm": llm_train, "teacher": teacher, "checkpointing": llm["recompute"]}
+                  "llm": llm_train, "teacher": teacher, "sampling": sampling, "checkpointing": llm["recompute"]}
 
     batch = optim.batch_size
     memory = {mode: memory_per_gpu(config, w, m, params, taps, intermediate, tokens, windows, steps, batch,
@@ -505,6 +507,8 @@ def render_plan(result: dict[str, Any]) -> str:
              + (" (cached: once per clip, not per step)" if f["encoder"] == 0 else "")
              + f", connector {_flops(f['connector'])}, LLM {_flops(f['llm'])}"
              + (f", text LLM teacher {_flops(f['teacher'])}" if f["teacher"] else "")
+             + (f", sampling the answer {_flops(f['sampling'])} (decoding is memory-bound: slower than its FLOPs "
+                "say)" if f["sampling"] else "")
              + f"; checkpointing adds {_flops(f['checkpointing'])}",
              "", f"memory per GPU, GB, at batch {result['batch']}:",
              f"{'':24}" + "".join(f"{mode:>20}" for mode in result["memory"])]

@@ -76,7 +76,12 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0,
     model.connector.float()  # the trainable part stays in float32; autocast handles bf16
     if section.init_from:
         trained, _ = load(section.init_from)
-        model.load_state_dict(trained.trainable_state_dict(), strict=False)
+        # strict=False: the frozen bases are not in a checkpoint; what it has that this model lacks is an error
+        unexpected = model.load_state_dict(trained.trainable_state_dict(), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"model.init_from {section.init_from} holds {len(unexpected)} weights this model lacks "
+                             f"(e.g. {unexpected[0]}); build the same architecture, e.g. model.lora as in its "
+                             "config.json")
     return model, processor
 
 
@@ -131,7 +136,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
                                progress=config.log.progress)
         cache = FeatureCache(data.feature_cache, model)
 
-    distill = config.optim.loss == "kl"
+    distill = config.optim.loss in ("kl", "on_policy")
     train_examples = speech_examples(train_set, processor, teacher=distill)
     replay = replay_count(len(train_examples), data.text_ratio) if text_rows else 0
     train_examples += text_examples(text_rows, replay, config.optim.seed, system_prompt)
@@ -166,7 +171,8 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         processing_class=processor,
         callbacks=[*(callbacks or []), CheckpointChecksums()],
         lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
-        kl_temperature=config.optim.kl_temperature if distill else None, decay_all=config.optim.decay_all)
+        kl_temperature=config.optim.kl_temperature if distill else None, decay_all=config.optim.decay_all,
+        on_policy_tokens=config.optim.on_policy_max_new_tokens if config.optim.loss == "on_policy" else None)
     if log.progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressLines())

@@ -1,6 +1,7 @@
-"""The training loop's parts around transformers' Trainer: the loss (cross-entropy, or distillation from the
-text LLM; both from the logits of the response positions alone), duration-grouped sampling, a NaN/inf guard
-that names the step and samples, and readable progress lines with the time left.
+"""The training loop's parts around transformers' Trainer: the loss (cross-entropy, distillation from the text
+LLM, or on-policy distillation on the speech model's own samples; each from the logits of the response positions
+alone), duration-grouped sampling, a NaN/inf guard that names the step and samples, and readable progress lines
+with the time left.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import torch
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from desta.core.sequences import IGNORE_INDEX
+from desta.core.sequences import IGNORE_INDEX, end_of_turn_ids
 from desta.model.parts import labelled_logits
-from desta.train.data import (
-    EpochSeededSampler,
-)
+from desta.train.data import EpochSeededSampler
+from desta.train.on_policy import on_policy_batches, reverse_kl, sample_responses
 
 if TYPE_CHECKING:
     from torch.utils.data import Sampler
@@ -56,9 +56,13 @@ class DestaTrainer(Trainer):
     that names the step and samples."""
 
     def __init__(self, *args, lengths: list[float] | None = None, kl_temperature: float | None = None,
-                 decay_all: bool = False, **kwargs):
+                 decay_all: bool = False, on_policy_tokens: int | None = None, **kwargs):
+        """kl_temperature: distil from the text LLM (the teacher_* rows of the batch); with on_policy_tokens, on
+        the student's own samples of up to that many tokens while training (the validation loss stays the KL on
+        the targets' responses, which needs no sampling)."""
         super().__init__(*args, **kwargs)
         self.lengths, self.kl_temperature, self.decay_all = lengths, kl_temperature, decay_all
+        self.on_policy_tokens = on_policy_tokens
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Trainer.save_model; under FSDP, the trainable weights gathered from their shards (every process takes
@@ -93,6 +97,9 @@ class DestaTrainer(Trainer):
         summed_over_devices = num_items_in_batch is not None and not teacher
         if summed_over_devices:
             inputs["num_items_in_batch"] = num_items_in_batch
+        if teacher and self.on_policy_tokens and model.training:
+            loss, outputs = self._on_policy_loss(model, inputs, teacher)
+            return self._checked(loss, outputs, sample_ids, return_outputs)
         outputs = model(**inputs, logits_at="labelled")  # the LM head projects the response positions only
         loss = outputs.loss
         if summed_over_devices and self.args.average_tokens_across_devices:
@@ -105,6 +112,27 @@ class DestaTrainer(Trainer):
                 teacher_logits, _ = labelled_logits(llm, teacher["labels"], input_ids=teacher["input_ids"],
                                                     attention_mask=teacher["attention_mask"], use_cache=False)
             loss = response_kl(outputs.label_logits, teacher_logits, self.kl_temperature)
+        return self._checked(loss, outputs, sample_ids, return_outputs)
+
+    def _on_policy_loss(self, model: torch.nn.Module, inputs: dict[str, Any],
+                        teacher: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """Reverse KL to the text LLM on the tokens the speech model samples from the batch's prompts."""
+        student_model = getattr(model, "module", model)
+        tokenizer = self.processing_class.tokenizer
+        end_ids = end_of_turn_ids(tokenizer, student_model.llm.generation_config)
+        prompt_rows, responses = sample_responses(student_model, inputs, end_ids, tokenizer.pad_token_id,
+                                                  self.on_policy_tokens)
+        batch = {**inputs, **{f"teacher_{k}": v for k, v in teacher.items()}}
+        student, text_turns = on_policy_batches(batch, prompt_rows, responses, tokenizer.pad_token_id)
+        outputs = model(**student, logits_at="labelled")
+        llm = student_model.llm
+        with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
+            teacher_logits, _ = labelled_logits(llm, text_turns["labels"], input_ids=text_turns["input_ids"],
+                                                attention_mask=text_turns["attention_mask"], use_cache=False)
+        return reverse_kl(outputs.label_logits, teacher_logits, self.kl_temperature), outputs
+
+    def _checked(self, loss: torch.Tensor, outputs: Any, sample_ids: list[str],
+                 return_outputs: bool) -> torch.Tensor | tuple[torch.Tensor, Any]:
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"loss is {loss.detach().float().item()} at step {self.state.global_step + 1}; "
                                      f"samples in the batch: {sample_ids}")
