@@ -6,8 +6,11 @@
 #   qwen-lora       SmolLM2-135M speech model, Qwen2.5-Coder-1.5B-Instruct's answers (another teacher), + LoRA r8
 #   self-lora       SmolLM2-135M speech model, its own answers (self-output), + LoRA r8
 #   qwen-connector  Qwen's answers, the connector alone (the LLM untouched, so it cannot forget in text)
+#   qwen-onpolicy   qwen-lora continued by on-policy distillation (optim.loss=on_policy): the speech model samples
+#                   its own answers and is pulled (reverse KL) toward SmolLM2 reading the description, on
+#                   ONPOLICY_CLIPS clips
 #   qwen-backbone   Qwen2.5-Coder-1.5B-Instruct as the speech model's own frozen LLM, trained on its own answers
-#                   (self-output end to end): the swap-backbone path, on QWEN_CLIPS clips (what fits a CPU)
+#                   (self-output end to end, the connector alone): the swap-backbone path, on QWEN_CLIPS clips
 # Each run: one epoch, batches of 8, bf16 autocast (the CPU has bf16 instructions), the frozen encoder's
 # features cached once for all runs. Resumable: finished trainings and evals are kept, answers come from the
 # eval cache. Then `desta probe` on both target sets (what the features carry, what each teacher's answers
@@ -18,20 +21,24 @@ set -euo pipefail
 MODELS=${MODELS:-$HOME/.cache/desta-offline-models}
 DATA=${DATA:-runs/experiments/data}
 OUT=${OUT:-runs/experiments/hearing}
-QWEN_CLIPS=${QWEN_CLIPS:-150}
+QWEN_CLIPS=${QWEN_CLIPS:-600}
+ONPOLICY_CLIPS=${ONPOLICY_CLIPS:-400}
 SMOL=$MODELS/SmolLM2-135M-Instruct QWEN=$MODELS/Qwen2.5-Coder-1.5B-Instruct WHISPER=$MODELS/whisper-tiny.en
 RESULTS=recipes/experiments/hearing/results
 bash recipes/experiments/hearing/data.sh
 mkdir -p $RESULTS
 
-for run in ${RUNS:-qwen-lora self-lora qwen-connector qwen-backbone}; do
+for run in ${RUNS:-qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolicy}; do
   targets=$DATA/targets-voice-qwen/dataset llm=$SMOL extra=() eval_extra=()
   case $run in
     self-lora) targets=$DATA/targets-voice-smol/dataset ;;
     qwen-backbone) llm=$QWEN
                    extra+=(data.max_clips=$QWEN_CLIPS model.dtype=bfloat16 optim.batch_size=4
-                           data.feature_cache=$DATA/features-qwen)
+                           data.feature_cache=$DATA/features-qwen log.save_steps=100)
                    eval_extra+=(--dtype bfloat16) ;;
+    qwen-onpolicy) extra+=(model.init_from=$OUT/qwen-lora "model.lora={r: 8, lora_alpha: 16}" optim.loss=on_policy
+                           optim.on_policy_max_new_tokens=48 optim.lr=1e-4 optim.warmup_steps=10
+                           data.max_clips=$ONPOLICY_CLIPS) ;;
   esac
   [[ $run == *-lora ]] && extra+=("model.lora={r: 8, lora_alpha: 16}")
   [ -f $OUT/$run/summary.json ] || desta train recipes/experiments/config.yaml output_dir=$OUT/$run \
@@ -50,7 +57,7 @@ for teacher in qwen smol; do
 done
 
 reports=(); runs=()
-for run in qwen-lora self-lora qwen-connector qwen-backbone; do
+for run in qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolicy; do
   [ -f $OUT/$run/eval/report.json ] || continue
   reports+=("$run:1=$OUT/$run/eval"); runs+=("$run=$OUT/$run")
 done
@@ -60,7 +67,7 @@ desta compare "${reports[@]}" --out $RESULTS --x-label epoch "${paired[@]}" --ru
     --title "voice-pool targets: Qwen2.5-Coder-1.5B's answers vs self-output (1200 clips, 1 epoch)" \
     --metrics overall:speech,overall:text_asr,gender:speech,accent:speech,speaking_speed:speech,pitch:speech,volume:speech,transcription:speech,instruction_following:speech,overall:forgetting_asr:speech,overall:agreement:speech,probes:format_following,probes:heldout_loglik
 # what each LoRA costs the LLM in text (its LLM with the LoRA merged, on desta posttrain's retention sets)
-lora=(); for run in qwen-lora self-lora; do [ -f $OUT/$run/summary.json ] && lora+=("$run=$OUT/$run"); done
+lora=(); for run in qwen-lora self-lora qwen-onpolicy; do [ -f $OUT/$run/summary.json ] && lora+=("$run=$OUT/$run"); done
 [ ${#lora[@]} -gt 0 ] && python recipes/experiments/hearing/retention.py "${lora[@]}" --out $RESULTS \
     --work $OUT/retention
 echo "hearing experiment: $((SECONDS / 60)) min"
