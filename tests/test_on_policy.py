@@ -6,7 +6,7 @@ from desta.core.args import ConfigError, load_config
 from desta.core.sequences import IGNORE_INDEX, end_of_turn_ids
 from desta.train import trainer as trainer_module
 from desta.train.config import ModelSection, TrainConfig
-from desta.train.on_policy import on_policy_batches, prompts, reverse_kl, sample_responses
+from desta.train.on_policy import on_policy_batches, prompts, sample_responses
 from desta.train.run import train
 from desta.train.trainer import response_kl
 from tests.conftest import described_dataset, label_targets
@@ -41,7 +41,8 @@ def test_both_sides_hold_the_students_sample_after_their_own_prompts(targets_dir
     assert all(token not in end_ids for r in responses for token in r[:-1])  # cut after the first end of turn
     assert prompt_rows == prompts(batch["input_ids"], batch["labels"], batch["attention_mask"])
 
-    student, teacher = on_policy_batches(batch, prompt_rows, responses, tokenizer.pad_token_id)
+    text = {k: batch[f"teacher_{k}"] for k in ("input_ids", "labels", "attention_mask")}
+    student, teacher = on_policy_batches(batch, text, prompt_rows, responses, tokenizer.pad_token_id)
     assert _labelled(student["input_ids"], student["labels"]) == responses
     assert _labelled(teacher["input_ids"], teacher["labels"]) == responses
     for i, prompt in enumerate(prompt_rows):
@@ -62,16 +63,18 @@ def test_both_sides_hold_the_students_sample_after_their_own_prompts(targets_dir
 def test_reverse_kl_is_the_students_expectation_and_trains_only_the_student():
     torch.manual_seed(0)
     student, teacher = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7, requires_grad=True)
-    assert reverse_kl(student, student.detach()).item() == pytest.approx(0, abs=1e-6)
+    assert response_kl(student, student.detach(), reverse=True).item() == pytest.approx(0, abs=1e-6)
     p, q = student.softmax(-1), teacher.softmax(-1)
     expected = (p * (p.log() - q.log())).sum(-1).mean()
-    loss = reverse_kl(student, teacher)
+    loss = response_kl(student, teacher, reverse=True)
     torch.testing.assert_close(loss, expected)
     assert loss.item() != pytest.approx(response_kl(student, teacher).item())  # not the forward KL
     loss.backward()
     assert student.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match=r"student logits \(5, 7\) and teacher logits \(4, 7\)"):
-        reverse_kl(student, teacher[:4])
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(student.grad, expected_grad)  # the gradient of the student's expectation
+    with pytest.raises(ValueError, match="the student's sequences hold 5 response positions but the teacher's 4"):
+        response_kl(student, teacher[:4], reverse=True)
 
 
 def test_a_row_without_a_response_is_refused_with_the_cause():

@@ -1,6 +1,7 @@
 """On-policy distillation for `optim.loss: on_policy`: the speech model samples its own answer from the audio, the
 text LLM reading the description scores the same tokens, and the loss is the reverse KL on the student's tokens
-(GKD, arXiv 2306.13649; CORD, arXiv 2601.16547, reports it beating distillation on fixed targets).
+(desta.train.trainer.response_kl with reverse; GKD, arXiv 2306.13649; CORD, arXiv 2601.16547, reports it beating
+distillation on fixed targets).
 
 A training batch of the collator (right-padded, labels on the targets' responses, the teacher's turns beside) is
 cut back to its prompts; the student samples a response to each; both sides are rebuilt around the sampled tokens.
@@ -93,28 +94,15 @@ def sample_responses(model: DestaModel, batch: dict[str, Any], end_ids: set[int]
     return prompt_rows, [cut_at_end(row, end_ids, pad_id) or [pad_id] for row in generated.tolist()]
 
 
-def on_policy_batches(batch: dict[str, Any], prompt_rows: list[list[int]], responses: list[list[int]],
-                      pad_id: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def on_policy_batches(batch: dict[str, Any], teacher: dict[str, torch.Tensor], prompt_rows: list[list[int]],
+                      responses: list[list[int]], pad_id: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The student's and the teacher's batches holding the sampled responses, labels on them alone. The student
-    keeps the batch's audio (its rows are in the same order); the teacher's prompts are its description turns."""
+    keeps the batch's audio (its rows are in the same order); the teacher (input_ids, labels, attention_mask of
+    the text LLM's turns) keeps its description prompts."""
     device = batch["input_ids"].device
     student = {k: v.to(device) for k, v in with_responses(prompt_rows, responses, pad_id).items()}
     student.update({key: batch[key] for key in AUDIO_KEYS if key in batch})
-    teacher_prompts = prompts(batch["teacher_input_ids"], batch["teacher_labels"], batch["teacher_attention_mask"])
-    teacher = {k: v.to(device) for k, v in with_responses(teacher_prompts, responses, pad_id).items()}
-    return student, teacher
+    teacher_prompts = prompts(teacher["input_ids"], teacher["labels"], teacher["attention_mask"])
+    text_turns = {k: v.to(device) for k, v in with_responses(teacher_prompts, responses, pad_id).items()}
+    return student, text_turns
 
-
-def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(student || teacher) over the whole vocabulary, averaged over response positions: mode-seeking, so the
-    student is pushed off what the teacher finds unlikely rather than spread over all it finds likely.
-
-    student, teacher: (positions, vocab) logits of the same positions, in the same order.
-    """
-    if student.shape != teacher.shape:
-        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} must "
-                         "cover the same response positions")
-    log_student = torch.log_softmax(student.float() / temperature, dim=-1)
-    log_teacher = torch.log_softmax(teacher.float() / temperature, dim=-1)
-    kl = (log_student.exp() * (log_student - log_teacher)).sum(-1)
-    return kl.mean() * temperature**2

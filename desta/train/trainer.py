@@ -17,7 +17,7 @@ from transformers.trainer_callback import ProgressCallback
 from desta.core.sequences import IGNORE_INDEX, end_of_turn_ids
 from desta.model.parts import labelled_logits
 from desta.train.data import EpochSeededSampler
-from desta.train.on_policy import on_policy_batches, reverse_kl, sample_responses
+from desta.train.on_policy import on_policy_batches, sample_responses
 
 if TYPE_CHECKING:
     from torch.utils.data import Sampler
@@ -37,18 +37,31 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
                        teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX], temperature)
 
 
-def response_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def response_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                reverse: bool = False) -> torch.Tensor:
     """KL(teacher || student) averaged over response positions: the logits (positions, vocab) of the positions
     that predict each response token, in the same order on both sides (desta.model.parts.labelled_logits
-    gives them so)."""
+    gives them so). `reverse`: KL(student || teacher), mode-seeking (on-policy distillation), so the student is
+    pushed off what the teacher finds unlikely rather than spread over all it finds likely."""
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"the student's sequences hold {student.shape[0]} response positions but the teacher's "
                          f"{teacher.shape[0]}; both must carry the same responses (was a sequence truncated? raise "
                          "data.max_length)")
     log_student = torch.log_softmax(student.float() / temperature, dim=-1)
     log_teacher = torch.log_softmax(teacher.float() / temperature, dim=-1)
-    kl = torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    target, estimate = (log_student, log_teacher) if reverse else (log_teacher, log_student)
+    kl = torch.nn.functional.kl_div(estimate, target, log_target=True, reduction="none").sum(-1)
     return kl.mean() * temperature**2
+
+
+def teacher_logits(model: torch.nn.Module, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The text LLM's logits (positions, vocab) at its turns' labelled positions: the speech model's own LLM with
+    any LoRA switched off, reading the description, no gradients."""
+    llm = getattr(model, "module", model).llm
+    with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
+        logits, _ = labelled_logits(llm, teacher["labels"], input_ids=teacher["input_ids"],
+                                    attention_mask=teacher["attention_mask"], use_cache=False)
+    return logits
 
 
 class DestaTrainer(Trainer):
@@ -107,11 +120,7 @@ class DestaTrainer(Trainer):
             # so each process's share is scaled back up (as Trainer.compute_loss does): the mean over all tokens
             loss = loss * self.accelerator.num_processes
         if teacher and self.kl_temperature is not None:
-            llm = getattr(model, "module", model).llm
-            with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
-                teacher_logits, _ = labelled_logits(llm, teacher["labels"], input_ids=teacher["input_ids"],
-                                                    attention_mask=teacher["attention_mask"], use_cache=False)
-            loss = response_kl(outputs.label_logits, teacher_logits, self.kl_temperature)
+            loss = response_kl(outputs.label_logits, teacher_logits(model, teacher), self.kl_temperature)
         return self._checked(loss, outputs, sample_ids, return_outputs)
 
     def _on_policy_loss(self, model: torch.nn.Module, inputs: dict[str, Any],
@@ -122,14 +131,10 @@ class DestaTrainer(Trainer):
         end_ids = end_of_turn_ids(tokenizer, student_model.llm.generation_config)
         prompt_rows, responses = sample_responses(student_model, inputs, end_ids, tokenizer.pad_token_id,
                                                   self.on_policy_tokens)
-        batch = {**inputs, **{f"teacher_{k}": v for k, v in teacher.items()}}
-        student, text_turns = on_policy_batches(batch, prompt_rows, responses, tokenizer.pad_token_id)
+        student, text_turns = on_policy_batches(inputs, teacher, prompt_rows, responses, tokenizer.pad_token_id)
         outputs = model(**student, logits_at="labelled")
-        llm = student_model.llm
-        with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
-            teacher_logits, _ = labelled_logits(llm, text_turns["labels"], input_ids=text_turns["input_ids"],
-                                                attention_mask=text_turns["attention_mask"], use_cache=False)
-        return reverse_kl(outputs.label_logits, teacher_logits, self.kl_temperature), outputs
+        loss = response_kl(outputs.label_logits, teacher_logits(model, text_turns), self.kl_temperature, reverse=True)
+        return loss, outputs
 
     def _checked(self, loss: torch.Tensor, outputs: Any, sample_ids: list[str],
                  return_outputs: bool) -> torch.Tensor | tuple[torch.Tensor, Any]:
