@@ -261,7 +261,8 @@ def plot(table: dict[str, dict[str, list]], x_label: str, title: str, path: Path
     panels = len(table)
     columns = min(panels, 2)
     rows = (panels + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 3.8 * rows), squeeze=False)
+    # constrained layout leaves room for the suptitle; tight_layout lets a long one run into the first panels
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 3.8 * rows), squeeze=False, layout="constrained")
     for ax, (name, runs) in zip(axes.flat, table.items(), strict=False):
         for k, (run, points) in enumerate(runs.items()):
             points = [p for p in points if p[1] is not None]
@@ -283,6 +284,5 @@ def plot(table: dict[str, dict[str, list]], x_label: str, title: str, path: Path
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

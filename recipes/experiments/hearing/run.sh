@@ -64,7 +64,7 @@ done
 paired=()
 [ -f $OUT/self-lora/eval/report.json ] && paired=(--paired-with self-lora)
 desta compare "${reports[@]}" --out $RESULTS --x-label epoch "${paired[@]}" --runs "$(IFS=,; echo "${runs[*]}")" \
-    --title "voice-pool targets: Qwen2.5-Coder-1.5B's answers vs self-output (1200 clips, 1 epoch)" \
+    --title "voice-pool targets, one epoch each: Qwen2.5-Coder-1.5B's answers vs self-output (runs and clips: README)" \
     --metrics overall:speech,overall:text_asr,gender:speech,accent:speech,speaking_speed:speech,pitch:speech,volume:speech,transcription:speech,instruction_following:speech,overall:forgetting_asr:speech,overall:agreement:speech,probes:format_following,probes:heldout_loglik
 # what each LoRA costs the LLM in text (its LLM with the LoRA merged, on desta posttrain's retention sets)
 lora=(); for run in qwen-lora self-lora qwen-onpolicy; do [ -f $OUT/$run/summary.json ] && lora+=("$run=$OUT/$run"); done
