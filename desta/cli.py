@@ -85,7 +85,8 @@ def _posttrained(config: PostTrainConfig, comparison: dict) -> str:
 COMMANDS = [
     Command("demo", "desta.demo:DemoConfig", "desta.demo:demo", lambda c, r: None),
     Command("synth", "desta.audio.synth:SynthConfig", "desta.audio.synth:write_corpus",
-            lambda c, r: f"wrote {c.num_clips} clips; manifest: {r}"),
+            lambda c, r: _load("desta.audio.synth:synth_done")(c, r)),
+    Command("voices", "desta.audio.voices:VoicesConfig", "desta.audio.voices:catalogue_table", lambda c, r: r),
     Command("describe", "desta.describe.run:DescribeConfig", "desta.describe.run:describe", _chunked(lambda s: (
         f"inputs {s['inputs']} = described {s['described']} + rejected {s['rejected']} ({s['hours']} h described)"))),
     Command("probe", "desta.describe.probe:ProbeConfig", "desta.describe.probe:probe", lambda c, r: (

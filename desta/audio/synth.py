@@ -1,56 +1,88 @@
-"""The built-in synthetic corpus: sentences spoken by espeak-ng with known voice labels.
+"""The built-in synthetic corpus: sentences spoken by catalogue voices (desta.audio.voices) with known labels.
 
-Writes DIR/audio/<id>.wav (16 kHz, 16-bit) and DIR/manifest.jsonl with one row per clip:
-path, id, transcript, gender, accent, emotion and the voice settings (rate, pitch, volume).
-Row i depends only on (seed, i), so any shard or resumed run gives the same rows.
+Writes DIR/audio/<id>.wav (16 kHz, 16-bit), DIR/manifest.jsonl with one row per clip (path, id, transcript,
+engine, voice, gender, accent, emotion, licence, the voice settings rate, pitch and volume, and the bands
+they were drawn from) and DIR/voices.json (the voice pool, the held-out voices and each engine's licence).
+
+Voice-disjoint splits: `split=train` speaks only with the pool's voices that are not held out (`hold_out`
+names them, `hold_out_share` draws a share of each engine's voices); `split=eval` speaks half its clips with
+held-out voices and half with training voices. Sentences are split too: a sentence belongs to the eval
+part of the grammar when its hash says so (EVAL_SENTENCE_SHARE), so no eval sentence is ever a training
+sentence, whatever the seeds. Row i depends only on (seed, i, the voice pool, the held-out voices, split),
+so any shard or resumed run gives the same rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
 
 from desta.audio import SAMPLE_RATE
-from desta.audio.tts import ACCENTS, VOICES, Voice, synthesize
+from desta.audio.tts import Voice, synthesize
+from desta.audio.voices import CATALOGUE, ENGINES, MBROLA_LICENCE, VoiceInfo, hold_out, require, select
 from desta.core.args import raise_problems
 from desta.core.artifacts import MANIFEST
 
+VOICES_FILE = "voices.json"  # beside the manifest: the pool, the held-out voices and the licences
+
+# The sentence grammar: 30 subjects x 30 verbs x 30 objects x 30 places, plus questions and requests
+# (868,560 sentences: `grammar_size()`).
 _SUBJECTS = ["The old fisherman", "My younger sister", "A tired student", "The new manager", "Our neighbour",
              "The little boy", "A famous singer", "The taxi driver", "Her best friend", "The science teacher",
-             "A quiet librarian", "The hungry cat", "My grandfather", "The young doctor", "A group of tourists"]
+             "A quiet librarian", "The hungry cat", "My grandfather", "The young doctor", "A group of tourists",
+             "The night nurse", "His older brother", "A busy waiter", "The village baker", "My aunt",
+             "The football coach", "A curious child", "The retired pilot", "Our landlord", "The shy painter",
+             "A local farmer", "The museum guide", "My cousin", "The head chef", "A friendly stranger"]
 _VERBS = ["painted", "forgot", "carried", "found", "cleaned", "repaired", "ordered", "borrowed", "described",
-          "photographed", "delivered", "recommended", "discovered", "sold", "wrapped"]
+          "photographed", "delivered", "recommended", "discovered", "sold", "wrapped", "measured", "returned",
+          "noticed", "packed", "opened", "lost", "bought", "moved", "checked", "hid", "polished", "dropped",
+          "painted over", "picked up", "brought back"]
 _OBJECTS = ["a red bicycle", "the wooden table", "three fresh loaves", "an old map", "the broken window",
             "a letter from Paris", "the yellow umbrella", "some warm soup", "a tiny silver key", "the garden fence",
-            "two concert tickets", "a heavy suitcase", "the evening newspaper", "a box of apples", "the blue kettle"]
+            "two concert tickets", "a heavy suitcase", "the evening newspaper", "a box of apples", "the blue kettle",
+            "a green notebook", "the kitchen clock", "four paper cups", "a pair of boots", "the spare tyre",
+            "a jar of honey", "the front door", "an empty bottle", "a woollen scarf", "the piano stool",
+            "six glass marbles", "a birthday cake", "the office printer", "a bag of rice", "the orange lamp"]
 _PLACES = ["before breakfast", "near the station", "on a rainy Tuesday", "after the meeting", "in the city centre",
            "behind the library", "during the holiday", "at the market", "by the river", "late last night",
-           "in the kitchen", "outside the museum", "on the way home", "at the weekend", "in the morning"]
+           "in the kitchen", "outside the museum", "on the way home", "at the weekend", "in the morning",
+           "at the airport", "next to the bank", "under the bridge", "on Friday evening", "in the garden",
+           "at noon", "before the storm", "after lunch", "in the school hall", "on the top floor",
+           "near the harbour", "at the corner shop", "in the early spring", "after the concert", "by the lake"]
 _QUESTIONS = ["Did you see {o} {p}?", "Where is {o} now?", "Could you bring {o} {p}, please?",
-              "Why did {s} take {o}?", "Have you ever seen {o}?"]
+              "Why did {s} take {o}?", "Have you ever seen {o}?", "Who {v} {o} {p}?",
+              "Is it true that {s} {v} {o}?", "Please leave {o} {p}.", "Do not forget {o} {p}!"]
+QUESTION_SHARE = 0.2  # share of sentences drawn from _QUESTIONS
+EVAL_SENTENCE_SHARE = 1 / 8  # share of the grammar's sentences that only eval clips say
 # Voice settings per label: rate in words per minute, pitch on espeak-ng's 0-100 scale, volume 0-200.
 RATES = {"Slow": (105, 125), "Normal": (160, 185), "Fast": (245, 275)}
 PITCHES = {"Low": (10, 25), "Normal": (45, 55), "High": (80, 95)}
 VOLUMES = {"Low": (30, 45), "Normal": (90, 110), "High": (180, 200)}
+EVAL_UNSEEN_SHARE = 0.5  # share of an eval split's clips spoken by held-out voices (when there are any)
 
 
 @dataclass
 class SynthRow:
-    """One synthesized clip's manifest row: its text, the voice settings used and the labels they stand for."""
+    """One synthesized clip's manifest row: its text, the voice and settings used and the labels they stand for."""
 
     id: str
     path: str  # relative to the manifest
     transcript: str
+    engine: str  # espeak, mbrola, flite or piper
+    voice: str  # the catalogue voice id, e.g. espeak:en-us+f3 or mbrola:mb-us1
     gender: str
     accent: str
     emotion: str
-    voice: str  # espeak-ng variant
+    licence: str  # the voice's licence (MBROLA voices: non-commercial use only)
     rate_wpm: int
     pitch_setting: int
     volume_setting: int
@@ -59,23 +91,75 @@ class SynthRow:
     volume_label: str
 
 
-def sentence(rng: np.random.Generator) -> str:
-    """A varied English sentence (15 x 15 x 15 x 15 statements plus questions)."""
-    s, v, o, p = (rng.choice(words) for words in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES))
-    if rng.random() < 0.2:
-        return str(rng.choice(_QUESTIONS)).format(s=s.lower(), o=o, p=p)
-    return f"{s} {v} {o} {p}."
+@dataclass(frozen=True)
+class VoicePlan:
+    """Which voices a split speaks with: the pool's voices minus the held-out ones for train, both for eval."""
+
+    pool: tuple[str, ...] = tuple(v.id for v in select(["espeak"]))
+    held_out: tuple[str, ...] = ()
+    split: Literal["train", "eval"] = "train"
+
+    def seen(self) -> list[VoiceInfo]:
+        """The voices training clips speak with."""
+        return [CATALOGUE[i] for i in self.pool if i not in set(self.held_out)]
+
+    def unseen(self) -> list[VoiceInfo]:
+        """The held-out voices, never in a training clip."""
+        return [CATALOGUE[i] for i in self.held_out]
+
+    def used(self) -> list[VoiceInfo]:
+        """The voices this split's clips can speak with."""
+        return self.seen() + (self.unseen() if self.split == "eval" else [])
 
 
-def row_for(index: int, seed: int) -> SynthRow:
-    """The labels of clip `index`: a pure function of (seed, index)."""
+def grammar_size() -> int:
+    """How many different sentences `sentence` can return (an upper bound: a few templates share words).
+
+    >>> grammar_size() > 800_000
+    True
+    """
+    s, v, o, p = (len(words) for words in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES))
+    questions = sum(o * (p if "{p}" in t else 1) * (s if "{s}" in t else 1) * (v if "{v}" in t else 1)
+                    for t in _QUESTIONS)
+    return s * v * o * p + questions
+
+
+def is_eval_sentence(text: str) -> bool:
+    """Whether a sentence belongs to the eval part of the grammar (a pure function of the text).
+
+    >>> is_eval_sentence("Where is the blue kettle now?") in (True, False)
+    True
+    """
+    return hashlib.sha256(text.encode()).digest()[0] < 256 * EVAL_SENTENCE_SHARE
+
+
+def sentence(rng: np.random.Generator, split: Literal["train", "eval"] | None = None) -> str:
+    """A varied English sentence (`grammar_size()` of them); with `split`, one from that part of the grammar."""
+    while True:
+        s, v, o, p = (str(rng.choice(words)) for words in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES))
+        if rng.random() < QUESTION_SHARE:
+            text = str(rng.choice(_QUESTIONS)).format(s=s.lower(), v=v, o=o, p=p)
+        else:
+            text = f"{s} {v} {o} {p}."
+        if split is None or is_eval_sentence(text) == (split == "eval"):
+            return text
+
+
+def row_for(index: int, seed: int, plan: VoicePlan = VoicePlan()) -> SynthRow:
+    """The labels of clip `index`: a pure function of (seed, index, plan)."""
     rng = np.random.default_rng([seed, index])
-    gender = str(rng.choice(sorted(VOICES)))
+    seen, unseen = plan.seen(), plan.unseen()
+    from_unseen = plan.split == "eval" and bool(unseen) and (not seen or rng.random() < EVAL_UNSEEN_SHARE)
+    candidates = unseen if from_unseen else seen
+    gender = str(rng.choice(sorted({v.gender for v in candidates})))
+    of_gender = [v for v in candidates if v.gender == gender]
+    voice = of_gender[int(rng.integers(len(of_gender)))]
     speed, pitch, volume = (str(rng.choice(list(bands))) for bands in (RATES, PITCHES, VOLUMES))
     return SynthRow(
-        id=f"synth-{seed}-{index:06d}", path=f"audio/synth-{seed}-{index:06d}.wav", transcript=sentence(rng),
-        gender=gender, accent=str(rng.choice(sorted(ACCENTS))), emotion="Neutral",
-        voice=str(rng.choice(VOICES[gender])), rate_wpm=int(rng.integers(*RATES[speed], endpoint=True)),
+        id=f"synth-{seed}-{index:06d}", path=f"audio/synth-{seed}-{index:06d}.wav",
+        transcript=sentence(rng, plan.split), engine=voice.engine, voice=voice.id, gender=voice.gender,
+        accent=voice.accent, emotion="Neutral", licence=voice.licence,
+        rate_wpm=int(rng.integers(*RATES[speed], endpoint=True)),
         pitch_setting=int(rng.integers(*PITCHES[pitch], endpoint=True)),
         volume_setting=int(rng.integers(*VOLUMES[volume], endpoint=True)),
         speed_label=speed, pitch_label=pitch, volume_label=volume,
@@ -88,8 +172,7 @@ def _render(job: tuple[SynthRow, str]) -> str:
     row, out = job
     target = Path(out) / row.path
     if not target.exists():
-        voice = Voice(accent=row.accent, variant=row.voice, rate=row.rate_wpm, pitch=row.pitch_setting,
-                      volume=row.volume_setting)
+        voice = Voice(voice_id=row.voice, rate=row.rate_wpm, pitch=row.pitch_setting, volume=row.volume_setting)
         samples = synthesize(row.transcript, voice)
         tmp = target.with_suffix(".tmp.wav")
         sf.write(tmp, samples, SAMPLE_RATE, subtype="PCM_16")
@@ -98,17 +181,22 @@ def _render(job: tuple[SynthRow, str]) -> str:
 
 
 def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, num_proc: int = 1,
-                 progress: bool = True) -> Path:
-    """Write `num_clips` clips and their manifest; clips already on disk are kept. Returns the manifest path."""
+                 progress: bool = True, plan: VoicePlan = VoicePlan()) -> Path:
+    """Write `num_clips` clips, their manifest and voices.json; clips already on disk are kept. Every voice the
+    split needs must be installed (one error names each missing one and its install command). Returns the
+    manifest path."""
     if num_clips < 1:
         raise ValueError(f"num_clips must be at least 1, got {num_clips}")
+    if not plan.seen():
+        raise ValueError(f"every voice of the pool is held out ({len(plan.pool)}); leave at least one for training")
+    require(plan.used())
     out = Path(out)
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    rows = [row_for(i, seed) for i in range(num_clips)]
+    rows = [row_for(i, seed, plan) for i in range(num_clips)]
     jobs = [(row, str(out)) for row in rows]
     bar = tqdm(total=num_clips, desc="synth", unit="clip", disable=not progress)
-    if num_proc > 1:
-        with ProcessPoolExecutor(num_proc) as pool:
+    if num_proc > 1:  # spawned: an engine a parent already runs (MBROLA's child process, onnxruntime) is not forked
+        with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn")) as pool:
             for _ in pool.map(_render, jobs, chunksize=16):
                 bar.update()
     else:
@@ -116,6 +204,10 @@ def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, n
             _render(job)
             bar.update()
     bar.close()
+    used = sorted({row.voice for row in rows})
+    record = {"split": plan.split, "seed": seed, "pool": list(plan.pool), "held_out": list(plan.held_out),
+              "voices_used": used, "licences": {e: ENGINES[e].licence for e in sorted({r.engine for r in rows})}}
+    (out / VOICES_FILE).write_text(json.dumps(record, indent=1) + "\n")
     manifest = out / MANIFEST
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(asdict(row)) + "\n" for row in rows))
@@ -125,23 +217,64 @@ def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, n
 
 @dataclass
 class SynthConfig:
-    """Write the synthetic espeak-ng corpus: WAV clips and a manifest with their labels."""
+    """Write a synthetic corpus: WAV clips spoken by catalogue voices and a manifest with their labels."""
 
     out: str
-    """output folder (audio/ and manifest.jsonl)"""
+    """output folder (audio/, manifest.jsonl, voices.json)"""
     num_clips: int = 1000
     """how many clips"""
     seed: int = 0
-    """labels and sentences depend only on (seed, clip index)"""
+    """labels and sentences depend only on (seed, clip index) and the voices"""
     num_proc: int = 1
     """worker processes"""
+    voices: list[str] = field(default_factory=lambda: ["espeak"])
+    """voice ids or engine names (all of that engine's voices), e.g. espeak,mbrola,flite:slt; `desta voices`
+    lists them"""
+    hold_out: list[str] = field(default_factory=list)
+    """voice ids of the pool that no training clip speaks with"""
+    hold_out_share: float = 0.0
+    """also hold out this share of each engine's voices (drawn by hold_out_seed)"""
+    hold_out_seed: int = 0
+    """which voices hold_out_share draws; keep it the same for the train and eval splits"""
+    split: Literal["train", "eval"] = "train"
+    """train: the voices not held out, training sentences; eval: half held-out voices, eval-only sentences"""
 
     def __post_init__(self) -> None:
+        problems = []
         if self.num_clips < 1 or self.num_proc < 1:
-            raise_problems([("num_clips", f"num_clips and num_proc must be at least 1, got {self.num_clips} and "
-                                          f"{self.num_proc}")])
+            problems.append(("num_clips", f"num_clips and num_proc must be at least 1, got {self.num_clips} and "
+                                          f"{self.num_proc}"))
+        if not 0 <= self.hold_out_share < 1:
+            problems.append(("hold_out_share", f"must be in [0, 1), got {self.hold_out_share}"))
+        try:
+            pool = select(self.voices)
+            held = hold_out(pool, self.hold_out, self.hold_out_share, self.hold_out_seed)
+            if len(held) == len(pool):
+                problems.append(("hold_out", f"holds out every voice of the pool ({len(pool)}); leave some for "
+                                             "training"))
+        except ValueError as err:
+            problems.append(("voices" if "unknown voices" in str(err) else "hold_out", str(err)))
+        raise_problems(problems)
+
+    def plan(self) -> VoicePlan:
+        """The voices each split speaks with."""
+        pool = select(self.voices)
+        held = hold_out(pool, self.hold_out, self.hold_out_share, self.hold_out_seed)
+        return VoicePlan(pool=tuple(v.id for v in pool), held_out=tuple(held), split=self.split)
 
 
 def write_corpus(config: SynthConfig) -> Path:
     """`desta synth`: write the corpus into config.out and return the manifest path."""
-    return synth_corpus(config.out, num_clips=config.num_clips, seed=config.seed, num_proc=config.num_proc)
+    return synth_corpus(config.out, num_clips=config.num_clips, seed=config.seed, num_proc=config.num_proc,
+                        plan=config.plan())
+
+
+def synth_done(config: SynthConfig, manifest: Path) -> str:
+    """The line `desta synth` ends with: clips, voices, held-out voices, and the MBROLA licence where it applies."""
+    record = json.loads((manifest.parent / VOICES_FILE).read_text())
+    line = (f"wrote {config.num_clips} clips ({config.split}: {len(record['voices_used'])} voices; "
+            f"{len(record['held_out'])} of the pool's {len(record['pool'])} held out of training); "
+            f"manifest: {manifest}")
+    if "mbrola" in record["licences"]:
+        line += f"\nMBROLA voices used: {MBROLA_LICENCE}"
+    return line
