@@ -2,8 +2,9 @@
 
 A corpus mapping (a YAML file: desta/describe/mappings/<name>.yaml, or your own) names the columns that
 hold id, audio, transcript and each label, and how labels are spelt. A source is a manifest (JSONL/CSV with
-a path column, paths relative to it and kept inside its folder), a `datasets` folder, a Hub dataset id, or
-a lhotse corpus (a CutSet manifest or a `lhotse prepare` folder). Each comes back as a `datasets` table with
+a path column, paths relative to it and kept inside its folder), a `datasets` folder, a Hub dataset id,
+a lhotse corpus (a CutSet manifest or a `lhotse prepare` folder), or a corpus its mapping's `reader` reads
+(the Asterisk prompts: desta.audio.asterisk). Each comes back as a `datasets` table with
 undecoded audio and the rows it could not use, each with its reason.
 """
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 LABEL_ATTRIBUTES = ("gender", "emotion", "accent", "age")
 MAPPINGS_DIR = Path(__file__).resolve().parent / "mappings"  # package data: in the wheel too
+# Corpora read by their own code (a mapping's `reader:`), named here so a YAML file can never name code to run.
+READERS = {"asterisk": "desta.audio.asterisk:asterisk_source"}
 
 
 # ----- corpus mappings -----
@@ -39,9 +42,11 @@ def load_mapping(name_or_path: str | None) -> dict[str, Any]:
         known = sorted(p.stem for p in MAPPINGS_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"corpus mapping {name_or_path!r} not found; give a YAML path or one of {known}")
     mapping = yaml.safe_load(path.read_text()) or {}
-    allowed = {"id", "audio", "transcript", "speaker", "labels", *LABEL_ATTRIBUTES}
+    allowed = {"id", "audio", "transcript", "speaker", "labels", "reader", *LABEL_ATTRIBUTES}
     if set(mapping) - allowed:
         raise ValueError(f"{path}: unknown keys {sorted(set(mapping) - allowed)}; allowed: {sorted(allowed)}")
+    if mapping.get("reader") is not None and mapping["reader"] not in READERS:
+        raise ValueError(f"{path}: unknown reader {mapping['reader']!r}; choose one of {sorted(READERS)}")
     return mapping
 
 
@@ -182,7 +187,12 @@ def open_source(source: str, mapping: dict[str, Any], split: str = "train",
 
     path = Path(source)
     rejects: list[dict] = []
-    if is_lhotse_manifest(path):
+    if mapping.get("reader"):  # a corpus with its own layout and codec (e.g. the Asterisk prompts)
+        import importlib
+
+        module, name = READERS[mapping["reader"]].split(":")
+        dataset, rejects = getattr(importlib.import_module(module), name)(path)
+    elif is_lhotse_manifest(path):
         dataset, rejects = lhotse_source(path, split)
     elif path.is_file() and path.suffix in (".jsonl", ".json", ".csv"):
         rows, rejects = _read_manifest(path, mapping.get("id", "id"), allow_absolute_paths)
