@@ -97,3 +97,31 @@ def test_describe_carries_voice_and_engine_through(tmp_path):
     for row in described:
         assert (row["voice"], row["engine"]) == (rows[row["id"]]["voice"], "espeak")
         assert row["accent"] == CATALOGUE[row["voice"]].accent
+
+
+def test_a_rerun_never_reuses_clips_made_for_other_rows(tmp_path):
+    first = VoicePlan(pool=("espeak:en-us+f1",))
+    manifest = synth_corpus(tmp_path, num_clips=2, seed=5, plan=first, progress=False)
+    before = (tmp_path / "audio" / "synth-5-000000.wav").read_bytes()
+    assert synth_corpus(tmp_path, num_clips=3, seed=5, plan=first, progress=False) == manifest  # resumes, extends
+    assert (tmp_path / "audio" / "synth-5-000000.wav").read_bytes() == before
+    other = VoicePlan(pool=("espeak:en-029+m4",))
+    with pytest.raises(ValueError, match=r"holds 3 clips made for other rows \(e.g. synth-5-000000: "
+                                         r"'espeak:en-us\+f1' saying .*--overwrite"):
+        synth_corpus(tmp_path, num_clips=3, seed=5, plan=other, progress=False)
+    synth_corpus(tmp_path, num_clips=3, seed=5, plan=other, progress=False, overwrite=True)
+    assert (tmp_path / "audio" / "synth-5-000000.wav").read_bytes() != before
+    assert {json.loads(line)["voice"] for line in manifest.read_text().splitlines()} == {"espeak:en-029+m4"}
+
+
+def test_compare_splits_reports_unseen_voices_and_no_shared_sentence(tmp_path):
+    from desta.audio.synth import compare_splits
+
+    pool, held = ("espeak:en-us+f1", "espeak:en-us+m1", "espeak:en-029+f2"), ("espeak:en-029+f2",)
+    train = synth_corpus(tmp_path / "t", num_clips=6, plan=VoicePlan(pool, held), progress=False)
+    evaluation = synth_corpus(tmp_path / "e", num_clips=6, seed=1, plan=VoicePlan(pool, held, "eval"),
+                              progress=False)
+    report = compare_splits(train, evaluation)
+    assert report["unseen_voices"] == ["espeak:en-029+f2"] and report["shared_sentences"] == []
+    eval_rows = [json.loads(line) for line in evaluation.read_text().splitlines()]
+    assert report["unseen_clips"] == sum(r["voice"] == "espeak:en-029+f2" for r in eval_rows) > 0

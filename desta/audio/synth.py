@@ -33,6 +33,7 @@ from desta.core.args import raise_problems
 from desta.core.artifacts import MANIFEST
 
 VOICES_FILE = "voices.json"  # beside the manifest: the pool, the held-out voices and the licences
+PLANNED = "planned.jsonl"  # the rows a run is making, written before its first clip; gone once the manifest is
 
 # The sentence grammar: 30 subjects x 30 verbs x 30 objects x 30 places, plus questions and requests
 # (868,560 sentences: `grammar_size()`).
@@ -180,11 +181,29 @@ def _render(job: tuple[SynthRow, str]) -> str:
     return row.id
 
 
+def _keep_only_same_rows(out: Path, rows: list[SynthRow], overwrite: bool) -> None:
+    """Refuse to reuse clips on disk that an earlier run made for other rows (another voice pool, split, seed or
+    desta version); with `overwrite`, delete them so they are made again."""
+    earlier: dict[str, dict] = {}
+    for name in (MANIFEST, PLANNED):
+        if (out / name).is_file():
+            earlier.update((r["id"], r) for r in map(json.loads, (out / name).read_text().splitlines()))
+    changed = [row for row in rows if row.id in earlier and earlier[row.id] != asdict(row)]
+    if changed and not overwrite:
+        raise ValueError(f"{out} holds {len(changed)} clips made for other rows (e.g. {changed[0].id}: "
+                         f"{earlier[changed[0].id].get('voice')!r} saying {earlier[changed[0].id]['transcript']!r}, "
+                         f"now {changed[0].voice!r} saying {changed[0].transcript!r}); give another --out, or "
+                         "--overwrite to make them again")
+    for row in changed:
+        (out / row.path).unlink(missing_ok=True)
+
+
 def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, num_proc: int = 1,
-                 progress: bool = True, plan: VoicePlan = VoicePlan()) -> Path:
-    """Write `num_clips` clips, their manifest and voices.json; clips already on disk are kept. Every voice the
-    split needs must be installed (one error names each missing one and its install command). Returns the
-    manifest path."""
+                 progress: bool = True, plan: VoicePlan = VoicePlan(), overwrite: bool = False) -> Path:
+    """Write `num_clips` clips, their manifest and voices.json; clips already on disk for the same rows are kept
+    (an interrupted run resumes), clips made for other rows are refused (or remade with `overwrite`). Every
+    voice the split needs must be installed (one error names each missing one and its install command).
+    Returns the manifest path."""
     if num_clips < 1:
         raise ValueError(f"num_clips must be at least 1, got {num_clips}")
     if not plan.seen():
@@ -193,6 +212,8 @@ def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, n
     out = Path(out)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rows = [row_for(i, seed, plan) for i in range(num_clips)]
+    _keep_only_same_rows(out, rows, overwrite)
+    (out / PLANNED).write_text("".join(json.dumps(asdict(row)) + "\n" for row in rows))
     jobs = [(row, str(out)) for row in rows]
     bar = tqdm(total=num_clips, desc="synth", unit="clip", disable=not progress)
     if num_proc > 1:  # spawned: an engine a parent already runs (MBROLA's child process, onnxruntime) is not forked
@@ -212,7 +233,23 @@ def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, n
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(asdict(row)) + "\n" for row in rows))
     os.replace(tmp, manifest)
+    (out / PLANNED).unlink()
     return manifest
+
+
+def compare_splits(train_manifest: str | os.PathLike, eval_manifest: str | os.PathLike) -> dict:
+    """What an eval corpus shares with a training corpus, from their manifests: the voices and engines of each,
+    the eval voices no training clip speaks with (unseen), and any eval sentence a training clip says (should
+    be none: `split=eval` draws from the eval part of the grammar)."""
+    train, evaluation = ([json.loads(line) for line in Path(m).read_text().splitlines() if line.strip()]
+                         for m in (train_manifest, eval_manifest))
+    train_voices = {r["voice"] for r in train}
+    eval_voices = {r["voice"] for r in evaluation}
+    return {"train_voices": len(train_voices), "train_engines": sorted({r["engine"] for r in train}),
+            "eval_voices": len(eval_voices), "eval_engines": sorted({r["engine"] for r in evaluation}),
+            "unseen_voices": sorted(eval_voices - train_voices),
+            "unseen_clips": sum(r["voice"] not in train_voices for r in evaluation), "eval_clips": len(evaluation),
+            "shared_sentences": sorted({r["transcript"] for r in train} & {r["transcript"] for r in evaluation})}
 
 
 @dataclass
@@ -238,6 +275,8 @@ class SynthConfig:
     """which voices hold_out_share draws; keep it the same for the train and eval splits"""
     split: Literal["train", "eval"] = "train"
     """train: the voices not held out, training sentences; eval: half held-out voices, eval-only sentences"""
+    overwrite: bool = False
+    """remake clips an earlier run in `out` made for other rows (otherwise such a run is refused)"""
 
     def __post_init__(self) -> None:
         problems = []
@@ -266,7 +305,7 @@ class SynthConfig:
 def write_corpus(config: SynthConfig) -> Path:
     """`desta synth`: write the corpus into config.out and return the manifest path."""
     return synth_corpus(config.out, num_clips=config.num_clips, seed=config.seed, num_proc=config.num_proc,
-                        plan=config.plan())
+                        plan=config.plan(), overwrite=config.overwrite)
 
 
 def synth_done(config: SynthConfig, manifest: Path) -> str:
