@@ -128,8 +128,10 @@ def grammar_size() -> int:
 def is_eval_sentence(text: str) -> bool:
     """Whether a sentence belongs to the eval part of the grammar (a pure function of the text).
 
-    >>> is_eval_sentence("Where is the blue kettle now?") in (True, False)
+    >>> is_eval_sentence("Did you see the office printer before the storm?")
     True
+    >>> is_eval_sentence("Did you see a green notebook by the river?")
+    False
     """
     return hashlib.sha256(text.encode()).digest()[0] < 256 * EVAL_SENTENCE_SHARE
 

@@ -3,7 +3,7 @@
 #   - a training corpus of 1200 clips spoken by 49 voices of four engines (espeak-ng, MBROLA, flite, piper),
 #   - an eval corpus of 96 clips: half spoken by 12 voices no training clip uses (held out entirely), half by
 #     training voices, every sentence one no training clip says,
-#   - real speech: Debian's Asterisk prompts (2708 prompts in five languages by four professional voices),
+#   - real speech: Debian's Asterisk prompts (2670 described, five languages, four professional voices),
 # each described; self-output targets (SmolLM2-135M-Instruct answering one prompt of the desta25 pool per
 # clip) and label targets (answers written from the gold labels by a template); the eval sets (the 96
 # synthetic clips and their first 24, and 100 real-speech clips). Needs tools/install_voices.sh (as root).
@@ -26,19 +26,19 @@ HOLD_OUT=$HOLD_OUT,espeak:en-gb-x-gbcwmd+m1,mbrola:mb-de5-en,mbrola:mb-fr4-en,mb
 HOLD_OUT=$HOLD_OUT,mbrola:mb-de2-en,flite:rms
 SPLIT="--voices $VOICES --hold-out $HOLD_OUT"
 
-desta synth --out $DATA/corpus --num-clips 1200 --num-proc 2 $SPLIT --split train            # ~5 min
+desta synth --out $DATA/corpus --num-clips 1200 --num-proc 2 $SPLIT --split train            # ~2 min
 desta synth --out $DATA/corpus-eval --num-clips 96 --seed 1 --num-proc 2 $SPLIT --split eval
 python -c "import json, sys; from desta.audio.synth import compare_splits as c; print(json.dumps(c(*sys.argv[1:])))" \
     $DATA/corpus/manifest.jsonl $DATA/corpus-eval/manifest.jsonl | tee $DATA/splits.json
 desta describe --source $DATA/corpus/manifest.jsonl --mapping synthetic --out $DATA/described
 desta describe --source $DATA/corpus-eval/manifest.jsonl --mapping synthetic --out $DATA/described-eval
-desta describe --source /usr/share/asterisk/sounds --mapping asterisk --out $DATA/described-real     # ~2 min
+desta describe --source /usr/share/asterisk/sounds --mapping asterisk --out $DATA/described-real     # ~3 min
 # ~1 h on 2 cores: 1200 answers of up to 96 tokens, cut-off answers trimmed to their last sentence
 desta targets --source $DATA/described/dataset --out $DATA/targets-self --model $MODELS/SmolLM2-135M-Instruct \
     --pool desta25 --max-new-tokens 96 --repetition-penalty 1.2 --trim-cut-off
 desta targets --source $DATA/described/dataset --out $DATA/targets-labels --kind labels --pool desta25
 [ -d $DATA/evalset ] || desta eval-set --source $DATA/described-eval/dataset --out $DATA/evalset
 [ -d $DATA/evalset-24 ] || desta eval-set --source $DATA/described-eval/dataset --out $DATA/evalset-24 --max-clips 24
-# 100 real clips, the first by id: 20 prompts, each in all five languages (ids are <prompt>@<locale>)
+# the first 100 real clips by id: ids are <prompt>@<locale>, so each prompt comes in the languages that have it
 [ -d $DATA/evalset-real ] || desta eval-set --source $DATA/described-real/dataset --out $DATA/evalset-real \
     --max-clips 100
