@@ -10,19 +10,21 @@ from desta.core.digests import fingerprint
 from desta.core.generation import SamplingSettings, TransformersBackend
 from desta.model.tiny import tiny_llm, tiny_tokenizer
 from desta.posttrain import PostTrainConfig
-from desta.posttrain.run import strategy_data
+from desta.posttrain.data import strategy_data
 from desta.posttrain.tasks import arithmetic_task
 from desta.posttrain.training import train_model
 from desta.posttrain.verifiers import last_number
 
 SETTINGS = {"model": "in-memory", "answer_max_new_tokens": 6, "eval_max_new_tokens": 6, "max_length": 64,
             "optim": {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "warmup_steps": 0, "seed": 0},
-            "replay_ratio": 0.25, "lora_lr": 1e-2, "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
-            "magpie_count": 32, "magpie_max_new_tokens": 32, "bos_replay_count": 8, "bos_replay_max_new_tokens": 16,
-            "self_output_k": 2, "token_filter_threshold": 0.01, "knowledge_samples": 2, "knowledge_drop": ["Unknown"],
-            "self_align_k": 2, "self_align_min_margin": 0.0, "self_align_lr": 3e-3, "replay_kl_source": "bos",
-            "replay_kl_weight": 2.0, "distill_weight": 0.5,
-            "grpo": {"num_generations": 4, "max_completion_length": 6}, "distill": {"max_completion_length": 6}}
+            "replay": {"ratio": 0.25},
+            "lora": {"lr": 1e-2, "peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}},
+            "magpie": {"count": 32, "max_new_tokens": 32}, "bos_replay": {"count": 8, "max_new_tokens": 16},
+            "self_output": {"k": 2}, "token_filter": {"threshold": 0.01},
+            "knowledge": {"samples": 2, "drop": ["Unknown"]},
+            "self_align": {"k": 2, "min_margin": 0.0, "lr": 3e-3}, "replay_kl": {"source": "bos", "weight": 2.0},
+            "on_policy_distill": {"distill": {"max_completion_length": 6}, "weight": 0.5},
+            "rl": {"grpo": {"num_generations": 4, "max_completion_length": 6}}}
 # The data each strategy trains on: a digest of its rows, tokenised examples and notes (and the row count).
 DATA = {
     'sft': ('501d0e8314e85366b22c12e4', 6),
@@ -119,7 +121,7 @@ class Chosen(Exception):
 def test_each_strategy_picks_the_trainer_it_picked_before(name, monkeypatch, tmp_path):
     import transformers
 
-    from desta.posttrain import anchored, rl, self_align
+    from desta.posttrain.strategies import on_policy_distill, replay_kl, rl, self_align
 
     def stand_in(label: str, lr_at: int | None = None, settings_at: tuple[int, ...] = ()):
         """A trainer that raises Chosen((label, LoRA-wrapped, learning rate, given the frozen base, settings))."""
@@ -133,8 +135,8 @@ def test_each_strategy_picks_the_trainer_it_picked_before(name, monkeypatch, tmp
 
     monkeypatch.setattr(rl, "train_grpo", stand_in("grpo", 5, (6,)))
     monkeypatch.setattr(self_align, "train_dpo", stand_in("dpo", 4, (5,)))
-    monkeypatch.setattr(anchored, "train_on_policy_distill", stand_in("distill", 6, (7, 8)))
-    monkeypatch.setattr(anchored, "KLTrainer", stand_in("kl"))
+    monkeypatch.setattr(on_policy_distill, "train_on_policy_distill", stand_in("distill", 6, (7, 8)))
+    monkeypatch.setattr(replay_kl, "kl_trainer_class", lambda: stand_in("kl"))
     monkeypatch.setattr(transformers, "Trainer", stand_in("sft"))
     try:
         model, losses, notes = train_model(set(name.split("+")), tiny_llm(1), tiny_tokenizer(), [], [],

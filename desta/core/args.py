@@ -3,7 +3,8 @@
 A command's settings come from the dataclass defaults, then an optional YAML file, then
 `key=value` overrides and `--key value` flags (one thing spelled two ways; nested keys take dots:
 `optim.lr=3e-4` or `--optim.lr 3e-4`). Values are read as YAML scalars and checked against the
-field's type (`Literal` fields list their choices); an unknown key names the nearest valid one.
+field's type (`Literal` fields list their choices); an unknown key names the nearest valid one
+(a key a config class lists in its `MOVED` mapping names its new place).
 Every problem, those each dataclass finds in its `__post_init__` included, is collected and
 raised once as a `ConfigError`, before any model or dataset loads.
 
@@ -174,6 +175,11 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
 
 # ----- building a config -----
 
+def _mapping(default: Any) -> dict:
+    """A setting's default if it is a mapping (e.g. peft settings), else an empty one."""
+    return default if isinstance(default, dict) else {}
+
+
 def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
     """A dataclass from a nested mapping; every problem (unknown keys, types, missing required
     settings, the dataclass's own checks) is raised together."""
@@ -183,8 +189,11 @@ def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
     problems, kwargs = [], {}
     for key, value in values.items():
         if key not in fields:
-            near = [ALIASES[key]] if ALIASES.get(key) in fields else difflib.get_close_matches(key, list(fields), n=1,
-                                                                                              cutoff=0.5)
+            moved = getattr(cls, "MOVED", {}).get(key)  # a class's settings that moved: {old key: new dotted key}
+            inside = [f"{name}.{key}" for name, f in fields.items()  # a key of a mapping setting's defaults
+                      if f.default_factory is not dataclasses.MISSING and key in _mapping(f.default_factory())]
+            near = ([moved] if moved else [ALIASES[key]] if ALIASES.get(key) in fields else inside[:1]
+                    or difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5))
             problems.append(f"unknown key {prefix + key!r}" + (f"; did you mean {prefix + near[0]!r}?" if near
                                                                else f"; valid keys: {sorted(fields)}"))
             continue
@@ -342,6 +351,10 @@ def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
         epilog="Settings: defaults < CONFIG.yaml < key=value / --key value. Nested keys use dots, "
                "e.g. optim.lr=3e-4 or --optim.lr 3e-4.")
     parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for old in sorted(set(getattr(cls, "MOVED", {})) - fields):  # taken, then refused by `build` naming the new key
+        parser.add_argument("--" + old, *(["--" + old.replace("_", "-")] if "_" in old else []), dest=old,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     docs_cache: dict[type, dict[str, str]] = {}
     for name, hint, f in _leaves(cls):
         owner = _owner(cls, name)

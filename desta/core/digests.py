@@ -1,8 +1,9 @@
 """Content digests: what identifies a setting, a file, a folder's files or a clip, so cached and resumed work is
 reused only for the same inputs.
 
-`fingerprint` hashes a JSON-able value, `file_digest` the named files of a folder, `audio_key` one clip, and
-`file_checksums` every file under a folder (the checkpoints' checksums.json).
+`fingerprint` hashes a JSON-able value, `file_digest` the named files of a folder, `audio_key` one clip,
+`file_checksums` every file under a folder (the checkpoints' checksums.json), and `content_digest` a file or a whole
+folder in one hash (the model and data files a post-training run reads).
 """
 
 from __future__ import annotations
@@ -40,13 +41,26 @@ def audio_key(audio: dict) -> str:
     return f"{path}:{path.stat().st_size if path.is_file() else 'missing'}"
 
 
+def _add_file(digest: Any, path: Path) -> Any:
+    """`digest` updated with a file's bytes, read a MiB at a time (a model's weights need not fit in memory)."""
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest
+
+
 def file_checksums(folder: Path, skip: str = "") -> dict[str, str]:
     """SHA-256 of every file under `folder` (but the one named `skip`), by path relative to it."""
-    sums = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != skip):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-        sums[str(path.relative_to(folder))] = digest.hexdigest()
-    return sums
+    return {str(path.relative_to(folder)): _add_file(hashlib.sha256(), path).hexdigest()
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != skip)}
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file's name and content, or of every file (path relative to the folder, and content) under a
+    folder, in path order: a model folder or data file holding other weights or rows gives another digest."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        _add_file(digest, file)
+    return digest.hexdigest()

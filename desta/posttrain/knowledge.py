@@ -1,5 +1,5 @@
-"""The knowledge_filter strategy: how well the base model already masters each new-task item, from its
-own answers, and training without the categories that do harm.
+"""The knowledge split: how well the base model already masters each new-task item, from its own answers; the
+knowledge_filter, knowledge_known and knowledge_unknown strategies (desta.posttrain.strategies) train on parts of it.
 
 The categories of Gekhman et al. (EMNLP 2024, "Does fine-tuning LLMs on new knowledge encourage
 hallucinations?"), with the task's verifier as the judge: HighlyKnown (the greedy answer is right),
@@ -12,16 +12,46 @@ of items, all HighlyKnown/MaybeKnown or all Unknown (`knowledge_subset`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
+from desta.core.args import raise_problems
 from desta.core.generation import Backend, SamplingSettings
 from desta.core.sequences import Conversation
-from desta.posttrain.config import KNOWLEDGE
 from desta.posttrain.verifiers import Verifier
 
+KNOWLEDGE = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 KNOWN = ("HighlyKnown", "MaybeKnown")  # what knowledge_known trains on; knowledge_unknown trains on Unknown
+
+
+@dataclass
+class KnowledgeSection:
+    """The knowledge split of the training items (knowledge_filter, knowledge_known, knowledge_unknown)."""
+
+    shots: int = 3
+    """solved examples (other training items) before the question in the few-shot probe"""
+    samples: int = 4
+    """sampled answers per item tried before calling it Unknown"""
+    temperature: float = 0.7
+    """sampling temperature of those answers"""
+    drop: list[str] = field(default_factory=lambda: ["Unknown"])
+    """knowledge categories knowledge_filter leaves out of training (HighlyKnown, MaybeKnown, WeaklyKnown,
+    Unknown); [] keeps every item and only reports the split"""
+    match_size: bool = True
+    """knowledge_known (HighlyKnown and MaybeKnown items) and knowledge_unknown (Unknown items) train on as many
+    items each, the larger set drawn down to the smaller: only which items differs. false: all of each"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.samples < 1 or self.shots < 0:
+            problems.append(("samples", f"samples must be at least 1 and shots 0 or more, got {self.samples} and "
+                                        f"{self.shots}"))
+        if set(self.drop) - set(KNOWLEDGE):
+            problems.append(("drop", f"unknown categories {sorted(set(self.drop) - set(KNOWLEDGE))}; choose from "
+                                     f"{list(KNOWLEDGE)}"))
+        raise_problems(problems)
 
 
 def mastery(greedy_ok: bool, few_shot_ok: bool, sampled_ok: list[bool]) -> str:
@@ -92,7 +122,7 @@ def knowledge_filter(backend: Backend, rows: list[dict], verifier: Verifier, dro
     kept = [row for row, category in zip(rows, categories, strict=True) if category not in drop]
     if not kept:
         raise ValueError(f"knowledge_filter left no training item: all {len(rows)} are in {drop} "
-                         f"({split_counts(categories)}); drop fewer categories (knowledge_drop)")
+                         f"({split_counts(categories)}); drop fewer categories (knowledge.drop)")
     return kept, labelled, {"split": split_counts(categories), "dropped": len(rows) - len(kept)}
 
 

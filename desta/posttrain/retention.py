@@ -24,7 +24,7 @@ from desta.core.instructions import follows, instruction_text, is_refusal
 from desta.core.probes import HELD_OUT_TEXT
 from desta.core.rules import RuleAdapter, rule_nll
 from desta.posttrain.config import RetentionSection
-from desta.posttrain.strategies import answer_nll
+from desta.posttrain.examples import answer_nll
 from desta.posttrain.verifiers import Verifier
 
 TOPICS = [

@@ -16,7 +16,6 @@ has no metrics.json and starts over.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -27,12 +26,11 @@ from typing import Any
 
 from desta.core.artifacts import COMPARISON_JSON, COMPARISON_MD, FORGETTING_PLOT, REPLAY_SWEEP_PLOT
 from desta.core.chunks import differences, read_jsonl, to_jsonl, write_atomic
+from desta.core.digests import content_digest
 from desta.core.generation import TransformersBackend
 from desta.core.llm import default_device, default_dtype, load_causal_lm, load_chat_llm
-from desta.core.replay import mix
-from desta.core.rules import RuleAdapter
-from desta.posttrain.config import PART_SETTINGS, PLAN_SETTINGS, PostTrainConfig
-from desta.posttrain.knowledge import knowledge_filter, knowledge_split, knowledge_subset
+from desta.posttrain.config import MOVED, PLAN_SETTINGS, PostTrainConfig
+from desta.posttrain.data import strategy_data
 from desta.posttrain.report import (
     delta_stats,
     head_to_head,
@@ -42,18 +40,9 @@ from desta.posttrain.report import (
     summarize,
 )
 from desta.posttrain.retention import means, measure, reference_answers, retention_sets
-from desta.posttrain.self_align import self_align_pairs
-from desta.posttrain.strategies import (
-    bos_replay,
-    encode,
-    filter_tokens,
-    magpie,
-    paraphrase,
-    self_distill,
-    self_output,
-)
+from desta.posttrain.strategies import foreign_settings, parts, records, trains
 from desta.posttrain.tasks import load_task, read_rows, replay_set
-from desta.posttrain.training import train_model, trains
+from desta.posttrain.training import train_model
 from desta.posttrain.verifiers import Verifier, make_verifier
 
 METRICS = "metrics.json"  # written last: its presence marks a run finished
@@ -81,6 +70,11 @@ class Run:
         """Where the run writes, relative to the output folder, e.g. lora+replay/seed-42."""
         return f"{self.name}/seed-{self.seed}"
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The strategies the run combines, e.g. ("lora", "replay")."""
+        return parts(self.strategy)
+
 
 def plan_runs(config: PostTrainConfig) -> tuple[list[Run], list[tuple[float, str]]]:
     """Every run to make, and the replay sweep's points as (ratio, the run name that stands for it): 0 is
@@ -93,7 +87,7 @@ def plan_runs(config: PostTrainConfig) -> tuple[list[Run], list[tuple[float, str
     for ratio in config.replay_sweep:
         if ratio == 0:
             sweep.append((ratio, "sft"))
-        elif ratio == config.replay_ratio and "replay" in config.strategies:
+        elif ratio == config.replay.ratio and "replay" in config.strategies:
             sweep.append((ratio, "replay"))
         else:
             runs.append(Run("replay", seeds[0], ratio))
@@ -102,9 +96,10 @@ def plan_runs(config: PostTrainConfig) -> tuple[list[Run], list[tuple[float, str
 
 
 def run_config(config: PostTrainConfig, run: Run) -> PostTrainConfig:
-    """The config one run trains with: its seed in optim.seed, its replay ratio where it has its own."""
-    ratio = config.replay_ratio if run.replay_ratio is None else run.replay_ratio
-    return dataclasses.replace(config, optim=dataclasses.replace(config.optim, seed=run.seed), replay_ratio=ratio)
+    """The config one run trains with: its seed in optim.seed, its replay ratio (replay.ratio) where it has its own."""
+    ratio = config.replay.ratio if run.replay_ratio is None else run.replay_ratio
+    return dataclasses.replace(config, optim=dataclasses.replace(config.optim, seed=run.seed),
+                               replay=dataclasses.replace(config.replay, ratio=ratio))
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -122,14 +117,37 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def run_settings(config: PostTrainConfig, run: Run, sources: dict[str, str]) -> dict[str, Any]:
-    """A run's fingerprint: every setting of its config but those that choose the runs and those of strategy
-    parts it lacks, with the content digests of its sources (model and data files)."""
-    parts = set(run.strategy.split("+"))
-    owned = {key for part, keys in PART_SETTINGS.items() if part in parts for key in keys}
-    foreign = {key for keys in PART_SETTINGS.values() for key in keys} - owned
-    settings = {k: v for k, v in dataclasses.asdict(run_config(config, run)).items()
-                if k not in PLAN_SETTINGS and k not in foreign}
+    """A run's fingerprint: every setting of its config but those that choose the runs and those only strategies
+    it lacks depend on (a section left empty goes), with the content digests of its sources (model and data
+    files)."""
+    settings = {k: v for k, v in dataclasses.asdict(run_config(config, run)).items() if k not in PLAN_SETTINGS}
+    for key in foreign_settings(run.parts):
+        section, name = key.split(".")
+        del settings[section][name]
+        if not settings[section]:
+            del settings[section]
     return json.loads(json.dumps({**settings, "strategy": run.strategy, "sources": sources}))
+
+
+def upgraded(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run fingerprint in today's layout: one written before the strategies had sections (flat keys such as
+    replay_ratio, desta.posttrain.config.MOVED) with each moved key in its new place, so a run finished then is
+    still recognised; any other as it is.
+
+    >>> upgraded({"replay_ratio": 0.03, "grpo": {"beta": 0.0}, "model": "m"})
+    {'model': 'm', 'replay': {'ratio': 0.03}, 'rl': {'grpo': {'beta': 0.0}}}
+    """
+    if not set(settings) & (set(MOVED) - {f.name for f in dataclasses.fields(PostTrainConfig)}):
+        return settings
+    out = {k: v for k, v in settings.items() if k not in MOVED}
+    for old, new in MOVED.items():
+        if old in settings:
+            section, _, key = new.partition(".")
+            if key:
+                out.setdefault(section, {})[key] = settings[old]
+            else:
+                out[section] = settings[old]
+    return out
 
 
 def base_settings(config: PostTrainConfig, sources: dict[str, str]) -> dict[str, Any]:
@@ -139,23 +157,11 @@ def base_settings(config: PostTrainConfig, sources: dict[str, str]) -> dict[str,
                                   "retention": dataclasses.asdict(config.retention), "sources": sources}))
 
 
-def content_digest(path: Path) -> str:
-    """SHA-256 of a file's content, or of every file (name and content) under a folder."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def source_digests(config: PostTrainConfig) -> dict[str, str]:
     """SHA-256 of the content of the local model folder and data files a run reads (a Hub id stands for itself),
     so a run made from other weights or data is never taken for this one."""
     named = {"model": config.model, "task.train": config.task.train, "task.eval": config.task.eval,
-             "replay_data": config.replay_data}
+             "replay_data": config.replay.data}
     return {key: content_digest(Path(value)) if Path(value).exists() else value
             for key, value in named.items() if value}
 
@@ -167,7 +173,7 @@ def finished(folder: Path, settings: dict[str, Any]) -> tuple[dict | None, list[
     if not path.is_file():
         return None, []
     result = json.loads(path.read_text())
-    changed = differences(_flat(result.get("settings", {})), _flat(settings))
+    changed = differences(_flat(upgraded(result.get("settings", {}))), _flat(settings))
     return (None, changed) if changed else (result, [])
 
 
@@ -185,100 +191,6 @@ def check_resume(out: Path, planned: dict[str, dict[str, Any]], overwrite: bool)
         raise ValueError(f"{out} holds finished runs made with other settings: {', '.join(stale)}; set overwrite=true "
                          "to redo them, or choose another output_dir")
     return done
-
-
-def cached_split(backend: TransformersBackend, rows: list[dict], verifier: Verifier, config: PostTrainConfig,
-                 cache: Path | None) -> list[str]:
-    """The knowledge split of `rows` (desta.posttrain.knowledge), kept in `cache` (OUT/base, cleared whenever the base
-    model is measured again) under a name made of every setting it depends on, so knowledge_known and
-    knowledge_unknown judge the base model's answers once."""
-    depends = {"rows": rows, "shots": config.knowledge_shots, "samples": config.knowledge_samples,
-               "temperature": config.knowledge_temperature, "seed": config.optim.seed,
-               "tokens": config.eval_max_new_tokens, "precision": config.optim.precision,
-               "batch": config.generation_batch_size}
-    key = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / f"knowledge-{key}.json" if cache else None
-    if path and path.is_file():
-        return json.loads(path.read_text())
-    categories = knowledge_split(backend, rows, verifier, config.knowledge_shots, config.knowledge_samples,
-                                 config.knowledge_temperature, config.optim.seed, config.eval_max_new_tokens)
-    if path:
-        write_atomic(path, json.dumps(categories))
-    return categories
-
-
-def _some(rows: list[dict], part: str, dropped: dict[str, int]) -> list[dict]:
-    """The pseudo-replay rows, or an error when filtering left none (a replay share of nothing cannot be mixed)."""
-    if not rows and any(dropped.values()):
-        raise ValueError(f"{part}: every sample was dropped ({dropped}); raise {part}_count or "
-                         f"{part}_max_new_tokens")
-    return rows
-
-
-def strategy_data(parts: set[str], backend: TransformersBackend, config: PostTrainConfig, train_rows: list[dict],
-                  replay_rows: list[dict], verifier: Verifier,
-                  cache: Path | None = None) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """The rows and tokenised examples a strategy trains on, and notes on what its transforms did (the
-    knowledge split's labelled rows under notes["knowledge"]["rows"]). self_align's rows are its preference pairs
-    (no examples: DPO tokenises them); replay_kl's replay rows and examples carry "kl" (the KL applies there)."""
-    notes: dict[str, Any] = {}
-    rows, seed, tokens = list(train_rows), config.optim.seed, config.answer_max_new_tokens
-    if "knowledge_filter" in parts:
-        # judged as the task's evaluation judges: an answer right only after eval_max_new_tokens is not known
-        rows, labelled, notes["knowledge"] = knowledge_filter(
-            backend, rows, verifier, config.knowledge_drop, config.knowledge_shots, config.knowledge_samples,
-            config.knowledge_temperature, seed, config.eval_max_new_tokens)
-        notes["knowledge"]["rows"] = labelled
-    for part in parts & {"knowledge_known", "knowledge_unknown"}:
-        categories = cached_split(backend, rows, verifier, config, cache)
-        notes["knowledge"] = {"rows": [{**r, "knowledge": c} for r, c in zip(rows, categories, strict=True)]}
-        rows, counts = knowledge_subset(rows, categories, "known" if part == "knowledge_known" else "unknown",
-                                        config.knowledge_match_size, seed)
-        notes["knowledge"].update(counts)
-    if "self_align" in parts:
-        # answers as long as the task's evaluation reads them
-        rows, notes["self_align"] = self_align_pairs(backend, rows, verifier, config.self_align_k,
-                                                     config.self_align_temperature, config.self_align_min_margin,
-                                                     seed, config.eval_max_new_tokens)
-        return rows, [], notes
-    if "self_output" in parts:
-        rows, notes["self_output"] = self_output(backend, rows, verifier, config.self_output_k,
-                                                 config.self_output_temperature, config.self_output_fallback,
-                                                 seed, tokens)
-    if "paraphrase" in parts:
-        rows, notes["paraphrase"] = paraphrase(backend, rows, verifier, tokens)
-    if "self_distill" in parts:
-        rows, notes["self_distill"] = self_distill(backend, rows, verifier, tokens)
-    if "response_tuning" in parts:  # the task's answers alone, their instructions left empty (not replay rows)
-        rows = [{**r, "question": r["instruction"], "instruction": ""} for r in rows]
-    if "magpie" in parts:
-        pseudo, notes["magpie_dropped"] = magpie(backend, config.magpie_count, config.magpie_max_new_tokens,
-                                                 seed=seed, answer_tokens=tokens)
-        rows = mix(rows, _some(pseudo, "magpie", notes["magpie_dropped"]), config.replay_ratio, seed)
-        notes["magpie_rows"] = len(pseudo)
-    if "bos_replay" in parts:
-        texts, notes["bos_replay_dropped"] = bos_replay(backend, config.bos_replay_count,
-                                                        config.bos_replay_max_new_tokens, config.bos_replay_prefix,
-                                                        seed)
-        rows = mix(rows, _some(texts, "bos_replay", notes["bos_replay_dropped"]), config.replay_ratio, seed)
-        notes["bos_replay_texts"] = len(texts)
-    if "replay_kl" in parts:
-        source = "magpie" if config.replay_kl_source == "magpie" else "bos_replay"
-        pseudo, notes["replay_kl_dropped"] = (
-            magpie(backend, config.magpie_count, config.magpie_max_new_tokens, seed=seed, answer_tokens=tokens)
-            if source == "magpie" else bos_replay(backend, config.bos_replay_count, config.bos_replay_max_new_tokens,
-                                                  config.bos_replay_prefix, seed))
-        pseudo = [{**r, "kl": True} for r in _some(pseudo, source, notes["replay_kl_dropped"])]
-        rows = mix(rows, pseudo, config.replay_ratio, seed)
-        notes["replay_kl_rows"] = len(pseudo)
-    if "replay" in parts:
-        rows = mix(rows, replay_rows, config.replay_ratio, seed)
-    examples = [{**encode(backend.tokenizer, r, config.style, config.max_length), **({"kl": 1} if r.get("kl") else {})}
-                for r in rows]
-    if "token_filter" in parts:
-        examples, notes["token_filter_masked_share"] = filter_tokens(backend.llm, examples,
-                                                                     config.token_filter_threshold)
-    return rows, examples, notes
 
 
 def load_model(config: PostTrainConfig) -> tuple[Any, Any]:
@@ -325,34 +237,33 @@ def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path, s
         shutil.rmtree(folder)  # what an unfinished or outdated run left
     folder.mkdir(parents=True)
     started = time.perf_counter()
-    parts = set(run.strategy.split("+"))
     llm, tokenizer = load_model(config)
     base_backend = generation_backend(llm, tokenizer, config)
-    rows, examples, notes = strategy_data(parts, base_backend, config, shared.train_rows, shared.replay_rows,
+    rows, examples, notes = strategy_data(run.parts, base_backend, config, shared.train_rows, shared.replay_rows,
                                           shared.verifier, shared.cache)
     if "knowledge" in notes:
         write_atomic(folder / "knowledge.jsonl", to_jsonl(notes["knowledge"].pop("rows")))
     write_atomic(folder / "train_data.jsonl", to_jsonl(rows))
-    model, losses, trained_notes = train_model(parts, llm, tokenizer, rows, examples, config, shared.verifier,
+    model, losses, trained_notes = train_model(run.parts, llm, tokenizer, rows, examples, config, shared.verifier,
                                                base_backend.pad_id, folder / "trainer")
     notes |= trained_notes
     model.eval()
     trained = generation_backend(model, tokenizer, config)
-    adapter = None
-    if "rule_adapter" in parts:  # decoding rules on every answer, and on the likelihood of the base model's answers
+    # decoding rules (rule_adapter) on every answer, and on the likelihood of the base model's answers
+    adapter = next((r.decoding(tokenizer, trained.eos_ids, config) for r in records(run.parts) if r.decoding), None)
+    if adapter is not None:
         from transformers import LogitsProcessorList
 
-        adapter = RuleAdapter(tokenizer, trained.eos_ids, config.rules)
         trained.logits_processor = LogitsProcessorList([adapter])
     log(f"  trained in {time.perf_counter() - started:.0f} s (its data and training); measuring")
     scores, answers = measure(trained, shared.eval_rows, shared.verifier, shared.sets, shared.references,
                               config.eval_max_new_tokens, config.probe_max_new_tokens, log, adapter)
     write_atomic(folder / "answers.jsonl", to_jsonl(answers))
-    if (config.save_models or run.strategy in config.save_models_of) and trains(parts):
+    if (config.save_models or run.strategy in config.save_models_of) and trains(run.parts):
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
     result = {"name": run.name, "strategy": run.strategy, "seed": run.seed, "replay_ratio": config.replay_ratio,
-              "settings": settings, "train_rows": len(rows) if trains(parts) else 0,
+              "settings": settings, "train_rows": len(rows) if trains(run.parts) else 0,
               "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
               "notes": notes, "metrics": means(scores), "deltas": delta_stats(shared.base["scores"], [scores]),
               "scores": scores, "seconds": round(time.perf_counter() - started, 1)}
@@ -407,7 +318,7 @@ def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> di
     invocation = time.perf_counter()
     base = done.get(BASE) or measure_base(config, out / BASE, planned[BASE], eval_rows, verifier, sets, log)
     references = json.loads((out / BASE / "references.json").read_text())
-    needs_replay = any("replay" in run.strategy.split("+") for run in runs if run.folder not in done)
+    needs_replay = any(r.stage == "replay" for run in runs if run.folder not in done for r in records(run.parts))
     shared = Shared(train_rows, eval_rows, verifier, sets, references,
                     base_replay_rows(config, out / BASE) if needs_replay else [], base, out / BASE)
     results = []

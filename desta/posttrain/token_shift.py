@@ -30,10 +30,10 @@ import torch
 from desta.core.args import raise_problems
 from desta.core.artifacts import shown_model
 from desta.core.chunks import write_atomic
+from desta.core.digests import content_digest
 from desta.core.llm import load_causal_lm
 from desta.core.sequences import chat_tokens, end_of_turn_ids, pad_batch
 from desta.posttrain.retention import REQUESTS, TOPICS
-from desta.posttrain.run import content_digest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -1,27 +1,40 @@
 """The rl strategy: reinforcement learning on the model's own answers, with trl's GRPO trainer.
 
-For each new-task question the model samples a group of answers (grpo.num_generations); the task's
+For each new-task question the model samples a group of answers (rl.grpo.num_generations); the task's
 verifier scores each 1 (accepted) or 0; GRPO raises the likelihood of the answers that beat their
 group's mean and lowers the others'. No gold answer is imitated: every training token is one the
 model sampled itself, which is why RL is expected to forget less than fine-tuning on given targets
 (Shenfeld et al. 2025, "RL's razor"). Reads the task's rows (instruction, gold); trains the model in
-place (a peft model trains only its adapters).
+place (a peft model trains only its adapters). It learns from the task's questions alone, so it combines only with
+lora and knowledge_filter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from desta.core.optim import OptimSection, trainer_settings
+from desta.posttrain.strategies.base import Strategy, TrainStep, trl_problems
 from desta.posttrain.verifiers import Verifier
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from trl import GRPOTrainer
+
+
+@dataclass
+class RLSection:
+    """GRPO on the model's own sampled answers, the task's verifier as the reward."""
+
+    grpo: dict = field(default_factory=lambda: {"num_generations": 4, "temperature": 1.0, "beta": 0.0,
+                                                "max_completion_length": 96})
+    """trl GRPOConfig settings (learning rate, steps and batch come from optim, or from lora.lr with lora); the
+    reward is 1 when the task's verifier accepts the sampled answer, else 0"""
 
 
 def completion_text(completion: str | list[dict[str, Any]]) -> str:
@@ -107,3 +120,27 @@ def train_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows:
                                    processing_class=tokenizer)
     trainer.train()
     return trainer
+
+
+def train(step: TrainStep) -> tuple[Any, dict[str, Any]]:
+    """GRPO on the step's rows (`train_grpo`); notes: the first and last logged reward."""
+    trainer = train_grpo(step.model, step.tokenizer, step.rows, step.verifier, step.config.optim, step.lr,
+                         step.config.rl.grpo, str(step.scratch))
+    rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
+    return trainer, {"rl_reward_first_last": [round(rewards[0], 3), round(rewards[-1], 3)]} if rewards else {}
+
+
+def problems(config: Any) -> list[tuple[str, str]]:
+    """rl.grpo's keys that trl's GRPOConfig lacks, and a group size that does not divide the batch."""
+    found = trl_problems(config.rl.grpo, "rl.grpo", "GRPOConfig")
+    group, optim = config.rl.grpo.get("num_generations", 8), config.optim  # 8: trl's default
+    if isinstance(group, int) and (optim.batch_size * optim.grad_accum) % group:
+        found.append(("rl.grpo", f"num_generations {group} must divide optim.batch_size x grad_accum "
+                                 f"({optim.batch_size} x {optim.grad_accum}): each batch holds whole groups of answers "
+                                 "to one question"))
+    return found
+
+
+STRATEGY = Strategy("rl", "GRPO on the model's own sampled answers, the task's verifier as the reward",
+                    section=RLSection, combines=("lora", "knowledge_filter"),
+                    combines_why="learns from its own samples of the task's questions", trainer=train, check=problems)

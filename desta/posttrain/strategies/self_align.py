@@ -4,29 +4,61 @@ Self-Rewarding Language Models (Yuan et al. 2024).
 
 The score is the model's own: the judge prompt below, then the mean of 1..5 under its next-token
 probabilities of the five digits (a small model seldom writes a parsable verdict, but always has these
-probabilities). Each question whose best and worst answers differ by self_align_min_margin or more gives one
+probabilities). Each question whose best and worst answers differ by self_align.min_margin or more gives one
 pair, chosen (best) over rejected (worst). No gold answer and no verifier enters training; the verifier only
 reports afterwards how often the model's choice was the right answer where exactly one of the two was.
 
 Reads the task's rows; trains the model in place (a peft model trains only its adapters, and its DPO
-reference is the model with them switched off; a full model's reference is trl's frozen copy).
+reference is the model with them switched off; a full model's reference is trl's frozen copy). It trains with a
+trainer of its own, so it combines only with lora and rule_adapter.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings, TransformersBackend
 from desta.core.optim import OptimSection, trainer_settings
 from desta.core.sequences import pad_batch
+from desta.posttrain.strategies.base import DataStep, Strategy, TrainStep, first_last, trl_problems
 from desta.posttrain.verifiers import Verifier
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from trl import DPOTrainer
+
+
+@dataclass
+class SelfAlignSection:
+    """DPO on the model's own judged answers: their best over their worst."""
+
+    k: int = 4
+    """sampled answers per new-task question (up to eval_max_new_tokens), each scored 1-5 by the model"""
+    temperature: float = 0.8
+    """sampling temperature of those answers"""
+    min_margin: float = 0.25
+    """a question gives a preference pair (its best and worst answer by the model's own score) only when the scores
+    differ by at least this much"""
+    lr: float | None = None
+    """its learning rate (DPO moves a model with far smaller steps than sft: trl's default is 1e-6); null: optim.lr,
+    or lora.lr with lora"""
+    dpo: dict = field(default_factory=lambda: {"beta": 0.1})
+    """trl DPOConfig settings (learning rate, steps and batch come from optim, or lora.lr with lora)"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.k < 2 or not self.temperature > 0 or self.min_margin < 0:
+            problems.append(("k", f"k must be at least 2 (a pair needs two answers), temperature positive and "
+                                  f"min_margin 0 or more, got {self.k}, {self.temperature} and {self.min_margin}"))
+        if self.lr is not None and not self.lr > 0:
+            problems.append(("lr", f"must be positive or null, got {self.lr}"))
+        raise_problems(problems)
+
 
 JUDGE_PROMPT = ("Rate the answer below from 1 (wrong or unhelpful) to 5 (correct, clear and complete).\n\n"
                 "Question:\n{question}\n\nAnswer:\n{answer}\n\nReply with one digit from 1 to 5.")
@@ -115,7 +147,7 @@ def self_align_pairs(backend: TransformersBackend, rows: list[dict], verifier: V
     pairs = preference_pairs(rows, answers, scores, min_margin)
     if not pairs:
         raise ValueError(f"self_align: none of {len(rows)} questions had answers whose own scores differ by "
-                         f"{min_margin} or more; lower self_align_min_margin or raise self_align_k")
+                         f"{min_margin} or more; lower self_align.min_margin or raise self_align.k")
     notes = {"pairs": len(pairs), "questions": len(rows), "mean_self_score": round(sum(flat) / len(flat), 3),
              **judge_agreement(pairs, verifier)}
     return pairs, notes
@@ -139,3 +171,26 @@ def train_dpo(model: Any, tokenizer: PreTrainedTokenizerBase, pairs: list[dict],
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
     return trainer
+
+
+def judged_pairs(step: DataStep, rows: list[dict]) -> list[dict]:
+    """The rows' preference pairs (`self_align_pairs`), answers as long as the task's evaluation reads them."""
+    section = step.config.self_align
+    pairs, step.notes["self_align"] = self_align_pairs(step.backend, rows, step.verifier, section.k,
+                                                       section.temperature, section.min_margin, step.seed,
+                                                       step.config.eval_max_new_tokens)
+    return pairs
+
+
+def train(step: TrainStep) -> tuple[Any, dict[str, Any]]:
+    """DPO on the step's pairs (`train_dpo`) at self_align.lr (or the step's); notes: the first and last margin."""
+    trainer = train_dpo(step.model, step.tokenizer, step.rows, step.config.optim, step.config.self_align.lr or step.lr,
+                        step.config.self_align.dpo, str(step.scratch))
+    return trainer, {"dpo_margin_first_last": first_last([r["rewards/margins"] for r in trainer.state.log_history
+                                                          if "rewards/margins" in r])}
+
+
+STRATEGY = Strategy("self_align", "DPO on the model's own answers, judged by itself: its best over its worst",
+                    section=SelfAlignSection, combines=("lora", "rule_adapter"),
+                    combines_why="trains with a trainer of its own", stage="pairs", data=judged_pairs, trainer=train,
+                    check=lambda config: trl_problems(config.self_align.dpo, "self_align.dpo", "DPOConfig"))
