@@ -2,7 +2,9 @@
 
 import base64
 import io
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+from transformers import WhisperForConditionalGeneration
 
 from desta.audio.tts import synthesize
 from desta.core.generation import BackendError, OpenAIBackend, SamplingSettings
@@ -54,7 +58,9 @@ def bases(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_server_process(bases):
-    process, url = _start(["--llm", str(bases[1]), "--model-name", "tiny-llm", "--max-concurrent", "1"], KEY)
+    """One slot and no queue: a second request at once gets 503 (what the slot tests below watch for)."""
+    process, url = _start(["--llm", str(bases[1]), "--model-name", "tiny-llm", "--max-concurrent", "1",
+                           "--queue", "0"], KEY)
     yield process, url
     process.kill()
     process.wait()
@@ -438,3 +444,214 @@ def test_a_stopped_stream_ends_its_generation(bases):
     next(pieces)
     stream.stop()
     assert not stream.thread.is_alive() and len(list(pieces)) < 100  # what was queued before the stop
+
+
+# ----- several request threads on one model; streams that end as the OpenAI API says; the queue -----
+
+def _audio_request(clip_b64, instruction, stream):
+    return {"model": "tiny-desta", "max_tokens": 6, "stream": stream, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": clip_b64, "format": "wav"}},
+        {"type": "text", "text": instruction}]}]}
+
+
+def _answer(url, body):
+    """The answer's text (a stream's pieces joined) and the finish reason."""
+    if not body["stream"]:
+        response = httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"]
+    pieces, finish = [], None
+    with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[len("data: "):])["choices"][0]
+                pieces.append(choice["delta"].get("content") or "")
+                finish = choice["finish_reason"] or finish
+    return "".join(pieces).strip(), finish
+
+
+def quiet_whisper(bases, folder):
+    """The tiny Whisper changed to end every transcript after one token (its random weights decode 128 tokens of
+    noise per clip, most of a request's time on a CPU); everything else a request runs is unchanged."""
+    whisper = WhisperForConditionalGeneration.from_pretrained(bases[0])
+    eot = whisper.generation_config.eos_token_id
+    with torch.no_grad():  # the decoder's output becomes end-of-text's (tied) embedding, whatever it read
+        direction = torch.nn.functional.normalize(torch.randn(whisper.config.d_model), dim=0)
+        whisper.model.decoder.embed_tokens.weight[eot] = direction
+        whisper.model.decoder.layer_norm.weight.zero_()
+        whisper.model.decoder.layer_norm.bias.copy_(direction * 50)
+    whisper.save_pretrained(folder)
+    shutil.copy(bases[0] / "preprocessor_config.json", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quiet_checkpoint(bases, tmp_path_factory):
+    """A checkpoint on the quiet Whisper (short transcripts: a request takes a fraction of a second)."""
+    folder = tmp_path_factory.mktemp("quiet")
+    model, processor = build(str(quiet_whisper(bases, folder / "whisper")), str(bases[1]))
+    save(model, processor, folder / "ckpt")
+    return folder / "ckpt"
+
+
+@pytest.mark.slow
+def test_four_slots_answer_forty_concurrent_audio_requests_as_one_at_a_time(quiet_checkpoint):
+    """Several request threads transcribe at once: Silero VAD's one stateful model crashed the process when two
+    threads were inside it. At --max-concurrent 4 (the rest queued), 40 clients, half streaming, get the answers
+    one client at a time gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    process, url = _start([str(quiet_checkpoint), "--model-name", "tiny-desta", "--max-concurrent", "4",
+                           "--queue", "40", "--queue-seconds", "300"])
+    try:
+        # clips of about 8 s: voice activity detection takes a good share of each request, as on real speech
+        clips = [_wav_b64(np.tile(synthesize(text), 8)) for text in ("Where is the station?", "Hello there.",
+                                                                     "The train leaves at nine.", "Thank you.")]
+        bodies = [_audio_request(clips[i % 4], "What can you hear?", stream=i % 2 == 1) for i in range(40)]
+        expected = {(b["messages"][0]["content"][0]["input_audio"]["data"], b["stream"]): _answer(url, b)
+                    for b in bodies[:8]}  # each clip, streamed and not, one at a time
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(lambda b: _answer(url, b), bodies))
+        assert process.poll() is None, process.stdout.read()  # no crash
+        for body, answer in zip(bodies, answers, strict=True):
+            assert answer == expected[(body["messages"][0]["content"][0]["input_audio"]["data"], body["stream"])]
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_stream_ends_as_the_answer_would_and_reports_usage_when_asked(text_server):
+    """The last chunk's finish_reason is the non-streamed answer's ("length" when cut at max_tokens), and
+    stream_options.include_usage adds the usage chunk the OpenAI API sends (no choices) before [DONE]."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=text_server, api_key=KEY)
+    for max_tokens in (1, 3, 300):
+        ask = {"model": "tiny-llm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens}
+        reply = client.chat.completions.create(**ask)
+        chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-2].choices[0].finish_reason == reply.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == reply.usage.model_dump()
+        assert all(c.usage is None for c in chunks[:-1])
+        if max_tokens == 1:
+            assert reply.choices[0].finish_reason == "length"
+    plain = list(client.chat.completions.create(model="tiny-llm", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=1, stream=True))
+    assert plain[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in plain)
+    response = httpx.post(f"{text_server}/chat/completions", headers=AUTH,
+                          json={**HI, "stream_options": {"include_usage": True}}, timeout=30)
+    assert response.status_code == 400 and "only allowed when stream is true" in response.text
+
+
+def test_a_streams_slot_is_free_when_its_generation_ends_not_when_its_client_has_read_it(bases):
+    """One slot, no queue: a client that stops reading a stream (or reads [DONE] and asks again at once) no longer
+    keeps the next request out: the slot is freed when generation ends, not after the last event is sent."""
+    import asyncio
+
+    from desta.serving.engine import load_engine
+    from desta.serving.serve import ServeLimits, create_app
+
+    app = create_app(load_engine(llm=str(bases[1]), model_id="tiny-llm"), ServeLimits(queue=0))
+    body = json.dumps({**HI, "stream": True, "max_tokens": 8}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def scenario():
+        gone, events = asyncio.Event(), []
+
+        async def receive():
+            if not events:
+                events.append("body")
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):  # a client that reads the headers and the first event, then stops reading
+            events.append(message["type"])
+            if events.count("http.response.body") > 1:
+                await asyncio.Event().wait()
+
+        reader = asyncio.create_task(app(scope, receive, send))
+        while "http.response.body" not in events:  # the stream holds the slot and has sent its first event
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            for _ in range(100):  # 10 s for an 8-token answer to end
+                response = await client.post("/v1/chat/completions", json=HI)
+                if response.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+        held = not reader.done() and events.count("http.response.body") == 2  # the stream still waits on its client
+        gone.set()
+        reader.cancel()
+        return response, held, events
+
+    response, held, events = asyncio.run(scenario())
+    assert held, events
+    assert response.status_code == 200, response.text
+
+
+def test_the_queue_serves_in_order_and_refuses_past_its_size_or_wait():
+    import asyncio
+
+    from desta.serving.serve import Slots
+
+    async def scenario():
+        slots = Slots(size=1, queue=2, wait=0.5)
+        first = await slots.take()
+        second = asyncio.ensure_future(slots.take())
+        third = asyncio.ensure_future(slots.take())
+        await asyncio.sleep(0.01)
+        assert await slots.take() is None  # two already wait: refused at once
+        first.release()
+        first.release()  # a second release frees nothing more
+        held = await second  # the first in line gets the slot
+        assert not third.done()
+        assert await third is None  # the slot stayed taken past the wait limit
+        held.release()
+        again = await slots.take()
+        assert again is not None and slots.free == 0
+        again.release()
+        assert slots.free == 1 and not slots.waiting
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_queued_requests_wait_for_the_slot_instead_of_a_503(bases):
+    """One slot and a queue of 8: six clients at once are all answered (without the queue, all but one got 503)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    process, url = _start(["--llm", str(bases[1]), "--model-name", "tiny-llm", "--queue", "8"], KEY)
+    try:
+        body = {**HI, "max_tokens": 40}
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(f"{url}/chat/completions", json=body, headers=AUTH,
+                                                          timeout=60).status_code, range(6)))
+        assert statuses == [200] * 6
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_served_model_id_is_the_folder_name(desta_checkpoint, monkeypatch):
+    from desta.serving.engine import load_engine
+
+    monkeypatch.chdir(desta_checkpoint.parent)
+    assert load_engine(f"./{desta_checkpoint.name}/").model_id == desta_checkpoint.name
+    assert load_engine(str(desta_checkpoint), model_id="mine").model_id == "mine"
+
+
+def test_a_busy_port_is_said_before_the_model_loads(bases, capsys):
+    from desta.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--llm", str(bases[1]), "--port", str(port)]) == 2
+    printed = capsys.readouterr()
+    assert f"cannot bind 127.0.0.1:{port}: Address already in use" in printed.err and "give --port" in printed.err
+    assert "serving" not in printed.out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -40,6 +41,11 @@ def whisper_text_tokenizer(whisper_config: PreTrainedConfig) -> Tokenizer:
     return get_tokenizer(multilingual=multilingual, num_languages=whisper_config.vocab_size - 51765 - int(multilingual))
 
 
+# Silero VAD's model keeps state between calls (get_speech_timestamps resets and feeds it chunk by chunk): two threads
+# inside it at once (a server's requests) crash the process. One call at a time; a call takes milliseconds.
+_VAD_LOCK = threading.Lock()
+
+
 @functools.cache
 def _silero_vad() -> torch.nn.Module:
     """Silero VAD's model, shipped inside the silero-vad package (no download)."""
@@ -56,7 +62,8 @@ def has_speech(clip: np.ndarray) -> bool:
     from silero_vad import get_speech_timestamps
 
     samples = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))
-    return bool(get_speech_timestamps(samples, _silero_vad(), sampling_rate=SAMPLE_RATE))
+    with _VAD_LOCK:
+        return bool(get_speech_timestamps(samples, _silero_vad(), sampling_rate=SAMPLE_RATE))
 
 
 def speech_only(transcribe: Callable[[list[np.ndarray]], list[str]], clips: list[np.ndarray]) -> list[str]:

@@ -2,13 +2,19 @@
 and the web app. A DestaEngine hears audio parts (Whisper transcribes them first); a TextEngine is
 a plain chat LLM. Both stop at the same end-of-turn tokens the rest of desta uses, refuse a prompt
 the model's context cannot hold before generating, and a stream can be stopped at the next token
-(`Stream.stop`), which the server does when its client goes away.
+(`Stream.stop`), which the server does when its client goes away. A finished stream says why it ended
+("stop" or "length") and how many tokens it took, as a non-streamed answer does.
+
+One engine answers several request threads at once (`desta serve --max-concurrent N`, the web app): the
+tokenizer is used by one thread at a time (a fast tokenizer's padding settings are shared state), and
+Whisper's voice activity detection is serialized in desta.audio.asr. The weights are only read.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,18 +64,50 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _TokenStreamer(TextIteratorStreamer):
+    """A TextIteratorStreamer that also keeps the new token ids, to say at the end why the answer stopped, and
+    decodes holding the engine's tokenizer lock (a decode while another thread changes the fast tokenizer's
+    padding settings fails with "Already borrowed")."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_prompt: bool, lock: threading.Lock):
+        super().__init__(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
+        self.token_ids: list[int] = []
+        self.lock = lock
+
+    def put(self, value: torch.Tensor) -> None:
+        """Keep the ids of each new token (not the prompt's), then stream their text."""
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.token_ids += value.reshape(-1).tolist()  # (1, tokens) or (tokens,): one answer
+        with self.lock:
+            super().put(value)
+
+    def end(self) -> None:
+        """Stream the text still held back, then signal the end."""
+        with self.lock:
+            super().end()
+
+
 class Stream:
     """One answer being generated in a worker thread; iterate for its text pieces as they come.
 
     `stop()` ends the generation at the next token and waits for the thread. An error in the worker
-    ends the iteration and is raised to the reader, so a reader never waits forever.
+    ends the iteration and is raised to the reader, so a reader never waits forever. `on_done` runs in
+    the worker as soon as generation ends (before the reader sees the last piece): the server frees the
+    request's slot there, not when the client has read everything. Once iterated to the end,
+    `generation` holds the finish reason and token count, `prompt_tokens` the prompt's length.
     """
 
     def __init__(self, generate: Callable[..., Any], kwargs: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
-                 skip_prompt: bool):
+                 skip_prompt: bool, eos_ids: set[int], prompt_tokens: int, tokenizing: threading.Lock,
+                 on_done: Callable[[], None] | None = None):
         self.stopped = threading.Event()
-        self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
+        self.streamer = _TokenStreamer(tokenizer, skip_prompt, tokenizing)
+        self.tokenizing = tokenizing
         self.error: BaseException | None = None
+        self.tokenizer, self.eos_ids, self.prompt_tokens = tokenizer, eos_ids, prompt_tokens
+        self.max_new_tokens = int(kwargs["max_new_tokens"])
+        self.generation: Generation | None = None
+        self.on_done = on_done
         kwargs = {**kwargs, "streamer": self.streamer,
                   "stopping_criteria": StoppingCriteriaList([_StopWhenSet(self.stopped)])}
         self.thread = threading.Thread(target=self._run, args=(generate, kwargs), daemon=True)
@@ -82,6 +120,9 @@ class Stream:
         except BaseException as err:  # handed to the reader, which would otherwise wait for pieces forever
             self.error = err
             self.streamer.end()
+        finally:
+            if self.on_done is not None:
+                self.on_done()
 
     def __iter__(self) -> Iterator[str]:
         """The answer's text pieces, in order; raises the worker's error, if it had one, at the end."""
@@ -89,6 +130,9 @@ class Stream:
         self.thread.join()
         if self.error is not None:
             raise self.error
+        with self.tokenizing:
+            self.generation = finish_generation(self.streamer.token_ids, self.eos_ids, self.max_new_tokens,
+                                                self.tokenizer)
 
     def stop(self) -> None:
         """End the generation at the next token and wait for the worker to finish."""
@@ -106,26 +150,34 @@ class TextEngine:
         self.audio_token = None
         self.context = int(backend.llm.config.max_position_embeddings)
         self.special_tokens = list(backend.tokenizer.all_special_tokens)
+        self.tokenizing = threading.Lock()
 
-    def _prompt(self, messages: list[dict], settings: SamplingSettings, max_prompt_tokens: int | None) -> torch.Tensor:
-        ids = self.backend.encode(with_system(messages, self.system_prompt))
+    def _prompt(self, messages: list[dict], settings: SamplingSettings, max_prompt_tokens: int | None) -> list[int]:
+        with self.tokenizing:
+            ids = self.backend.encode(with_system(messages, self.system_prompt))
         check_prompt(len(ids), settings.max_new_tokens, self.context, max_prompt_tokens)
-        return torch.tensor([ids], device=self.backend.device)
+        return ids
 
     def generate(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
                  max_prompt_tokens: int | None = None) -> tuple[Generation, int]:
         """The answer and the prompt's length in tokens (a text model: `audios` is not used)."""
         ids = self._prompt(messages, settings, max_prompt_tokens)
-        return self.backend.generate([with_system(messages, self.system_prompt)], settings)[0], ids.shape[1]
+        new_ids = self.backend.generate_ids([ids], settings)[0]
+        with self.tokenizing:
+            return finish_generation(new_ids, self.backend.eos_ids, settings.max_new_tokens,
+                                     self.backend.tokenizer), len(ids)
 
     def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
-               max_prompt_tokens: int | None = None) -> Stream:
-        """Start the answer; the returned Stream yields its text pieces (a text model: `audios` is not used)."""
+               max_prompt_tokens: int | None = None, on_done: Callable[[], None] | None = None) -> Stream:
+        """Start the answer; the returned Stream yields its text pieces (a text model: `audios` is not used).
+        `on_done` runs when generation ends."""
         torch.manual_seed(settings.seed)
-        ids = self._prompt(messages, settings, max_prompt_tokens)
+        ids = torch.tensor([self._prompt(messages, settings, max_prompt_tokens)], device=self.backend.device)
         kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                  **generate_kwargs(settings, self.backend.pad_id)}
-        return Stream(self.backend.llm.generate, kwargs, self.backend.tokenizer, skip_prompt=True)
+                  **generate_kwargs(settings, self.backend.pad_id), "eos_token_id": sorted(self.backend.eos_ids)}
+        return Stream(self.backend.llm.generate, kwargs, self.backend.tokenizer, skip_prompt=True,
+                      eos_ids=self.backend.eos_ids, prompt_tokens=ids.shape[1], tokenizing=self.tokenizing,
+                      on_done=on_done)
 
 
 class DestaEngine:
@@ -141,6 +193,7 @@ class DestaEngine:
         self.eos_ids = end_of_turn_ids(processor.tokenizer, model.llm.generation_config)
         self.context = int(model.llm.config.max_position_embeddings)
         self.special_tokens = list(processor.tokenizer.all_special_tokens)
+        self.tokenizing = threading.Lock()
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         """Clips, each (samples,) at 16 kHz -> one Whisper transcript per clip ([] for no clips)."""
@@ -151,8 +204,9 @@ class DestaEngine:
         if audios and transcripts is None:
             transcripts = self.transcribe(audios)
         messages = with_system(messages, self.system_prompt)
-        inputs = self.processor([messages], audios=[audios], transcripts=[transcripts] if audios else None,
-                                add_generation_prompt=True).to(self.model.device)
+        with self.tokenizing:
+            inputs = self.processor([messages], audios=[audios], transcripts=[transcripts] if audios else None,
+                                    add_generation_prompt=True).to(self.model.device)
         check_prompt(int(inputs["attention_mask"].sum()), settings.max_new_tokens, self.context, max_prompt_tokens)
         return inputs
 
@@ -167,27 +221,43 @@ class DestaEngine:
         torch.manual_seed(settings.seed)
         inputs = self._inputs(messages, audios, settings, max_prompt_tokens=max_prompt_tokens)
         out = self.model.generate(**inputs, **self._kwargs(settings))[0].tolist()
-        generation = finish_generation(out, self.eos_ids, settings.max_new_tokens, self.processor.tokenizer)
+        with self.tokenizing:
+            generation = finish_generation(out, self.eos_ids, settings.max_new_tokens, self.processor.tokenizer)
         return generation, int(inputs["attention_mask"].sum())
 
     def stream(self, messages: list[dict], audios: list[np.ndarray], settings: SamplingSettings,
-               transcripts: list[str] | None = None, max_prompt_tokens: int | None = None) -> Stream:
-        """Start the answer; the returned Stream yields its text pieces (the model returns new tokens only)."""
+               transcripts: list[str] | None = None, max_prompt_tokens: int | None = None,
+               on_done: Callable[[], None] | None = None) -> Stream:
+        """Start the answer; the returned Stream yields its text pieces (the model returns new tokens only).
+        `on_done` runs when generation ends."""
         torch.manual_seed(settings.seed)
         inputs = self._inputs(messages, audios, settings, transcripts, max_prompt_tokens)
         return Stream(self.model.generate, {**inputs, **self._kwargs(settings)}, self.processor.tokenizer,
-                      skip_prompt=False)
+                      skip_prompt=False, eos_ids=self.eos_ids, prompt_tokens=int(inputs["attention_mask"].sum()),
+                      tokenizing=self.tokenizing, on_done=on_done)
 
 
 def load_engine(checkpoint: str | None = None, llm: str | None = None, model_id: str | None = None,
                 system_prompt: str | None = None) -> DestaEngine | TextEngine:
     """A DestaEngine for a DeSTA checkpoint folder (asking with the system prompt it was trained with, or
-    `system_prompt`: "" for none), or a TextEngine for a chat LLM (with `system_prompt`, if given)."""
+    `system_prompt`: "" for none), or a TextEngine for a chat LLM (with `system_prompt`, if given); served as
+    `model_id`, by default the folder's name (`served_name`)."""
     if (checkpoint is None) == (llm is None):
         raise ValueError("give a DeSTA checkpoint or --llm for a text-only model, not both")
     if llm is not None:
-        return TextEngine(TransformersBackend(llm), model_id or llm, system_prompt or None)
+        return TextEngine(TransformersBackend(llm), model_id or served_name(llm), system_prompt or None)
     from desta.model.loading import load
 
     model, processor = load(checkpoint, system_prompt=system_prompt)
-    return DestaEngine(model, processor, model_id or checkpoint)
+    return DestaEngine(model, processor, model_id or served_name(checkpoint))
+
+
+def served_name(model: str) -> str:
+    """The model id clients ask for by default: a local folder's name (however the path was typed), a Hub id as
+    it is.
+
+    >>> served_name("openai/whisper-small"), served_name(".") == Path.cwd().name
+    ('openai/whisper-small', True)
+    """
+    path = Path(model)
+    return path.resolve().name if path.exists() else model

@@ -10,19 +10,24 @@ only up to its limit; a prompt longer than the model's context (or max_prompt_to
 before generating; sampling settings are checked as the OpenAI API checks them; a streaming client
 that goes away stops its generation and frees its slot at once. Oversize bodies, undecodable or
 too long audio, too many tokens, unknown models and bad keys get 4xx JSON errors in the OpenAI
-shape; a busy server answers 503 with Retry-After so clients back off.
+shape. A request that finds every slot taken waits in a bounded queue (`queue` requests, each at
+most `queue_seconds`), first come first served; beyond that it gets 503 with Retry-After so clients
+back off. A slot is freed when its generation ends, before a stream's last events are sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import json
 import math
+import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,8 +60,71 @@ class ServeLimits:
     max_body_bytes: int = 25 * 2**20  # 25 MiB of JSON, base64 audio included
     max_audio_seconds: float = 120.0  # per audio part
     max_tokens: int = 1024  # per answer
-    max_concurrent: int = 1  # requests generating at once; more get 503 + Retry-After
+    max_concurrent: int = 1  # requests generating at once; more wait in the queue
     max_prompt_tokens: int | None = None  # None: what the model's context holds besides the answer
+    queue: int = 8  # requests that may wait for a slot; more get 503 + Retry-After at once
+    queue_seconds: float = 30.0  # how long a queued request waits for a slot before its 503
+
+
+class Slot:
+    """A request's place among the generating ones; `release` frees it once, from any thread."""
+
+    def __init__(self, slots: Slots):
+        self.slots, self.released, self.lock = slots, False, threading.Lock()
+
+    def release(self) -> None:
+        """Free the slot (hand it to the longest-waiting request, if any); later calls do nothing."""
+        with self.lock:
+            if self.released:
+                return
+            self.released = True
+        self.slots.give_back()
+
+
+class Slots:
+    """`size` requests generate at once; up to `queue` more wait, first come first served, each at most `wait`
+    seconds. Taken in the event loop; given back from any thread (a generation ends in a worker thread)."""
+
+    def __init__(self, size: int, queue: int, wait: float):
+        self.free, self.queue, self.wait = size, queue, wait
+        self.lock = threading.Lock()
+        self.waiting: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+
+    async def take(self) -> Slot | None:
+        """A slot, at once or after waiting in the queue; None when the queue is full or the wait ran out."""
+        loop = asyncio.get_running_loop()
+        with self.lock:
+            if self.free and not self.waiting:
+                self.free -= 1
+                return Slot(self)
+            if len(self.waiting) >= self.queue:
+                return None
+            place = (loop, loop.create_future())
+            self.waiting.append(place)
+        try:
+            await asyncio.wait_for(asyncio.shield(place[1]), self.wait)
+        except BaseException as err:  # the wait ran out, or the request was cancelled while queued
+            with self.lock:
+                handed = place not in self.waiting  # give_back took it off the queue: the slot is this request's
+                if not handed:
+                    self.waiting.remove(place)
+            if handed and isinstance(err, TimeoutError):
+                return Slot(self)
+            if handed:
+                Slot(self).release()  # cancelled as a slot arrived: pass it on
+            if isinstance(err, TimeoutError):
+                return None
+            raise
+        return Slot(self)
+
+    def give_back(self) -> None:
+        """A slot ends: the first queued request gets it, or it becomes free."""
+        with self.lock:
+            if self.waiting:
+                loop, future = self.waiting.popleft()
+                loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+            else:
+                self.free += 1
 
 
 class RequestError(Exception):
@@ -240,7 +308,7 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
     limits = limits or ServeLimits()
     app = FastAPI(title="desta serve")
     app.add_middleware(RequireKey, api_key=api_key)
-    slots = threading.BoundedSemaphore(limits.max_concurrent)
+    slots = Slots(limits.max_concurrent, limits.queue, limits.queue_seconds)
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
@@ -270,6 +338,7 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
                 raise RequestError(404, f"model {body.get('model')!r} not found; available: [{engine.model_id!r}]",
                                    "model_not_found", "model")
             settings = settings_from(body, limits)
+            include_usage = _include_usage(body)
             messages, audios = parse_messages(body, engine, limits)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return _error(400, f"the request body is not valid JSON: {getattr(err, 'msg', err)}")
@@ -277,10 +346,15 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
             return _error(err.status, err.message, err.code, err.param)
         except ClientDisconnect:
             return _error(400, "the client went away before sending the whole body")
-        if not slots.acquire(blocking=False):
-            response = _error(503, "the server is busy; retry shortly", "server_busy")
+        slot = await slots.take()
+        if slot is None:
+            waited = f" after waiting {limits.queue_seconds:g} s" if limits.queue else ""
+            response = _error(503, f"the server is busy{waited}; retry shortly", "server_busy")
             response.headers["Retry-After"] = "1"
             return response
+        if await request.is_disconnected():  # left while queued: nobody to answer
+            slot.release()
+            return _error(400, "the client went away while waiting for a slot")
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not body.get("stream"):
             try:
@@ -289,51 +363,80 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
             except PromptTooLong as err:
                 return _error(400, str(err), "context_length_exceeded", "messages")
             finally:
-                slots.release()
+                slot.release()
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": created, "model": engine.model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
                              "finish_reason": generation.finish_reason}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generation.completion_tokens,
-                          "total_tokens": prompt_tokens + generation.completion_tokens},
+                "usage": _usage(prompt_tokens, generation.completion_tokens),
             })
         try:
             stream = await run_in_threadpool(engine.stream, messages, audios, settings,
-                                             max_prompt_tokens=limits.max_prompt_tokens)
+                                             max_prompt_tokens=limits.max_prompt_tokens, on_done=slot.release)
         except PromptTooLong as err:
-            slots.release()
+            slot.release()
             return _error(400, str(err), "context_length_exceeded", "messages")
         except BaseException:
-            slots.release()
+            slot.release()
             raise
-        return GuardedStream(_events(stream, completion_id, created, engine.model_id),
-                             on_close=lambda: _finish(stream, slots), stop=stream.stopped.set)
+        return GuardedStream(_events(stream, completion_id, created, engine.model_id, include_usage),
+                             on_close=lambda: _finish(stream, slot), stop=stream.stopped.set)
 
     return app
 
 
-async def _events(stream: Stream, completion_id: str, created: int, model_id: str) -> AsyncIterator[str]:
-    """The stream's pieces as server-sent events in the OpenAI chunk shape, then [DONE]."""
-    def chunk(delta: dict, finish: str | None = None) -> str:
+def _include_usage(body: dict) -> bool:
+    """The request's stream_options.include_usage (only with stream: true, as the OpenAI API has it)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not body.get("stream"):
+        raise RequestError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError(400, f"stream_options must be an object like {{\"include_usage\": true}}, got "
+                                f"{options!r}", param="stream_options")
+    return bool(options.get("include_usage"))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _events(stream: Stream, completion_id: str, created: int, model_id: str,
+                  include_usage: bool = False) -> AsyncIterator[str]:
+    """The stream's pieces as server-sent events in the OpenAI chunk shape: the last one with the finish reason
+    ("length" when cut at max_tokens), then with `include_usage` a chunk with no choices and the usage (every
+    chunk before it has "usage": null), then [DONE]."""
+    def event(choices: list[dict], usage: dict | None = None) -> str:
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                   "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return event([{"index": 0, "delta": delta, "finish_reason": finish}])
 
     yield chunk({"role": "assistant", "content": ""})
     pieces = iter(stream)
     while (piece := await run_in_threadpool(next, pieces, None)) is not None:
         if piece:
             yield chunk({"content": piece})
-    yield chunk({}, "stop")
+    generation = stream.generation
+    yield chunk({}, generation.finish_reason if generation else "stop")
+    if include_usage and generation:
+        yield event([], _usage(stream.prompt_tokens, generation.completion_tokens))
     yield "data: [DONE]\n\n"
 
 
-async def _finish(stream: Stream, slots: threading.BoundedSemaphore) -> None:
-    """Stop the generation (a no-op when it ended by itself), wait for its thread, free the slot."""
+async def _finish(stream: Stream, slot: Slot) -> None:
+    """Stop the generation (a no-op when it ended by itself), wait for its thread, free the slot (if the end of
+    generation has not freed it already)."""
     try:
         await run_in_threadpool(stream.stop)
     finally:
-        slots.release()
+        slot.release()
 
 
 @dataclass
@@ -346,7 +449,7 @@ class ServeConfig:
     llm: str | None = None
     """serve a plain chat LLM (Hub id or folder) instead"""
     model_name: str | None = None
-    """the model id clients ask for (default: the path given)"""
+    """the model id clients ask for (default: the checkpoint folder's name, or the Hub id)"""
     host: str = "127.0.0.1"
     """bind address; 127.0.0.1 serves this machine only"""
     port: int = 8000
@@ -360,7 +463,11 @@ class ServeConfig:
     max_tokens: int = 1024
     """largest max_tokens a request may ask"""
     max_concurrent: int = 1
-    """requests generating at once; more get 503"""
+    """requests generating at once; more wait in the queue"""
+    queue: int = ServeLimits.queue
+    """requests that may wait for a slot (first come, first served); more get 503 at once (0: no queue)"""
+    queue_seconds: float = ServeLimits.queue_seconds
+    """longest wait in the queue before a 503"""
     max_prompt_tokens: int | None = None
     """longest prompt in tokens (null: what the model's context holds besides max_tokens)"""
     log_level: str = "warning"
@@ -375,26 +482,52 @@ class ServeConfig:
         if min(self.max_body_mb, self.max_audio_seconds) <= 0 or min(self.max_tokens, self.max_concurrent,
                                                                      self.max_prompt_tokens or 1) < 1:
             problems.append(("max_body_mb", "the size, duration, token and concurrency limits must be positive"))
+        if self.queue < 0 or not self.queue_seconds > 0:
+            problems.append(("queue", f"queue must be 0 or more and queue_seconds positive, got {self.queue} and "
+                                      f"{self.queue_seconds}"))
         raise_problems(problems)
 
     def limits(self) -> ServeLimits:
         """The per-request limits these settings give (max_body_mb converted to bytes)."""
         return ServeLimits(max_body_bytes=int(self.max_body_mb * 2**20), max_audio_seconds=self.max_audio_seconds,
                            max_tokens=self.max_tokens, max_concurrent=self.max_concurrent,
-                           max_prompt_tokens=self.max_prompt_tokens)
+                           max_prompt_tokens=self.max_prompt_tokens, queue=self.queue,
+                           queue_seconds=self.queue_seconds)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; OSError naming the address and the fix when it is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise OSError(f"cannot bind {host}:{port}: unknown host ({err.strerror}); give --host 127.0.0.1 or an "
+                      "address of this machine") from None
+    family, kind, protocol, _, address = infos[0]
+    sock = socket.socket(family, kind, protocol)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT can be reused
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot bind {host}:{port}: {err.strerror}; another program (or desta serve) is using the "
+                      "port: stop it or give --port") from None
+    sock.listen(2048)
+    return sock
 
 
 def serve(config: ServeConfig) -> None:
-    """Load the model and serve until interrupted."""
+    """Take the port (before the model loads, so a busy port is said at once), load the model, serve until
+    interrupted."""
     import os
 
     import uvicorn
 
     from desta.serving.engine import load_engine
 
+    sock = bind(config.host, config.port)
     engine = load_engine(config.checkpoint, config.llm, config.model_name)
     api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
     print(f"serving {engine.model_id!r} on http://{config.host}:{config.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
-    uvicorn.run(create_app(engine, config.limits(), api_key), host=config.host, port=config.port,
-                log_level=config.log_level)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config.limits(), api_key), log_level=config.log_level))
+    server.run(sockets=[sock])
