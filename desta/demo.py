@@ -128,7 +128,7 @@ def run_demo(out: str | Path = "desta-demo", models: str | Path | None = None, s
                                 lambda t: f"loss {t['first_train_loss']:.3f} -> {t['last_train_loss']:.3f}")
     facts["eval"] = stages.run("eval", "unseen instructions; speech model vs the LLM reading the gold description",
                                lambda: _eval(out, size, progress), _eval_line)
-    facts["export"] = stages.run("export", "Hub-ready folder with a model card", lambda: _export(out),
+    facts["export"] = stages.run("export", "Hub-ready folder with a model card", lambda: _export(out, real),
                                  lambda e: f"{e['path']} ({e['bytes'] / 2**20:.2f} MiB)")
     facts["times"] = stages.times
     stages.run("report", "report.md and report.html", lambda: _report(out, facts),
@@ -234,10 +234,13 @@ def _eval_line(report: dict[str, Any]) -> str:
             f"{overall.get('text_asr') or 0:.3f}, text-gold {overall['text']:.3f}")
 
 
-def _export(out: Path) -> dict[str, Any]:
+def _export(out: Path, real: bool) -> dict[str, Any]:
+    """The trained model as a Hub-ready folder (replacing an earlier run's): the real bases named by their Hub ids;
+    the tiny ones by folder name, found in OUT/bases when the export loads."""
     from desta.export import export, files_to_upload
 
-    exported = export(out / "train", out / "export", report=out / "eval" / REPORT_JSON)
+    ids = {"encoder_id": SMALL_HUB_IDS[SMALL_WHISPER], "llm_id": SMALL_HUB_IDS[SMALL_LLM]} if real else {}
+    exported = export(out / "train", out / "export", report=out / "eval" / REPORT_JSON, overwrite=True, **ids)
     return {"path": str(exported), "bytes": sum(s for _, s in files_to_upload(exported))}
 
 

@@ -1,18 +1,21 @@
 """Stage 5, export: a trained checkpoint becomes a Hub-ready folder, and is pushed when asked.
 
 Reads a checkpoint folder (from desta train). Writes OUT/ with config.json, model.safetensors
-(trainable weights by default; with `full`, the whole model with LoRA merged, loadable without the
-base checkpoints), the processor and tokenizer files, and README.md: a model card with Hub
+(trainable weights by default; with `full`, the whole model with LoRA merged and both bases' generation
+settings, loadable without the base checkpoints and answering as the checkpoint does), the processor and
+tokenizer files, and README.md: a model card with Hub
 metadata, how it was trained (run_config.yaml, summary.json) and the eval table (report.json).
 `push` creates the repository and uploads the folder with huggingface_hub; the token comes from
 $HF_TOKEN or the user's login and is never printed or written. Nothing written names a local path
 (which would be published): base checkpoints, data and folders appear as Hub ids or folder names.
+An existing OUT is replaced only with `overwrite`, and only when it is empty or an earlier export.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,10 +33,15 @@ def public_name(reference: str | None) -> str | None:
 
     >>> public_name("openai/whisper-small"), public_name("/home/me/models/whisper-small"), public_name(None)
     ('openai/whisper-small', 'whisper-small', None)
+    >>> public_name("/home/me/.cache/huggingface/hub/models--openai--whisper-small/snapshots/abc123")  # its Hub id
+    'openai/whisper-small'
     """
     if not reference:
         return reference
     path = Path(reference)
+    cached = re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", reference)  # a folder of the Hub's cache
+    if cached:
+        return "/".join(cached.groups())
     hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", reference) and not path.exists()
     return reference if hub_id else path.name
 
@@ -51,13 +59,16 @@ def _publish_config(folder: Path) -> None:
 
 
 def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_id: str | None = None,
-           llm_id: str | None = None, license: str = "other", report: str | Path | None = None) -> Path:
+           llm_id: str | None = None, license: str = "other", report: str | Path | None = None,
+           overwrite: bool = False) -> Path:
     """Write the Hub-ready folder; `encoder_id` / `llm_id` name the base checkpoints' Hub ids (otherwise a
-    local base is named by its folder name, and loading the export looks for a folder of that name)."""
+    local base is named by its folder name, and loading the export looks for a folder of that name beside it,
+    desta.model.loading.locate_base). An existing `out` is replaced only with `overwrite`."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / CONFIG).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json); give the output "
                                 "folder of desta train")
+    _clear(out, checkpoint, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = load(checkpoint)
     config = model.config
@@ -78,6 +89,22 @@ def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_
     return out
 
 
+def _clear(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Make way for the export: nothing to do for a missing or empty `out`; an earlier export is removed with
+    `overwrite`; anything else (a folder that is not an export, the checkpoint itself) is refused."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    resolved = out.resolve()
+    if resolved == checkpoint.resolve() or resolved in checkpoint.resolve().parents:
+        raise FileExistsError(f"{out} holds the checkpoint being exported; give another output folder")
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; give another output folder, or --overwrite to replace it")
+    if not ((out / MODEL_CARD).is_file() and "library_name: desta" in (out / MODEL_CARD).read_text()[:200]):
+        raise FileExistsError(f"{out} is not an earlier desta export (no model card of desta's); --overwrite "
+                              "replaces only an export: give another output folder")
+    shutil.rmtree(out)
+
+
 def _report_markdown(path: Path) -> Path:
     """The report.md of an eval: given its folder, its report.json or itself."""
     markdown = path / REPORT_MD if path.is_dir() else path.with_name(REPORT_MD)
@@ -90,12 +117,16 @@ def save_full(model: DestaModel, out: Path) -> None:
     """The whole model (LoRA merged) as safetensors, with a config that needs no base checkpoint."""
     from huggingface_hub import save_torch_state_dict
 
+    from desta.model.modeling import GENERATION_CONFIGS
+
     config = model.config
     if config.lora is not None:
         model.llm = model.llm.merge_and_unload()
         config.lora = None
     config.encoder_name_or_path = config.llm_name_or_path = None
     config.save_pretrained(out)
+    for part, name in GENERATION_CONFIGS.items():  # the config alone would leave Whisper's and the LLM's defaults
+        getattr(model, part).generation_config.save_pretrained(out, config_file_name=name)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # shared (tied) tensors are written once; loading restores the tie
     save_torch_state_dict(state, out, filename_pattern="model{suffix}.safetensors", max_shard_size="5GB",
@@ -223,6 +254,8 @@ class ExportConfig:
     """create the repository as private"""
     dry_run: bool = False
     """with push: list what would be uploaded, send nothing"""
+    overwrite: bool = False
+    """replace out when it already holds an export"""
 
     def __post_init__(self) -> None:
         if (self.private or self.dry_run) and not self.push:
@@ -232,7 +265,7 @@ class ExportConfig:
 def export_command(config: ExportConfig) -> dict[str, Any]:
     """Export, then push when asked; returns the folder, its size and what was (or would be) uploaded."""
     folder = export(config.checkpoint, config.out, full=config.full, encoder_id=config.encoder_id,
-                    llm_id=config.llm_id, license=config.license, report=config.report)
+                    llm_id=config.llm_id, license=config.license, report=config.report, overwrite=config.overwrite)
     result: dict[str, Any] = {"folder": str(folder), "bytes": sum(s for _, s in files_to_upload(folder)),
                               "full": config.full}
     if config.push:

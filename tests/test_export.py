@@ -146,3 +146,77 @@ def test_chat_streams_an_answer_and_answers_a_batch(checkpoint, tmp_path, capsys
     answers = [json.loads(x) for x in (tmp_path / "rows.answers.jsonl").read_text().splitlines()]
     assert len(answers) == 4 and "answer" in answers[0] and "answer" in answers[1] and "answer" in answers[3]
     assert "file not found" in answers[2]["error"]
+
+
+def test_full_export_transcribes_and_answers_as_the_checkpoint(checkpoint, tmp_path, clip, short_clip):
+    """The whole-model export carries both bases' generation settings (Whisper's no-timestamps token and length
+    limit): its transcripts, and so its answers, are the checkpoint's, not only its logits at fixed inputs."""
+    out = export(checkpoint, tmp_path / "full", full=True)
+    answers = []
+    for folder in (checkpoint, out):
+        model, processor = load(folder)
+        messages = processor.conversation("What can you hear from the audio?")
+        answers.append((model.transcribe(processor, [clip, short_clip]),
+                        model.chat(processor, [messages], [[clip]], max_new_tokens=6, do_sample=False),
+                        model.whisper.generation_config.to_dict(), model.llm.generation_config.to_dict()))
+    assert answers[1] == answers[0]
+
+
+def test_export_into_an_existing_folder_needs_overwrite(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    export(checkpoint, out)
+    (out / "stale.safetensors").write_text("from an earlier export")
+    with pytest.raises(FileExistsError, match="already exists; give another output folder, or --overwrite"):
+        export(checkpoint, out)
+    assert main(["export", str(checkpoint), str(out)]) == 2
+    assert "--overwrite to replace it" in capsys.readouterr().err
+    assert main(["export", str(checkpoint), str(out), "--overwrite"]) == 0
+    assert not (out / "stale.safetensors").exists() and (out / "model.safetensors").exists()  # replaced, not mixed
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not an earlier desta export"):
+        export(checkpoint, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="holds the checkpoint being exported"):
+        export(checkpoint, checkpoint, overwrite=True)
+
+
+# ----- checkpoints that load from any folder -----
+
+def test_a_checkpoint_made_with_relative_base_paths_loads_from_another_folder(tmp_path, monkeypatch, clip):
+    """Training records its bases as given; `desta chat` from another folder then failed ("Repo id must be in the
+    form"). The config now holds their absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny_bases("bases")
+    model, processor = build("bases/tiny-whisper", "bases/tiny-llm")
+    save(model, processor, "run")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["chat", "../run", "Hello?", "--max-new-tokens", "2"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["encoder_name_or_path"] == str(tmp_path / "bases" / "tiny-whisper")
+
+
+def test_a_moved_export_loads_beside_its_bases_and_a_missing_base_fails_at_once(checkpoint, tmp_path, monkeypatch,
+                                                                                  clip):
+    """An export names a local base by its folder name; moved with a bases/ folder beside it (as desta demo lays
+    them out), it loads from anywhere. Without its base it fails at once, naming the base and the fix, instead of
+    retrying the Hub for most of a minute."""
+    import shutil
+    import time
+
+    expected = _logits(checkpoint, clip)
+    demo = tmp_path / "moved-demo"
+    export(checkpoint, demo / "export")
+    shutil.copytree(checkpoint.parent / "bases", demo / "bases")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    torch.testing.assert_close(_logits(demo / "export", clip), expected, atol=0, rtol=0)
+    shutil.rmtree(demo / "bases" / "tiny-whisper")
+    started = time.time()
+    with pytest.raises(FileNotFoundError) as err:
+        load(demo / "export")
+    assert time.time() - started < 10
+    message = str(err.value)
+    assert message.startswith("the Whisper base 'tiny-whisper' is not a folder here (looked in ")
+    assert str(demo / "bases" / "tiny-whisper") in message and "--encoder-id" in message and "--full" in message

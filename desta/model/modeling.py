@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    GenerationConfig,
     PreTrainedConfig,
     PreTrainedModel,
     WhisperForConditionalGeneration,
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 
     from desta.model.processing import DestaProcessor
 
+# A whole-model export (desta export --full) keeps each base's generation settings (Whisper's no-timestamps token,
+# its length limit; the LLM's end-of-turn tokens), which the config alone does not carry.
+GENERATION_CONFIGS = {"whisper": "whisper_generation_config.json", "llm": "llm_generation_config.json"}
 # How the Q-Former's Linear layers start: transformers' BERT init, or PyTorch's own (the official code never
 # calls post_init, so its connector keeps PyTorch's kaiming-uniform init).
 QFORMER_INITS = ("bert", "pytorch")
@@ -142,8 +146,8 @@ class DestaConfig(PreTrainedConfig):
         return cls(
             encoder_config=AutoConfig.from_pretrained(encoder).to_dict(),
             text_config=text_config,
-            encoder_name_or_path=str(encoder),
-            llm_name_or_path=str(llm),
+            encoder_name_or_path=_reference(encoder),
+            llm_name_or_path=_reference(llm),
             **kwargs,
         )
 
@@ -387,6 +391,8 @@ class DestaModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         revision: str | None = None, token: str | None = None, **_: Any) -> DestaModel:
         """Load a saved model (folder or Hub id): base weights from the named checkpoints + trainable weights."""
+        from desta.model.loading import locate_base  # here: desta.model.loading imports this module
+
         folder = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, token=token)
         config = DestaConfig.from_pretrained(folder)
         weights = _load_weights(folder)  # safetensors: no code runs while loading
@@ -397,7 +403,13 @@ class DestaModel(PreTrainedModel):
             if untied or unexpected:
                 raise ValueError(f"{folder} does not match the model: missing {untied[:3]}, unexpected "
                                  f"{unexpected[:3]}")
+            for part, name in GENERATION_CONFIGS.items():  # the bases' generation settings, saved with the export
+                if (folder / name).is_file():
+                    getattr(model, part).generation_config = GenerationConfig.from_pretrained(folder, name)
             return model.eval()
+        for field, what in (("encoder_name_or_path", "Whisper"), ("llm_name_or_path", "LLM")):
+            if getattr(config, field):
+                setattr(config, field, locate_base(getattr(config, field), f"the {what} base", folder))
         model = cls.from_base(config, dtype=dtype)
         expected = set(model.trainable_state_dict())
         missing, unexpected = expected - set(weights), set(weights) - expected
@@ -407,6 +419,13 @@ class DestaModel(PreTrainedModel):
                              f"(e.g. {sorted(unexpected)[:3]})")
         model.load_state_dict(weights, strict=False)
         return model
+
+
+def _reference(name_or_path: str | os.PathLike) -> str:
+    """A base checkpoint as a config records it: a local folder by its absolute path (the checkpoint then loads
+    from any working folder), a Hub id as it is."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
