@@ -1,15 +1,18 @@
 """Checkpoints a run can trust: checkpoint-N/checksums.json holds the SHA-256 of every file, written once the
 save is complete; a resume checks them, skips a damaged newer checkpoint for the one before it, and refuses
-one that holds another model's trainable weights.
+one that holds another model's trainable weights, or settings other than those the run was trained with
+(run_config.yaml) unless the change is one a resume may make.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from desta.core import digests
@@ -93,3 +96,64 @@ def check_checkpoint(folder: str, model: DestaModel) -> None:
                          "differ); was the model config changed? Use a new output_dir or resume=false")
 
 
+
+
+# Settings a resume may change without a word: where the run lives and what it prints, not what it trains.
+RESUME_FREE = ("output_dir", "resume", "resume_with_changes", "data.num_workers", "log.progress", "log.report_to",
+               "log.logging_steps", "log.save_total_limit")
+# Settings a resume may change when told (resume_with_changes): how long it trains and how often it evaluates and
+# saves; the steps already taken stay as they were (a longer run stretches the rest of its learning-rate schedule).
+RESUME_CHANGEABLE = ("optim.max_steps", "optim.epochs", "log.eval_steps", "log.save_steps", "log.save_strategy")
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key not in ("lora",):  # a mapping-valued setting compares whole
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every setting's default by dotted key (sections included), from the dataclass alone."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):  # a section
+            out.update(_defaults(f.default_factory, f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[prefix + f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[prefix + f.name] = f.default_factory()
+    return out
+
+
+def settings_changes(recorded: dict[str, Any], current: Any) -> dict[str, tuple[Any, Any]]:
+    """The settings of `current` (a config dataclass) that differ from those `recorded` (run_config.yaml as read):
+    dotted key -> (recorded, now). A setting the record lacks (added in a later desta) counts as its default."""
+    now = _flat(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(current), sort_keys=False)))
+    before = {**_defaults(type(current)), **_flat(recorded)}
+    missing = object()
+    return {key: (before.get(key), now.get(key)) for key in sorted(set(now) | set(before))
+            if before.get(key, missing) != now.get(key, missing)}
+
+
+def check_resume_settings(run_config: Path, current: Any, with_changes: bool) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume with settings that change what the run trains: ValueError naming each difference and the
+    fix (a new output_dir; resume_with_changes for the RESUME_CHANGEABLE ones). Returns the accepted changes."""
+    if not run_config.is_file():
+        return {}
+    changes = {k: v for k, v in settings_changes(yaml.safe_load(run_config.read_text()) or {}, current).items()
+               if k not in RESUME_FREE}
+    fixed = {k: v for k, v in changes.items() if k not in RESUME_CHANGEABLE}
+    told = {k: v for k, v in changes.items() if k in RESUME_CHANGEABLE and not with_changes}
+    if fixed or told:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in {**fixed, **told}.items())
+        fix = ("use a new output_dir (or resume=false to start over here)" if fixed else
+               "give --resume-with-changes to resume with them, or a new output_dir")
+        raise ValueError(f"{run_config.parent} was trained with other settings than these ({listed}); resuming "
+                         f"would go on with a mix of both: {fix}. Only {', '.join(RESUME_CHANGEABLE)} may change on "
+                         "a resume (with --resume-with-changes)")
+    return changes

@@ -187,7 +187,10 @@ class TrainConfig:
     output_dir: str = "runs/desta"
     """run folder: checkpoints, logs, the final weights"""
     resume: bool = True
-    """continue from the newest checkpoint in output_dir"""
+    """continue from the newest checkpoint in output_dir (refused when settings that change the result differ)"""
+    resume_with_changes: bool = False
+    """let a resume change how long the run trains and how often it evaluates and saves (the settings
+    desta.train.checkpoints.RESUME_CHANGEABLE lists)"""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: TrainOptim = field(default_factory=TrainOptim)

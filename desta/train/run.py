@@ -33,7 +33,7 @@ from desta.model.modeling import DestaModel
 from desta.model.processing import DestaProcessor
 from desta.model.tiny import TINY
 from desta.prompts import DEFAULT_SYSTEM_PROMPT
-from desta.train.checkpoints import CheckpointChecksums, check_checkpoint, usable_checkpoint
+from desta.train.checkpoints import CheckpointChecksums, check_checkpoint, check_resume_settings, usable_checkpoint
 from desta.train.config import ModelSection, TrainConfig
 from desta.train.data import (
     DestaCollator,
@@ -113,6 +113,12 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     """Data first (cheap to check), then the model, the examples and the Trainer."""
     from desta.train.features import FeatureCache, cache_features
 
+    out = Path(config.output_dir)
+    resume_from = usable_checkpoint(out) if config.resume else None
+    if resume_from:  # before anything is read or written: a resume with other settings is refused
+        changes = check_resume_settings(out / RUN_CONFIG, config, config.resume_with_changes)
+        print(f"desta train: resuming from {Path(resume_from).name}"
+              + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
     data = config.data
     train_set = load_targets(data.train, "train")
     if data.max_clips:
@@ -124,7 +130,6 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         train_set, eval_set = split_held_out(train_set, data.eval_fraction, config.optim.seed)
     system_prompt = targets_system_prompt(train_set, data.system_prompt)
 
-    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     model, processor = build_model(config.model, out, config.optim.seed, system_prompt)
@@ -180,7 +185,6 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    resume_from = usable_checkpoint(out) if config.resume else None
     if resume_from:
         check_checkpoint(resume_from, model)
     return Run(config, out, model, processor, trainer, counts, resume_from)
