@@ -5,8 +5,9 @@ A command's settings come from the dataclass defaults, then an optional YAML fil
 `optim.lr=3e-4` or `--optim.lr 3e-4`). Values are read as YAML scalars and checked against the
 field's type (`Literal` fields list their choices); an unknown key names the nearest valid one
 (a key a config class lists in its `MOVED` mapping names its new place).
-Every problem, those each dataclass finds in its `__post_init__` included, is collected and
-raised once as a `ConfigError`, before any model or dataset loads.
+Every problem, those each dataclass finds in its `__post_init__` included (also when other
+settings have the wrong type), is collected and raised once as a `ConfigError`, before any model
+or dataset loads; on a command line, so is every local-looking input path that does not exist.
 
 Written here rather than taken from jsonargparse or tyro: both build `--flags` from dataclasses,
 but neither takes `key=value` overrides after a YAML file, suggests the nearest key, or reports
@@ -38,6 +39,12 @@ ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "e
            "output": "output_dir", "out": "output_dir", "lora_config": "lora"}
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")  # `key=value` on a command line
 CONFIG_SUFFIXES = (".yaml", ".yml")
+# A setting names something to read when its help says so; one named out or output_dir, or a cache, is written.
+READS = re.compile(r"\b(folder|file|checkpoint|dataset|Hub id|jsonl|manifest|path)s?\b", re.IGNORECASE)
+WRITES = re.compile(r"^(out|output_dir|.*cache)$")
+# File types a value ends with when it names a file (a value without them may still be a Hub id)
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".yaml", ".yml", ".txt", ".parquet", ".arrow", ".wav", ".flac",
+                 ".mp3", ".ogg", ".safetensors", ".jinja")
 
 
 class ConfigError(ValueError):
@@ -175,6 +182,68 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
 
 # ----- building a config -----
 
+def looks_local(value: str) -> bool:
+    """Whether a setting's text names a local file or folder rather than a Hub id or a name: an absolute, home or
+    ./-relative path, a file name with a data or model suffix, or a path under an existing local folder.
+
+    >>> [looks_local(v) for v in ("/data/x", "nope.jsonl", "openai/whisper-small", "tiny", "http://h/v1")]
+    [True, True, False, False, False]
+    """
+    if not value or "://" in value or "\n" in value:
+        return False
+    if value.startswith(("/", "./", "../", "~")):
+        return True
+    if any(c.isspace() for c in value):
+        return False
+    if value.lower().endswith(FILE_SUFFIXES):
+        return True
+    head = value.split("/")[0]
+    return "/" in value and Path(head).is_dir()
+
+
+def path_problems(cls: type, values: dict[str, Any], prefix: str = "") -> list[str]:
+    """A problem for each setting in a (nested) mapping of settings that names something to read (its help says
+    folder, file, checkpoint, ...) as a local-looking path that does not exist."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    problems = []
+    for name, value in values.items():
+        section = _unwrap_optional(hints[name])[0] if name in hints else None
+        if dataclasses.is_dataclass(section) and isinstance(value, dict):
+            problems += path_problems(section, value, f"{prefix}{name}.")
+            continue
+        if name not in hints or WRITES.match(name) or not READS.search(docs.get(name, "")):
+            continue
+        items = [(f"{name}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(name, value)]
+        for key, item in items:
+            if isinstance(item, str) and looks_local(item) and not Path(item).expanduser().exists():
+                where = "" if Path(item).expanduser().is_absolute() else f" (from {Path.cwd()})"
+                problems.append(f"{prefix}{key}: {item!r} not found{where}; give an existing file or folder"
+                                + (", or a Hub id such as ORG/NAME" if "Hub" in docs[name] else ""))
+    return problems
+
+
+def _own_problems(cls: type, kwargs: dict[str, Any], bad: set[str], prefix: str) -> list[str]:
+    """The dataclass's own checks (`__post_init__`) on the settings that are well typed, the others at their
+    defaults, so range errors come out in the same pass as type errors; [] when a setting has no default."""
+    values = dict(kwargs)
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in values:
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                try:
+                    values[f.name] = f.default_factory()
+                except ConfigError:
+                    return []
+            else:
+                return []
+    try:
+        cls(**values)
+    except ConfigError as err:
+        return [prefix + p for p in err.problems if p.split(":")[0].split(".")[0] not in bad]
+    return []
+
+
 def _mapping(default: Any) -> dict:
     """A setting's default if it is a mapping (e.g. peft settings), else an empty one."""
     return default if isinstance(default, dict) else {}
@@ -215,7 +284,8 @@ def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
         elif name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{prefix + name}: required; give it as {prefix + name}=VALUE or --{prefix + name} VALUE")
     if problems:
-        raise ConfigError(problems)
+        bad = {p[len(prefix):].split(":")[0].split(".")[0].split("[")[0].strip("'") for p in problems}
+        raise ConfigError(problems + _own_problems(cls, kwargs, bad, prefix))
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -438,6 +508,7 @@ def parse_command(cls: type, argv: list[str], prog: str = "desta") -> Any:
             apply_override(values, cls, name, given)
         except ConfigError as err:
             problems += err.problems
+    problems += path_problems(cls, values)  # a command line's inputs must exist before anything loads
     try:
         config = build(cls, values)
     except ConfigError as err:
