@@ -133,3 +133,12 @@ def test_missing_local_paths_are_found_before_anything_loads(tmp_path, monkeypat
     assert main(["chat", "ckpt", "--audio", "missing.wav", "Who speaks?"]) == 2
     assert "audio[0]: 'missing.wav' not found" in capsys.readouterr().err
     assert parse_command(TrainConfig, ["data.train=x", "model.llm=HuggingFaceTB/SmolLM2-135M-Instruct"])  # a Hub id
+
+
+def test_a_missing_manifest_is_not_looked_for_on_the_hub(tmp_path, monkeypatch):
+    """From Python (no command line to check it first) too: the Hub's "couldn't reach" was all one learnt."""
+    from desta.describe.sources import open_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="source nope.jsonl not found; give a .jsonl/.csv manifest"):
+        open_source("nope.jsonl", {})

@@ -185,6 +185,8 @@ def open_source(source: str, mapping: dict[str, Any], split: str = "train",
     ids, plus rejects (malformed manifest lines, duplicate ids: all but the first row with an id)."""
     from datasets import Audio, Dataset, load_dataset, load_from_disk
 
+    from desta.core.args import looks_local
+
     path = Path(source)
     rejects: list[dict] = []
     if mapping.get("reader"):  # a corpus with its own layout and codec (e.g. the Asterisk prompts)
@@ -209,6 +211,9 @@ def open_source(source: str, mapping: dict[str, Any], split: str = "train",
             dataset = dataset[split]
     elif path.exists():
         raise ValueError(f"{path}: unsupported source; give a .jsonl/.csv manifest or a save_to_disk folder")
+    elif looks_local(source):  # not a Hub dataset id: say so, rather than the Hub's "couldn't reach"
+        raise FileNotFoundError(f"source {source} not found; give a .jsonl/.csv manifest, a save_to_disk folder or a "
+                                "Hub dataset id")
     else:
         dataset = load_dataset(source, split=split)
     audio_column = mapping.get("audio", "audio")
