@@ -10,18 +10,17 @@ import torch
 from transformers import LogitsProcessorList
 
 from desta.cli import main
-from desta.core.args import ConfigError
+from desta.core.args import ConfigError, build
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend
 from desta.core.optim import OptimSection
 from desta.core.rules import RuleAdapter, RuleSettings, rule_nll
 from desta.core.sequences import IGNORE_INDEX, end_of_turn_ids
 from desta.model.tiny import save_tiny_bases, tiny_llm, tiny_tokenizer
-from desta.posttrain import PostTrainConfig, TaskSection, posttrain
-from desta.posttrain.anchored import KLCollator, KLTrainer
-from desta.posttrain.config import RetentionSection
-from desta.posttrain.run import strategy_data
-from desta.posttrain.self_align import preference_pairs, self_align_pairs, self_scores
-from desta.posttrain.strategies import answer_nll, encode
+from desta.posttrain import PostTrainConfig, posttrain
+from desta.posttrain.data import strategy_data
+from desta.posttrain.examples import answer_nll, encode
+from desta.posttrain.strategies.replay_kl import KLCollator, kl_trainer_class
+from desta.posttrain.strategies.self_align import preference_pairs, self_align_pairs, self_scores
 from desta.posttrain.token_shift import TokenShiftConfig, token_shift
 from desta.posttrain.training import train_model
 from desta.posttrain.verifiers import last_number
@@ -32,9 +31,10 @@ ROWS = [{"instruction": f"Ana has {a} apples and buys 2 more. How many?", "answe
 
 def settings(**overrides):
     """A posttrain config for a tiny in-memory model: 2 steps of 2 rows, short answers."""
-    config = PostTrainConfig(model="in-memory", answer_max_new_tokens=6, replay_kl_source="bos", bos_replay_count=8,
-                             bos_replay_max_new_tokens=24, replay_ratio=0.3, self_align_k=3, self_align_min_margin=0.0,
-                             distill={"max_completion_length": 6}, **overrides)
+    config = build(PostTrainConfig, {"model": "in-memory", "answer_max_new_tokens": 6, "replay_kl": {"source": "bos"},
+                                     "bos_replay": {"count": 8, "max_new_tokens": 24}, "replay": {"ratio": 0.3},
+                                     "self_align": {"k": 3, "min_margin": 0.0},
+                                     "on_policy_distill": {"distill": {"max_completion_length": 6}}, **overrides})
     config.optim = OptimSection(max_steps=2, batch_size=2, warmup_steps=0, lr=1e-2)
     return config
 
@@ -146,8 +146,8 @@ def test_replay_kl_adds_the_kl_to_the_frozen_base_on_replay_rows_only(tmp_path):
 
     base = copy.deepcopy(llm)
     whole = training_arguments(config.optim, str(tmp_path), per_device_train_batch_size=len(examples))
-    trainer = KLTrainer(model=llm, args=whole, base=base, weight=5.0,
-                        train_dataset=examples, data_collator=KLCollator(backend.pad_id))
+    trainer = kl_trainer_class()(model=llm, args=whole, base=base, weight=5.0,
+                                 train_dataset=examples, data_collator=KLCollator(backend.pad_id))
     task_only = KLCollator(backend.pad_id)([{**examples[0], "kl": 0}])
     plain = llm(**{k: v for k, v in task_only.items() if k != "kl_rows"}).loss
     assert float(trainer.compute_loss(llm, dict(task_only))) == pytest.approx(float(plain)) and trainer.kl_log == []
@@ -164,20 +164,20 @@ def test_replay_kl_adds_the_kl_to_the_frozen_base_on_replay_rows_only(tmp_path):
 
 
 def test_on_policy_distill_learns_the_gold_answers_and_keeps_the_teacher_frozen(tmp_path, monkeypatch):
-    from desta.posttrain import anchored
+    from desta.posttrain.strategies import on_policy_distill
 
     llm, tokenizer = tiny_llm(), tiny_tokenizer()
     backend = TransformersBackend(llm=llm, tokenizer=tokenizer)
     rows, examples, _ = strategy_data({"on_policy_distill"}, backend, settings(), ROWS, [], last_number)
     teachers = []
-    real = anchored.train_on_policy_distill
-    monkeypatch.setattr(anchored, "train_on_policy_distill",
+    real = on_policy_distill.train_on_policy_distill
+    monkeypatch.setattr(on_policy_distill, "train_on_policy_distill",
                         lambda model, teacher, *a, **k: teachers.append((teacher, weights(teacher))) or
                         real(model, teacher, *a, **k))
     before = weights(llm)
     model, _, notes = train_model({"on_policy_distill", "lora"}, llm, tokenizer, rows, examples,
-                                       settings(strategies=["on_policy_distill+lora"]), last_number, backend.pad_id,
-                                       tmp_path / "scratch")
+                                  settings(strategies=["on_policy_distill+lora"]), last_number, backend.pad_id,
+                                  tmp_path / "scratch")
     assert changed(before, model) == set() and adapters_learnt(model)  # only the adapters learnt
     teacher, teacher_before = teachers[0]
     assert changed(teacher_before, teacher) == set() and not any("lora_" in n for n in teacher_before)
@@ -195,7 +195,7 @@ def test_self_align_pairs_its_own_best_and_worst_answers_and_dpo_trains_only_the
                                     max_new_tokens=6)
     assert notes["pairs"] == len(pairs) > 0 and all(p["chosen_score"] >= p["rejected_score"] for p in pairs)
     assert preference_pairs(ROWS[:1], [["a", "b"]], [[3.0, 3.1]], min_margin=0.5) == []  # too close to prefer
-    with pytest.raises(ValueError, match="lower self_align_min_margin"):
+    with pytest.raises(ValueError, match="lower self_align.min_margin"):
         self_align_pairs(backend, ROWS, last_number, k=2, temperature=1.0, min_margin=10.0, max_new_tokens=4)
     config = settings(strategies=["self_align+lora"])
     rows, examples, data_notes = strategy_data({"self_align"}, backend, config, ROWS, [], last_number)
@@ -203,7 +203,7 @@ def test_self_align_pairs_its_own_best_and_worst_answers_and_dpo_trains_only_the
     assert data_notes["self_align"]["questions"] == len(ROWS)
     before = weights(llm)
     model, _, _ = train_model({"self_align", "lora"}, llm, tokenizer, rows, [], config, last_number,
-                                       backend.pad_id, tmp_path / "scratch")
+                              backend.pad_id, tmp_path / "scratch")
     assert changed(before, model) == set() and adapters_learnt(model)  # the adapters learnt, the base did not
 
 
@@ -223,7 +223,7 @@ class ScriptedBackend:
 
 def test_knowledge_known_and_unknown_train_on_as_many_items_from_one_cached_split(tmp_path):
     backend = ScriptedBackend(known={"5", "11"})  # 3 + 2 and 9 + 2 are known; 5 + 2 and 7 + 2 never
-    config = settings(knowledge_samples=1)
+    config = settings(knowledge={"samples": 1})
     known, _, notes = strategy_data({"knowledge_known"}, backend, config, ROWS, [], last_number, tmp_path)
     asked = backend.calls
     unknown, _, unknown_notes = strategy_data({"knowledge_unknown"}, backend, config, ROWS, [], last_number, tmp_path)
@@ -260,14 +260,15 @@ def test_posttrain_compares_the_new_strategies_head_to_head(tmp_path):
     _, llm_dir = save_tiny_bases(tmp_path / "bases")
     out = tmp_path / "run"
     strategies = ["sft", "response_tuning", "rule_adapter", "replay_kl", "self_align", "on_policy_distill"]
-    config = PostTrainConfig(
-        model=str(llm_dir), output_dir=str(out), task=TaskSection(train_size=6, eval_size=4),
-        retention=RetentionSection(format_size=4, own_answer_size=3, refusal_size=0, own_answer_max_new_tokens=4),
-        eval_max_new_tokens=4, probe_max_new_tokens=4, answer_max_new_tokens=4, replay_kl_source="bos",
-        bos_replay_count=8, bos_replay_max_new_tokens=24, replay_ratio=0.3, self_align_k=2, self_align_min_margin=0.0,
-        distill={"max_completion_length": 4}, save_models=False, save_models_of=["sft"], strategies=strategies,
-        head_to_head=[[s, t] for s, t in (("sft", "response_tuning"), ("sft", "rule_adapter"),
-                                          ("sft", "on_policy_distill"))])
+    config = build(PostTrainConfig, {
+        "model": str(llm_dir), "output_dir": str(out), "task": {"train_size": 6, "eval_size": 4},
+        "retention": {"format_size": 4, "own_answer_size": 3, "refusal_size": 0, "own_answer_max_new_tokens": 4},
+        "eval_max_new_tokens": 4, "probe_max_new_tokens": 4, "answer_max_new_tokens": 4,
+        "replay_kl": {"source": "bos"}, "bos_replay": {"count": 8, "max_new_tokens": 24}, "replay": {"ratio": 0.3},
+        "self_align": {"k": 2, "min_margin": 0.0}, "on_policy_distill": {"distill": {"max_completion_length": 4}},
+        "save_models": False, "save_models_of": ["sft"], "strategies": strategies,
+        "head_to_head": [[s, t] for s, t in (("sft", "response_tuning"), ("sft", "rule_adapter"),
+                                             ("sft", "on_policy_distill"))]})
     config.optim.max_steps, config.optim.batch_size = 2, 2
     comparison = posttrain(config, log=lambda *a: None)
     runs = {r["name"]: r for r in comparison["runs"]}
@@ -300,15 +301,16 @@ def test_a_base_model_without_a_chat_template_takes_one_from_the_config(tmp_path
 
 def test_posttrain_config_refuses_mixed_trainers_and_unknown_trl_settings():
     with pytest.raises(ConfigError) as err:
-        PostTrainConfig(model="m", strategies=["self_align+replay", "on_policy_distill"], dpo={"betaa": 0.1},
-                        distill={"seed": 3}, head_to_head=[["sft", "self_align"]], save_models_of=["rl"])
+        build(PostTrainConfig, {"model": "m", "strategies": ["self_align+replay", "on_policy_distill"],
+                                "self_align": {"dpo": {"betaa": 0.1}}, "on_policy_distill": {"distill": {"seed": 3}},
+                                "head_to_head": [["sft", "self_align"]], "save_models_of": ["rl"]})
     problems = "\n".join(err.value.problems)
     assert "['self_align+replay']: self_align trains with a trainer of its own" in problems
     assert "DPOConfig has no setting 'betaa'; did you mean 'beta'?" in problems
     assert "seed is set by desta" in problems and "[['sft', 'self_align']]: each pair is two names" in problems
     assert "save_models_of: ['rl'] are not in strategies" in problems
-    with pytest.raises(ConfigError, match="repeat_penalty must be 0 or more"):
-        RuleSettings(repeat_penalty=-1)
+    with pytest.raises(ConfigError, match="rule_adapter.end_min_tokens: .*repeat_penalty must be 0 or more"):
+        build(PostTrainConfig, {"model": "m", "rule_adapter": {"repeat_penalty": -1}})
 
 
 # ----- token shift -----

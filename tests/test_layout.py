@@ -112,6 +112,14 @@ def test_no_module_is_over_600_lines():
             if (n := len(p.read_text().splitlines())) > 600} == {}
 
 
+@pytest.mark.parametrize("package", ["posttrain"])  # the packages that hold to it so far
+def test_no_function_is_over_60_lines(package):
+    long = {f"{p.relative_to(ROOT)}:{node.name}": length for p in (ROOT / "desta" / package).rglob("*.py")
+            for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and (length := node.end_lineno - node.lineno + 1) > 60}
+    assert long == {}
+
+
 def test_production_code_never_imports_the_tests():
     assert [p.name for p in (ROOT / "desta").rglob("*.py")
             if any(m == "tests" or m.startswith(("tests.", "pytest")) for m in imports_of(p))] == []

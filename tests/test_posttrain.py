@@ -5,30 +5,24 @@ import numpy as np
 import pytest
 import torch
 
-from desta.core.args import ConfigError
+from desta.core.args import ConfigError, build, load_config, parse_command
 from desta.core.generation import Generation, TransformersBackend
 from desta.core.optim import OptimSection
 from desta.core.replay import mix
 from desta.model.tiny import save_tiny_bases, tiny_llm, tiny_tokenizer
-from desta.posttrain import PostTrainConfig, TaskSection, posttrain
+from desta.posttrain import PostTrainConfig, posttrain
 from desta.posttrain.config import RetentionSection
+from desta.posttrain.data import strategy_data
+from desta.posttrain.examples import answer_nll, encode
 from desta.posttrain.knowledge import knowledge_filter, knowledge_split
 from desta.posttrain.report import delta_stats
-from desta.posttrain.rl import train_grpo
-from desta.posttrain.run import strategy_data
-from desta.posttrain.strategies import (
-    answer_nll,
-    bos_prefix,
-    bos_replay,
-    encode,
-    filter_tokens,
-    keep_paraphrase,
-    lm_rows,
-    magpie,
-    magpie_prefix,
-    pick_verified,
-    self_distill,
-)
+from desta.posttrain.strategies.bos_replay import bos_prefix, bos_replay, lm_rows
+from desta.posttrain.strategies.magpie import magpie, magpie_prefix
+from desta.posttrain.strategies.paraphrase import keep_paraphrase
+from desta.posttrain.strategies.rl import train_grpo
+from desta.posttrain.strategies.self_distill import self_distill
+from desta.posttrain.strategies.self_output import pick_verified
+from desta.posttrain.strategies.token_filter import filter_tokens
 from desta.posttrain.tasks import arithmetic_task
 from desta.posttrain.verifiers import exact_match, json_schema, last_number, make_verifier, python_tests, regex
 
@@ -205,7 +199,8 @@ def test_knowledge_split_reads_answers_as_long_as_the_task_evaluation_does():
             for i in range(4)]
     backend = ScriptedBackend(lambda conversation, settings, call: "The code is 00." if call == 1 else "No.")
     backend.tokenizer = tiny_tokenizer()
-    config = PostTrainConfig(model="m", eval_max_new_tokens=24, answer_max_new_tokens=160, knowledge_samples=2)
+    config = build(PostTrainConfig, {"model": "m", "eval_max_new_tokens": 24, "answer_max_new_tokens": 160,
+                                     "knowledge": {"samples": 2}})
     kept, _, notes = strategy_data({"knowledge_filter"}, backend, config, rows, [], exact_match_code)
     assert [r["gold"] for r in kept] == ["00"] and notes["knowledge"]["dropped"] == 3
     assert {s.max_new_tokens for _, s in backend.asked} == {24}
@@ -237,7 +232,7 @@ def test_grpo_two_steps_train_only_the_lora_adapters():
 def test_grpo_in_bf16_learns_exactly_what_trls_own_trainer_learns(monkeypatch):
     import trl
 
-    from desta.posttrain import rl
+    from desta.posttrain.strategies import rl
 
     rows = [{"instruction": f"Say a word about {w}.", "answer": w, "gold": w} for w in ("sea", "sky")]
     even = lambda answer, gold: (len(answer) % 2 == 0, "even length")  # noqa: E731 -- a reward that varies
@@ -277,12 +272,12 @@ def test_deltas_are_paired_with_intervals_and_spread_over_seeds():
 
 
 def tiny_config(llm_dir, out, **overrides):
-    config = PostTrainConfig(model=str(llm_dir), output_dir=str(out), task=TaskSection(train_size=8, eval_size=4),
-                             retention=RetentionSection(format_size=4, own_answer_size=3, refusal_size=2,
-                                                        own_answer_max_new_tokens=4),
-                             eval_max_new_tokens=4, probe_max_new_tokens=4, answer_max_new_tokens=4, replay_ratio=0.2,
-                             bos_replay_count=8, bos_replay_max_new_tokens=24, knowledge_samples=2, knowledge_drop=[],
-                             save_models=False, **overrides)
+    config = build(PostTrainConfig, {
+        "model": str(llm_dir), "output_dir": str(out), "task": {"train_size": 8, "eval_size": 4},
+        "retention": {"format_size": 4, "own_answer_size": 3, "refusal_size": 2, "own_answer_max_new_tokens": 4},
+        "eval_max_new_tokens": 4, "probe_max_new_tokens": 4, "answer_max_new_tokens": 4, "replay": {"ratio": 0.2},
+        "bos_replay": {"count": 8, "max_new_tokens": 24}, "knowledge": {"samples": 2, "drop": []},
+        "save_models": False, **overrides})
     config.optim.max_steps, config.optim.batch_size = 2, 4
     return config
 
@@ -311,11 +306,18 @@ def test_posttrain_compares_strategies_and_seeds_and_resumes_run_by_run(tmp_path
     assert "| knowledge_filter | 0 | 0 | 0 | 8 | 0 |" in table and re.search(r"\| sft \| 2 \| 8 \| .* ± .*\[", table)
     assert (out / "forgetting.png").stat().st_size > 5000 and (out / "replay_sweep.png").stat().st_size > 5000
     assert len((out / "knowledge_filter" / "seed-1" / "knowledge.jsonl").read_text().splitlines()) == 8
+    # a run finished before the strategies had sections recorded its settings under the old flat keys: still the same
+    old = out / "lora+replay" / "seed-1" / "metrics.json"
+    result = json.loads(old.read_text())
+    settings = result["settings"]
+    settings["lora_lr"], settings["lora"] = settings["lora"]["lr"], settings["lora"]["peft"]
+    settings["replay_data"], settings["replay_ratio"] = settings["replay"]["data"], settings.pop("replay")["ratio"]
+    old.write_text(json.dumps(result))
     finished = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")}
     assert len(finished) == 8
 
     logs = []  # the same settings, and a setting none of these runs has: nothing is trained again
-    posttrain(tiny_config(llm_dir, out, magpie_count=3, **plan), log=logs.append)
+    posttrain(tiny_config(llm_dir, out, magpie={"count": 3}, **plan), log=logs.append)
     assert sum("kept" in line for line in logs) == 8 and not any("training" in line for line in logs)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
 
@@ -368,11 +370,30 @@ def test_posttrain_in_bf16_generates_under_autocast_and_keeps_likelihoods_in_flo
 
 def test_posttrain_config_checks_the_new_strategies():
     with pytest.raises(ConfigError) as err:
-        PostTrainConfig(model="m", strategies=["sft", "rl+replay", "rl"], grpo={"num_generation": 4, "seed": 1},
-                        knowledge_drop=["Unknwn"], seeded_strategies=["lora", "lora+replya"])
+        build(PostTrainConfig, {"model": "m", "strategies": ["sft", "rl+replay", "rl"],
+                                "rl": {"grpo": {"num_generation": 4, "seed": 1}},
+                                "seeded_strategies": ["lora", "lora+replya"]})
     problems = "\n".join(err.value.problems)
-    assert "GRPOConfig has no setting 'num_generation'; did you mean 'num_generations'?" in problems
+    assert "rl.grpo: GRPOConfig has no setting 'num_generation'; did you mean 'num_generations'?" in problems
     assert "seed is set by desta" in problems and "['rl+replay']: rl learns from its own samples" in problems
-    assert "unknown categories ['Unknwn']" in problems and "['lora+replya'] are not strategies" in problems
+    assert "['lora+replya'] are not strategies" in problems
+    with pytest.raises(ConfigError, match=r"knowledge.drop: unknown categories \['Unknwn'\]"):
+        build(PostTrainConfig, {"model": "m", "knowledge": {"drop": ["Unknwn"]}})
     with pytest.raises(ConfigError, match=r"num_generations 3 must divide optim.batch_size x grad_accum \(8 x 1\)"):
-        PostTrainConfig(model="m", strategies=["rl"], grpo={"num_generations": 3})
+        build(PostTrainConfig, {"model": "m", "strategies": ["rl"], "rl": {"grpo": {"num_generations": 3}}})
+
+
+def test_each_strategy_setting_is_in_its_section_and_an_old_flat_key_names_its_new_one(tmp_path):
+    config = load_config(PostTrainConfig, None, ["model=m", "replay.ratio=0.05", "rl.grpo={num_generations: 2}",
+                                                 "lora.peft.r=4"])
+    assert (config.replay.ratio, config.rl.grpo, config.lora.peft["r"]) == (0.05, {"num_generations": 2}, 4)
+    yaml = tmp_path / "old.yaml"
+    yaml.write_text("model: m\nreplay_ratio: 0.05\ngrpo: {beta: 0.0}\nlora: {r: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        parse_command(PostTrainConfig, [str(yaml), "knowledge_drop=[]", "--self-align-k", "3"])
+    assert sorted(err.value.problems) == [
+        "unknown key 'grpo'; did you mean 'rl.grpo'?",
+        "unknown key 'knowledge_drop'; did you mean 'knowledge.drop'?",
+        "unknown key 'lora.r'; did you mean 'lora.peft.r'?",
+        "unknown key 'replay_ratio'; did you mean 'replay.ratio'?",
+        "unknown key 'self_align_k'; did you mean 'self_align.k'?"]

@@ -1,20 +1,26 @@
-"""Each post-training strategy's data and trainer, pinned: the rows and tokenised examples its data step makes on a
-small task, and the trainer it picks, for a fixed config and seed."""
+"""What a post-training strategy is: one module and one registry line; and each strategy's data and trainer, pinned:
+the rows and tokenised examples its data step makes on a small task, and the trainer it picks, for a fixed config and
+seed."""
 
+import importlib
 import re
+from pathlib import Path
 
 import pytest
 
-from desta.core.args import build
+from desta.core.args import build, field_docs, setting_docs
 from desta.core.digests import fingerprint
 from desta.core.generation import SamplingSettings, TransformersBackend
 from desta.model.tiny import tiny_llm, tiny_tokenizer
 from desta.posttrain import PostTrainConfig
 from desta.posttrain.data import strategy_data
+from desta.posttrain.strategies import STRATEGIES, depends
+from desta.posttrain.strategies.base import STAGES
 from desta.posttrain.tasks import arithmetic_task
 from desta.posttrain.training import train_model
 from desta.posttrain.verifiers import last_number
 
+ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"model": "in-memory", "answer_max_new_tokens": 6, "eval_max_new_tokens": 6, "max_length": 64,
             "optim": {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "warmup_steps": 0, "seed": 0},
             "replay": {"ratio": 0.25},
@@ -80,6 +86,27 @@ TRAINERS = {
     'lora+rule_adapter': ('sft', True, 0.01, False, None),
     'lora+replay': ('sft', True, 0.01, False, None),
 }
+
+
+def test_a_new_strategy_is_one_module_and_one_registry_line():
+    """What a strategy needs: a module desta/posttrain/strategies/<name>.py whose STRATEGY record is named after it and
+    listed in the registry (desta/posttrain/strategies/__init__.py); a one-line summary; a data transform and the
+    stage it runs at, or neither; its settings, if it has any, as a dataclass with every field documented, which the
+    config then holds under <name> with no line of its own; only settings and strategies that exist named in what it
+    reads and combines with; and a row in docs/posttrain.md or docs/alignment.md."""
+    folder = ROOT / "desta" / "posttrain" / "strategies"
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "base")) == sorted(STRATEGIES)
+    config, settings = PostTrainConfig(model="m"), set(setting_docs(PostTrainConfig))
+    docs = (ROOT / "docs" / "posttrain.md").read_text() + (ROOT / "docs" / "alignment.md").read_text()
+    documented = " ".join(line.split("|")[1] for line in docs.splitlines() if line.startswith("| `"))  # first cells
+    for name, record in STRATEGIES.items():
+        assert importlib.import_module(f"desta.posttrain.strategies.{name}").STRATEGY is record and record.name == name
+        assert record.summary and (record.data is None) == (record.stage is None) and record.stage in (*STAGES, None)
+        if record.section is not None:
+            assert isinstance(getattr(config, name), record.section)
+            assert set(field_docs(record.section)) == set(record.section.__dataclass_fields__), name
+        assert depends(record) <= settings and set(record.combines or ()) <= set(STRATEGIES), name
+        assert f"`{name}`" in documented, name
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ class Run:
 
 def plan_runs(config: PostTrainConfig) -> tuple[list[Run], list[tuple[float, str]]]:
     """Every run to make, and the replay sweep's points as (ratio, the run name that stands for it): 0 is
-    sft, the configured replay_ratio is the `replay` run (when it is a strategy), other ratios get runs of
+    sft, the configured replay.ratio is the `replay` run (when it is a strategy), other ratios get runs of
     their own with the first seed."""
     seeds = config.run_seeds
     seeded = set(config.strategies if config.seeded_strategies is None else config.seeded_strategies)
@@ -262,7 +262,7 @@ def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path, s
     if (config.save_models or run.strategy in config.save_models_of) and trains(run.parts):
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
-    result = {"name": run.name, "strategy": run.strategy, "seed": run.seed, "replay_ratio": config.replay_ratio,
+    result = {"name": run.name, "strategy": run.strategy, "seed": run.seed, "replay_ratio": config.replay.ratio,
               "settings": settings, "train_rows": len(rows) if trains(run.parts) else 0,
               "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
               "notes": notes, "metrics": means(scores), "deltas": delta_stats(shared.base["scores"], [scores]),
@@ -293,14 +293,14 @@ def measure_base(config: PostTrainConfig, folder: Path, settings: dict[str, Any]
 
 
 def base_replay_rows(config: PostTrainConfig, folder: Path) -> list[dict]:
-    """The replay set: replay_data, or the base model's answers to general requests, made once and kept in
+    """The replay set: replay.data, or the base model's answers to general requests, made once and kept in
     OUT/base/replay.jsonl."""
-    if config.replay_data:
-        return read_rows(config.replay_data, "replay_data")
+    if config.replay.data:
+        return read_rows(config.replay.data, "replay.data")
     path = folder / "replay.jsonl"
     if not path.is_file():
         backend = generation_backend(*load_model(config), config)
-        write_atomic(path, to_jsonl(replay_set(None, backend, config.answer_max_new_tokens)))
+        write_atomic(path, to_jsonl(replay_set(backend, config.answer_max_new_tokens)))
     return read_jsonl(path)
 
 

@@ -75,10 +75,8 @@ def load_task(task: TaskSection) -> tuple[list[dict], list[dict]]:
             [{**r, "gold": r.get("gold", r["answer"])} for r in held_out])
 
 
-def replay_set(path: str | None, backend: Backend, max_new_tokens: int) -> list[dict]:
-    """The old-task rows to replay: a JSONL file, or the base model's own answers to general requests."""
-    if path:
-        return read_rows(path, "replay_data")
+def replay_set(backend: Backend, max_new_tokens: int) -> list[dict]:
+    """The default replay set, standing for old-task rows: the base model's own answers to general requests."""
     answers = backend.generate([[{"role": "user", "content": p}] for p in GENERAL_PROMPTS],
                                SamplingSettings(max_new_tokens=max_new_tokens))
     return [{"instruction": p, "answer": a.text} for p, a in zip(GENERAL_PROMPTS, answers, strict=True)]
