@@ -67,6 +67,7 @@ class TrainStep:
     base: Any
     """a frozen copy of the base model for strategies that need one (Strategy.needs_base), else None"""
     tokenizer: Any
+    """the model's tokenizer"""
     rows: list[dict]
     """the rows the data step made (preference pairs for self_align)"""
     examples: list[dict]
@@ -74,7 +75,9 @@ class TrainStep:
     config: Any
     """the run's PostTrainConfig"""
     verifier: Verifier
+    """the task's verifier"""
     pad_id: int
+    """the padding token id batches are padded with"""
     lr: float
     """the learning rate: optim.lr, or lora.lr with lora"""
     scratch: Path
