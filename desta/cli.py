@@ -2,7 +2,9 @@
 
 Every subcommand takes the same forms: positionals where the command has them, an optional
 CONFIG.yaml, `key=value` overrides and `--key value` flags, all from one dataclass whose field
-docstrings are the help (desta.core.args). `desta --help` lists the commands.
+docstrings are the help (desta.core.args). `desta --help` lists the commands. A command prints
+desta's own lines and progress bars only; `--verbose` (anywhere on the line) also lets the
+libraries speak: transformers' and datasets' warnings and progress bars ("Loading weights").
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its name, where its settings class and its function live, and its last line."""
+    """One subcommand: its name, where its settings class and its function live, its last line, what `desta --help`
+    says it does, and whether a run that finished still failed (exit status 1)."""
 
     name: str
     config: str  # "module:Class" of the command's settings
     run: str  # "module:function" taking the settings
     done: Callable[[Any, Any], str | None]  # the line printed at the end, from (config, result)
+    help: str | None = None  # default: the first paragraph of the settings class's docstring
+    failed: Callable[[Any, Any], bool] = lambda config, result: False  # from (config, result): some work failed
 
 
 def _chunked(counts: Callable[[dict], str]) -> Callable[[Any, dict], str]:
@@ -96,7 +101,9 @@ COMMANDS = [
     Command("train", "desta.train.config:TrainConfig", "desta.train.run:train", _trained),
     Command("plan", "desta.train.plan:PlanConfig", "desta.train.plan:plan", _planned),
     Command("cache-features", "desta.train.config:TrainConfig", "desta.train.run:cache_features_for",
-            lambda c, r: f"features cached in {r}"),
+            lambda c, r: f"features cached in {r}",
+            help="Compute the frozen Whisper encoder's features of a training config's data into data.feature_cache "
+                 "(train reads them instead of running the encoder)."),
     Command("eval-set", "desta.evaluation.items:EvalSetConfig", "desta.evaluation.items:write_eval_set",
             lambda c, r: f"wrote {sum(r.values())} items to {c.out}: {r}"),
     Command("eval", "desta.evaluation.run:EvalConfig", "desta.evaluation.run:evaluate", _evaluated),
@@ -105,7 +112,7 @@ COMMANDS = [
     Command("export", "desta.export:ExportConfig", "desta.export:export_command", _exported),
     Command("chat", "desta.serving.chat:ChatConfig", "desta.serving.chat:chat", lambda c, r: (
         f"answered {r['answered']} of {r['rows']} rows ({r['failed']} with errors) -> {r['out']}" if c.batch
-        else None)),
+        else None), failed=lambda c, r: bool(c.batch and r["failed"])),
     Command("serve", "desta.serving.serve:ServeConfig", "desta.serving.serve:serve", lambda c, r: None),
     Command("app", "desta.serving.app:AppConfig", "desta.serving.app:app", lambda c, r: None),
     Command("posttrain", "desta.posttrain:PostTrainConfig", "desta.posttrain:posttrain", _posttrained),
@@ -136,17 +143,22 @@ def usage() -> str:
     width = max(len(c.name) for c in COMMANDS)
     lines = ["usage: desta COMMAND [ARGS] [CONFIG.yaml] [key=value ...] [--key value ...]", "",
              "Train speech LLMs the DeSTA2 way, and post-train text LLMs without forgetting.", "", "commands:"]
-    lines += [f"  {c.name.ljust(width)}  {command_help(_load(c.config))}" for c in COMMANDS]
-    lines += ["", "`desta COMMAND --help` lists the command's settings."]
+    lines += [f"  {c.name.ljust(width)}  {c.help or command_help(_load(c.config))}" for c in COMMANDS]
+    lines += ["", "`desta COMMAND --help` lists the command's settings; --verbose also shows the libraries' warnings "
+              "and progress bars."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `desta` command line (default: sys.argv[1:]) and return the exit status: 0 when it ran (or
-    printed --help), 2 on a usage or settings error or an error the stage raised (DESTA_DEBUG=1 re-raises it)."""
+    printed --help), 1 when it ran but some of its work failed (rows of `desta chat --batch`), 2 on a usage or
+    settings error or an error the stage raised (DESTA_DEBUG=1 re-raises it)."""
     from desta.core.args import ConfigError, parse_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    _library_output(verbose)
     commands = {c.name: c for c in COMMANDS}
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -160,13 +172,10 @@ def main(argv: list[str] | None = None) -> int:
               + f"\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        config = parse_command(_load(command.config), argv[1:], prog=f"desta {command.name}")
+        config = parse_command(_load(command.config), argv[1:], prog=f"desta {command.name}", description=command.help)
     except ConfigError as err:
         print(f"desta {command.name}: error: " + "\n  ".join(["invalid settings:", *err.problems]), file=sys.stderr)
         return 2
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # generation-config chatter from transformers, not the user's concern
     try:
         result = _load(command.run)(config)
     except (ValueError, LookupError, OSError, RuntimeError, FloatingPointError) as err:
@@ -177,7 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     line = command.done(config, result)
     if line:
         print(line)
-    return 0
+    return 1 if command.failed(config, result) else 0
+
+
+def _library_output(verbose: bool) -> None:
+    """Unless `verbose`: transformers, datasets and huggingface_hub show errors only, and no progress bars of their
+    own (desta's bars and lines are unaffected; an environment variable a user set wins)."""
+    if verbose:
+        return
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 if __name__ == "__main__":

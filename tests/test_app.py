@@ -154,6 +154,27 @@ def test_the_app_can_answer_through_a_running_desta_serve(engine, wav):
         RemoteChat(f"http://127.0.0.1:{_free_port()}/v1")
 
 
+def test_a_refused_upload_is_one_line_not_a_traceback(engine, tmp_path, capfd):
+    from gradio_client import handle_file
+
+    long, broken = tmp_path / "long.wav", tmp_path / "broken.wav"
+    sf.write(long, synthesize("This sentence is spoken for longer than the limit allows.", Voice()), 16000)
+    broken.write_bytes(b"RIFF not really a wave file")
+    page = build_app(LocalChat(engine), ServeLimits(max_audio_seconds=1.0, max_tokens=16))
+    try:
+        client = _launch(page)
+        capfd.readouterr()
+        for clip in (long, broken):
+            with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its AppError
+                client.predict(handle_file(str(clip)), "Who speaks?", 8, api_name="/chat")
+        err = capfd.readouterr().err
+    finally:
+        page.close()
+    refused = [line for line in err.splitlines() if line.startswith("desta app: refused a request: ")]
+    assert len(refused) == 2 and "s long; this app accepts at most 1 s per clip" in refused[0]
+    assert "Traceback" not in err, err
+
+
 def test_examples_are_eval_instructions_never_trained_on():
     from desta.prompts import EVAL_INSTRUCTIONS, TRAINING_POOLS
 

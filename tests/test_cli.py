@@ -142,3 +142,42 @@ def test_a_missing_manifest_is_not_looked_for_on_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="source nope.jsonl not found; give a .jsonl/.csv manifest"):
         open_source("nope.jsonl", {})
+
+
+def test_cache_features_help_says_what_it_does(capsys):
+    from desta.cli import usage
+
+    listed = next(line for line in usage().splitlines() if line.strip().startswith("cache-features"))
+    assert "features" in listed and "Train the connector" not in listed  # it showed train's description
+    with pytest.raises(SystemExit):
+        main(["cache-features", "--help"])
+    assert "Compute the frozen Whisper encoder's features" in capsys.readouterr().out
+
+
+QUIET = """
+import sys
+import desta
+from desta.audio import load_audio
+from desta.cli import main
+model, processor = desta.load(sys.argv[1])
+model.chat(processor, processor.conversation("Who?"), [load_audio(sys.argv[2])], max_new_tokens=2)
+sys.stderr.write("=== command line\\n")
+sys.exit(main(["chat", sys.argv[1], "--audio", sys.argv[2], "Who?", "--max-new-tokens", "2"]))
+"""
+
+
+def test_only_desta_speaks_unless_asked(checkpoint, tmp_path):
+    """A Python chat call printed three transformers warnings (two limits on Whisper's length, a generation config
+    "together with" arguments, "a model of type desta"); a command showed "Loading weights" bars."""
+    import soundfile as sf
+
+    from desta.audio.tts import synthesize
+
+    sf.write(tmp_path / "a.wav", synthesize("Where is the station?"), 16000)
+    result = subprocess.run([sys.executable, "-c", QUIET, str(checkpoint), str(tmp_path / "a.wav")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    python, command = result.stderr.split("=== command line\n")
+    assert "[transformers]" not in python and "model of type" not in python, python
+    assert command == "", command  # no library warnings, no "Loading weights" bars
+    assert result.stdout.strip()  # the answer

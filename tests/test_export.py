@@ -142,10 +142,32 @@ def test_chat_streams_an_answer_and_answers_a_batch(checkpoint, tmp_path, capsys
     rows = [{"audio": "a.wav", "instruction": "Who speaks?"}, {"audio": ["a.wav", "a.wav"], "instruction": "Same?"},
             {"audio": "missing.wav", "instruction": "?"}, {"instruction": "Just text."}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["chat", str(checkpoint), "--batch", str(tmp_path / "rows.jsonl"), "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    # a row that failed makes the exit status 1 (it was 0), with the count
+    assert main(["chat", str(checkpoint), "--batch", str(tmp_path / "rows.jsonl"), "--max-new-tokens", "3"]) == 1
+    assert "answered 3 of 4 rows (1 with errors)" in capsys.readouterr().out
     answers = [json.loads(x) for x in (tmp_path / "rows.answers.jsonl").read_text().splitlines()]
     assert len(answers) == 4 and "answer" in answers[0] and "answer" in answers[1] and "answer" in answers[3]
     assert "file not found" in answers[2]["error"]
+    (tmp_path / "good.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert main(["chat", str(checkpoint), "--batch", str(tmp_path / "good.jsonl"), "--max-new-tokens", "3"]) == 0
+
+
+def test_chat_refuses_a_clip_over_its_length_limit_before_the_model_loads(tmp_path, capsys):
+    import numpy as np
+
+    sf.write(tmp_path / "long.wav", np.tile(synthesize("Where is the station?"), 4), 16000)
+    seconds = sf.info(tmp_path / "long.wav").duration
+    not_a_checkpoint = tmp_path  # never read: the clip is refused first
+    assert main(["chat", str(not_a_checkpoint), "--audio", str(tmp_path / "long.wav"), "Who?",
+                 "--max-audio-seconds", "2"]) == 2
+    assert f"the clip is {seconds:.1f} s long; desta chat takes at most 2 s" in capsys.readouterr().err
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"audio": "long.wav", "instruction": "Who?"}) + "\n")
+    from desta.serving.chat import answer_batch
+
+    counts = answer_batch(None, None, tmp_path / "rows.jsonl", tmp_path / "out.jsonl", 1, 2, max_audio_seconds=2)
+    assert counts == {"rows": 1, "answered": 0, "failed": 1}
+    assert "desta chat takes at most 2 s" in json.loads((tmp_path / "out.jsonl").read_text())["error"]
 
 
 def test_full_export_transcribes_and_answers_as_the_checkpoint(checkpoint, tmp_path, clip, short_clip):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -87,12 +88,28 @@ def transcribe_windows(whisper: WhisperForConditionalGeneration, feature_extract
     return [" ".join(p for p in (next(pieces) for _ in clip) if p).strip() for clip in windows]
 
 
+class _WhisperOwnArguments(logging.Filter):
+    """Drops transformers' warning that generate got a generation config "together with" suppress_tokens and
+    begin_suppress_tokens: Whisper's own generate passes those itself, whatever its caller does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for that warning only."""
+        message = record.getMessage()
+        return not (message.startswith("Passing `generation_config` together with generation-related arguments")
+                    and "suppress_tokens" in message)
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_WhisperOwnArguments())
+
+
 def _decode(whisper: WhisperForConditionalGeneration, feature_extractor: WhisperFeatureExtractor,
             flat: list[np.ndarray], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy Whisper decoding of windows (each at most 30 s), batched: one text per window."""
     tokenizer = whisper_text_tokenizer(whisper.config)
     generation_config = copy.deepcopy(whisper.generation_config)
-    generation_config.max_length, generation_config.max_new_tokens = None, max_new_tokens
+    # Whisper's generate reads max_length as new tokens after its prompt; a max_new_tokens beside the config's own
+    # max_length (448, the decoder's limit) gives the same transcript and a warning about the two limits
+    generation_config.max_length, generation_config.max_new_tokens = max_new_tokens, None
     texts: list[str] = []
     for start in range(0, len(flat), batch_size):
         features = feature_extractor(flat[start : start + batch_size], sampling_rate=SAMPLE_RATE, return_tensors="pt")

@@ -411,12 +411,14 @@ def _default_text(f: dataclasses.Field) -> str:
     return " (required)"
 
 
-def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
-    """An argparse parser whose flags are the dataclass fields (docstrings as help)."""
+def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser whose flags are the dataclass fields (docstrings as help); `description` (default: the
+    class docstring's first paragraph) heads its --help."""
     positional: tuple[str, ...] = getattr(cls, "POSITIONAL", ())
     words = " ".join(f"{p.upper()}{'...' if p.endswith('s') else ''}" for p in positional)
     parser = argparse.ArgumentParser(
-        prog=prog, description=command_help(cls), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description=description or command_help(cls),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         usage=f"%(prog)s {words + ' ' if words else ''}[CONFIG.yaml] [key=value ...] [--key value ...]",
         epilog="Settings: defaults < CONFIG.yaml < key=value / --key value. Nested keys use dots, "
                "e.g. optim.lr=3e-4 or --optim.lr 3e-4.")
@@ -457,10 +459,10 @@ def _owner(cls: type, dotted: str) -> type:
     return owner
 
 
-def parse_command(cls: type, argv: list[str], prog: str = "desta") -> Any:
+def parse_command(cls: type, argv: list[str], prog: str = "desta", description: str | None = None) -> Any:
     """A command line -> the command's config: declared positionals, an optional CONFIG.yaml,
-    `key=value` overrides and `--key value` flags."""
-    parser = build_parser(cls, prog)
+    `key=value` overrides and `--key value` flags (`description`: what --help says the command does)."""
+    parser = build_parser(cls, prog, description)
     args = parser.parse_intermixed_args(argv)
     positional: tuple[str, ...] = getattr(cls, "POSITIONAL", ())
     config_file, overrides, free = None, [], []

@@ -152,6 +152,11 @@ class DestaConfig(PreTrainedConfig):
         )
 
 
+# transformers then knows a checkpoint's model_type "desta" (loading its tokenizer reads config.json; an unknown type
+# warned "You are using a model of type desta to instantiate a model of type ``")
+AutoConfig.register(DestaConfig.model_type, DestaConfig, exist_ok=True)
+
+
 class DestaModel(PreTrainedModel):
     """Frozen Whisper + Q-Former connector + frozen (optionally LoRA-tuned) chat LLM."""
 

@@ -4,8 +4,9 @@ Record from the microphone or upload a clip, type an instruction (or pick one of
 instructions), and watch the answer stream in beside Whisper's transcript of the clip and its
 duration. Follow-up turns keep the conversation and its clips; a turn without a clip is a text-only
 turn. Binds 127.0.0.1 and shares no public link unless told; the size, duration, token and
-concurrency limits are those of `desta serve`. Gradio is imported inside these functions only, so
-no other command pays for it.
+concurrency limits are those of `desta serve`; a request the page turns away (no input, a clip too
+long, too large or undecodable) is one line on stderr, not a traceback. Gradio is imported inside
+these functions only, so no other command pays for it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,27 +174,32 @@ def build_app(chat: LocalChat | RemoteChat, limits: ServeLimits = DEFAULTS, max_
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
     import gradio as gr
 
+    def refuse(message: str) -> gradio.Error:
+        """The error the page shows for a request it turns away, logged as one line (not a traceback)."""
+        print(f"desta app: refused a request: {message}", file=sys.stderr, flush=True)
+        return gr.Error(message, print_exception=False)
+
     def respond(audio_path: str | None, instruction: str, tokens: float, state: dict) -> Iterator[tuple]:
         turns, clips = list(state["turns"]), [Clip(**c) for c in state["clips"]]
         instruction = (instruction or "").strip()
         if not audio_path and not instruction:
-            raise gr.Error("Record or upload a clip, or type an instruction.")
+            raise refuse("Record or upload a clip, or type an instruction.")
         turn: dict[str, Any] = {"role": "user", "text": instruction, "clip": None}
         if audio_path:
             if not chat.accepts_audio:
-                raise gr.Error(f"{chat.model_id} is a text-only model: leave the audio empty")
+                raise refuse(f"{chat.model_id} is a text-only model: leave the audio empty")
             size = os.path.getsize(audio_path)
             if size > limits.max_body_bytes:
-                raise gr.Error(f"the clip is {size / 2**20:.1f} MiB; this app accepts at most "
-                               f"{limits.max_body_bytes / 2**20:.1f} MiB")
+                raise refuse(f"the clip is {size / 2**20:.1f} MiB; this app accepts at most "
+                             f"{limits.max_body_bytes / 2**20:.1f} MiB")
             try:
                 samples = load_audio(audio_path, name=Path(audio_path).name)
             except AudioError as err:
-                raise gr.Error(str(err)) from err
+                raise refuse(str(err)) from err
             seconds = len(samples) / SAMPLE_RATE
             if seconds > limits.max_audio_seconds:
-                raise gr.Error(f"the clip is {seconds:.0f} s long; this app accepts at most "
-                               f"{limits.max_audio_seconds:.0f} s per clip")
+                raise refuse(f"the clip is {seconds:.0f} s long; this app accepts at most "
+                             f"{limits.max_audio_seconds:.0f} s per clip")
             clips.append(Clip(audio_path, chat.transcribe(samples) if chat.accepts_audio else None, seconds))
             turn.update(clip=audio_path, seconds=seconds)
         turns.append(turn)

@@ -2,7 +2,8 @@
 
 Reads a checkpoint (or exported folder), audio files and an instruction; or `batch`, a JSONL file
 whose rows hold `audio` (a path or a list, relative to the file) and `instruction`. Writes the
-streamed answer to stdout, or BATCH.answers.jsonl (each row with its `answer`, or its `error`).
+streamed answer to stdout, or BATCH.answers.jsonl (each row with its `answer`, or its `error`; the
+command exits 1 when any row has one). A clip over max_audio_seconds is refused, naming its length.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from desta.audio import AudioError, load_audio
+import numpy as np
+
+from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings
+from desta.serving.engine import MAX_AUDIO_SECONDS
 
 if TYPE_CHECKING:
     from desta.model.modeling import DestaModel
@@ -45,6 +49,8 @@ class ChatConfig:
     """answer length limit"""
     temperature: float = 0.0
     """0: greedy"""
+    max_audio_seconds: float = MAX_AUDIO_SECONDS
+    """longest clip, seconds: a longer one is refused before the model loads (a batch row gets an error)"""
 
     def __post_init__(self) -> None:
         problems = []
@@ -52,12 +58,25 @@ class ChatConfig:
             problems.append(("instruction", "give an instruction (or batch=FILE.jsonl)"))
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.temperature < 0:
             problems.append(("batch_size", "batch_size and max_new_tokens must be at least 1, temperature 0 or more"))
+        if not self.max_audio_seconds > 0:
+            problems.append(("max_audio_seconds", f"must be positive, got {self.max_audio_seconds}"))
         raise_problems(problems)
 
 
+def load_clip(path: str | Path, max_seconds: float) -> np.ndarray:
+    """A clip at 16 kHz, refused (AudioError naming its length and the limit) when longer than `max_seconds`."""
+    samples = load_audio(path)
+    seconds = len(samples) / SAMPLE_RATE
+    if seconds > max_seconds:
+        raise AudioError(f"{path}: the clip is {seconds:.1f} s long; desta chat takes at most {max_seconds:g} s "
+                         "(max_audio_seconds): cut it, or raise the limit")
+    return samples
+
+
 def answer_batch(model: DestaModel, processor: DestaProcessor, path: Path, out: Path, batch_size: int,
-                 max_new_tokens: int) -> dict[str, int]:
-    """Answer every row of a JSONL file; a row with an unreadable clip or no instruction keeps its error."""
+                 max_new_tokens: int, max_audio_seconds: float = MAX_AUDIO_SECONDS) -> dict[str, int]:
+    """Answer every row of a JSONL file; a row with an unreadable or too long clip or no instruction keeps its
+    error."""
     lines = path.read_text().splitlines()
     results: list[dict[str, Any]] = []
     ready = []
@@ -75,7 +94,7 @@ def answer_batch(model: DestaModel, processor: DestaProcessor, path: Path, out: 
         paths = row.get("audio") or []
         paths = [paths] if isinstance(paths, str) else paths
         try:
-            clips = [load_audio(p if Path(p).is_absolute() else path.parent / p) for p in paths]
+            clips = [load_clip(p if Path(p).is_absolute() else path.parent / p, max_audio_seconds) for p in paths]
         except AudioError as err:
             results.append({**row, "error": str(err)})
             continue
@@ -100,12 +119,13 @@ def chat(config: ChatConfig, stream: TextIO | None = None) -> dict[str, Any]:
     from desta.model.loading import load
     from desta.serving.engine import DestaEngine
 
+    clips = [load_clip(p, config.max_audio_seconds) for p in config.audio]  # before the model loads
     model, processor = load(config.checkpoint, system_prompt=config.system)
     if config.batch:
         out = Path(config.out or Path(config.batch).with_suffix(".answers.jsonl"))
-        counts = answer_batch(model, processor, Path(config.batch), out, config.batch_size, config.max_new_tokens)
+        counts = answer_batch(model, processor, Path(config.batch), out, config.batch_size, config.max_new_tokens,
+                              config.max_audio_seconds)
         return {**counts, "out": str(out)}
-    clips = [load_audio(p) for p in config.audio]
     engine = DestaEngine(model, processor, config.checkpoint)
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     stream = stream or sys.stdout

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from desta.model.processing import DestaProcessor
 
 
+MAX_AUDIO_SECONDS = 120.0  # the longest clip chat, serve and the app take by default (each has a setting)
+
+
 class PromptTooLong(ValueError):
     """A prompt longer than the model's context (with the answer) or the server's prompt limit."""
 

@@ -44,7 +44,7 @@ from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings
 from desta.prompts import speech_messages
-from desta.serving.engine import PromptTooLong
+from desta.serving.engine import MAX_AUDIO_SECONDS, PromptTooLong
 
 if TYPE_CHECKING:
     from desta.serving.engine import DestaEngine, Stream, TextEngine
@@ -58,7 +58,7 @@ class ServeLimits:
     """What one request may ask for."""
 
     max_body_bytes: int = 25 * 2**20  # 25 MiB of JSON, base64 audio included
-    max_audio_seconds: float = 120.0  # per audio part
+    max_audio_seconds: float = MAX_AUDIO_SECONDS  # per audio part
     max_tokens: int = 1024  # per answer
     max_concurrent: int = 1  # requests generating at once; more wait in the queue
     max_prompt_tokens: int | None = None  # None: what the model's context holds besides the answer
@@ -458,8 +458,8 @@ class ServeConfig:
     """environment variable holding the key clients must send (unset: no key)"""
     max_body_mb: float = 25.0
     """largest request body, MiB"""
-    max_audio_seconds: float = 120.0
-    """longest audio part"""
+    max_audio_seconds: float = MAX_AUDIO_SECONDS
+    """longest audio part, seconds (a longer one is refused, naming its length)"""
     max_tokens: int = 1024
     """largest max_tokens a request may ask"""
     max_concurrent: int = 1
