@@ -172,6 +172,60 @@ FIELD_POOLS: dict[str, dict[str, list[str]]] = {
 }
 Pool = dict[str, list[str]]  # category (OPEN or a description field) -> its phrasings
 
+# A label-style answer about one description field, naming its gold value and nothing else: the targets of
+# `desta targets --kind labels` for a field question, and the candidate answers the hearing check scores.
+FIELD_ANSWERS: dict[str, str] = {
+    "gender": "The speaker is {value}.",
+    "accent": "The speaker has {article} {value} accent.",
+    "emotion": "The speaker sounds {value}.",
+    "age": "The speaker sounds {value}.",
+    "pitch": "The speaker's pitch is {value}.",
+    "volume": "The speaker's volume is {value}.",
+    "speaking_speed": "The speaker talks at a {value} pace.",
+    "duration": "The clip lasts about {value} seconds.",
+    "transcript": "{value}",
+}
+
+
+def field_answer(field: str, value: str | float) -> str:
+    """The label-style answer naming one field's value.
+
+    >>> field_answer("gender", "Female"), field_answer("accent", "American"), field_answer("duration", 2.6)
+    ('The speaker is female.', 'The speaker has an American accent.', 'The clip lasts about 3 seconds.')
+    """
+    if field not in FIELD_ANSWERS:
+        raise ValueError(f"no label answer for field {field!r}; one of {sorted(FIELD_ANSWERS)}")
+    if field == "duration":
+        text = str(max(1, round(float(value))))
+    elif field in ("accent", "transcript"):
+        text = str(value).strip()
+    else:
+        text = str(value).lower()
+    return FIELD_ANSWERS[field].format(value=text, article="an" if text[:1].upper() in "AEIOU" else "a")
+
+
+def restrict_pool(pool: Pool, fields: list[str] | None) -> Pool:
+    """The pool's categories among `fields` (None: all), in the pool's order.
+
+    >>> list(restrict_pool(training_pool("voice"), ["pitch", "gender"]))
+    ['gender', 'pitch']
+    >>> restrict_pool(training_pool("desta2"), ["gender"])
+    Traceback (most recent call last):
+    ...
+    ValueError: the pool has no categories ['gender']; its categories: ['open']
+    """
+    if fields is None:
+        return pool
+    missing = [f for f in fields if f not in pool]
+    if missing:
+        raise ValueError(f"the pool has no categories {missing}; its categories: {list(pool)}")
+    return {category: phrasings for category, phrasings in pool.items() if category in fields}
+
+
+def prompt_category(pool: Pool, prompt: str) -> str:
+    """The category a prompt of the pool asks about (OPEN when it is not one of the pool's phrasings)."""
+    return next((category for category, phrasings in pool.items() if prompt in phrasings), OPEN)
+
 # Evaluation instructions by category, in the styles of Speech-IFEval and Dynamic-SUPERB: a one-word
 # answer, a choice from a list ({labels}: the attribute's label set), yes/no about a candidate label
 # ({candidate}: the gold label or another, drawn per item), free form and a full sentence. One template

@@ -239,3 +239,24 @@ def test_connector_only_checkpoints_share_the_base_llms_probes(described, checkp
     config.checkpoints, config.out = [str(other)], str(tmp_path / "r2")
     second = evaluate(config)  # another connector, the same frozen LLM: its probes come from the cache
     assert second["retention_probes"]["speech"] == first["retention_probes"]["speech"]
+
+
+def test_the_report_stands_each_score_beside_chance_and_says_what_is_unseen(described, checkpoint, tmp_path):
+    dataset = load_from_disk(str(described))
+    voices = sorted(set(dataset["voice"]))
+    dataset.filter(lambda row: row["voice"] == voices[0]).save_to_disk(str(tmp_path / "trained-on"))
+    assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"),
+                 "--categories", "gender,pitch,duration,instruction_following"]) == 0
+    report = evaluate(EvalConfig(checkpoints=[str(checkpoint)], eval_set=str(tmp_path / "set"),
+                                 out=str(tmp_path / "report"), max_new_tokens=4, probes=False, progress=False,
+                                 trained_tasks=["gender"], train_voices=str(tmp_path / "trained-on")))
+    gender = report["categories"]["gender"]["values"]
+    assert gender["chance"] == 0.5 and 0.5 <= gender["constant"] <= 1.0
+    assert report["categories"]["instruction_following"]["values"]["chance"] is None
+    assert {"above_chance:speech", "above_chance:text"} <= set(gender)
+    groups = report["groups"]["speech"]
+    assert set(groups) == {"trained tasks", "unseen tasks", "seen voices", "unseen voices"}
+    assert groups["trained tasks"]["n"] == len(dataset)  # one gender item per clip
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Against chance" in markdown and "## What is unseen for speech" in markdown
+    assert "Overall, relative to each reference: speech vs text-ASR:" in markdown

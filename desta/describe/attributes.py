@@ -196,19 +196,27 @@ def normalize_label(attribute: str, value: object, extra: dict[str, str] | None 
 
 # ----- naming labels in text -----
 
-# Words that name each label, per attribute (lowercase, matched on word boundaries).
+# Words that name each label, per attribute (lowercase, matched on word boundaries). Gender is read from
+# gender words only, never from pronouns: "she" may belong to a quoted transcript, not to the answer.
 LABEL_WORDS: dict[str, dict[str, list[str]]] = {
-    "gender": {"Male": ["male", "man", "masculine", "boy", "gentleman", "he", "his", "him"],
-               "Female": ["female", "woman", "feminine", "girl", "lady", "she", "her"]},
-    "speaking_speed": {"Slow": ["slow", "slowly", "leisurely", "unhurried"],
-                       "Normal": ["normal", "moderate", "average", "steady", "medium", "regular"],
+    "gender": {"Male": ["male", "man", "masculine", "boy", "gentleman"],
+               "Female": ["female", "woman", "feminine", "girl", "lady"]},
+    "speaking_speed": {"Slow": ["slow", "slowly", "leisurely", "unhurried"], "Normal": [],
                        "Fast": ["fast", "quick", "quickly", "rapid", "rapidly", "brisk", "hurried"]},
-    "pitch": {"Low": ["low", "deep", "lower"], "Normal": ["normal", "medium", "moderate", "average", "mid"],
-              "High": ["high", "higher", "high-pitched"]},
-    "volume": {"Low": ["quiet", "soft", "low", "faint", "whisper"], "Normal": ["normal", "moderate", "medium",
-                                                                             "average"],
-               "High": ["loud", "high", "booming", "noisy"]},
+    "pitch": {"Low": ["deep", "low-pitched"], "Normal": [], "High": ["high-pitched", "shrill"]},
+    "volume": {"Low": ["quiet", "quietly", "soft", "softly", "faint", "whisper", "whispered", "hushed"], "Normal": [],
+               "High": ["loud", "loudly", "booming"]},
 }
+# Level words several fields share: they name a field's label only in that field's context, the field noun
+# nearest to them being its own ("a low pitch", "the volume is moderate"), or, when `bare_levels`, in an answer
+# that names no field at all ("Moderate."). So "a moderate tone" answers a pitch question, not a volume one.
+LEVEL_WORDS: dict[str, list[str]] = {"Low": ["low", "lower"], "High": ["high", "higher"],
+                                     "Normal": ["normal", "moderate", "medium", "average", "mid", "regular"]}
+LEVEL_FIELDS = {"pitch": {"Low": "Low", "Normal": "Normal", "High": "High"},
+                "volume": {"Low": "Low", "Normal": "Normal", "High": "High"},
+                "speaking_speed": {"Normal": "Normal"}}  # level -> label; slow and fast are speed's own words
+FIELD_NOUNS = {"pitch": ["pitch", "pitched", "tone", "register"], "volume": ["volume", "loudness"],
+               "speaking_speed": ["pace", "speed", "rate", "tempo", "rhythm"]}
 
 
 def _mentions(answer: str, words: list[str]) -> list[int]:
@@ -216,11 +224,38 @@ def _mentions(answer: str, words: list[str]) -> list[int]:
     return [m.start() for w in words for m in re.finditer(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)]
 
 
-def named_labels(answer: str, labels: list[str], attribute: str | None = None) -> set[str]:
-    """The labels of the set an answer names, by the label itself or a word for it.
+def _levels_named(answer: str, attribute: str, bare_levels: bool) -> set[str]:
+    """The labels of `attribute` its level words name in context (see LEVEL_WORDS)."""
+    nouns = [(at, field) for field, words in FIELD_NOUNS.items() for at in _mentions(answer, words)]
+    named = set()
+    for level, label in LEVEL_FIELDS.get(attribute, {}).items():
+        for at in _mentions(answer, LEVEL_WORDS[level]):
+            if not nouns:
+                if bare_levels:
+                    named.add(label)
+            elif min(nouns, key=lambda noun: abs(noun[0] - at))[1] == attribute:
+                named.add(label)
+    return named
 
-    >>> sorted(named_labels("She sounds calm.", ["Female", "Male"], "gender"))
+
+def named_labels(answer: str, labels: list[str], attribute: str | None = None, bare_levels: bool = True) -> set[str]:
+    """The labels of the set an answer names, by the label itself or a word for it; a level word shared by
+    pitch, volume and speed ("low", "moderate") counts only in its field's context (`bare_levels`: also in an
+    answer that names no field).
+
+    >>> sorted(named_labels("A woman, calm.", ["Female", "Male"], "gender"))
     ['Female']
+    >>> named_labels("She says hello.", ["Female", "Male"], "gender")  # a pronoun is not an answer
+    set()
+    >>> named_labels("A moderate tone.", ["Low", "Normal", "High"], "volume")
+    set()
+    >>> named_labels("Low.", ["Low", "High"], "volume")
+    {'Low'}
     """
     words = LABEL_WORDS.get(attribute or "", {})
-    return {label for label in labels if _mentions(answer, [label.lower(), *words.get(label, [])])}
+    levels = {w for ws in LEVEL_WORDS.values() for w in ws} if attribute in LEVEL_FIELDS else set()
+    named = {label for label in labels
+             if _mentions(answer, [w for w in [label.lower(), *words.get(label, [])] if w not in levels])}
+    if attribute in LEVEL_FIELDS:
+        named |= _levels_named(answer, attribute, bare_levels) & set(labels)
+    return named

@@ -3,7 +3,9 @@
 Reads report.json files of `desta eval`, each named RUN:X (a run, and where in training its
 checkpoint was: an epoch or a step). Writes OUT/compare.md (one table per metric: runs by X, value
 and 95 % interval), OUT/compare.json and OUT/compare.png (one panel per metric, a line per run,
-interval whiskers), so "score and forgetting against epochs per target kind" is one command.
+interval whiskers), so "score and forgetting against epochs per target kind" is one command. A
+category's score stands beside what guessing scores there (the stronger of chance and the best
+constant answer, from the reports): a row of the table and a dashed line in its panel.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from desta.core.artifacts import REPORT_JSON
 
 DEFAULT_METRICS = ["overall:speech", "instruction_following:speech", "overall:agreement:speech",
                    "overall:forgetting_asr:speech"]
-METRIC_NAMES = {"speech": "score", "agreement": "agreement with text-gold", "rouge_l": "ROUGE-L vs text-gold",
+SCORES = ("speech", "text", "text_asr")  # metric kinds that are scores, comparable with guessing
+METRIC_NAMES = {"above_chance": "score above chance",
+                "speech": "score", "agreement": "agreement with text-gold", "rouge_l": "ROUGE-L vs text-gold",
                 "forgetting_asr": "forgetting vs text-ASR", "forgetting": "forgetting vs text-gold",
                 "text_asr": "text-ASR score", "text": "text-gold score"}
 
@@ -89,6 +93,17 @@ def metric(report: dict[str, Any], name: str) -> tuple[float | None, list[float]
     return row["values"].get(key), row["ci"].get(key)
 
 
+def guessing(report: dict[str, Any], name: str) -> float | None:
+    """What guessing scores for a score metric of one category (the stronger of chance and the best constant
+    answer); None for the overall row (it mixes closed and open categories), other metrics, or old reports."""
+    category, _, key = name.partition(":")
+    if category in ("overall", "probes") or key.split(":")[0] not in SCORES:
+        return None
+    row = report["categories"].get(category) or {"values": {}}
+    levels = [row["values"].get(k) for k in ("chance", "constant") if row["values"].get(k) is not None]
+    return max(levels) if levels else None
+
+
 def compare(config: CompareConfig) -> dict[str, Any]:
     """Read the reports, write the tables and the figure; returns {metric: {run: [[x, value, low, high]]}}."""
     runs: dict[str, list[tuple[float, dict]]] = {}
@@ -98,8 +113,13 @@ def compare(config: CompareConfig) -> dict[str, Any]:
             raise FileNotFoundError(f"{path} not found (from {entry!r}); give a desta eval output folder")
         runs.setdefault(run, []).append((x, json.loads(path.read_text())))
     table: dict[str, dict[str, list]] = {}
+    chance: dict[str, float] = {}
     for name in config.metrics:
         table[name] = {}
+        levels = [level for points in runs.values() for _, report in points
+                  if (level := guessing(report, name)) is not None]
+        if levels:
+            chance[name] = max(levels)
         for run, points in runs.items():
             rows = []
             for x, report in sorted(points, key=lambda p: p[0]):
@@ -110,12 +130,12 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     training = {name: _training(Path(folder)) for name, _, folder in (r.partition("=") for r in config.runs)}
     differences = paired_differences(runs, config.paired_with) if config.paired_with else {}
-    (out / "compare.json").write_text(json.dumps({"metrics": table, "runs": training, "paired": differences},
-                                                 indent=2))
-    (out / "compare.md").write_text(render(table, config.x_label) + render_paired(differences, config.paired_with,
-                                                                                  config.x_label)
+    (out / "compare.json").write_text(json.dumps({"metrics": table, "runs": training, "paired": differences,
+                                                  "chance": chance}, indent=2))
+    (out / "compare.md").write_text(render(table, config.x_label, chance)
+                                    + render_paired(differences, config.paired_with, config.x_label)
                                     + render_runs(training))
-    plot(table, config.x_label, config.title, out / "compare.png")
+    plot(table, config.x_label, config.title, out / "compare.png", chance)
     if training:
         plot_losses(training, out / "loss_curves.png")
     return table
@@ -224,9 +244,11 @@ def _label(name: str) -> str:
     return f"{category}: {METRIC_NAMES.get(kind, key)}"
 
 
-def render(table: dict[str, dict[str, list]], x_label: str) -> str:
-    """compare.md: one table per metric, a row per run, a column per X."""
+def render(table: dict[str, dict[str, list]], x_label: str, chance: dict[str, float] | None = None) -> str:
+    """compare.md: one table per metric, a row per run, a column per X; a score's table ends with what
+    guessing scores."""
     lines = []
+    chance = chance or {}
     for name, runs in table.items():
         xs = sorted({row[0] for rows in runs.values() for row in rows})
         percent = "forgetting" in name or "asr_cost" in name
@@ -236,6 +258,9 @@ def render(table: dict[str, dict[str, list]], x_label: str) -> str:
             by_x = {row[0]: row for row in rows}
             cells = [_cell(by_x.get(x), percent) for x in xs]
             lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        if name in chance:
+            lines.append("| *guessing (chance or the best constant answer)* | "
+                         + " | ".join(f"{chance[name]:.2f}" for _ in xs) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -251,8 +276,9 @@ def _cell(row: list | None, percent: bool) -> str:
     return text
 
 
-def plot(table: dict[str, dict[str, list]], x_label: str, title: str, path: Path) -> None:
-    """One panel per metric; a line per run with 95 % interval whiskers."""
+def plot(table: dict[str, dict[str, list]], x_label: str, title: str, path: Path,
+         chance: dict[str, float] | None = None) -> None:
+    """One panel per metric; a line per run with 95 % interval whiskers; a dashed line where guessing scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,8 +300,10 @@ def plot(table: dict[str, dict[str, list]], x_label: str, title: str, path: Path
             errors = [[max(0.0, p[1] - p[2]) if p[2] is not None else 0 for p in points],
                       [max(0.0, p[3] - p[1]) if p[3] is not None else 0 for p in points]]
             ax.errorbar(xs, values, yerr=errors, marker="o", capsize=3, label=run)
-        if "forgetting" in name or "asr_cost" in name:
+        if "forgetting" in name or "asr_cost" in name or "above_chance" in name:
             ax.axhline(0, color="#888", lw=0.8)
+        if chance and name in chance:
+            ax.axhline(chance[name], color="#555", ls="--", lw=1, label="guessing")
         ax.set_title(_label(name), fontsize=10)
         ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)

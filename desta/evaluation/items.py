@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 CLOSED = ("gender", "accent", "emotion", "speaking_speed", "pitch", "volume")
-ITEM_COLUMNS = ["item_id", "id", "category", "instruction", "answer", "choices", "check", "description", "transcript"]
+ITEM_COLUMNS = ["item_id", "id", "category", "instruction", "answer", "choices", "check", "description", "transcript",
+                "voice"]  # voice: the clip's voice id where its corpus records one (seen vs unseen voices)
 # Column maps of public benchmarks saved as `datasets` folders (`desta eval --columns ...`); benchmarks read
 # in their authors' own layout are desta.evaluation.benchmarks.
 COLUMN_MAPS = {
@@ -63,7 +64,8 @@ def build_eval_set(described: Dataset, seed: int = 0, categories: list[str] | No
                     break
                 suffix = f":{k}" if count > 1 else ""
                 item.update(item_id=f"{row['id']}:{category}{suffix}", id=row["id"], category=category,
-                            description=row["description"], transcript=row.get("transcript"), audio=row["audio"])
+                            description=row["description"], transcript=row.get("transcript"), audio=row["audio"],
+                            voice=row.get("voice"))
                 items.append(item)
     return items
 

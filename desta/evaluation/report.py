@@ -10,9 +10,11 @@ import numpy as np
 
 from desta.core.artifacts import shown_model
 from desta.core.stats import bootstrap_table
+from desta.evaluation.chance import CHANCE, CONSTANT, baselines, margin_series, stronger_baseline
+from desta.evaluation.groups import item_groups
 from desta.evaluation.items import parsed
 from desta.evaluation.scoring import agreement
-from desta.evaluation.systems import TEXT, TEXT_ASR, SystemsRun
+from desta.evaluation.systems import TEACHER, TEACHER_ASR, TEXT, TEXT_ASR, TEXT_OWN, TEXT_OWN_ASR, SystemsRun
 
 
 def build_report(run: SystemsRun, items: list[dict], scores: dict[str, list[dict]], judge_id: str | None,
@@ -33,6 +35,19 @@ def build_report(run: SystemsRun, items: list[dict], scores: dict[str, list[dict
                 ratios[f"forgetting_asr:{name}"] = (name, asr_of[name])
         for reference in sorted(set(asr_of.values())):
             ratios[f"asr_cost:{reference}"] = (reference, TEXT)
+    for name in speech:  # what the connector costs against its own LLM as trained; what the teacher could carry
+        own = next((r for r in (f"{TEXT_OWN_ASR}:{name}", f"{TEXT_OWN}:{name}") if r in answers), None)
+        if own:
+            ratios[f"connector:{name}"] = (name, own)
+        teacher = next((r for r in (TEACHER_ASR, TEACHER) if r in answers), None)
+        if teacher:
+            ratios[f"vs_teacher:{name}"] = (name, teacher)
+    base = baselines(items)
+    if any(v is not None for v in base[CHANCE]):
+        series.update(base)
+        stronger = stronger_baseline(items, base)
+        for name in answers:
+            series[f"above_chance:{name}"] = margin_series(series[name], stronger)
     categories = [i["category"] for i in items]
     table = bootstrap_table(categories, series, ratios, resamples=resamples, seed=seed)
     overall = table.pop("overall")
@@ -41,23 +56,73 @@ def build_report(run: SystemsRun, items: list[dict], scores: dict[str, list[dict
                             {s: [series[s][k] for k in following] for s in answers},
                             resamples=resamples, seed=seed) if following else {}
     kinds.pop("overall", None)
+    groups = {}
+    for name in speech:
+        data = run.training.get(name)
+        for group, members in (item_groups(items, data) if data else {}).items():
+            shown = [s for s in series if s in answers or s in (CHANCE, CONSTANT) or s == f"above_chance:{name}"]
+            row = bootstrap_table([categories[k] for k in members], {s: [series[s][k] for k in members] for s in shown},
+                                  {r: ratios[r] for r in ratios if r.endswith(f":{name}")}, resamples=resamples,
+                                  seed=seed)["overall"]
+            groups.setdefault(name, {})[group] = row
     return {
         "eval_set": str(eval_set), "items": len(items), "checkpoints": checkpoints, "systems": speech,
         "references": {TEXT: "the same LLM reading the description with the gold transcript",
                        **{r: "the same LLM reading the description with the speech model's Whisper transcript"
-                          for r in sorted(set(asr_of.values()))}},
+                          for r in sorted(set(asr_of.values()))}, **run.references},
+        "groups": groups,
+        "training": {name: {"tasks": sorted(d.tasks) if d.tasks is not None else None,
+                            "voices": len(d.voices) if d.voices is not None else None, "source": d.source}
+                     for name, d in run.training.items()},
         "asr_reference_of": asr_of, "whisper_wer": run.whisper_wer, "text_reference_llm": run.text_llm,
         "judge": judge_id,
         "interval": f"bootstrap 95 % ({resamples} resamples, seed {seed}, items resampled within "
                     "each category, paired across systems)",
         "items_per_second": {s: round(len(items) / t, 3) for s, t in run.timing.items()},
         "categories": table, "overall": overall, "instruction_following_kinds": kinds,
+        "echoes": echo_counts(items, scores),
+        "equivalence_margin": EQUIVALENCE_MARGIN,
         "retention_probes": {k: {m: v for m, v in p.items() if m != "items"} for k, p in run.probes.items()},
         "per_item": [{"item_id": i["item_id"], "category": i["category"], "instruction": i["instruction"],
                       "gold": i.get("answer"), **{f"{s}_answer": answers[s][k] for s in answers},
                       **{f"{s}_score": scores[s][k]["score"] for s in answers},
                       **{f"{s}_reason": scores[s][k]["reason"] for s in answers}} for k, i in enumerate(items)],
     }
+
+
+EQUIVALENCE_MARGIN = 0.10  # "within 10 %" of a reference only when the ratio's whole interval is inside +-10 %
+
+
+def echo_counts(items: list[dict], scores: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
+    """Per system, how many answers in each category were scored 0 as an echo of the description."""
+    counts: dict[str, dict[str, int]] = {}
+    for system, results in scores.items():
+        for item, result in zip(items, results, strict=True):
+            if str(result.get("reason", "")).startswith("echo"):
+                per = counts.setdefault(system, {})
+                per[item["category"]] = per.get(item["category"], 0) + 1
+    return counts
+
+
+def equivalence(value: float | None, ci: list[float] | None, margin: float = EQUIVALENCE_MARGIN) -> str:
+    """What a relative difference shows: "within X %" only when its whole interval is inside +-X %; a difference
+    when the interval excludes 0; else "not shown" (neither equal within X % nor different).
+
+    >>> equivalence(0.01, [-0.05, 0.08]), equivalence(0.01, [-0.2, 0.29]), equivalence(-0.4, [-0.5, -0.3])
+    ('within 10 %', 'not shown: [-20 %, +29 %] is wider than +-10 %', 'below: -40 % [-50 %, -30 %]')
+    """
+    if value is None or not ci:
+        return "not measured"
+    low, high = ci
+    width = f"{margin * 100:.0f} %"
+    shown = f"{value * 100:+.0f} % [{low * 100:+.0f} %, {high * 100:+.0f} %]"
+    if -margin <= low and high <= margin:
+        return f"within {width}"
+    if high < 0:
+        return f"below: {shown}"
+    if low > 0:
+        return f"above: {shown}"
+    return f"not shown: [{low * 100:+.0f} %, {high * 100:+.0f} %] is wider than +-{width}"
 
 
 def _fmt(value: float | None, ci: list[float] | None = None, percent: bool = False) -> str:
@@ -84,10 +149,14 @@ def render_markdown(report: dict) -> str:
     asr_of = report.get("asr_reference_of", {})
     references = [r for r in (TEXT_ASR, TEXT) if r in report["overall"]["values"]] + sorted(
         {r for r in asr_of.values() if r != TEXT_ASR})
+    references += [r for r in report.get("references", {}) if r not in references and r in report["overall"]["values"]]
+    values = report["overall"]["values"]
     head = ["category", "n", *[s if s == "speech" else f"speech {s}" for s in speech], *[label(r) for r in references]]
     for s in speech:
         head += [f"forgetting vs text-ASR ({s})"] * (s in asr_of) + [f"forgetting vs text-gold ({s})",
                                                                     f"agreement ({s})", f"ROUGE-L ({s})"]
+        head += [f"connector cost vs its own LLM ({s})"] * (f"connector:{s}" in values)
+        head += [f"vs the teacher ({s})"] * (f"vs_teacher:{s}" in values)
     head += [f"ASR cost ({r})" for r in sorted(set(asr_of.values()))]
     lines = [f"# desta eval: {report['items']} items", "",
              f"Speech model(s) against the same LLM ({shown_model(report['text_reference_llm'])}) reading the clip's "
@@ -110,11 +179,14 @@ def render_markdown(report: dict) -> str:
                 cells.append(format_cell(row, f"forgetting_asr:{s}", True))
             cells += [format_cell(row, f"forgetting:{s}", True), format_cell(row, f"agreement:{s}"),
                       format_cell(row, f"rouge_l:{s}")]
+            cells += [format_cell(row, f"{k}:{s}", True) for k in ("connector", "vs_teacher") if f"{k}:{s}" in values]
         cells += [format_cell(row, f"asr_cost:{r}", True) for r in sorted(set(asr_of.values()))]
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("whisper_wer"):
         lines += ["", "Whisper word error rate on these clips (what the speech model hears as its transcript): "
                   + ", ".join(f"{s} {w:.2f}" for s, w in report["whisper_wer"].items()) + "."]
+    lines += _chance_section(report, speech + references)
+    lines += _groups_section(report, references)
     lines += ["", "Items per second: " + ", ".join(f"{s} {v}" for s, v in report["items_per_second"].items())]
     if report.get("instruction_following_kinds"):
         systems = speech + references
@@ -135,6 +207,66 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _chance_section(report: dict, systems: list[str]) -> list[str]:
+    """Each system's score minus the stronger of chance and the best constant answer, per category (paired
+    intervals; * marks an interval above 0), the echo counts, and what the forgetting ratios show."""
+    overall = report["overall"]["values"]
+    if CHANCE not in overall:
+        return []
+    rows = [(c, r) for c, r in report["categories"].items() if r["values"].get(CHANCE) is not None]
+    lines = ["", "## Against chance", "",
+             "What guessing scores on the closed items, without hearing anything: chance (a uniformly random label, "
+             "yes/no or another clip's duration) and the best constant answer per category and form. Each system's "
+             "score minus the stronger of the two, item by item (paired 95 % interval); * marks a category where the "
+             "whole interval is above 0 (the system does better than guessing there).", "",
+             "| category | n | chance | best constant | " + " | ".join(f"{label(s)} above chance" for s in systems)
+             + " |", "|" + "---|" * (4 + len(systems))]
+    for category, row in rows + [("**closed items**", report["overall"])]:
+        cells = [category, str(row["n"]) if category != "**closed items**" else "",
+                 format_cell(row, CHANCE), format_cell(row, CONSTANT)]
+        for system in systems:
+            name = f"above_chance:{system}"
+            ci = row["ci"].get(name)
+            mark = " *" if ci and ci[0] > 0 else ""
+            cells.append(format_cell(row, name) + mark)
+        lines.append("| " + " | ".join(cells) + " |")
+    echoes = report.get("echoes") or {}
+    if echoes:
+        lines += ["", "Echoes (scored 0: the answer reproduces the description's format or names two or more fields "
+                      "it was not asked about): " + "; ".join(
+                          f"{label(s)} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
+                          for s, c in echoes.items()) + "."]
+    reads = []
+    for system in report["systems"]:
+        for key, reference in ((f"forgetting_asr:{system}", "text-ASR"), (f"forgetting:{system}", "text-gold")):
+            if key in overall:
+                margin = report.get("equivalence_margin", EQUIVALENCE_MARGIN)
+                shown = equivalence(overall[key], report["overall"]["ci"].get(key), margin)
+                reads.append(f"{label(system)} vs {reference}: {shown}")
+    if reads:
+        lines += ["", "Overall, relative to each reference: " + "; ".join(reads) + "."]
+    return lines
+
+
+def _groups_section(report: dict, references: list[str]) -> list[str]:
+    """Each speech system on trained vs unseen tasks and seen vs unseen voices (closed and open items alike)."""
+    lines: list[str] = []
+    for system, groups in (report.get("groups") or {}).items():
+        shown = [system, *[r for r in references if r in next(iter(groups.values()))["values"]]]
+        lines += ["", f"## What is unseen for {label(system)}", "",
+                  f"Trained tasks: the categories its training prompts asked about "
+                  f"({', '.join(report['training'][system]['tasks'] or []) or 'none'}); seen voices: eval clips whose "
+                  f"voice is among the {report['training'][system]['voices']} voices of its training data "
+                  f"({report['training'][system]['source']}). Mean over the group's categories, paired intervals.", "",
+                  "| items | n | " + " | ".join(label(s) for s in shown) + f" | {label(system)} above chance |",
+                  "|" + "---|" * (len(shown) + 3)]
+        for group, row in groups.items():
+            cells = [group, str(row["n"]), *[format_cell(row, s) for s in shown],
+                     format_cell(row, f"above_chance:{system}")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_official(report: dict) -> list[str]:
     """The benchmark's figures as its authors report them, one column per system."""
     from desta.evaluation.benchmarks import benchmark
@@ -148,10 +280,14 @@ def render_official(report: dict) -> list[str]:
 def label(system: str) -> str:
     """A system's name in reports: the references by what they read.
 
-    >>> label("text"), label("text_asr:lora"), label("speech")
-    ('text-gold', 'text-ASR:lora', 'speech')
+    >>> label("text"), label("text_asr:lora"), label("speech"), label("text_own_asr:lora"), label("teacher")
+    ('text-gold', 'text-ASR:lora', 'speech', 'own LLM text-ASR (lora)', 'teacher text-gold')
     """
-    return {TEXT: "text-gold", TEXT_ASR: "text-ASR"}.get(system, system.replace(TEXT_ASR, "text-ASR"))
+    for prefix, shown in ((f"{TEXT_OWN_ASR}:", "own LLM text-ASR"), (f"{TEXT_OWN}:", "own LLM text-gold")):
+        if system.startswith(prefix):
+            return f"{shown} ({system.removeprefix(prefix)})"
+    names = {TEXT: "text-gold", TEXT_ASR: "text-ASR", TEACHER: "teacher text-gold", TEACHER_ASR: "teacher text-ASR"}
+    return names.get(system, system.replace(TEXT_ASR, "text-ASR"))
 
 
 def _examples(report: dict, systems: list[str], per_category: int = 2, width: int = 160) -> list[str]:

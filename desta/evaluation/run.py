@@ -30,7 +30,17 @@ from desta.evaluation import systems
 from desta.evaluation.items import load_eval_set
 from desta.evaluation.report import build_report, plot_scores, render_markdown
 from desta.evaluation.scoring import judge_prompt, judge_verdict, score_item, word_error_rate
-from desta.evaluation.systems import TEXT, TEXT_ASR, Judging, SpeechSystem, SystemsRun
+from desta.evaluation.systems import (
+    TEACHER,
+    TEACHER_ASR,
+    TEXT,
+    TEXT_ASR,
+    TEXT_OWN,
+    TEXT_OWN_ASR,
+    Judging,
+    SpeechSystem,
+    SystemsRun,
+)
 from desta.prompts import with_system
 
 
@@ -74,6 +84,15 @@ class EvalConfig:
     subsets: list[str] | None = None
     """with benchmark: the parts to run, e.g. mmsu,ifeval or sd-qa/usa (VoiceBench), closed_ended (Speech-IFEval),
     a task (AIR-Bench, MMAU); null: all"""
+    teacher_model: str | None = None
+    """the LLM that wrote the targets (Hub id or folder): it reads the descriptions too (what the targets could
+    carry); null: not run"""
+    trained_tasks: list[str] | None = None
+    """eval categories the checkpoints' training prompts asked about (null: read from each checkpoint's
+    run_config.yaml targets dataset); the report scores trained and unseen tasks apart"""
+    train_voices: str | None = None
+    """a dataset folder whose `voice` column lists the voices trained on (null: the checkpoint's targets dataset);
+    the report scores seen and unseen voices apart and warns when eval clips speak with training voices"""
     probes: bool = True
     """also run the text retention probes on each model's LLM"""
     probe_max_new_tokens: int = 96
@@ -129,6 +148,9 @@ class Task:
     references: References
     probes: bool
     finish: Callable[[dict[str, Any], dict[str, list[dict]]], None] = lambda report, scores: None
+    own_references: References | None = None  # the LLM as trained (LoRA on) reading the description
+    teacher_references: Callable[[EvalConfig, AnswerCache, SystemsRun], None] | None = None
+    groups: bool = False  # trained vs unseen tasks, seen vs unseen voices
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
@@ -182,6 +204,13 @@ def run_systems(config: EvalConfig, task: Task) -> SystemsRun:
             reference = task.references(name, system, backend, transcripts, settings, cache, run)
         if reference:
             run.asr_of[name] = reference
+        if task.own_references is not None and model.config.lora is not None:
+            task.own_references(name, system, backend, transcripts, settings, cache, run)  # LoRA on: as trained
+        if task.groups:
+            from desta.evaluation.groups import training_data
+
+            run.training[name] = training_data(path, config.trained_tasks, config.train_voices)
+            _warn_seen_voices(name, task.items, run.training[name])
         gold = {i["id"]: i.get("transcript") for i in task.items if i.get("transcript")}
         if gold and not config.gold_transcripts:
             run.whisper_wer[name] = float(np.mean([word_error_rate(g, transcripts[c]) for c, g in gold.items()]))
@@ -195,7 +224,20 @@ def run_systems(config: EvalConfig, task: Task) -> SystemsRun:
             run.probes[name] = cache.get({**key, **({"dtype": config.dtype} if config.dtype != "float32" else {})},
                                          retention_probes, backend, config.probe_max_new_tokens)
         del system, model, backend
+    if config.teacher_model and task.teacher_references is not None:
+        task.teacher_references(config, cache, run)
     return run
+
+
+def _warn_seen_voices(name: str, items: list[dict], data: Any) -> None:
+    """Say when eval clips speak with voices the checkpoint was trained on (then "unseen" means new clips only)."""
+    if data.voices is None or not all(i.get("voice") for i in items):
+        return
+    clips = {i["id"]: i["voice"] for i in items}
+    seen = [c for c, v in clips.items() if v in data.voices]
+    if seen:
+        print(f"warning: {len(seen)} of {len(clips)} eval clips speak with voices {name} was trained on "
+              f"(from {data.source}); the report scores seen and unseen voices apart", flush=True)
 
 
 # ----- an eval set of desta's own -----
@@ -214,6 +256,7 @@ def eval_set_task(config: EvalConfig) -> Task:
             raise FileNotFoundError(f"checkpoint {path} not found; give a folder written by desta train or export")
     has_descriptions = all(i.get("description") for i in items)
     encoders: dict[str, str] = {}  # Whisper -> the name of the reference reading its transcripts
+    read: dict[str, Any] = {}  # what the first system's references read: the teacher reads the same
 
     def references(name: str, system: SpeechSystem, backend: Any, transcripts: dict[str, str],
                    settings: dict[str, Any], cache: AnswerCache, run: SystemsRun) -> str | None:
@@ -221,7 +264,10 @@ def eval_set_task(config: EvalConfig) -> Task:
             return None
         reference = {"kind": "text", "llm": run.text_llm, **settings}
         prompt = system.processor.system_prompt
+        read.setdefault("settings", settings)
+        read.setdefault("prompt", prompt)
         if TEXT not in run.answers:
+            run.references[TEXT] = "the base LLM (LoRA off) reading the description with the gold transcript"
             descriptions = [i["description"] for i in items]
             run.answers[TEXT], run.timing[TEXT] = cache.get(
                 {**reference, "descriptions": fingerprint(descriptions)}, systems.text_answers, backend, items,
@@ -231,15 +277,56 @@ def eval_set_task(config: EvalConfig) -> Task:
         if system.encoder_key not in encoders:
             encoders[system.encoder_key] = TEXT_ASR if not encoders else f"{TEXT_ASR}:{name}"
             described = [with_transcript(i["description"], transcripts[i["id"]]) for i in items]
+            read.setdefault("asr", described)
             asr = encoders[system.encoder_key]
+            run.references[asr] = ("the base LLM (LoRA off) reading the description with the speech model's Whisper "
+                                   "transcript")
             run.answers[asr], run.timing[asr] = cache.get(
                 {**reference, "descriptions": fingerprint(described)}, systems.text_answers, backend, items,
                 described, config.max_new_tokens, prompt, config.progress)
         return encoders[system.encoder_key]
 
+    def own_references(name: str, system: SpeechSystem, backend: Any, transcripts: dict[str, str],
+                       settings: dict[str, Any], cache: AnswerCache, run: SystemsRun) -> str | None:
+        if not has_descriptions:
+            return None
+        prompt = system.processor.system_prompt
+        readings = [(f"{TEXT_OWN}:{name}", [i["description"] for i in items], "the gold transcript")]
+        if config.asr_reference and not config.gold_transcripts:
+            readings.append((f"{TEXT_OWN_ASR}:{name}", [with_transcript(i["description"], transcripts[i["id"]])
+                                                        for i in items], "its Whisper transcript"))
+        for reference, described, what in readings:
+            run.references[reference] = f"{name}'s LLM as trained (LoRA on) reading the description with {what}"
+            run.answers[reference], run.timing[reference] = cache.get(
+                {"kind": "text own", "checkpoint": system.weights, **settings, "descriptions": fingerprint(described)},
+                systems.text_answers, backend, items, described, config.max_new_tokens, prompt, config.progress)
+        return None
+
+    def teacher_references(config: EvalConfig, cache: AnswerCache, run: SystemsRun) -> None:
+        if not has_descriptions or "settings" not in read:
+            return
+        import torch
+
+        from desta.core.generation import make_backend
+
+        backend = make_backend("transformers", config.teacher_model, batch_size=config.batch_size,
+                               dtype=getattr(torch, config.dtype))
+        readings = [(TEACHER, [i["description"] for i in items], "the gold transcript")]
+        if "asr" in read:
+            readings.append((TEACHER_ASR, read["asr"], "the speech model's Whisper transcript"))
+        for reference, described, what in readings:
+            run.references[reference] = (f"the targets' teacher ({config.teacher_model}) reading the description "
+                                         f"with {what}")
+            run.answers[reference], run.timing[reference] = cache.get(
+                {"kind": "teacher", "llm": config.teacher_model, **read["settings"],
+                 "descriptions": fingerprint(described)},
+                systems.text_answers, backend, items, described, config.max_new_tokens, read["prompt"],
+                config.progress)
+
     key = fingerprint([[i["item_id"], i["instruction"], i.get("description"), audio_key(i["audio"])] for i in items])
     return Task(items=items, key=key, system_prompt=None, score=score_item, references=references, probes=True,
-                judging=Judging(prompt=judge_prompt, verdict=judge_verdict, max_new_tokens=4))
+                judging=Judging(prompt=judge_prompt, verdict=judge_verdict, max_new_tokens=4),
+                own_references=own_references, teacher_references=teacher_references, groups=True)
 
 
 # ----- a public benchmark, scored as its authors score it -----

@@ -2,7 +2,10 @@
 judge for open questions; agreement between two systems' answers.
 
 Every scorer takes the model's answer and the item's gold data and returns a score in [0, 1]
-(1 = right) plus a short reason, so reports can show why an answer failed.
+(1 = right) plus a short reason, so reports can show why an answer failed. A closed answer is read
+honestly: what it quotes (the transcript, text in quotation marks) is not read as its answer, and an
+echo of the description (its format, or the values of two or more fields it was not asked about)
+scores 0 with the reason "echo", however right the asked field happens to be.
 """
 
 from __future__ import annotations
@@ -11,8 +14,63 @@ import re
 from typing import Any
 
 from desta.core.instructions import Score, follows
-from desta.describe.attributes import named_labels
+from desta.describe.attributes import LABEL_WORDS, named_labels
+from desta.describe.description import DESCRIPTION_NAMES, parse_description
 from desta.evaluation.items import CLOSED, parsed
+
+DURATION_TOLERANCE = 0.2  # a duration is right within 20 % of the gold length ...
+DURATION_MINIMUM = 0.5  # ... or within half a second (what a description rounded to whole seconds can be off by)
+ECHO_FIELDS = 2  # an answer naming the values of this many fields it was not asked about is an echo
+_STAMP = re.compile(r"\[\d\d:\d\d-\d\d:\d\d\]")  # the description's time span, "[00:00-00:03]"
+_FIELD_VALUE = re.compile(r"\b(?:" + "|".join(re.escape(name) for name in DESCRIPTION_NAMES.values()) + r")\s*:\s*\w")
+_QUOTED = re.compile(r"\"[^\"]*\"|\u201c[^\u201d]*\u201d")
+# The labels each field can take, to find a field an answer names though it was not asked about; accent and
+# emotion: the clip's own value (their label sets are open).
+OTHER_FIELD_LABELS = {"gender": list(LABEL_WORDS["gender"]), "pitch": ["Low", "Normal", "High"],
+                      "volume": ["Low", "Normal", "High"], "speaking_speed": ["Slow", "Normal", "Fast"]}
+
+
+def without_quotes(answer: str, transcript: str | None = None) -> str:
+    """The answer without what it quotes: text in quotation marks, and the clip's transcript wherever it appears
+    (a transcript's "the man" is not a gender answer).
+
+    >>> without_quotes('A woman says "the man left".'), without_quotes("It says: The man left.", "the man left.")
+    ('A woman says .', 'It says: ')
+    """
+    text = _QUOTED.sub("", answer)
+    if transcript and transcript.strip():
+        text = re.sub(re.escape(transcript.strip()), "", text, flags=re.IGNORECASE)
+    return text
+
+
+def echo(answer: str, item: dict) -> str | None:
+    """Why a closed answer is an echo of the clip's description rather than an answer, or None: it reproduces the
+    description's format (its time span, or "Field: value" twice), or it names the values of ECHO_FIELDS or more
+    fields other than the one asked about.
+
+    >>> item = {"category": "accent",
+    ...         "description": "[00:00-00:02] Hi. (Gender: Female, Accent: Scottish, Pitch: High)"}
+    >>> echo("Gender: Female, Accent: Scottish", item), echo("A woman with a high pitch, Scottish.", item)
+    ('reproduces the description format', 'names 2 fields not asked about (gender, pitch)')
+    >>> echo("A Scottish accent, I think.", item) is None
+    True
+    """
+    if _STAMP.search(answer) or len(_FIELD_VALUE.findall(answer)) >= 2:
+        return "reproduces the description format"
+    if not item.get("description"):
+        return None
+    _, gold = parse_description(str(item["description"]).splitlines()[0])
+    text = without_quotes(answer, item.get("transcript"))
+    named = []
+    for field_name, value in gold.items():
+        if field_name == item["category"] or field_name not in CLOSED:
+            continue
+        labels = OTHER_FIELD_LABELS.get(field_name, [value])
+        if named_labels(text, labels, field_name, bare_levels=False):
+            named.append(field_name)
+    if len(named) >= ECHO_FIELDS:
+        return f"names {len(named)} fields not asked about ({', '.join(named)})"
+    return None
 
 
 def score_label(answer: str, gold: str, labels: list[str], attribute: str | None = None) -> Score:
@@ -59,10 +117,12 @@ def first_number(answer: str) -> float | None:
     return float(match.group(0)) if match else None
 
 
-def score_number(answer: str, gold: float, tolerance: float = 0.25, minimum: float = 1.0) -> Score:
-    """Right when the first number in the answer is within 25 % (at least 1) of gold.
+def score_number(answer: str, gold: float, tolerance: float = DURATION_TOLERANCE,
+                 minimum: float = DURATION_MINIMUM) -> Score:
+    """Right when the first number in the answer is within 20 % of gold, or within 0.5 (what rounding to whole
+    seconds costs): a constant guess cannot pass half the clips of a corpus of 1-6 s clips.
 
-    >>> score_number("About 3 seconds.", 2.6).value, score_number("ten", 2.6).value
+    >>> score_number("About 3 seconds.", 2.6).value, score_number("3 seconds", 1.6).value
     (1.0, 0.0)
     """
     value = first_number(answer)
@@ -107,6 +167,12 @@ def score_item(item: dict, answer: str) -> dict[str, Any]:
     """{"score": 0..1 or None (needs a judge), "reason"} for one answer."""
     category, choices, check = item["category"], parsed(item, "choices"), parsed(item, "check") or {}
     style = check.get("style")
+    closed = style in ("yesno", "number", "label") or category == "duration" or (choices and style != "transcript")
+    if closed:
+        reason = echo(answer, item)
+        if reason:
+            return {"score": 0.0, "reason": f"echo: {reason}"}
+        answer = without_quotes(answer, item.get("transcript"))
     if style == "ifeval":
         result = follows(answer, check["instruction"])
     elif style == "yesno":
@@ -128,6 +194,7 @@ def decision(item: dict, answer: str) -> str | None:
     """What a closed answer decides (the one label named, yes/no, whole seconds), or None when it decides
     nothing or the item is not closed; two systems agree when their decisions are the same."""
     category, choices, check = item["category"], parsed(item, "choices"), parsed(item, "check") or {}
+    answer = without_quotes(answer, item.get("transcript"))
     if check.get("style") == "yesno":
         return yes_or_no(answer)
     if check.get("style") == "number" or category == "duration":

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from desta.model.processing import DestaProcessor
 
 TEXT, TEXT_ASR = "text", "text_asr"  # the references: gold transcript, and the speech model's own Whisper transcript
+TEXT_OWN, TEXT_OWN_ASR = "text_own", "text_own_asr"  # the checkpoint's LLM as trained (LoRA on), ":NAME" per checkpoint
+TEACHER, TEACHER_ASR = "teacher", "teacher_asr"  # the LLM that wrote the targets
 
 
 def system_names(checkpoints: list[str]) -> list[str]:
@@ -60,6 +62,8 @@ class SystemsRun:
     whisper_wer: dict[str, float] = field(default_factory=dict)
     probes: dict[str, Any] = field(default_factory=dict)
     text_llm: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # per speech system: its TrainingData (groups.py)
+    references: dict[str, str] = field(default_factory=dict)  # per reference system: what it reads
 
 
 @dataclass
