@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from desta.core.args import raise_problems
 from desta.core.artifacts import CONFIG, DATASET, MODEL_CARD, REPORT_MD, RUN_CONFIG, SUMMARY
-from desta.model.loading import load
+from desta.model.loading import hub_id_of, load
 
 if TYPE_CHECKING:
     from desta.model.modeling import DestaModel
@@ -39,9 +39,9 @@ def public_name(reference: str | None) -> str | None:
     if not reference:
         return reference
     path = Path(reference)
-    cached = re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", reference)  # a folder of the Hub's cache
+    cached = hub_id_of(reference)  # a folder of the Hub's cache
     if cached:
-        return "/".join(cached.groups())
+        return cached
     hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", reference) and not path.exists()
     return reference if hub_id else path.name
 

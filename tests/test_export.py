@@ -242,3 +242,24 @@ def test_a_moved_export_loads_beside_its_bases_and_a_missing_base_fails_at_once(
     message = str(err.value)
     assert message.startswith("the Whisper base 'tiny-whisper' is not a folder here (looked in ")
     assert str(demo / "bases" / "tiny-whisper") in message and "--encoder-id" in message and "--full" in message
+
+
+def test_a_base_from_another_machines_hub_cache_loads_from_this_ones(checkpoint, tmp_path, monkeypatch, clip):
+    """A checkpoint trained on a base from the Hub cache records the snapshot folder; on another machine (or after
+    the cache moved) the same repository is found in this machine's cache, with no network."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    expected = _logits(checkpoint, clip)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-whisper" / "snapshots" / "0123abc"
+    shutil.copytree(checkpoint.parent / "bases" / "tiny-whisper", snapshot)
+    moved = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["encoder_name_or_path"] = "/elsewhere/.cache/huggingface/hub/models--someone--tiny-whisper/snapshots/0123abc"
+    (moved / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    torch.testing.assert_close(_logits(moved, clip), expected, atol=0, rtol=0)

@@ -10,6 +10,7 @@ instead of retrying the network for half a minute.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ def _feature_extractor(encoder: str, config: DestaConfig) -> WhisperFeatureExtra
         return WhisperFeatureExtractor(feature_size=config.encoder_config.num_mel_bins)
 
 
+CACHE_FOLDER = re.compile(r"models--([\w.-]+?)--([\w.-]+)/snapshots/([^/]+)")  # a Hub cache's model folder
 HUB_PROBE_SECONDS = 5.0  # one request says whether the Hub can be reached (transformers retries for ~30 s)
 
 
@@ -94,6 +96,10 @@ def locate_base(reference: str, what: str, checkpoint: str | os.PathLike | None 
             if candidate.is_dir():
                 return str(candidate)
         looked += [c for c in candidates if c not in looked]
+    snapshot = CACHE_FOLDER.search(reference)  # a folder of another machine's Hub cache: the same repository here
+    if snapshot is not None:
+        here = _hub_cache_folder(hub_id_of(reference), revision=snapshot.group(3))
+        return here or locate_base(hub_id_of(reference), what, checkpoint)
     where = ", ".join(str(p) for p in dict.fromkeys(looked))
     fix = ("put the folder in one of those places, export naming its Hub id (desta export --encoder-id / "
            "--llm-id ORG/NAME), or export the whole model (desta export --full), which needs no base"
@@ -105,6 +111,16 @@ def locate_base(reference: str, what: str, checkpoint: str | os.PathLike | None 
     if cached is not None:
         return cached
     raise FileNotFoundError(f"{what} {reference!r} is not a folder here (looked in {where}) and {problem}; {fix}")
+
+
+def hub_id_of(path: str) -> str | None:
+    """The Hub id of a folder in a Hub cache (models--ORG--NAME/snapshots/REVISION), or None.
+
+    >>> hub_id_of("/home/me/.cache/huggingface/hub/models--openai--whisper-small/snapshots/abc123")
+    'openai/whisper-small'
+    """
+    found = CACHE_FOLDER.search(path)
+    return f"{found.group(1)}/{found.group(2)}" if found else None
 
 
 def _hub_problem(reference: str) -> str | None:
@@ -133,9 +149,10 @@ def _hub_problem(reference: str) -> str | None:
     return None
 
 
-def _hub_cache_folder(repo_id: str) -> str | None:
-    """The local Hub cache's snapshot folder of a model repository, or None when it holds none."""
+def _hub_cache_folder(repo_id: str, revision: str | None = None) -> str | None:
+    """The local Hub cache's snapshot folder of a model repository (its main revision, or `revision`), or None
+    when it holds none."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "config.json")
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     return str(Path(found).parent) if isinstance(found, str) else None
