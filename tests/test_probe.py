@@ -47,3 +47,22 @@ def test_probe_settings_are_checked():
         ProbeConfig(source="x", encoder="y", out="z", fields=["colour"])
     with pytest.raises(Exception, match="folds: must be at least 2"):
         ProbeConfig(source="x", encoder="y", out="z", folds=1)
+
+
+def test_a_held_out_corpus_is_scored_apart_for_seen_and_unseen_voices(tmp_path):
+    from datasets import load_from_disk
+
+    described = described_dataset(tmp_path / "d", num_clips=12, seed=2)
+    held = described_dataset(tmp_path / "h", num_clips=6, seed=5)
+    trained = set(load_from_disk(str(described))["voice"])
+    whisper, _ = save_tiny_bases(tmp_path / "bases")
+    out = tmp_path / "probe"
+    assert main(["probe", str(described), "--encoder", str(whisper), "--out", str(out), "--folds", "2",
+                 "--heldout", str(held), "--no-progress"]) == 0
+    result = json.loads((out / "probe.json").read_text())
+    voices = load_from_disk(str(held))["voice"]
+    assert result["heldout"]["seen voices"] == sum(v in trained for v in voices)
+    assert result["heldout"]["unseen voices"] == sum(v not in trained for v in voices)
+    gender = result["fields"]["gender"]["heldout"]
+    assert sum(group["clips"] for group in gender.values()) == len(voices)
+    assert "## Voices never trained on" in (out / "probe.md").read_text()

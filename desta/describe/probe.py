@@ -58,6 +58,10 @@ class ProbeConfig:
     """the probe's L2 penalty on standardised features"""
     batch_size: int = 8
     """clips per encoder call"""
+    heldout: str | None = None
+    """a second described dataset (an eval corpus): probes fitted on every clip of source score its clips, apart
+    for those whose voice source has and those whose voice it lacks (both need a `voice` column): does a field
+    carry over to voices never trained on?"""
     seed: int = 0
     """folds, probe initialisation and bootstrap depend only on it"""
     progress: bool = True
@@ -92,6 +96,39 @@ def _fit(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> torch.nn.
 
     optimizer.step(closure)
     return linear
+
+
+def probe_heldout(train: np.ndarray, values: list[str], test: np.ndarray, test_values: list[str],
+                  groups: dict[str, np.ndarray], seed: int = 0, l2: float = 1e-3) -> dict[str, Any]:
+    """A probe fitted on every training clip scores the test clips of each group (e.g. seen and unseen voices),
+    beside always answering the training clips' commonest value; test values the training clips never have count
+    as wrong.
+
+    >>> rng = np.random.default_rng(0)
+    >>> x, t = rng.normal(size=(60, 3)), rng.normal(size=(20, 3))
+    >>> found = probe_heldout(x, ["up" if v > 0 else "down" for v in x[:, 0]], t,
+    ...                       ["up" if v > 0 else "down" for v in t[:, 0]], {"all": np.ones(20, dtype=bool)})
+    >>> found["all"]["probe"]["value"] > 0.8
+    True
+    """
+    labels = sorted(set(values))
+    y = np.array([labels.index(v) for v in values])
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    torch.manual_seed(seed)
+    linear = _fit(torch.tensor((train - mean) / std, dtype=torch.float32), torch.tensor(y), len(labels), l2)
+    with torch.no_grad():
+        guess = linear(torch.tensor((test - mean) / std, dtype=torch.float32)).argmax(1).numpy()
+    common = labels[int(np.bincount(y, minlength=len(labels)).argmax())]
+    right = np.array([labels[g] == v for g, v in zip(guess, test_values, strict=True)], dtype=float)
+    majority = np.array([v == common for v in test_values], dtype=float)
+    found = {}
+    for name, members in groups.items():
+        if members.any():
+            cells = {k: mean_interval(list(v[members]), seed=seed)
+                     for k, v in (("probe", right), ("majority", majority))}
+            found[name] = {"clips": int(members.sum()),
+                           **{k: {"value": m, "ci": [lo, hi]} for k, (m, lo, hi) in cells.items()}}
+    return found
 
 
 def probe_field(features: np.ndarray, values: list[str], folds: int = 5, seed: int = 0,
@@ -186,8 +223,11 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     audio = dataset.select_columns(["audio"])
     features, layers = clip_features(config.encoder, [audio[first[c]]["audio"] for c in clips], config.tapped_layers,
                                      config.batch_size, config.progress)
+    held = _heldout(config, dataset, clips, first) if config.heldout else None
     result: dict[str, Any] = {"source": config.source, "encoder": config.encoder, "tapped_layers": layers,
                               "clips": len(clips), "folds": config.folds, "fields": {}}
+    if held is not None:
+        result["heldout"] = {"source": config.heldout, **{g: int(m.sum()) for g, m in held["groups"].items()}}
     for field in wanted:
         keep = [k for k, c in enumerate(clips) if described[c].get(field)]
         values = [described[clips[k]][field] for k in keep]
@@ -197,6 +237,11 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
             result["fields"][field] = {"skipped": f"fewer than two values with {config.folds}+ clips: {counts}"}
             continue
         row = probe_field(features[[k for k, _ in kept]], [v for _, v in kept], config.folds, config.seed, config.l2)
+        if held is not None:
+            test = [k for k, d in enumerate(held["described"]) if d.get(field)]
+            row["heldout"] = probe_heldout(features[[k for k, _ in kept]], [v for _, v in kept],
+                                           held["features"][test], [held["described"][k][field] for k in test],
+                                           {g: m[test] for g, m in held["groups"].items()}, config.seed, config.l2)
         if "response" in table.column_names:
             row["targets_name_gold"] = _targets_naming(rows, described, field, row["values"], config.seed)
         result["fields"][field] = row
@@ -208,6 +253,25 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     (out / "probe.md").write_text(render_probe(result))
     plot_probe(result, out / "probe.png")
     return result
+
+
+def _heldout(config: ProbeConfig, dataset: Any, clips: list[str], first: dict[str, int]) -> dict[str, Any]:
+    """The held-out dataset's features, gold fields and voice groups (seen in source, unseen)."""
+    from datasets import load_from_disk
+
+    if not Path(config.heldout).is_dir():
+        raise FileNotFoundError(f"heldout {config.heldout} not found; give a dataset folder of desta describe")
+    other = load_from_disk(config.heldout)
+    missing = [name for name, d in (("source", dataset), ("heldout", other)) if "voice" not in d.column_names]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} has no voice column: seen and unseen voices cannot be told apart; "
+                         "describe a corpus whose rows name their voice (desta synth writes one)")
+    trained = {str(dataset[first[c]]["voice"]) for c in clips}
+    described = [parse_description(d)[1] for d in other["description"]]
+    features, _ = clip_features(config.encoder, list(other.select_columns(["audio"])["audio"]), config.tapped_layers,
+                                config.batch_size, config.progress)
+    seen = np.array([str(v) in trained for v in other["voice"]])
+    return {"described": described, "features": features, "groups": {"seen voices": seen, "unseen voices": ~seen}}
 
 
 def _targets_naming(rows: list[dict], described: dict[str, dict], field: str, labels: list[str],
@@ -252,6 +316,20 @@ def render_probe(result: dict[str, Any]) -> str:
         if targets:
             cells.append(_cell(row.get("targets_name_gold")))
         lines.append("| " + " | ".join(cells) + " |")
+    if result.get("heldout"):
+        held = result["heldout"]
+        lines += ["", f"## Voices never trained on ({held['source']})", "",
+                  "Probes fitted on every clip above score the held-out corpus's clips, apart by whether the clip's "
+                  f"voice is among the training clips' ({held.get('seen voices', 0)} clips of seen voices, "
+                  f"{held.get('unseen voices', 0)} of unseen ones): a field that holds on unseen voices is heard, "
+                  "not a voice recognised.", "",
+                  "| field | seen voices: commonest | seen voices: probe | unseen voices: commonest | "
+                  "unseen voices: probe |", "|---|---|---|---|---|"]
+        for field, row in result["fields"].items():
+            found = row.get("heldout") or {}
+            cells = [_cell((found.get(g) or {}).get(k)) for g in ("seen voices", "unseen voices")
+                     for k in ("majority", "probe")]
+            lines.append(f"| {field} | " + " | ".join(cells) + " |")
     if result["flagged"]:
         lines += ["", f"Flagged: {', '.join(result['flagged'])}. To leave them out of the descriptions: "
                   f"`desta describe ... attributes={','.join(result['describe_attributes'])}`."]

@@ -129,24 +129,33 @@ def run_settings(config: PostTrainConfig, run: Run, sources: dict[str, str]) -> 
     return json.loads(json.dumps({**settings, "strategy": run.strategy, "sources": sources}))
 
 
+# Settings added after runs were recorded, with the value that does what those runs did: a run recorded without
+# one is the same run as one with this value.
+ADDED = {("optim", "schedule"): "cosine", ("optim", "min_lr_ratio"): 0.0}
+
+
 def upgraded(settings: dict[str, Any]) -> dict[str, Any]:
     """A run fingerprint in today's layout: one written before the strategies had sections (flat keys such as
-    replay_ratio, desta.posttrain.config.MOVED) with each moved key in its new place, so a run finished then is
-    still recognised; any other as it is.
+    replay_ratio, desta.posttrain.config.MOVED) with each moved key in its new place, and each setting added since
+    (ADDED) at the value those runs ran with, so a run finished then is still recognised.
 
     >>> upgraded({"replay_ratio": 0.03, "grpo": {"beta": 0.0}, "model": "m"})
     {'model': 'm', 'replay': {'ratio': 0.03}, 'rl': {'grpo': {'beta': 0.0}}}
+    >>> upgraded({"optim": {"lr": 0.001}})["optim"]
+    {'lr': 0.001, 'schedule': 'cosine', 'min_lr_ratio': 0.0}
     """
-    if not set(settings) & (set(MOVED) - {f.name for f in dataclasses.fields(PostTrainConfig)}):
-        return settings
     out = {k: v for k, v in settings.items() if k not in MOVED}
-    for old, new in MOVED.items():
-        if old in settings:
-            section, _, key = new.partition(".")
-            if key:
-                out.setdefault(section, {})[key] = settings[old]
-            else:
-                out[section] = settings[old]
+    if set(settings) & (set(MOVED) - {f.name for f in dataclasses.fields(PostTrainConfig)}):
+        for old, new in MOVED.items():
+            if old in settings:
+                section, _, key = new.partition(".")
+                if key:
+                    out.setdefault(section, {})[key] = settings[old]
+                else:
+                    out[section] = settings[old]
+    for (section, key), value in ADDED.items():  # recorded before the setting existed: it ran as this value
+        if isinstance(out.get(section), dict):
+            out[section] = {**out[section], key: out[section].get(key, value)}
     return out
 
 

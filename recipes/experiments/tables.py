@@ -1,0 +1,107 @@
+"""The speech experiments' figures in the docs, rendered from their committed result files, never copied by hand.
+
+Each table lives between `<!-- table:NAME -->` and `<!-- /table -->` in docs/results.md (and the README's
+results paragraph); this script rewrites those blocks from:
+- recipes/experiments/guessing.json: what guessing scores on the experiments' eval set (guessing.py);
+- recipes/experiments/hearing/results/compare.json: the hearing experiment's runs (desta compare);
+- recipes/experiments/sanity/results/ladder.json: the sanity ladder (sanity/ladder.py report).
+
+    python recipes/experiments/tables.py            # rewrite the blocks
+    python recipes/experiments/tables.py --check    # exit 1 if a block is not what the files say (a test runs it)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+DOCS = [ROOT / "docs/results.md", ROOT / "README.md"]
+FIELDS = [("gender", "gender"), ("accent", "accent"), ("speaking_speed", "speaking speed"), ("pitch", "pitch"),
+          ("volume", "volume")]
+HEARING_RUNS = [("qwen-lora", "SmolLM2 + LoRA, Qwen's answers"), ("self-lora", "SmolLM2 + LoRA, its own answers"),
+                ("qwen-backbone", "Qwen2.5-Coder-1.5B as its LLM, its own answers"),
+                ("qwen-onpolicy", "qwen-lora, then on-policy to SmolLM2")]
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def hearing_vs_guessing() -> str:
+    """Each hearing run's score per field beside what guessing scores on the same items."""
+    guessing = _load(HERE / "guessing.json")["categories"]
+    metrics = _load(HERE / "hearing/results/compare.json")["metrics"]
+    head = "| field | chance | best constant | " + " | ".join(label for _, label in HEARING_RUNS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(HEARING_RUNS))]
+    for field, shown in FIELDS:
+        level = max(guessing[field]["chance"], guessing[field]["constant"])
+        cells = []
+        for run, _ in HEARING_RUNS:
+            _, value, low, high = metrics[f"{field}:speech"][run][0]
+            mark = " (above)" if low > level else (" (below)" if high < level else "")
+            cells.append(f"{value:.2f} [{low:.2f}, {high:.2f}]{mark}")
+        lines.append(f"| {shown} | {guessing[field]['chance']:.2f} | {guessing[field]['constant']:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ladder() -> str:
+    """The sanity ladder's runs: when each passed its gate, and where each ended."""
+    found = _load(HERE / "sanity/results/ladder.json")
+    if not found:
+        return "(no ladder results yet: `python recipes/experiments/sanity/ladder.py report`)\n"
+    lines = ["| run | field | settings | passed at step | training minutes to pass | train | held-out clips | "
+             "unseen voices | chance |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in found["runs"]:
+        def cell(name: str, row: dict = row) -> str:
+            if not row.get(name):
+                return "n/a"
+            low, high = row[name]["ci"]
+            return f"{row[name]['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
+        passed = (str(row["passed_at"]) if row["passed_at"] is not None
+                  else f"not by {row['steps']}" if row["finished"] else f"running (step {row['steps']})")
+        minutes = f"{row['train_minutes_to_pass']:.1f}" if row.get("train_minutes_to_pass") is not None else ""
+        settings = " ".join(o.removeprefix("optim.").removeprefix("model.") for o in row["overrides"]) or "as configured"
+        lines.append(f"| {row['run']} | {row['field']} | {settings} | {passed} | {minutes} | {cell('train')} | "
+                     f"{cell('held-out')} | {cell('unseen-voices')} | {row['chance']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder}
+
+
+def render(text: str) -> str:
+    """The text with every known block rewritten."""
+    def replace(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in TABLES:
+            raise ValueError(f"unknown table {name!r}; known: {sorted(TABLES)}")
+        return match.group(1) + TABLES[name]() + match.group(4)
+
+    return BLOCK.sub(replace, text)
+
+
+def main(check: bool = False) -> int:
+    """Rewrite (or, with `check`, compare) the blocks of every doc; 1 if a checked block is stale."""
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        rendered = render(text)
+        if rendered != text:
+            if check:
+                stale.append(str(doc.relative_to(ROOT)))
+            else:
+                doc.write_text(rendered)
+    if stale:
+        print(f"stale tables in {stale}: run python recipes/experiments/tables.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(check="--check" in sys.argv[1:]))
