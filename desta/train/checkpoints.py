@@ -106,12 +106,18 @@ RESUME_FREE = ("output_dir", "resume", "resume_with_changes", "data.num_workers"
 RESUME_CHANGEABLE = ("optim.max_steps", "optim.epochs", "log.eval_steps", "log.save_steps", "log.save_strategy")
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as dotted keys: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
-    out = {}
+def _sections(cls: type) -> dict[str, type]:
+    """The fields of a config dataclass that are sections of settings (dataclasses themselves)."""
+    return {f.name: f.default_factory for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default_factory)}
+
+
+def _flat(values: dict[str, Any], cls: type, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys, sections opened, mapping-valued settings (model.lora) kept whole:
+    {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
+    out, sections = {}, _sections(cls)
     for key, value in values.items():
-        if isinstance(value, dict) and key not in ("lora",):  # a mapping-valued setting compares whole
-            out.update(_flat(value, f"{prefix}{key}."))
+        if key in sections and isinstance(value, dict):
+            out.update(_flat(value, sections[key], f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out
@@ -121,7 +127,7 @@ def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
     """Every setting's default by dotted key (sections included), from the dataclass alone."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory):  # a section
+        if f.name in _sections(cls):
             out.update(_defaults(f.default_factory, f"{prefix}{f.name}."))
         elif f.default is not dataclasses.MISSING:
             out[prefix + f.name] = f.default
@@ -133,8 +139,9 @@ def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
 def settings_changes(recorded: dict[str, Any], current: Any) -> dict[str, tuple[Any, Any]]:
     """The settings of `current` (a config dataclass) that differ from those `recorded` (run_config.yaml as read):
     dotted key -> (recorded, now). A setting the record lacks (added in a later desta) counts as its default."""
-    now = _flat(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(current), sort_keys=False)))
-    before = {**_defaults(type(current)), **_flat(recorded)}
+    cls = type(current)
+    now = _flat(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(current), sort_keys=False)), cls)
+    before = {**_defaults(cls), **_flat(recorded, cls)}
     missing = object()
     return {key: (before.get(key), now.get(key)) for key in sorted(set(now) | set(before))
             if before.get(key, missing) != now.get(key, missing)}
