@@ -37,6 +37,7 @@ class Command:
     done: Callable[[Any, Any], str | None]  # the line printed at the end, from (config, result)
     help: str | None = None  # default: the first paragraph of the settings class's docstring
     failed: Callable[[Any, Any], bool] = lambda config, result: False  # from (config, result): some work failed
+    reads_inputs: bool = True  # False: it works from the settings alone (plan), so their paths need not exist
 
 
 def _chunked(counts: Callable[[dict], str]) -> Callable[[Any, dict], str]:
@@ -99,7 +100,7 @@ COMMANDS = [
     Command("targets", "desta.targets:TargetsConfig", "desta.targets:targets", _chunked(lambda s: (
         f"prompts {s['inputs']} = kept {s['kept']} + rejected {s['rejected']} {s['reasons'] or ''}"))),
     Command("train", "desta.train.config:TrainConfig", "desta.train.run:train", _trained),
-    Command("plan", "desta.train.plan:PlanConfig", "desta.train.plan:plan", _planned),
+    Command("plan", "desta.train.plan:PlanConfig", "desta.train.plan:plan", _planned, reads_inputs=False),
     Command("cache-features", "desta.train.config:TrainConfig", "desta.train.run:cache_features_for",
             lambda c, r: f"features cached in {r}",
             help="Compute the frozen Whisper encoder's features of a training config's data into data.feature_cache "
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
               + f"\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        config = parse_command(_load(command.config), argv[1:], prog=f"desta {command.name}", description=command.help)
+        config = parse_command(_load(command.config), argv[1:], prog=f"desta {command.name}", description=command.help,
+                               check_paths=command.reads_inputs)
     except ConfigError as err:
         print(f"desta {command.name}: error: " + "\n  ".join(["invalid settings:", *err.problems]), file=sys.stderr)
         return 2

@@ -459,9 +459,11 @@ def _owner(cls: type, dotted: str) -> type:
     return owner
 
 
-def parse_command(cls: type, argv: list[str], prog: str = "desta", description: str | None = None) -> Any:
+def parse_command(cls: type, argv: list[str], prog: str = "desta", description: str | None = None,
+                  check_paths: bool = True) -> Any:
     """A command line -> the command's config: declared positionals, an optional CONFIG.yaml,
-    `key=value` overrides and `--key value` flags (`description`: what --help says the command does)."""
+    `key=value` overrides and `--key value` flags (`description`: what --help says the command does). With
+    `check_paths`, a local-looking input path that does not exist is one of the problems (`path_problems`)."""
     parser = build_parser(cls, prog, description)
     args = parser.parse_intermixed_args(argv)
     positional: tuple[str, ...] = getattr(cls, "POSITIONAL", ())
@@ -510,7 +512,8 @@ def parse_command(cls: type, argv: list[str], prog: str = "desta", description: 
             apply_override(values, cls, name, given)
         except ConfigError as err:
             problems += err.problems
-    problems += path_problems(cls, values)  # a command line's inputs must exist before anything loads
+    if check_paths:  # a command line's inputs must exist before anything loads
+        problems += path_problems(cls, values)
     try:
         config = build(cls, values)
     except ConfigError as err:
