@@ -5,9 +5,8 @@ weights (no download), in one run under a time budget.
     python bench/gpu.py --device cpu --small                   # the same code on tiny shapes (tests run it)
 
 It runs desta's own parts (desta.model.parts: encoder taps, Q-Former connector, LLM forward with labelled
-logits or packed rows; desta.core.generation: the transformers backend) on models built from configs, and
-needs only torch and transformers (4.5x or 5.x): GPU machines may have an older transformers than desta's
-config classes need. Order:
+logits or packed rows; desta.core.generation: the generation backends) on models built from configs, with
+desta installed (`pip install -e .`). Order:
 1. checks, cheap ones first: the loss from the response positions' logits equals the loss from every
    position's; each packed sample's loss equals its unpacked loss.
 2. training steps on one batch drawn from a realistic length mix (clips 1-30 s, answers 20-200 tokens),
@@ -18,15 +17,18 @@ config classes need. Order:
      checkpointing  as logits, the LLM's layers checkpointed
      packing        as logits, the batch packed into rows of --pack-length tokens (block-diagonal attention)
    then `logits` at growing batches up to the largest that fits. Each prints samples/s, real tokens/s, the
-   padding share, peak GiB and MFU: the step's FLOPs (torch.utils.flop_counter, counted on the step itself,
-   padding included) per second against the nominal bf16 peak and against a bf16 matrix product timed in
-   the same run.
+   padding share, peak GiB and two utilisations against the GPU's nominal dense bf16 peak (desta.train.plan.GPUS,
+   by the device's name: an H100 PCIe's 756 TFLOP/s is not an H100 SXM's 989): MFU, model FLOPs utilisation, the
+   useful work (desta plan's FLOPs per sample, `sample_flops`, at each sample's real length: no padding, no
+   recompute) per second; and the executed FLOPs (torch.utils.flop_counter on the step itself, padding and
+   recompute included) per second. Both also against a bf16 matrix product timed in the same run.
 3. packing against duration-grouped padding: one pass over --epoch samples of the length mix as padded
    batches grouped by duration, packed batches, and packed batches grouped by duration: real tokens/s and
    the padding share of the LLM's positions and of the encoder's frames.
 4. generation, tokens/s: prompts of 120-180 random tokens, 128 new tokens each (end of turn switched off:
-   every row writes them all), greedy, batches of 16, 64 and 256 prompts, the token budget sized from free
-   memory (the default on a GPU), and the static cache with that budget.
+   every row writes them all), greedy; the transformers backend in batches of 16, 64 and 256 prompts, at the
+   token budget sized from free memory, with the static cache at that budget, and with continuous batching (the
+   default on a GPU); and vLLM's engine on the same random weights (load_format="dummy") where vLLM is installed.
 Each part is skipped, and says so, when the time budget would not hold it. One JSON line last.
 """
 
@@ -53,14 +55,18 @@ from desta.core.sequences import IGNORE_INDEX
 from desta.model.packing import balance_rows, pack_rows, padding_share
 from desta.model.parts import QFormerConnector, lm_forward, merge_audio, tapped_states
 from desta.model.tiny import tiny_tokenizer
+from desta.train.plan import GPUS, LlmArch, WhisperArch, sample_flops
 
 AUDIO_ID = 0  # placeholder id: random text tokens are drawn from 10 up, so only audio positions hold 0
 FRAMES_PER_SECOND = 100  # mel frames per second of audio (hop of 10 ms)
 WINDOW_FRAMES = 3000  # one 30 s window
 STATIC_COMPILE_S = 120  # what the time budget sets aside for compiling an 8B model's decoding step (static cache)
 PARTS = ("train", "epoch", "generation")
-# Dense bf16 tensor-core peaks by GPU name (NVIDIA datasheets; the same figures as desta.train.plan.GPUS).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+# A CUDA device's name -> its kind in desta.train.plan.GPUS (which holds the dense bf16 peaks), most specific first:
+# "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are not the SXM card ("NVIDIA H100 80GB HBM3"), nor an A100 an A10.
+DEVICE_KINDS = (("H100 PCIe", "h100-pcie"), ("H100 NVL", "h100-nvl"), ("H100", "h100"), ("H200", "h200"),
+                ("A100", "a100"), ("A10", "a10"), ("L40S", "l40s"), ("L4", "l4"), ("A6000", "a6000"),
+                ("4090", "rtx4090"), ("3090", "rtx3090"))
 
 
 def attention_flops(query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...], *_: Any, **__: Any) -> int:
@@ -235,7 +241,9 @@ def make_batch(samples: list[dict[str, int]], vocab: int, device: str, padded_au
 def forward(m: SimpleNamespace, batch: dict[str, Any], logits_at: str):
     """The speech LLM's forward pass, as DestaModel.forward runs it: taps -> connector -> placeholders -> LLM."""
     states, step_mask = tapped_states(m.encoder, m.taps, batch["input_features"], batch["feature_attention_mask"])
-    audio = m.connector(states.float(), step_mask)  # (windows, queries, hidden); autocast computes in bf16
+    kind = states.device.type  # the frames cast once, to autocast's dtype, as DestaModel.embed_audio casts them
+    states = states.to(torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32)
+    audio = m.connector(states, step_mask)  # (windows, queries, hidden)
     embeds = merge_audio(m.llm.get_input_embeddings()(batch["input_ids"]), batch["input_ids"], AUDIO_ID, audio)
     return lm_forward(m.llm, embeds, batch["attention_mask"], batch["labels"], batch.get("position_ids"), logits_at,
                       use_cache=False)
@@ -254,13 +262,30 @@ def train_step(m: SimpleNamespace, batch: dict[str, Any], logits_at: str, device
     m.optimizer.zero_grad(set_to_none=True)
 
 
+def model_flops(shapes: Shapes, samples: list[dict[str, int]]) -> float:
+    """The useful work of a training step on these samples: desta plan's FLOPs per sample (`sample_flops`) at each
+    sample's real length (its tokens, its answer's positions, its encoder steps), summed."""
+    w, m = shapes.whisper, shapes.llm
+    whisper = WhisperArch(w["d_model"], w["encoder_layers"], 0, w["encoder_attention_heads"], w["encoder_ffn_dim"],
+                          w["num_mel_bins"], 0)
+    llm = LlmArch(m["hidden_size"], m["num_hidden_layers"], m["num_attention_heads"], m["num_key_value_heads"],
+                  m["intermediate_size"], m["vocab_size"], m.get("tie_word_embeddings", False))
+    total = 0.0
+    for s in samples:
+        tokens = s["head"] + s["audio"] + s["transcript"] + s["tail"] + s["answer"]
+        total += sum(sample_flops(whisper, llm, list(shapes.taps), shapes.queries, shapes.qformer_layers,
+                                  shapes.qformer_intermediate, tokens, s["answer"], 1, s["frames"] // 2).values())
+    return total
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def time_steps(m: SimpleNamespace, batch: dict[str, Any], logits_at: str, device: str, steps: int) -> dict[str, float]:
-    """One step under the flop counter (it also warms up), then `steps` timed steps: their rates and peak memory."""
+    """One step under the flop counter (it also warms up), then `steps` timed steps: their rates and peak memory, the
+    executed FLOPs per step (the counter's) and the useful ones (batch["model_flops"])."""
     with flop_counter.FlopCounterMode(display=False, custom_mapping=ATTENTION) as counter:
         train_step(m, batch, logits_at, device)
     flops = counter.get_total_flops()
@@ -277,6 +302,7 @@ def time_steps(m: SimpleNamespace, batch: dict[str, Any], logits_at: str, device
             "tokens_per_s": batch["tokens"] / seconds, "padding_share": padding_share(batch["attention_mask"]),
             "rows": rows, "width": batch["input_ids"].shape[1],
             "tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
+            "model_tflop_per_step": batch["model_flops"] / 1e12, "model_tflops": batch["model_flops"] / seconds / 1e12,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
 
 
@@ -344,14 +370,15 @@ def checks(m: SimpleNamespace, samples: list[dict[str, int]], shapes: Shapes, de
 # ----- generation -----
 
 def generation_rates(llm: LlamaForCausalLM, device: str, clock: Clock, small: bool) -> dict[str, dict[str, float]]:
-    """Tokens/s of the transformers backend by batch setting, on prompts of 120-180 random tokens."""
+    """Tokens/s of the transformers backend by batch setting (continuous batching included), on prompts of 120-180
+    random tokens."""
     rng = np.random.default_rng(2)
     vocab = llm.config.vocab_size
     new_tokens = 8 if small else 128
     lengths = (12, 18) if small else (120, 180)
     settings = SamplingSettings(max_new_tokens=new_tokens)
     tokenizer = tiny_tokenizer()  # end-of-turn and padding ids; prompts are random ids of the LLM's vocabulary
-    llm.generation_config.eos_token_id = None  # random weights: every row writes max_new_tokens
+    llm.generation_config.eos_token_id = None  # random weights: no end of turn, every row writes max_new_tokens
     cpu_budget = 4 * (lengths[1] + new_tokens)
     free = f"; {torch.cuda.mem_get_info(torch.device(device))[0] / 2**30:.0f} GiB free beside the LLM's weights" \
         if device.startswith("cuda") else ""
@@ -359,13 +386,18 @@ def generation_rates(llm: LlamaForCausalLM, device: str, clock: Clock, small: bo
     setups = [("batch 16", {"batch_size": 16}), ("batch 64", {"batch_size": 64}), ("batch 256", {"batch_size": 256}),
               ("token budget (default)", {"token_budget": "memory" if device.startswith("cuda") else cpu_budget}),
               ("static cache, token budget", {"token_budget": "memory" if device.startswith("cuda") else cpu_budget,
-                                              "cache": "static"})]
+                                              "cache": "static"}),
+              ("continuous batching", {"continuous": True, "token_budget": None if device.startswith("cuda")
+                                       else 4 * cpu_budget})]
     results: dict[str, dict[str, float]] = {}
     warm = TransformersBackend(llm=llm, tokenizer=tokenizer, batch_size=2, device=device)
     warm.generate_ids([[11] * 8, [12] * 8], SamplingSettings(max_new_tokens=2))
     for name, kwargs in setups:
         backend = TransformersBackend(llm=llm, tokenizer=tokenizer, device=device, **kwargs)
+        backend.eos_ids = set()  # the tokenizer's end ids are random tokens of this LLM: none ends an answer
         rows = backend.token_budget // (lengths[1] + new_tokens) if backend.token_budget else backend.batch_size
+        if backend.continuous:  # one call, as the targets stage makes: as many prompts as four budgets' batches
+            rows = 16 if small else 1024
         static = backend.cache == "static"
         parts = 2 if static else 1  # a static cache compiles on its first batch: time the second
         if not clock.fits(parts * generation_seconds(rows, lengths[1], new_tokens, llm, small)
@@ -387,17 +419,56 @@ def generation_rates(llm: LlamaForCausalLM, device: str, clock: Clock, small: bo
         seconds, tokens = timings[-1]
         results[name] = {"tokens_per_s": tokens / seconds, "rows_per_batch": rows, "seconds": seconds,
                          **({"first_batch_s": timings[0][0]} if static else {})}
-        print(f"  {name:28} {rows:5d} rows per batch: {tokens / seconds:9,.0f} tokens/s"
-              + (f" (first batch, compiling: {timings[0][0]:.0f} s)" if static else ""), flush=True)
+        print(f"  {name:28} {rows:5d} {'prompts per call' if backend.continuous else 'rows per batch'}: "
+              f"{tokens / seconds:9,.0f} tokens/s" + (f" (first batch, compiling: {timings[0][0]:.0f} s)" if static
+                                                       else ""), flush=True)
     return results
 
 
-def generation_seconds(rows: int, prompt: int, new_tokens: int, llm: LlamaForCausalLM, small: bool) -> float:
+def vllm_rate(config: LlamaConfig, device: str, clock: Clock, small: bool) -> dict[str, float] | None:
+    """Tokens/s of vLLM's offline engine on random weights of the same config (load_format="dummy": no download),
+    the same prompt and answer lengths; None, said, where vLLM is not installed or cannot run. Untested: no
+    machine desta has measured on had vLLM."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None or not device.startswith("cuda"):
+        print("  vLLM: not installed here (or no GPU): no figure")
+        return None
+    rows, new_tokens = (16, 8) if small else (1024, 128)
+    if not clock.fits(60 + generation_seconds(rows, 180, new_tokens, None, small), "generation, vLLM"):
+        return None
+    try:
+        from vllm import LLM, SamplingParams
+
+        rng = np.random.default_rng(2)
+        prompts = [{"prompt_token_ids": rng.integers(10, config.vocab_size, int(rng.integers(120, 181))).tolist()}
+                   for _ in range(rows)]
+        with tempfile.TemporaryDirectory() as folder:
+            config.save_pretrained(folder)
+            tiny_tokenizer().save_pretrained(folder)  # never decodes: detokenize=False
+            engine = LLM(model=folder, load_format="dummy", dtype="bfloat16", max_model_len=512, seed=0,
+                         gpu_memory_utilization=0.85)
+            params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+            engine.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+            start = time.perf_counter()
+            outputs = engine.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    except Exception as error:  # reported, not fatal: the rest of the run stands
+        print(f"  vLLM: failed: {type(error).__name__}: {str(error)[:300]}")
+        return {"failed": 1.0}
+    print(f"  {'vLLM (offline engine)':28} {rows:5d} prompts per call: {tokens / seconds:9,.0f} tokens/s", flush=True)
+    return {"tokens_per_s": tokens / seconds, "prompts": rows, "seconds": seconds}
+
+
+def generation_seconds(rows: int, prompt: int, new_tokens: int, llm: LlamaForCausalLM | None, small: bool) -> float:
     """A rough time for one generate batch on an H200 (or a CPU with --small): the prompt's FLOPs at 500 TFLOP/s,
-    then each step reading the weights (4 TB/s) plus about 30 ms of Python and 30 us per row."""
+    then each step reading the weights (4 TB/s; 8 B of them when `llm` is None) plus about 30 ms of Python and 30 us
+    per row."""
     if small:
         return 0.5 + rows * new_tokens * 1e-3
-    parameters = sum(p.numel() for p in llm.parameters())
+    parameters = sum(p.numel() for p in llm.parameters()) if llm is not None else 8e9
     prefill = 2 * parameters * rows * prompt / 5e14
     return prefill + new_tokens * (2 * parameters / 4e12 + 0.03 + 3e-5 * rows)
 
@@ -418,12 +489,21 @@ def matmul_tflops(device: str) -> float:
     return 2 * n**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
+def peak_of(name: str) -> float | None:
+    """A CUDA device name's dense bf16 datasheet peak in FLOP/s (desta.train.plan.GPUS), None for a GPU it does not
+    know.
+
+    >>> peak_of("NVIDIA H100 PCIe") / 1e12, peak_of("NVIDIA H100 80GB HBM3") / 1e12, peak_of("NVIDIA B200")
+    (756.0, 989.0, None)
+    """
+    return next((GPUS[kind].bf16_flops for key, kind in DEVICE_KINDS if key in name), None)
+
+
 def nominal_peak(device: str) -> float | None:
-    """The GPU's dense bf16 datasheet peak in FLOP/s, when its name is in PEAK_BF16."""
+    """This run's GPU's dense bf16 datasheet peak in FLOP/s (`peak_of`); None on a CPU."""
     if not device.startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    return peak_of(torch.cuda.get_device_name(torch.device(device)))
 
 
 def main() -> None:
@@ -492,6 +572,7 @@ def main() -> None:
             enable() if enable else m.llm.gradient_checkpointing_enable({"use_reentrant": False})
             m.llm.train()  # transformers recomputes a layer only in training mode; the Llama has no dropout
         batch = make_batch(samples, vocab, device, padded_audio, pack_length, bins)
+        batch["model_flops"] = model_flops(shapes, samples)
         train[mode] = time_steps(m, batch, logits_at, device, args.steps)
         if checkpointing:
             disable = getattr(m.llm, "activation_checkpointing_disable", None) or m.llm.gradient_checkpointing_disable
@@ -508,7 +589,9 @@ def main() -> None:
             continue
         if not clock.fits(3 * (args.steps + 2) * train["logits"]["step_s"] * size / shapes.batch, f"batch {size}"):
             break
-        batch = make_batch(length_mix(size, shapes.queries), vocab, device, False, None, bins)
+        mix = length_mix(size, shapes.queries)
+        batch = make_batch(mix, vocab, device, False, None, bins)
+        batch["model_flops"] = model_flops(shapes, mix)
         try:
             largest = {"batch": size, **time_steps(m, batch, "labelled", device, max(2, args.steps // 2))}
         except torch.cuda.OutOfMemoryError:
@@ -533,6 +616,14 @@ def main() -> None:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     generation = generation_rates(m.llm, device, clock, args.small) if "generation" in parts else {}
+    if "generation" in parts:
+        config = m.llm.config
+        del m.llm  # vLLM builds its own copy of the weights
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        vllm = vllm_rate(config, device, clock, args.small)
+        if vllm is not None:
+            generation["vLLM"] = vllm
     seconds = time.perf_counter() - clock.start
     print(f"total {seconds:.0f} s")
     print(json.dumps({"bench": "gpu", "shapes": name, "machine": machine, "torch": torch.__version__,
@@ -546,19 +637,24 @@ def main() -> None:
 
 
 def mfu(result: dict[str, Any], matmul: float, peak: float | None) -> dict[str, float | None]:
-    """The step's achieved FLOP/s against the nominal peak and against the measured matrix product."""
-    return {"mfu": result["achieved_tflops"] * 1e12 / peak if peak else None,
-            "mfu_vs_matmul": result["achieved_tflops"] / matmul}
+    """Model FLOPs utilisation (the useful work per second) and executed FLOPs utilisation (the flop counter's
+    FLOPs per second), each against the nominal peak (None on a CPU or an unknown GPU) and against the matrix
+    product measured in the same run."""
+    return {"mfu": result["model_tflops"] * 1e12 / peak if peak else None,
+            "executed_utilization": result["achieved_tflops"] * 1e12 / peak if peak else None,
+            "mfu_vs_matmul": result["model_tflops"] / matmul,
+            "executed_vs_matmul": result["achieved_tflops"] / matmul}
 
 
 def report(label: str, result: dict[str, Any], matmul: float, peak: float | None) -> None:
     shares = mfu(result, matmul, peak)
     memory = f", peak {result['peak_gib']:.1f} GiB" if result["peak_gib"] is not None else ""
-    nominal = f"MFU {shares['mfu']:.2f} (nominal), " if shares["mfu"] is not None else ""
+    nominal = (f"MFU {shares['mfu']:.2f}, executed {shares['executed_utilization']:.2f} of the nominal peak; "
+               if shares["mfu"] is not None else "")
     print(f"  {label:14} {result['samples_per_s']:8.2f} samples/s, {result['tokens_per_s']:10,.0f} tokens/s, "
           f"{result['rows']} rows x {result['width']} (padding {result['padding_share']:.0%}){memory}; "
-          f"{result['tflop_per_step']:.1f} TFLOP/step, {nominal}{shares['mfu_vs_matmul']:.2f} of the matrix product",
-          flush=True)
+          f"{result['model_tflop_per_step']:.2f} TFLOP/step useful, {result['tflop_per_step']:.2f} executed; "
+          f"{nominal}{shares['mfu_vs_matmul']:.2f} (useful) of the matrix product", flush=True)
 
 
 def rounded(result: dict[str, Any], matmul: float, peak: float | None) -> dict[str, Any]:

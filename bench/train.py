@@ -11,6 +11,13 @@ tiny.en + SmolLM2-135M-Instruct when --models or DESTA_MODELS gives them, else t
 models. Prints a table and one JSON line.
 
     python bench/train.py --steps 6 --batch-size 8 [--models DIR]
+
+With --startup N it measures instead what `desta train` does before its first step on a targets table of N rows
+(synthetic clips' rows repeated under new ids, audio by path; tiny bases): the seconds and the peak resident memory
+of `desta.train.run.setup` in a fresh process, twice in the same output folder (a restart, or a second process of
+a launch, finds what the first computed).
+
+    python bench/train.py --startup 200000
 """
 
 from __future__ import annotations
@@ -76,6 +83,65 @@ def run_mode(mode: str, targets: str, models: str | None, steps: int, batch_size
                "projected": max(widths) if logits_at == "all" else round(sum(labelled) / len(labelled))})
 
 
+def run_setup(targets: str, out: str, queue) -> None:
+    """desta train's set-up on the table, in this process: its seconds and the resident memory it adds at its peak."""
+    from desta.core.args import load_config
+    from desta.train.config import TrainConfig
+    from desta.train.run import setup
+
+    config = load_config(TrainConfig, None, [f"output_dir={out}", f"data.train={targets}", "optim.max_steps=1",
+                                             "data.eval_fraction=0.01", "log.progress=false", "log.report_to=none"])
+    before = resident_bytes()
+    start = time.perf_counter()
+    run = setup(config)
+    seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "peak_gb": (resident_bytes("VmHWM") - before) / 2**30,
+               "train_rows": run.counts["train_rows"]})
+
+
+def startup(rows: int) -> None:
+    """Time and memory of the set-up on a table of `rows` targets rows, twice (see the module's docstring)."""
+    from datasets import Audio, Dataset, load_from_disk
+
+    from desta.audio.synth import synth_corpus
+    from desta.describe import DescribeConfig, describe
+    from desta.targets import TargetsConfig
+    from desta.targets import targets as write_targets
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = synth_corpus(tmp / "corpus", num_clips=16, seed=0, progress=False)
+        describe(DescribeConfig(source=str(manifest), out=str(tmp / "d"), mapping="synthetic", progress=False))
+        write_targets(TargetsConfig(source=str(tmp / "d" / "dataset"), out=str(tmp / "t"), kind="labels",
+                                    progress=False))
+        base = load_from_disk(str(tmp / "t" / "dataset")).remove_columns(["audio"]).to_list()
+        wavs = sorted((tmp / "corpus").rglob("*.wav"))
+        table = {key: [] for key in [*base[0], "audio"]}
+        for k in range(rows):
+            row = base[k % len(base)]
+            for key, value in row.items():
+                table[key].append(f"{value}-{k}" if key == "id" else value)
+            table["audio"].append({"path": str(wavs[k % len(wavs)]), "bytes": None})
+        Dataset.from_dict(table).cast_column("audio", Audio(decode=False)).save_to_disk(str(tmp / "big"))
+        del table, base
+        context = mp.get_context("spawn")
+        results = []
+        for _ in range(2):
+            queue = context.Queue()
+            process = context.Process(target=run_setup, args=(str(tmp / "big"), str(tmp / "run"), queue))
+            process.start()
+            results.append(queue.get())
+            process.join()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, CPU"
+    for name, r in zip(("first start", "restart"), results, strict=True):
+        print(f"{name}: {r['seconds']:.1f} s, {r['peak_gb']:.2f} GiB more resident memory at the peak; "
+              f"{r['train_rows']} training rows")
+    print(json.dumps({"bench": "train-startup", "rows": rows, "machine": machine,
+                      "first_start_s": round(results[0]["seconds"], 1), "restart_s": round(results[1]["seconds"], 1),
+                      "first_start_peak_gb": round(results[0]["peak_gb"], 3),
+                      "restart_peak_gb": round(results[1]["peak_gb"], 3)}))
+
+
 def planned_step_gb(section, mode: str, batch_size: int, tokens: int, projected: int) -> float:
     """What `desta plan` predicts a step adds to the resident weights (GiB): activations, gradients, AdamW; the LM
     head projecting `projected` positions per row."""
@@ -106,7 +172,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--models", default=None)
+    parser.add_argument("--startup", type=int, default=None, help="measure the set-up on a table of this many rows")
     args = parser.parse_args()
+    if args.startup:
+        return startup(args.startup)
     models = small_models_dir(args.models)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

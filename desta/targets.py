@@ -59,8 +59,8 @@ DEFAULT_REFUSAL_PATTERNS = [
 # Settings that change how a run is carried out but not one answer: left out of the job description a
 # resumed run must match (greedy batches give the answers one-at-a-time generation gives).
 RUNTIME_SETTINGS = ("out", "base_url", "batch_size", "batching", "token_budget", "cache", "prompts_per_call",
-                    "concurrency", "timeout", "max_retries", "chunk_size", "num_shards", "shard_index", "merge",
-                    "progress", "overwrite")
+                    "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "concurrency", "timeout",
+                    "max_retries", "chunk_size", "num_shards", "shard_index", "merge", "progress", "overwrite")
 
 
 @dataclass
@@ -76,8 +76,8 @@ class TargetsConfig:
     model: str = ""
     """the LLM (Hub id or folder; the served model name for the http backend)"""
     backend: Literal["transformers", "vllm", "http"] = "transformers"
-    """generation backend: transformers (batched, CPU or GPU), vllm (GPU; untested: it has never run here), http (an
-    OpenAI-compatible server)"""
+    """generation backend: transformers (batched, CPU or GPU), vllm (GPU; untested on a GPU: only what it hands vLLM is
+    tested), http (an OpenAI-compatible server)"""
     base_url: str | None = None
     """http backend: the server, e.g. http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY)"""
     pool: str | list[str] = "desta2"
@@ -99,12 +99,14 @@ class TargetsConfig:
     """prompts and sampling depend only on it (and the row)"""
     batch_size: int = 16
     """prompts per generate batch when batching by prompts (transformers)"""
-    batching: Literal["auto", "tokens", "prompts"] = "auto"
-    """transformers: tokens: each batch holds as many prompts as fit token_budget (longest prompts first); prompts:
-    batch_size prompts; auto: tokens on a GPU (or wherever token_budget is given), prompts on a CPU (as before)"""
+    batching: Literal["auto", "continuous", "tokens", "prompts"] = "auto"
+    """transformers: continuous: transformers' continuous batching (a finished answer's place takes the next prompt:
+    no batch waits for its longest answer); tokens: each batch holds as many prompts as fit token_budget (longest
+    prompts first); prompts: batch_size prompts; auto: continuous on a GPU, tokens wherever token_budget is given,
+    else prompts (a CPU)"""
     token_budget: int | None = None
-    """tokens per generate batch when batching by tokens: rows x (longest prompt + max_new_tokens); null: sized
-    from the GPU's free memory and the LLM's key/value cache per token"""
+    """tokens per generate batch when batching by tokens: rows x (longest prompt + max_new_tokens); with continuous
+    batching, the tokens its key/value cache holds; null: sized from the GPU's free memory"""
     cache: Literal["dynamic", "static"] = "dynamic"
     """transformers' key/value cache: dynamic, or static (preallocated; transformers compiles the decoding step
     on a GPU: faster once compiled, one compile per batch shape)"""
@@ -115,6 +117,13 @@ class TargetsConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weights of the LLM (transformers): auto is bfloat16 on a GPU and float32 on a CPU; bfloat16 on a CPU with
     bf16 instructions is about twice as fast (answers of a bf16 model, not identical to float32's)"""
+    max_model_len: int | None = None
+    """vllm: tokens per sequence the engine plans for (prompt + answer); null: the model's own, which can leave
+    little memory for the cache"""
+    gpu_memory_utilization: float = 0.9
+    """vllm: share of each GPU's memory for the weights and the key/value cache"""
+    tensor_parallel_size: int = 1
+    """vllm: GPUs the model is split over"""
     concurrency: int = 8
     """requests in flight (http)"""
     timeout: float = 120.0
@@ -158,9 +167,13 @@ class TargetsConfig:
         if self.max_new_tokens < 1 or self.prompts_per_clip < 1 or self.chunk_size < 1 or self.batch_size < 1:
             problems.append(("max_new_tokens", "max_new_tokens, prompts_per_clip, chunk_size and batch_size must be "
                                                "at least 1"))
-        for name in ("token_budget", "prompts_per_call"):
+        for name in ("token_budget", "prompts_per_call", "max_model_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append((name, f"must be at least 1 (or null), got {getattr(self, name)}"))
+        if not 0 < self.gpu_memory_utilization <= 1 or self.tensor_parallel_size < 1:
+            found = f"{self.gpu_memory_utilization} and {self.tensor_parallel_size}"
+            problems.append(("gpu_memory_utilization", "gpu_memory_utilization must be in (0, 1] and "
+                                                       f"tensor_parallel_size at least 1, got {found}"))
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             problems.append(("temperature", f"temperature must be 0 or more and top_p in (0, 1], got "
                                             f"{self.temperature} and {self.top_p}"))
@@ -258,11 +271,18 @@ def _backend(config: TargetsConfig) -> Backend:
         from desta.core.llm import default_device
 
         dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
-        by_tokens = config.batching == "tokens" or (config.batching == "auto" and (
-            config.token_budget is not None or default_device() == "cuda"))
-        budget = (config.token_budget or "memory") if by_tokens else None
+        batching = config.batching
+        if batching == "auto":
+            batching = "continuous" if default_device() == "cuda" and config.cache == "dynamic" else (
+                "tokens" if config.token_budget is not None else "prompts")
+        budget = config.token_budget or ("memory" if batching == "tokens" else None)
         return make_backend("transformers", config.model, batch_size=config.batch_size, dtype=dtype,
-                            token_budget=budget, cache=config.cache)
+                            token_budget=budget if batching != "prompts" else None, cache=config.cache,
+                            continuous=batching == "continuous")
+    if config.backend == "vllm":
+        return make_backend("vllm", config.model, max_model_len=config.max_model_len, seed=config.seed,
+                            gpu_memory_utilization=config.gpu_memory_utilization,
+                            tensor_parallel_size=config.tensor_parallel_size)
     return make_backend(config.backend, config.model)
 
 
@@ -363,11 +383,14 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
 
 def prompts_per_call(config: TargetsConfig, backend: Backend) -> int:
     """Prompts handed to the backend at once: one chunk when sampling (a resumed chunk samples the same), else
-    prompts_per_call, else enough for about four batches of a token budget, else one chunk."""
+    prompts_per_call, else what the backend asks for (vLLM and continuous batching: thousands), else enough for
+    about four batches of a token budget, else one chunk."""
     if config.temperature > 0:
         return config.chunk_size
     if config.prompts_per_call:
         return config.prompts_per_call
+    if getattr(backend, "prompts_per_call", None):
+        return max(config.chunk_size, backend.prompts_per_call)
     budget = getattr(backend, "token_budget", None)
     return max(config.chunk_size, 4 * budget // config.max_new_tokens) if budget else config.chunk_size
 

@@ -4,11 +4,11 @@ from transformers import TrainerCallback
 
 from desta.core.args import ConfigError, load_config
 from desta.core.sequences import IGNORE_INDEX, end_of_turn_ids
-from desta.train import trainer as trainer_module
+from desta.train import losses as losses_module
 from desta.train.config import ModelSection, TrainConfig
-from desta.train.on_policy import on_policy_batches, prompts, sample_responses
+from desta.train.losses import response_kl
+from desta.train.on_policy import RowSeededSampling, on_policy_batches, prompts, sample_responses
 from desta.train.run import train
-from desta.train.trainer import response_kl
 from tests.conftest import described_dataset, label_targets
 
 BASE = ["optim.warmup_steps=1", "optim.batch_size=4", "optim.lr=3e-3", "log.logging_steps=1", "log.report_to=none"]
@@ -35,11 +35,13 @@ def test_both_sides_hold_the_students_sample_after_their_own_prompts(targets_dir
     end_ids = end_of_turn_ids(tokenizer, model.llm.generation_config)
     model.train()
     torch.manual_seed(0)
-    prompt_rows, responses = sample_responses(model, batch, end_ids, tokenizer.pad_token_id, max_new_tokens=6)
+    prompt_rows = prompts(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    responses = sample_responses(model, batch, prompt_rows, [0, 1, 2, 3], end_ids, tokenizer.pad_token_id,
+                                 max_new_tokens=6)
     assert model.training  # sampled in eval mode, handed back in training mode
     assert len(responses) == 4 and all(1 <= len(r) <= 6 for r in responses)
     assert all(token not in end_ids for r in responses for token in r[:-1])  # cut after the first end of turn
-    assert prompt_rows == prompts(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert all(audio_id in row for row in prompt_rows for audio_id in [processor.audio_token_id])
 
     text = {k: batch[f"teacher_{k}"] for k in ("input_ids", "labels", "attention_mask")}
     student, teacher = on_policy_batches(batch, text, prompt_rows, responses, tokenizer.pad_token_id)
@@ -60,15 +62,40 @@ def test_both_sides_hold_the_students_sample_after_their_own_prompts(targets_dir
     assert out.label_logits.shape[0] == sum(len(r) for r in responses)
 
 
+def test_a_rows_sample_depends_on_its_seed_not_on_its_batch(targets_dir, tmp_path):
+    from desta.train.data import DestaCollator, DestaDataset, load_targets, speech_examples
+    from desta.train.run import build_model
+
+    model, processor = build_model(ModelSection(), tmp_path)
+    dataset = DestaDataset(speech_examples(load_targets(str(targets_dir), "train"), processor, teacher=True)[:4])
+    collate, pad = DestaCollator(processor, 1024), processor.tokenizer.pad_token_id
+    end_ids = end_of_turn_ids(processor.tokenizer, model.llm.generation_config)
+
+    def sample(rows, seeds):
+        batch = collate([dataset[i] for i in rows])
+        found = prompts(batch["input_ids"], batch["labels"], batch["attention_mask"])
+        return sample_responses(model, batch, found, seeds, end_ids, pad, max_new_tokens=8)
+
+    together = sample([0, 1, 2, 3], [10, 11, 12, 13])
+    assert sample([2], [12]) == together[2:3] and sample([3, 1], [13, 11]) == [together[3], together[1]]
+    assert sample([2], [99]) != together[2:3]  # another seed, another draw
+    # each pick is a draw from softmax(scores / temperature): the Gumbel-max trick
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    picks = torch.tensor([int(RowSeededSampling([seed], temperature=2.0)(None, scores).argmax())
+                          for seed in range(4000)])
+    frequencies = torch.bincount(picks, minlength=4) / len(picks)
+    torch.testing.assert_close(frequencies, (scores[0] / 2.0).softmax(-1), atol=0.025, rtol=0)
+
+
 def test_reverse_kl_is_the_students_expectation_and_trains_only_the_student():
     torch.manual_seed(0)
     student, teacher = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7, requires_grad=True)
-    assert response_kl(student, student.detach(), reverse=True).item() == pytest.approx(0, abs=1e-6)
+    assert response_kl(student, student.detach(), reverse=True).abs().max().item() == pytest.approx(0, abs=1e-6)
     p, q = student.softmax(-1), teacher.softmax(-1)
     expected = (p * (p.log() - q.log())).sum(-1).mean()
-    loss = response_kl(student, teacher, reverse=True)
+    loss = response_kl(student, teacher, reverse=True).mean()
     torch.testing.assert_close(loss, expected)
-    assert loss.item() != pytest.approx(response_kl(student, teacher).item())  # not the forward KL
+    assert loss.item() != pytest.approx(response_kl(student, teacher).mean().item())  # not the forward KL
     loss.backward()
     assert student.grad.abs().sum() > 0
     (expected_grad,) = torch.autograd.grad(expected, student)
@@ -86,11 +113,11 @@ def test_on_policy_training_samples_every_step_and_trains_the_connector(targets_
     calls = []
 
     def counted(*args, **kwargs):
-        prompt_rows, responses = sample_responses(*args, **kwargs)
+        responses = sample_responses(*args, **kwargs)
         calls.append([len(r) for r in responses])
-        return prompt_rows, responses
+        return responses
 
-    monkeypatch.setattr(trainer_module, "sample_responses", counted)
+    monkeypatch.setattr(losses_module, "sample_responses", counted)
 
     class Snapshot(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -155,6 +155,22 @@ def test_activation_memory_matches_what_autograd_keeps(small, response):
         assert planned == pytest.approx(kept, rel=0.03), (checkpointing, response)
 
 
+def test_frozen_weights_follow_the_precision_and_fp32_ones_count_the_copies_autocast_keeps(small):
+    for checkpointing in (False, True):
+        model, batch = _model(small, checkpointing, rows=1, response=100)  # float32 weights
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kept = _kept_for_backward(model, batch)  # bf16 activations, and the bf16 copy of each weight product
+        parts = _plan(small, "optim.batch_size=1", "optim.precision=bf16", "model.dtype=float32", response=100)[
+            "memory"]["1 gpu+checkpointing" if checkpointing else "1 gpu"]
+        planned = sum(parts[f"activations_{k}"] for k in ("llm", "connector", "loss")) + parts["autocast_weight_copies"]
+        assert planned * 1e9 == pytest.approx(kept, rel=0.03), checkpointing
+    recipe = ROOT / "recipes" / "desta25" / "config.yaml"
+    auto, fp32 = (plan(load_config(PlanConfig, recipe, [f"model.dtype={dtype}", "optim.precision=auto"]))["memory"]
+                  for dtype in ("auto", "float32"))
+    assert auto["1 gpu"]["weights"] < 0.51 * fp32["1 gpu"]["weights"]  # auto: bf16 weights where training is bf16
+    assert "autocast_weight_copies" not in auto["1 gpu"] and fp32["1 gpu"]["autocast_weight_copies"] > 14  # GB at 8B
+
+
 def test_response_only_logits_shrink_the_plans_logits_and_the_targets_stage_is_planned():
     settings = ["gpu=h200", "samples=5000000", "answer_tokens=150"]
     every = plan(load_config(PlanConfig, ROOT / "recipes" / "desta25" / "config.yaml",

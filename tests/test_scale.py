@@ -2,6 +2,7 @@
 FSDP with save and resume, bf16; and GPU-only checks marked `gpu`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def run_data(tmp_path_factory, bases):
             f"model.llm={llm_dir}", *BASE]
 
 
-def _launch(launcher: list[str], settings: list[str], port: int) -> None:
+def _launch(launcher: list[str], settings: list[str], port: int):
     import os
     import subprocess
     import sys
@@ -112,6 +113,7 @@ def _launch(launcher: list[str], settings: list[str], port: int) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "DESTA_DEBUG": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def _history(out):
@@ -151,6 +153,26 @@ def test_ddp_with_text_only_batches_trains_and_reports_the_true_loss(run_data, t
     assert evals[0] == pytest.approx(one["eval_losses"][0][1], rel=1e-5)
 
 
+def test_two_processes_build_the_feature_cache_together_and_merge_it_once(run_data, tmp_path):
+    from desta.core.args import load_config
+    from desta.train.config import TrainConfig
+    from desta.train.features import FeatureCache
+    from desta.train.run import cache_features_for
+
+    settings = [f"output_dir={tmp_path / 'run'}", "data.cache_dtype=float32", *run_data]
+    _launch(["torch.distributed.run", "--nproc_per_node", "2", "-m", "desta.cli", "cache-features"],
+            [f"data.feature_cache={tmp_path / 'two'}", *settings], 29565)
+    meta = json.loads((tmp_path / "two" / "meta.json").read_text())
+    shards = [shard for shard, _ in meta["clips"].values()]
+    assert len(meta["clips"]) == 16 and sorted(map(shards.count, set(shards))) == [8, 8]  # each process half the clips
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted({*shards, "meta.json"})  # merged, no parts
+    cache_features_for(load_config(TrainConfig, None, [f"data.feature_cache={tmp_path / 'one'}", *settings]))
+    one, two = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two")
+    for clip in one.meta["clips"]:
+        for alone, shared in zip(one[clip], two[clip], strict=True):
+            torch.testing.assert_close(shared, alone)  # the features one process computes
+
+
 def test_fsdp_recipe_trains_saves_and_resumes_on_cpu(run_data, tmp_path):
     from desta.model.loading import load
 
@@ -159,7 +181,13 @@ def test_fsdp_recipe_trains_saves_and_resumes_on_cpu(run_data, tmp_path):
                 "-m", "tests.fsdp_cpu", "train"]
     settings = [f"output_dir={out}", "optim.max_steps=4", "log.save_steps=2", "log.eval_steps=2", *run_data]
     _launch(launcher, settings, 29563)
-    assert (out / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # sharded: each process wrote its part
+    from safetensors import safe_open
+
+    checkpoint = out / "checkpoint-2"
+    assert not (checkpoint / "pytorch_model_fsdp_0").exists()  # no shard of the frozen bases in a checkpoint
+    assert (checkpoint / "optimizer_0").is_dir()  # the optimizer state, sharded: each process wrote its part
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as handle:
+        assert handle.keys() and all(name.startswith("connector.") for name in handle.keys())
     full_losses, full_evals = _history(out)
     model, _ = load(out)  # the gathered trainable weights, in desta's format
     assert model.connector.queries.shape == (4, 64, 64)
@@ -172,6 +200,26 @@ def test_fsdp_recipe_trains_saves_and_resumes_on_cpu(run_data, tmp_path):
     for step in (3, 4):
         assert losses[step] == pytest.approx(full_losses[step], rel=1e-5), step
     assert evals[4] == pytest.approx(full_evals[4], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["on_policy", "kl"])
+def test_fsdp_trains_with_the_text_llm_as_teacher_and_on_its_own_samples(run_data, tmp_path, loss):
+    """The teacher's forward and the student's sampling run outside the model's forward: FSDP must gather the root
+    unit's weights for them, and processes sampling answers of different lengths decode in step."""
+    import yaml
+
+    out = tmp_path / loss
+    recipe = yaml.safe_load(Path("recipes/accelerate/fsdp.yaml").read_text())
+    recipe["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = True  # as a config copied from elsewhere might say
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(recipe))
+    launcher = ["accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"), "--num_processes", "2",
+                "-m", "tests.fsdp_cpu", "train"]
+    result = _launch(launcher, [f"output_dir={out}", "optim.max_steps=2", f"optim.loss={loss}", "log.eval_steps=2",
+                                "optim.on_policy_max_new_tokens=6", *run_data, "data.text_ratio=0"], 29567)
+    assert "fsdp_cpu_ram_efficient_loading has no effect" in result.stderr
+    losses, evals = _history(out)
+    assert sorted(losses) == [1, 2] and all(v == v and v >= 0 for v in [*losses.values(), *evals.values()])
 
 
 def test_bf16_autocast_on_cpu_runs_the_llm_in_bf16_and_keeps_the_connector_in_fp32(run_data, tmp_path):
@@ -197,6 +245,60 @@ def test_bf16_autocast_on_cpu_runs_the_llm_in_bf16_and_keeps_the_connector_in_fp
     assert torch.bfloat16 in dtypes.seen
     assert {p.dtype for p in dtypes.model.connector.parameters()} == {torch.float32}
     assert dtypes.model.llm.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_trainable_weights_stay_float32_beside_16_bit_frozen_ones_and_fp16_trains(tmp_path, clip):
+    from desta.train.config import ModelSection
+    from desta.train.run import build_model
+    from tests.conftest import conversation
+
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    for dtype, precision in (("auto", "bf16"), ("bfloat16", "auto"), ("float16", "auto"), ("auto", "auto")):
+        model, processor = build_model(ModelSection(lora=lora, dtype=dtype), tmp_path, precision=precision)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert any("lora_" in n for n in trainable) and any(n.startswith("connector.") for n in trainable)
+        assert {p.dtype for p in trainable.values()} == {torch.float32}, (dtype, precision)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        assert frozen == {torch.float16 if dtype == "float16" else torch.float32 if dtype == precision == "auto"
+                          else torch.bfloat16}, (dtype, precision)  # auto on this CPU: fp32 precision
+    # the last fp16 model: a step under fp16 autocast with the gradient scaler, which refuses fp16 gradients
+    model, processor = build_model(ModelSection(lora=lora, dtype="float16"), tmp_path)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = processor([conversation()] * 2, audios=[[clip]] * 2, transcripts=[["where is the station"]] * 2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(**batch).loss
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) != param.requires_grad, name
+
+
+def test_the_connector_keeps_one_16_bit_copy_of_the_frames_under_autocast(tmp_path):
+    from desta.train.config import ModelSection
+    from desta.train.run import build_model
+
+    model, _ = build_model(ModelSection(qformer_layers=3, qformer_dropout=0.0), tmp_path)
+    model.train()
+    frames = torch.randn(4, 2, 50, model.config.encoder_config.d_model)  # (layers, windows, steps, d_model), fp32
+    copy = frames.reshape(8, 50, -1).to(torch.bfloat16)  # what each key/value product reads: (layers x windows, ...)
+    kept = {}
+
+    def pack(tensor):
+        if tensor.dtype == copy.dtype and tensor.numel() == copy.numel() and torch.equal(tensor.reshape(copy.shape),
+                                                                                         copy):  # any view of it
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.embed_audio(audio_hidden_states=frames)
+    assert out.shape == (2, 64, model.config.text_config.hidden_size)
+    assert len(kept) == 1  # not one per key and value product of the 3 layers
+    out.float().sum().backward()
+    assert model.connector.queries.grad.abs().sum() > 0
 
 
 # ----- on a GPU -----
@@ -229,5 +331,5 @@ def test_fp16_training_runs_on_a_gpu(run_data, tmp_path):
     from desta.train.run import train
 
     summary = train(load_config(TrainConfig, None, [f"output_dir={tmp_path}", "optim.max_steps=3",
-                                                    "optim.precision=fp16", *run_data]))
-    assert summary["steps"] == 3 and summary["last_train_loss"] == summary["last_train_loss"]
+                                                    "optim.precision=fp16", "model.lora={r: 4}", *run_data]))
+    assert summary["steps"] == 3 and summary["last_train_loss"] == summary["last_train_loss"]  # fp16 weights (auto)

@@ -59,34 +59,6 @@ def test_token_budget_batches_hold_the_budget_and_answer_as_fixed_batches(backen
         TransformersBackend(llm=backend.llm, tokenizer=backend.tokenizer, token_budget="memory")
 
 
-def test_a_batch_out_of_gpu_memory_is_split_and_the_budget_halved(backend, monkeypatch):
-    import torch
-
-    from desta.core.generation import bytes_per_token, memory_token_budget
-
-    conversations = [[{"role": "user", "content": "describe " * k}] for k in range(1, 9)]
-    settings = SamplingSettings(max_new_tokens=6)
-    expected = backend.generate(conversations, settings)
-    budgeted = TransformersBackend(llm=backend.llm, tokenizer=backend.tokenizer, token_budget=1000)
-    generate, rows_tried = budgeted.llm.generate, []
-
-    def small_memory(input_ids, **kwargs):  # a GPU that holds 3 rows at most
-        rows_tried.append(len(input_ids))
-        if len(input_ids) > 3:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return generate(input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(budgeted.llm, "generate", small_memory)
-    with pytest.warns(UserWarning, match="ran out of GPU memory"):
-        assert budgeted.generate(conversations, settings) == expected
-    assert rows_tried[0] == 8 and sum(rows for rows in rows_tried if rows <= 3) == 8  # each prompt answered once
-    failures = sum(rows > 3 for rows in rows_tried)
-    assert failures >= 2 and budgeted.token_budget == 1000 // 2**failures  # halved at each, kept for later batches
-    free = 10 * 2**30  # 10 GiB free: 80 % of it in tokens of the model's cache and activations
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 2**30))
-    assert memory_token_budget(backend.llm, "cuda") == int(free * 0.8) // bytes_per_token(backend.llm.config, 4)
-
-
 def test_greedy_runs_hand_several_chunks_to_a_token_budget_backend(described, tmp_path, backend):
     from desta.targets import call_groups, prompts_per_call
 

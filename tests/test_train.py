@@ -90,6 +90,51 @@ def test_cached_features_give_the_on_the_fly_loss(targets_dir, tmp_path):
     assert summary["steps"] == 4
 
 
+def test_only_the_main_process_writes_the_run_files_and_the_curve_names_its_loss(targets_dir, tmp_path, monkeypatch):
+    from PIL import Image
+    from transformers import TrainingArguments
+
+    from desta.core.artifacts import LOG_HISTORY, LOSS_CURVE, SUMMARY
+    from desta.train.losses import LOSSES
+    from desta.train.run import fit, save, setup
+
+    run = setup(_config(targets_dir, tmp_path / "main", "optim.max_steps=1", "optim.loss=kl", "log.save_steps=100"))
+    summary = save(run, fit(run))
+    assert summary["loss"] == json.loads((tmp_path / "main" / SUMMARY).read_text())["loss"] == "kl"
+    assert Image.open(tmp_path / "main" / LOSS_CURVE).text["Title"] == f"desta train: {LOSSES['kl'].axis}"
+    other = setup(_config(targets_dir, tmp_path / "other", "optim.max_steps=1", "log.save_steps=100"))
+    metrics = fit(other)
+    monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: 1))  # as on the second process
+    summary = save(other, metrics)
+    assert summary["steps"] == 1 and summary["first_train_loss"] > 0  # the summary comes back on every process
+    written = {path.name for path in (tmp_path / "other").iterdir()}
+    assert not written & {SUMMARY, LOG_HISTORY, LOSS_CURVE, "model.safetensors"}, written
+
+
+def test_start_up_reads_rows_lazily_and_counts_their_tokens_once(targets_dir, tmp_path, monkeypatch):
+    from desta.model.processing import DestaProcessor
+    from desta.train.data import ExampleTable, token_count
+    from desta.train.run import setup
+
+    renders = []
+    render = DestaProcessor.render
+    monkeypatch.setattr(DestaProcessor, "render", lambda self, *args, **kwargs: renders.append(1) or render(
+        self, *args, **kwargs))  # every tokenization of a row renders its conversation first
+    settings = ["data.eval_fraction=0.25", "data.max_length=300", "data.num_workers=2"]
+    first = setup(_config(targets_dir, tmp_path, *settings))
+    examples = first.trainer.train_dataset.examples
+    assert isinstance(examples, ExampleTable)  # rows stay in the Arrow table until a batch reads them
+    assert first.trainer.args.dataloader_persistent_workers  # workers are not forked again each epoch
+    dropped = first.counts["over_max_length"]["train"]
+    assert dropped > 0 and len(examples) == 12 - dropped  # 16 clips, 4 held out
+    assert all(token_count(first.processor, example) <= 300 for example in examples)
+    assert len(renders) >= 16
+    renders.clear()
+    second = setup(_config(targets_dir, tmp_path, *settings))  # a restart, or a second process of the same run
+    assert renders == []  # the counts are read back, not computed again
+    assert [e.id for e in second.trainer.train_dataset.examples] == [e.id for e in examples]
+
+
 def test_text_only_rows_mix_in_at_the_ratio(targets_dir, tmp_path):
     assert replay_count(970, 0.03) == 30 and replay_count(100, 0.0) == 0
     replay = tmp_path / "replay.jsonl"
@@ -149,7 +194,7 @@ def test_two_process_cpu_run(targets_dir, tmp_path):
 
 def test_kl_loss_is_zero_when_the_student_matches_the_teacher():
     from desta.core.sequences import IGNORE_INDEX
-    from desta.train.trainer import distillation_loss
+    from desta.train.losses import response_kl
 
     torch.manual_seed(0)
     vocab = 11
@@ -160,13 +205,17 @@ def test_kl_loss_is_zero_when_the_student_matches_the_teacher():
     labels = torch.full((1, 12), IGNORE_INDEX)
     labels[0, 9:12] = torch.tensor([3, 5, 2])
     student_logits[0, 8:11] = teacher_logits[0, 3:6]  # the positions that predict each response token
-    same = distillation_loss(student_logits, labels, teacher_logits, teacher_labels)
-    assert same.item() == pytest.approx(0, abs=1e-6)
+
+    def kl():  # the positions labelled_logits keeps: those whose next label is not -100
+        return response_kl(student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX],
+                           teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX])
+
+    assert kl().shape == (3,) and kl().abs().max().item() == pytest.approx(0, abs=1e-6)
     student_logits[0, 9] += torch.randn(vocab)
-    assert distillation_loss(student_logits, labels, teacher_logits, teacher_labels).item() > 0.01
+    assert kl()[1].item() > 0.01 and kl()[0].item() == pytest.approx(0, abs=1e-6)
     labels[0, 8] = 7  # one more response token than the teacher's
     with pytest.raises(ValueError, match="4 response positions but the teacher's 3"):
-        distillation_loss(student_logits, labels, teacher_logits, teacher_labels)
+        kl()
 
 
 def test_kl_training_distills_from_the_text_llm(targets_dir, tmp_path):
@@ -176,6 +225,33 @@ def test_kl_training_distills_from_the_text_llm(targets_dir, tmp_path):
         "first_train_loss"]
     for name, param in snapshot.model.named_parameters():
         assert torch.equal(param, snapshot.before[name]) != name.startswith("connector."), name
+
+
+class Gradients(TrainerCallback):
+    """The trainable weights' gradients of each optimizer step, as the optimizer gets them."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl", "on_policy"])
+def test_a_step_split_into_micro_batches_has_the_gradients_and_loss_of_one_batch(targets_dir, tmp_path, loss):
+    found = {}
+    for batch, accumulate in ((8, 1), (4, 2)):
+        gradients, out = Gradients(), tmp_path / f"{batch}x{accumulate}"
+        train(_config(targets_dir, out, "optim.max_steps=1", f"optim.batch_size={batch}",
+                      f"optim.grad_accum={accumulate}", f"optim.loss={loss}", "model.qformer_dropout=0.0",
+                      "optim.max_grad_norm=1e9", "optim.on_policy_max_new_tokens=6", "log.save_steps=100"),
+              callbacks=[gradients])
+        found[batch] = gradients.steps, _losses(out)
+    (one, one_loss), (split, split_loss) = found[8], found[4]
+    assert len(one) == len(split) == 1
+    for name, gradient in one[0].items():
+        torch.testing.assert_close(split[0][name], gradient, rtol=1e-5, atol=1e-7, msg=f"{loss} {name}")
+    assert split_loss[1] == pytest.approx(one_loss[1], rel=1e-5, abs=1e-7)
 
 
 def _sample_losses(model, batch):
@@ -199,8 +275,8 @@ def _sample_losses(model, batch):
 def test_packed_batches_keep_each_samples_loss_gradients_and_distillation_targets(targets_dir, tmp_path):
     from desta.model.parts import labelled_logits
     from desta.train.data import DestaCollator, DestaDataset, load_targets, speech_examples
+    from desta.train.losses import response_kl
     from desta.train.run import build_model
-    from desta.train.trainer import response_kl
 
     model, processor = build_model(ModelSection(qformer_dropout=0.0), tmp_path)
     dataset = DestaDataset(speech_examples(load_targets(str(targets_dir), "train"), processor, teacher=True)[:6])
@@ -223,29 +299,12 @@ def test_packed_batches_keep_each_samples_loss_gradients_and_distillation_target
         with torch.no_grad():
             teacher, _ = labelled_logits(model.llm, batch["teacher_labels"], input_ids=batch["teacher_input_ids"],
                                          attention_mask=batch["teacher_attention_mask"])
-        kl = response_kl(out.label_logits, teacher)  # pairs the k-th response position of each side
+        kl = response_kl(out.label_logits, teacher).mean()  # pairs the k-th response position of each side
         losses.append((out.loss, kl))
         grads.append(torch.autograd.grad(out.loss + kl, trainable))
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for got, expected in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_kl_on_response_logits_equals_kl_on_full_logits():
-    from desta.core.sequences import IGNORE_INDEX
-    from desta.train.trainer import distillation_loss, response_kl
-
-    torch.manual_seed(0)
-    student, teacher = torch.randn(2, 9, 13, requires_grad=True), torch.randn(2, 7, 13)
-    labels, teacher_labels = torch.full((2, 9), IGNORE_INDEX), torch.full((2, 7), IGNORE_INDEX)
-    labels[0, 6:], labels[1, 5:8] = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
-    teacher_labels[0, 4:], teacher_labels[1, 2:5] = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
-    full = distillation_loss(student, labels, teacher, teacher_labels, temperature=2.0)
-    gathered = response_kl(student[:, :-1][labels[:, 1:] != IGNORE_INDEX],
-                           teacher[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX], temperature=2.0)
-    assert full.item() == gathered.item() > 0
-    (full_grad,), (gathered_grad,) = torch.autograd.grad(full, student), torch.autograd.grad(gathered, student)
-    assert torch.equal(full_grad, gathered_grad)
 
 
 def test_packing_trains_and_checks_its_length(targets_dir, tmp_path):

@@ -7,6 +7,7 @@ LLM judge of the eval stage and the text post-training strategies.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -87,6 +88,16 @@ STATIC_WIDTH_MULTIPLE = 64
 # The share of a GPU's free memory a memory-sized token budget takes: the rest absorbs what the estimate leaves
 # out (the allocator's fragmentation, sampling's temporaries).
 MEMORY_SHARE = 0.8
+# After a batch runs out of GPU memory the budget (or batch size) shrinks to this share; after GROW_AFTER batches in a
+# row that fit, it grows back by as much, up to where it started: one bad batch does not slow the rest of a run.
+SHRINK = 0.75
+GROW_AFTER = 8
+# Tokens per page of continuous batching's paged key/value cache when a token budget sizes it (transformers' default
+# page: 256 tokens; a budget of a few thousand tokens gets pages small enough to share out).
+CONTINUOUS_PAGE = 64
+# A vLLM request's seed: the call's seed x REQUEST_SEEDS + its position (the targets stage seeds each chunk seed +
+# chunk, so requests of different chunks never share a seed).
+REQUEST_SEEDS = 1_000_000
 
 
 def bytes_per_token(config: Any, element_size: int = 2) -> int:
@@ -136,16 +147,23 @@ def budget_batches(lengths: list[int], max_new_tokens: int, token_budget: int, m
 
 
 class TransformersBackend:
-    """Batched generation with a transformers causal LM: left padding, batches sorted by prompt
-    length (less padding), KV cache, greedy or sampled; `autocast` (e.g. torch.bfloat16) computes in that
-    dtype under torch.autocast while the weights stay as loaded (on a CPU with bf16 instructions, faster
-    than float32; the answers are those of a bf16 model, not identical to float32's).
+    """Batched generation with a transformers causal LM, greedy or sampled, stopping at the end-of-turn ids (passed
+    as eos_token_id, whatever the model's generation config names). `autocast` (e.g. torch.bfloat16) computes in
+    that dtype under torch.autocast while the weights stay as loaded (on a CPU with bf16 instructions, faster than
+    float32; the answers are those of a bf16 model, not identical to float32's).
 
-    Batches hold `batch_size` prompts, or with `token_budget` as many as fit that many tokens (prompt + new
-    tokens per row, `budget_batches`); "memory" sizes the budget from the GPU's free memory
-    (`memory_token_budget`). A batch that runs out of GPU memory is split in two and retried, and the budget
-    halved for the batches after it. `cache` "static": transformers' preallocated key/value cache, whose
-    decoding step transformers compiles on a GPU (prompt widths rounded up to STATIC_WIDTH_MULTIPLE)."""
+    Three ways to batch:
+    - `continuous`: transformers' continuous batching (`generate_batch`, a paged key/value cache): a finished
+      answer's slot takes the next prompt at once, so no batch waits for its longest answer; the default on a GPU.
+      `token_budget` sizes its cache (in pages of CONTINUOUS_PAGE tokens); None: from the GPU's free memory.
+      Padded batches are used instead where it cannot apply (a logits processor, autocast, the static cache).
+    - `token_budget`: padded batches of as many prompts as fit that many tokens (prompt + new tokens per row,
+      `budget_batches`), longest prompts first; "memory" sizes it from the GPU's free memory (`memory_token_budget`).
+    - else `batch_size` prompts per padded batch.
+    A padded batch that runs out of GPU memory is planned again in smaller batches: the budget (or batch size)
+    shrinks to SHRINK of itself and grows back after GROW_AFTER batches that fit. Any other error surfaces as it is.
+    `cache` "static": transformers' preallocated key/value cache for padded batches, whose decoding step
+    transformers compiles on a GPU (prompt widths rounded up to STATIC_WIDTH_MULTIPLE)."""
 
     name = "transformers"
     logits_processor: Any = None  # a transformers LogitsProcessor(List) every generate call applies, e.g. RuleAdapter
@@ -153,7 +171,8 @@ class TransformersBackend:
     def __init__(self, model: str | None = None, batch_size: int = 16, device: str | None = None,
                  dtype: torch.dtype | None = None, llm: PreTrainedModel | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, autocast: torch.dtype | None = None,
-                 token_budget: int | Literal["memory"] | None = None, cache: Literal["dynamic", "static"] = "dynamic"):
+                 token_budget: int | Literal["memory"] | None = None, cache: Literal["dynamic", "static"] = "dynamic",
+                 continuous: bool = False):
         if llm is None and model is None:
             raise ValueError("give a model id or folder, or an in-memory llm and tokenizer")
         if cache not in ("dynamic", "static"):
@@ -161,6 +180,12 @@ class TransformersBackend:
         if token_budget not in (None, "memory") and (not isinstance(token_budget, int) or token_budget < 1):
             raise ValueError(f"token_budget must be a positive number of tokens, 'memory' or None, got "
                              f"{token_budget!r}")
+        if continuous and (cache == "static" or token_budget == "memory"):
+            raise ValueError("continuous batching has its own paged cache, sized from free memory unless token_budget "
+                             "gives its tokens: drop cache='static' and token_budget='memory', or continuous")
+        if (device or "").startswith("cuda") or (llm is None and device is None and torch.cuda.is_available()):
+            # grown, not reserved in fixed blocks: batches of changing shapes fragment the cache allocator less
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if llm is None:
             llm, tokenizer = load_chat_llm(model, device=device, dtype=dtype)
         if not getattr(tokenizer, "chat_template", None):
@@ -173,9 +198,19 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.autocast = autocast
         self.cache = cache
+        self.continuous = continuous
         self.token_budget = memory_token_budget(self.llm, self.device) if token_budget == "memory" else token_budget
+        self.full_budget, self.full_batch_size, self.fitted = self.token_budget, batch_size, 0
         self.eos_ids = end_of_turn_ids(tokenizer, self.llm.generation_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def prompts_per_call(self) -> int | None:
+        """Prompts a greedy targets run hands over at once with continuous batching: thousands (it schedules them
+        itself). None: the targets stage decides (four token budgets' worth, or one chunk)."""
+        if self.continuous:
+            return 4096
+        return None
 
     def encode(self, conversation: Conversation) -> list[int]:
         """Prompt token ids of a conversation, ending with the header that opens the assistant's turn."""
@@ -183,6 +218,8 @@ class TransformersBackend:
 
     def _generate_kwargs(self, settings: SamplingSettings) -> dict[str, Any]:
         kwargs = generate_kwargs(settings, self.pad_id)
+        # the chat's end of turn, whatever the generation config says (none known: the generation config's)
+        kwargs["eos_token_id"] = sorted(self.eos_ids) or None
         if self.logits_processor is not None:
             kwargs["logits_processor"] = self.logits_processor
         return kwargs
@@ -194,17 +231,23 @@ class TransformersBackend:
         return [self._finish(ids, settings.max_new_tokens) for ids in new_ids]
 
     def batches(self, lengths: list[int], max_new_tokens: int) -> list[list[int]]:
-        """How prompts of these lengths are batched: indices, longest prompts first."""
+        """How prompts of these lengths are batched when padded: indices, longest prompts first."""
         if self.token_budget is None:
             order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
             return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         multiple = STATIC_WIDTH_MULTIPLE if self.cache == "static" else 1
         return budget_batches(lengths, max_new_tokens, self.token_budget, multiple)
 
+    def uses_continuous(self) -> bool:
+        """Whether the next call batches continuously: asked for, and nothing it cannot apply is set."""
+        return self.continuous and self.logits_processor is None and self.autocast is None
+
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
         """The new token ids after each prompt's ids, in the order given (up to max_new_tokens, end-of-turn
         included); seeded by `settings.seed`."""
+        if self.uses_continuous():
+            return self._generate_continuous(prompts, settings)
         torch.manual_seed(settings.seed)
         results: list[list[int] | None] = [None] * len(prompts)
         kwargs = self._generate_kwargs(settings)
@@ -221,23 +264,39 @@ class TransformersBackend:
                     if len(batch) == 1:
                         raise
                     torch.cuda.empty_cache()
-                    self._halve(len(batch))
+                    self._shrink(len(batch))
                     pending = [i for later in batches[number:] for i in later]  # planned again, in smaller batches
                     break
                 for row, i in enumerate(batch):
                     results[i] = out[row, width:].tolist()
+                self._grow()
             else:
                 pending = []
         return results  # type: ignore[return-value]
 
-    def _halve(self, rows: int) -> None:
-        """After a batch of `rows` prompts ran out of GPU memory: half the token budget (or batch size) from now on."""
+    def _shrink(self, rows: int) -> None:
+        """After a batch of `rows` prompts ran out of GPU memory: a smaller token budget (or batch size) from now on,
+        SHRINK of it, until GROW_AFTER batches in a row fit."""
         if self.token_budget is not None:
-            self.token_budget //= 2
+            self.token_budget = max(1, math.floor(self.token_budget * SHRINK))
         else:
-            self.batch_size = max(1, rows // 2)
-        warnings.warn(f"a batch of {rows} prompts ran out of GPU memory; the rest run in smaller batches (token budget "
-                      f"{self.token_budget}, batch size {self.batch_size})", stacklevel=3)
+            self.batch_size = max(1, math.floor(rows * SHRINK))
+        self.fitted = 0
+        warnings.warn(f"a batch of {rows} prompts ran out of GPU memory; the next run in smaller batches (token budget "
+                      f"{self.token_budget}, batch size {self.batch_size}), growing back after {GROW_AFTER} that fit",
+                      stacklevel=3)
+
+    def _grow(self) -> None:
+        """One more batch fitted: after GROW_AFTER in a row, the budget (or batch size) grows back by what a shrink
+        takes, up to where it started."""
+        self.fitted += 1
+        if self.fitted < GROW_AFTER:
+            return
+        self.fitted = 0
+        if self.token_budget is not None and self.full_budget is not None:
+            self.token_budget = min(self.full_budget, math.ceil(self.token_budget / SHRINK))
+        else:
+            self.batch_size = min(self.full_batch_size, math.ceil(self.batch_size / SHRINK))
 
     def _generate_batch(self, prompts: list[list[int]], kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """One generate call on left-padded prompts: the output ids (rows, width + new) and the padded width."""
@@ -253,33 +312,74 @@ class TransformersBackend:
             out = self.llm.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **kwargs)
         return out, inputs["input_ids"].shape[1]
 
+    def _generate_continuous(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
+        """All prompts through transformers' continuous batching: the new ids of each, in the order given."""
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        if not prompts:
+            return []
+        config = GenerationConfig(**self._generate_kwargs(settings))
+        # the cache: sized from free memory on a GPU unless a token budget gives it; an unsupported setting is an
+        # error, not dropped (transformers' default drops it, which would change the answers silently)
+        sizes = {} if self.token_budget is None else {
+            "page_size": CONTINUOUS_PAGE, "num_blocks": max(1, self.token_budget // CONTINUOUS_PAGE),
+            "max_batch_tokens": self.token_budget}
+        batching = ContinuousBatchingConfig(seed=settings.seed, drop_unsupported_processors=False, **sizes)
+        outputs = self.llm.generate_batch(prompts, generation_config=config, continuous_batching_config=batching,
+                                          progress_bar=False)
+        results = list(outputs.values())  # in the order of the prompts
+        failed = [f"{r.request_id}: {r.error}" for r in results if r.error is not None]
+        if len(results) != len(prompts) or failed:
+            raise BackendError(f"continuous batching answered {len(results) - len(failed)} of {len(prompts)} prompts "
+                               f"({'; '.join(failed[:3]) or 'the others are missing'}); its log above says why. "
+                               "Rerun with batching=tokens to batch without it")
+        return [list(r.generated_tokens) for r in results]
+
     def _finish(self, new_ids: list[int], limit: int) -> Generation:
         return finish_generation(new_ids, self.eos_ids, limit, self.tokenizer)
 
 
 class VLLMBackend:
-    """vLLM offline engine on a GPU (`pip install vllm`); same interface as the transformers backend.
+    """vLLM's offline engine on a GPU (`pip install vllm`); same interface as the transformers backend.
 
-    Untested: no test or benchmark has run it (vLLM needs a CUDA machine with vLLM installed, which desta's test
-    machines are not); the transformers backend is the measured one (bench/gpu.py, docs/gpu.md)."""
+    Untested on a GPU: vLLM needs a CUDA machine with vLLM installed, which desta's test machines are not. What it
+    hands vLLM (engine settings, one request per prompt with its own seed, the end-of-turn ids as stop_token_ids,
+    thousands of prompts per call) is tested against a stand-in of vLLM's LLM interface (tests/test_generation.py);
+    the transformers backend is the measured one (bench/gpu.py, docs/gpu.md)."""
 
     name = "vllm"
+    prompts_per_call = 4096  # vLLM schedules the requests itself: the more it sees at once, the fuller its batches
 
-    def __init__(self, model: str, **engine_kwargs: Any):
+    def __init__(self, model: str, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 tensor_parallel_size: int = 1, seed: int = 0, **engine_kwargs: Any):
+        """The engine on `model`: `max_model_len` tokens per sequence (None: the model's), `gpu_memory_utilization`
+        of each GPU's memory for weights and cache, the model split over `tensor_parallel_size` GPUs."""
         try:
             from vllm import LLM
         except ImportError as err:
             raise ImportError("the vllm backend needs `pip install vllm` on a CUDA machine") from err
+        from transformers import GenerationConfig
+
         self.model_id = model
-        self.engine = LLM(model=model, **engine_kwargs)
+        settings = {"max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
+                    "tensor_parallel_size": tensor_parallel_size, "seed": seed}
+        self.engine = LLM(model=model, **{k: v for k, v in settings.items() if v is not None}, **engine_kwargs)
+        try:
+            generation_config = GenerationConfig.from_pretrained(model)
+        except OSError:  # a checkpoint without generation_config.json: the tokenizer's ids and the template's
+            generation_config = None
+        self.eos_ids = end_of_turn_ids(self.engine.get_tokenizer(), generation_config)
 
     def generate(self, conversations: list[Conversation], settings: SamplingSettings) -> list[Generation]:
-        """One Generation per conversation, in the order given, from vLLM's chat interface."""
+        """One Generation per conversation, in the order given, from vLLM's chat interface: one request each, seeded
+        by `settings.seed` and its position (REQUEST_SEEDS apart: no two requests of a run share a seed), stopping at
+        the end-of-turn ids."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
-                                seed=settings.seed)
+        params = [SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                 top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+                                 seed=settings.seed * REQUEST_SEEDS + i, stop_token_ids=sorted(self.eos_ids))
+                  for i in range(len(conversations))]
         outputs = self.engine.chat(conversations, params, use_tqdm=False)
         return [Generation(o.outputs[0].text.strip(), "length" if o.outputs[0].finish_reason == "length"
                            else "stop", len(o.outputs[0].token_ids)) for o in outputs]

@@ -72,11 +72,24 @@ class OptimSection:
         raise_problems(problems)
 
 
+def resolved_precision(choice: Precision, gpu: bool | None = None) -> Literal["fp32", "bf16", "fp16"]:
+    """The precision a setting computes in: auto is bf16 on a CUDA GPU that has it, else fp32. `gpu`: assume such a
+    GPU (True, as `desta plan` does) or not; None: look at this machine.
+
+    >>> resolved_precision("auto", gpu=True), resolved_precision("auto", gpu=False), resolved_precision("fp16")
+    ('bf16', 'fp32', 'fp16')
+    """
+    if choice != "auto":
+        return choice
+    if gpu is None:
+        gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if gpu else "fp32"
+
+
 def precision_flags(choice: Precision) -> dict[str, bool]:
     """TrainingArguments' bf16/fp16 flags for a precision setting."""
-    if choice == "auto":
-        return {"bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
-    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+    precision = resolved_precision(choice)
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 def trainer_settings(optim: OptimSection, output_dir: str, **extra: Any) -> dict[str, Any]:

@@ -250,8 +250,12 @@ class DestaModel(PreTrainedModel):
         elif audio_step_mask is None:
             audio_step_mask = torch.ones(audio_hidden_states.shape[1:3], dtype=torch.bool,
                                          device=audio_hidden_states.device)
-        connector_dtype = self.connector.proj.weight.dtype
-        return self.connector(audio_hidden_states.to(connector_dtype), audio_step_mask)
+        # Under autocast the frames enter the connector in its 16-bit dtype, cast here once: in float32, each key and
+        # value product of the Q-Former would cast them again and keep its own copy for the backward pass.
+        device = audio_hidden_states.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else self.connector.proj.weight.dtype)
+        return self.connector(audio_hidden_states.to(dtype), audio_step_mask)
 
     def embed_inputs(self, input_ids: torch.Tensor, input_features: torch.Tensor | None = None,
                      feature_attention_mask: torch.Tensor | None = None,

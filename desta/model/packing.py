@@ -7,9 +7,11 @@ earlier tokens of its own sample only. Each sample's first label is -100 (the pr
 last token must not learn to predict it), which it already is in an unpacked row, where position 0
 predicts nothing. So every sample's loss is the one it has unpacked; only padding goes.
 
-With flash-attention (transformers' `flash_attention_2`) the position ids alone mark the samples
-and the varlen kernel skips the masked blocks; with SDPA or eager attention the block-diagonal mask
-is built here (`packed_attention_mask`) and passed as a 4-D mask, which transformers uses as given.
+With flash-attention (transformers' `flash_attention_2`) the packed rows are laid end to end as one
+row (`one_row`) and the varlen kernel gets the samples' cumulative lengths: transformers reads packed
+samples from position ids only at batch size 1, so a batch of several packed rows would let each
+row's samples attend to each other. With SDPA or eager attention the block-diagonal mask is built
+here (`packed_attention_mask`) and passed as a 4-D mask, which transformers uses as given.
 """
 
 from __future__ import annotations
@@ -101,6 +103,28 @@ def packed_attention_mask(position_ids: torch.Tensor, kind: Literal["bool", "add
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(
         ~allowed, torch.finfo(dtype).min)
+
+
+def one_row(inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+            labels: torch.Tensor | None = None) -> dict[str, torch.Tensor | int | None]:
+    """Packed rows laid end to end as one row, for flash-attention's varlen kernels, with the cumulative sequence
+    lengths of its samples (each row's padding is a sample of its own) as transformers passes them to the kernel:
+    computed once here, where transformers would otherwise derive them from the position ids in every layer.
+
+    inputs_embeds (rows, seq, hidden), position_ids and labels (rows, seq) -> inputs_embeds (1, rows x seq, hidden),
+    position_ids and labels (1, rows x seq), cu_seq_lens_q/k (samples + 1,), max_length_q/k.
+
+    >>> flat = one_row(torch.zeros(2, 5, 8), torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]))
+    >>> flat["inputs_embeds"].shape, flat["position_ids"].tolist(), flat["cu_seq_lens_q"].tolist(), flat["max_length_q"]
+    (torch.Size([1, 10, 8]), [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]], [0, 3, 5, 9, 10], 4)
+    """
+    positions = position_ids.reshape(1, -1)  # (1, rows x seq)
+    starts = (positions[0] == 0).nonzero().view(-1)  # every row starts a sample: its positions restart at 0
+    cumulative = torch.cat([starts, starts.new_tensor([positions.shape[1]])]).to(torch.int32)
+    longest = int(cumulative.diff().max())
+    return {"inputs_embeds": inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]), "position_ids": positions,
+            "labels": None if labels is None else labels.reshape(1, -1), "cu_seq_lens_q": cumulative,
+            "cu_seq_lens_k": cumulative, "max_length_q": longest, "max_length_k": longest}
 
 
 def padding_share(attention_mask: torch.Tensor) -> float:

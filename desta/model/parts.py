@@ -22,7 +22,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
 from desta.audio import FRAMES_PER_ENCODER_STEP
 from desta.core.sequences import IGNORE_INDEX
-from desta.model.packing import VARLEN_ATTENTION, packed_attention_mask
+from desta.model.packing import VARLEN_ATTENTION, one_row, packed_attention_mask
 
 try:
     from transformers.masking_utils import create_bidirectional_mask
@@ -183,18 +183,19 @@ class QFormerConnector(nn.Module):
         queries = queries.reshape(layers * windows, -1, width)
         frames = hidden_states.reshape(layers * windows, steps, width)
         frame_mask = step_mask.repeat(layers, 1)  # (layers * windows, steps)
+        encoder = self.qformer
         if isinstance(self.qformer, Blip2QFormerModel):
-            out = self.qformer(query_embeds=queries, encoder_hidden_states=frames,
-                               encoder_attention_mask=frame_mask.long()).last_hidden_state
-        elif create_bidirectional_mask is None:  # transformers before 4.56: an extended additive mask
+            # BLIP-2's LayerNorm and dropout on the queries, then its encoder; not its forward, which casts the frames
+            # to float32 (under autocast each key and value product would cast them back and keep its own copy)
+            queries = self.qformer.dropout(self.qformer.layernorm(queries))
+            encoder = self.qformer.encoder
+        if create_bidirectional_mask is None:  # transformers before 4.56: an extended additive mask
             cross_mask = (~frame_mask[:, None, None, :]).to(queries.dtype) * torch.finfo(queries.dtype).min
-            out = self.qformer(queries, encoder_hidden_states=frames, encoder_attention_mask=cross_mask,
-                               query_length=queries.shape[1]).last_hidden_state
         else:
-            cross_mask = create_bidirectional_mask(config=self.qformer.config, inputs_embeds=queries,
+            cross_mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=queries,
                                                    attention_mask=frame_mask, encoder_hidden_states=frames)
-            out = self.qformer(queries, encoder_hidden_states=frames, encoder_attention_mask=cross_mask,
-                               query_length=queries.shape[1]).last_hidden_state
+        out = encoder(queries, encoder_hidden_states=frames, encoder_attention_mask=cross_mask,
+                      query_length=queries.shape[1]).last_hidden_state
         out = out.view(layers, windows, -1, width)  # (layers, windows, queries, d_model)
         weights = self.layer_logits.softmax(dim=0)[:, None, :, None]  # (layers, 1, queries, 1)
         fused = (out * weights.to(out.dtype)).sum(dim=0)  # (windows, queries, d_model)
@@ -227,13 +228,25 @@ def lm_forward(llm: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask
     """
     if logits_at not in LOGIT_POSITIONS:
         raise ValueError(f"logits_at must be one of {LOGIT_POSITIONS}, got {logits_at!r}")
+    rows = inputs_embeds.shape[0]
+    flat = False
     if position_ids is not None:
         implementation = getattr(llm.config, "_attn_implementation", None) or "sdpa"
-        attention_mask = None if implementation in VARLEN_ATTENTION else packed_attention_mask(
-            position_ids, "additive" if implementation == "eager" else "bool", inputs_embeds.dtype)
+        flat = implementation in VARLEN_ATTENTION
+        if flat:  # one row with the samples' lengths: the varlen kernel keeps each sample apart
+            varlen = one_row(inputs_embeds, position_ids, labels)
+            inputs_embeds, position_ids, labels = (varlen.pop(k) for k in ("inputs_embeds", "position_ids", "labels"))
+            kwargs.update(varlen)
+            attention_mask = None
+        else:
+            attention_mask = packed_attention_mask(position_ids, "additive" if implementation == "eager" else "bool",
+                                                   inputs_embeds.dtype)
     inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
     if logits_at == "all" or labels is None:
-        return DestaOutput(**llm(**inputs, labels=labels, **kwargs))
+        output = DestaOutput(**llm(**inputs, labels=labels, **kwargs))
+        if flat:
+            output.logits = output.logits.view(rows, -1, output.logits.shape[-1])  # (rows, seq, vocab) again
+        return output
     num_items = kwargs.pop("num_items_in_batch", None)
     logits, targets = labelled_logits(llm, labels, **inputs, **kwargs)
     if num_items is None:

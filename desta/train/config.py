@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from desta.core.args import field_docs, raise_problems
-from desta.core.optim import OptimSection
+from desta.core.optim import OptimSection, Precision, resolved_precision
 from desta.model.modeling import DestaConfig
 from desta.model.tiny import TINY
 
@@ -26,8 +26,22 @@ class ModelBases:
     """chat LLM checkpoint; "tiny": a tiny random Llama-style model for smoke runs"""
     init_from: str | None = None
     """start from a saved DeSTA checkpoint's trainable weights"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """weights of the frozen parts (bfloat16 halves their memory on a GPU)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """weights of the frozen parts; auto: the dtype optim.precision computes in (bfloat16 under bf16, the default on a
+    GPU: half the memory, and no bf16 copy of every weight made each step; float32 under fp32, e.g. on a CPU)"""
+
+
+# The frozen parts' dtype that each training precision computes in (model.dtype: auto).
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def frozen_dtype(dtype: str, precision: Precision, gpu: bool | None = None) -> str:
+    """model.dtype with auto resolved by optim.precision (`gpu` as desta.core.optim.resolved_precision takes it).
+
+    >>> frozen_dtype("auto", "bf16"), frozen_dtype("auto", "auto", gpu=False), frozen_dtype("float32", "bf16")
+    ('bfloat16', 'float32', 'float32')
+    """
+    return PRECISION_DTYPES[resolved_precision(precision, gpu)] if dtype == "auto" else dtype
 
 
 # The architecture a run chooses: these fields of DestaConfig, with its types, defaults and docs (one owner).

@@ -10,8 +10,11 @@ sees the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,7 @@ from desta.model.processing import DestaProcessor
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn, with_system
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
     from datasets import Dataset
 
     from desta.train.features import FeatureCache
@@ -60,7 +64,7 @@ def targets_system_prompt(dataset: Dataset, override: str | None) -> str | None:
         return override or None
     if "system_prompt" not in dataset.column_names:
         return DEFAULT_SYSTEM_PROMPT
-    found = set(dataset["system_prompt"])
+    found = set(dataset.unique("system_prompt"))
     if len(found) > 1:
         raise ValueError(f"the targets rows were written with {len(found)} different system prompts "
                          f"({sorted(found)[:3]}); train on one targets run, or set data.system_prompt")
@@ -97,23 +101,122 @@ class Example:
     teacher: Conversation | None = None  # distillation: the text turn the LLM reads, with the same response
 
 
-def speech_examples(dataset: Dataset, processor: DestaProcessor, teacher: bool = False) -> list[Example]:
-    """One example per targets row: the processor's speech turn with the row's prompt and response; with
+# The columns of a targets row a training example reads (those the table has; description only to distil).
+EXAMPLE_COLUMNS = ("id", "audio", "prompt", "response", "duration", "transcript", "description")
+DEFAULT_DURATION = 10.0  # seconds assumed for rows of targets datasets made before the duration column
+
+
+def _seconds(duration: float | None) -> float:
+    return DEFAULT_DURATION if duration is None else float(duration)
+
+
+def example_of(row: dict[str, Any], processor: DestaProcessor, teacher: bool = False) -> Example:
+    """One targets row as a training example: the processor's speech turn with the row's prompt and response; with
     `teacher`, also the text LLM's turn (description + prompt) with the same response, for distillation."""
-    columns = dataset.column_names
-    if teacher and "description" not in columns:
+    prompt, response = row["prompt"], row["response"]
+    return Example(id=row["id"], audio=row["audio"], transcript=row.get("transcript"),
+                   duration=_seconds(row.get("duration")),
+                   conversation=processor.conversation(prompt, response),
+                   teacher=text_turn(row["description"], prompt, processor.system_prompt)
+                   + [{"role": "assistant", "content": response}] if teacher else None)
+
+
+class ExampleTable(Sequence):
+    """Training examples read lazily from a targets table: the Arrow table stays memory-mapped and each example is
+    built when a batch asks for it (no Python object per row is held, whatever the table's size), followed by
+    `extra` examples held in a list (text-only replay rows). `table + [examples]` appends to the extra ones."""
+
+    def __init__(self, dataset: Dataset, processor: DestaProcessor, teacher: bool = False,
+                 extra: list[Example] | None = None):
+        columns = [c for c in EXAMPLE_COLUMNS if c in dataset.column_names and (teacher or c != "description")]
+        self.dataset = dataset.select_columns(columns)
+        self.processor, self.teacher, self.extra = processor, teacher, list(extra or [])
+
+    def __len__(self) -> int:
+        return len(self.dataset) + len(self.extra)
+
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        index %= len(self)
+        if index >= len(self.dataset):
+            return self.extra[index - len(self.dataset)]
+        return example_of(self.dataset[index], self.processor, self.teacher)
+
+    def __add__(self, extra: list[Example]) -> ExampleTable:
+        return ExampleTable(self.dataset, self.processor, self.teacher, [*self.extra, *extra])
+
+    def select(self, rows: Iterable[int], extra: list[Example]) -> ExampleTable:
+        """These rows of the table (indices into it) and these extra examples."""
+        rows = list(rows)
+        dataset = self.dataset if rows == list(range(len(self.dataset))) else self.dataset.select(
+            rows, keep_in_memory=True)  # an index mapping in memory: nothing written beside the dataset
+        return ExampleTable(dataset, self.processor, self.teacher, extra)
+
+    def durations(self) -> list[float]:
+        """Each example's clip length in seconds (0 for text-only rows), read from the table's column."""
+        speech = (self.dataset["duration"] if "duration" in self.dataset.column_names
+                  else [DEFAULT_DURATION] * len(self.dataset))
+        return [_seconds(d) for d in speech] + [e.duration for e in self.extra]
+
+    def token_counts(self, cache: Path | None = None) -> list[int]:
+        """The sequence length of every example (`token_count`). The table's are computed once, batched, and kept
+        in `cache` (a folder; the file is named by the table's fingerprint and the processor's settings): the
+        main process writes it while the others wait, then they, and a later run, read it."""
+        speech = self.dataset.select_columns([c for c in ("prompt", "response", "duration", "transcript")
+                                              if c in self.dataset.column_names])
+        count = partial(_row_token_counts, processor=self.processor)
+        if cache is None or len(speech) == 0:
+            counts = count(speech[:]) if len(speech) else {"tokens": []}
+        else:
+            cache.mkdir(parents=True, exist_ok=True)
+            name = cache / f"token-counts-{_counts_key(self.dataset, self.processor)}.arrow"
+            with process_state().main_process_first():
+                counts = speech.map(count, batched=True, batch_size=1000, remove_columns=speech.column_names,
+                                    cache_file_name=str(name), desc="token counts")
+        return list(counts["tokens"]) + [token_count(self.processor, e) for e in self.extra]
+
+
+def process_state() -> PartialState:
+    """accelerate's state of this process: its rank among the processes of `accelerate launch` or torchrun (the
+    process group started on first use), on the CPU where there is no GPU, as the Trainer's arguments start it."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _counts_key(dataset: Dataset, processor: DestaProcessor) -> str:
+    """What a table's token counts depend on, digested: its content fingerprint and the processor's settings."""
+    tokenizer = processor.tokenizer
+    settings = {"fingerprint": dataset._fingerprint, "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer),
+                "template": tokenizer.chat_template, "system_prompt": processor.system_prompt,
+                "audio_token": processor.audio_token, "num_queries": processor.num_queries,
+                "transcript_max_tokens": processor.transcript_max_tokens,
+                "transcript_format": processor.transcript_format}
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def _row_token_counts(batch: dict[str, list], processor: DestaProcessor) -> dict[str, list[int]]:
+    """`token_count` of a batch of targets rows (columns prompt, response and maybe duration, transcript)."""
+    size = len(batch["prompt"])
+    texts = [processor.render(processor.conversation(prompt, response))
+             for prompt, response in zip(batch["prompt"], batch["response"], strict=True)]
+    lengths = [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False).input_ids]
+    durations = [_seconds(d) for d in batch.get("duration", [None] * size)]
+    transcripts = batch.get("transcript", [None] * size)
+    return {"tokens": [n + audio_positions(processor, d, t)
+                       for n, d, t in zip(lengths, durations, transcripts, strict=True)]}
+
+
+def speech_examples(dataset: Dataset, processor: DestaProcessor, teacher: bool = False) -> ExampleTable:
+    """One example per targets row (`example_of`), read lazily (`ExampleTable`); with `teacher`, each also holds the
+    text LLM's turn for distillation."""
+    if teacher and "description" not in dataset.column_names:
         raise ValueError("distillation (optim.loss kl or on_policy) needs the targets' description column; train on "
                          "the output of desta targets")
-    durations = dataset["duration"] if "duration" in columns else [10.0] * len(dataset)
-    transcripts = dataset["transcript"] if "transcript" in columns else [None] * len(dataset)
-    descriptions = dataset["description"] if teacher else [None] * len(dataset)
-    return [Example(id=clip_id, audio=audio, transcript=transcript, duration=float(duration),
-                    conversation=processor.conversation(prompt, response),
-                    teacher=text_turn(description, prompt, processor.system_prompt)
-                    + [{"role": "assistant", "content": response}] if teacher else None)
-            for clip_id, audio, transcript, duration, prompt, response, description in zip(
-                dataset["id"], dataset["audio"], transcripts, durations, dataset["prompt"], dataset["response"],
-                descriptions, strict=True)]
+    return ExampleTable(dataset, processor, teacher)
 
 
 def text_examples(rows: list[dict[str, str]], count: int, seed: int, system_prompt: str | None) -> list[Example]:
@@ -124,24 +227,37 @@ def text_examples(rows: list[dict[str, str]], count: int, seed: int, system_prom
             for i, row in enumerate(draw(rows, count, seed))]
 
 
+def audio_positions(processor: DestaProcessor, duration: float, transcript: str | None) -> int:
+    """Positions a clip adds to its sequence besides its one placeholder token: its windows' connector vectors
+    and its transcript's tokens."""
+    windows = num_windows(int(duration * SAMPLE_RATE))
+    return windows * processor.num_queries - 1 + len(processor.transcript_ids(transcript, duration))
+
+
 def token_count(processor: DestaProcessor, example: Example) -> int:
     """Sequence length the processor will produce (audio positions and transcript included)."""
     count = len(processor.tokenizer(processor.render(example.conversation), add_special_tokens=False).input_ids)
     if example.audio is not None:
-        windows = num_windows(int(example.duration * SAMPLE_RATE))
-        count += windows * processor.num_queries - 1 + len(processor.transcript_ids(example.transcript,
-                                                                                    example.duration))
+        count += audio_positions(processor, example.duration, example.transcript)
     return count
 
 
-def apply_length_rule(processor: DestaProcessor, examples: list[Example], max_length: int,
-                      rule: str) -> tuple[list[Example], int]:
+def apply_length_rule(processor: DestaProcessor, examples: ExampleTable | list[Example], max_length: int,
+                      rule: str, cache: Path | None = None) -> tuple[ExampleTable | list[Example], int]:
     """Drop sequences over the budget (rule "drop"), or keep them for the collator to cut ("truncate").
-    Returns the examples kept and how many were over."""
-    over = [token_count(processor, e) > max_length for e in examples]
-    if rule == "drop":
-        return [e for e, long in zip(examples, over, strict=True) if not long], sum(over)
-    return examples, sum(over)
+    Returns the examples kept and how many were over; a table's token counts are kept in `cache`
+    (`ExampleTable.token_counts`)."""
+    if isinstance(examples, ExampleTable):
+        over = [n > max_length for n in examples.token_counts(cache)]
+    else:
+        over = [token_count(processor, e) > max_length for e in examples]
+    if rule != "drop":
+        return examples, sum(over)
+    if isinstance(examples, ExampleTable):
+        rows = len(examples.dataset)
+        return examples.select([i for i in range(rows) if not over[i]],
+                               [e for e, long in zip(examples.extra, over[rows:], strict=True) if not long]), sum(over)
+    return [e for e, long in zip(examples, over, strict=True) if not long], sum(over)
 
 
 class DestaDataset(torch.utils.data.Dataset):

@@ -1,16 +1,20 @@
 """Frozen-encoder feature cache: Whisper's tapped-layer outputs, computed once per clip.
 
 With the encoder frozen, its hidden states at the tapped layers are the same at every epoch, so
-they can be stored and read back instead of running Whisper. Writes CACHE/shard-<k>.safetensors
+they can be stored and read back instead of running Whisper. Writes CACHE/shard-<digest>.safetensors
 (tensor "<clip id>/<window>" of shape (layers, steps, d_model), trimmed to the window's real
-steps) and CACHE/meta.json (encoder, tapped layers, padding mode, dtype, the shard of each clip).
+steps; the digest names the shard's clips) and CACHE/meta.json (encoder, tapped layers, padding mode,
+dtype, the shard of each clip). Built on the GPU when there is one; under `accelerate launch` or
+torchrun each process encodes its share of the clips into shards of its own and records them in
+CACHE/meta-<rank>.json, and the main process merges those into meta.json once all are done.
 Shards are written atomically; an interrupted run keeps finished shards and does the rest.
 Disk: layers x 50 steps/s x d_model x 2 bytes in float16, e.g. 0.9 MB per 3 s clip for
-Whisper-small with 4 taps.
+Whisper-small with 4 taps, 15 MB per clip for Whisper-large-v3 padded to 30 s (model.pad_to_30s).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
     from desta.model.processing import DestaProcessor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+META = "meta.json"
+PART = "meta-{rank}.json"  # one process's shards not yet merged into META
 
 
 def cache_signature(model: DestaModel) -> dict[str, Any]:
@@ -40,56 +46,86 @@ def cache_signature(model: DestaModel) -> dict[str, Any]:
             "pad_to_30s": config.pad_to_30s, "d_model": config.encoder_config.d_model}
 
 
+def merge_parts(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` with every process's recorded shards (CACHE/meta-<rank>.json) merged in, written to META, the
+    parts removed (the main process's job)."""
+    parts = sorted(folder.glob(PART.format(rank="*")))
+    for part in parts:
+        meta["clips"].update(json.loads(part.read_text()))
+    write_atomic(folder / META, json.dumps(meta))
+    for part in parts:
+        part.unlink()
+    return meta
+
+
 @torch.no_grad()
 def cache_features(model: DestaModel, processor: DestaProcessor, dataset: Dataset, folder: str | os.PathLike,
                    dtype: str = "float16", clips_per_shard: int = 256, batch_size: int = 8,
                    progress: bool = True) -> Path:
-    """Compute and store the tapped-layer features of every distinct clip id in `dataset`."""
+    """Compute and store the tapped-layer features of every distinct clip id in `dataset`, on the GPU when there is
+    one. Every process of a distributed launch must call it: each encodes its share of the clips (every
+    world_size-th), the main process merges their records, and all return once the cache is complete."""
+    from desta.train.data import process_state
+
+    state = process_state()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta_file = folder / "meta.json"
-    signature = {**cache_signature(model), "dtype": dtype}
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {**signature, "clips": {}}
-    found = {k: meta.get(k) for k in signature}
-    if found != signature:
-        raise ValueError(f"{folder} caches features of another encoder set-up ({found}); this model needs "
-                         f"{signature}; use another folder")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    signature = {**cache_signature(model), "dtype": dtype}
+    with state.main_process_first():  # the main process creates or recovers the folder; the others read it after
+        folder.mkdir(parents=True, exist_ok=True)
+        meta_file = folder / META
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {**signature, "clips": {}}
+        found = {k: meta.get(k) for k in signature}
+        if found != signature:
+            raise ValueError(f"{folder} caches features of another encoder set-up ({found}); this model needs "
+                             f"{signature}; use another folder")
+        if state.is_main_process:
+            meta = merge_parts(folder, meta)  # what an interrupted run's processes recorded
     first_row = {}
     for index, clip_id in enumerate(dataset["id"]):
         first_row.setdefault(clip_id, index)
-    todo = [c for c in first_row if c not in meta["clips"]]
-    shard = 1 + max([s for s, _ in meta["clips"].values()], default=-1)
-    bar = tqdm(total=len(todo), desc="cache features", unit="clip", disable=not progress)
-    device = next(model.connector.parameters()).device
-    for start in range(0, len(todo), clips_per_shard):
-        ids = todo[start : start + clips_per_shard]
-        tensors: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        for batch_start in range(0, len(ids), batch_size):
-            batch_ids = ids[batch_start : batch_start + batch_size]
-            owners, windows = [], []
-            for clip_id in batch_ids:
-                audio = load_audio_ref(dataset[first_row[clip_id]]["audio"], name=clip_id)
-                pieces = split_windows(audio)
-                counts[clip_id] = len(pieces)
-                owners += [(clip_id, w) for w in range(len(pieces))]
-                windows += pieces
-            features = {k: v.to(device) for k, v in processor.extract_features(windows).items()}
-            hidden, mask = model.encode_audio(**features)  # (layers, windows, steps, d_model), (windows, steps)
-            for w, (clip_id, piece) in enumerate(owners):
-                steps = int(mask[w].sum())
-                tensors[f"{clip_id}/{piece}"] = hidden[:, w, :steps].to(DTYPES[dtype]).cpu().contiguous()
-            bar.update(len(batch_ids))
-        name = f"shard-{shard:05d}.safetensors"
-        tmp = folder / (name + ".tmp")
-        save_file(tensors, tmp)
-        os.replace(tmp, folder / name)
-        meta["clips"].update({clip_id: (shard, counts[clip_id]) for clip_id in ids})
-        write_atomic(meta_file, json.dumps(meta))
-        shard += 1
-    bar.close()
+    todo = [c for c in first_row if c not in meta["clips"]][state.process_index :: state.num_processes]
+    encoder = model.whisper.get_encoder()
+    home = next(encoder.parameters()).device
+    device = state.device if torch.cuda.is_available() else torch.device("cpu")
+    encoder.to(device)  # on the GPU when there is one: the cache is built before training moves the model there
+    part_file, mine = folder / PART.format(rank=state.process_index), {}
+    bar = tqdm(total=len(todo), desc="cache features", unit="clip", disable=not (progress and state.is_main_process))
+    try:
+        for start in range(0, len(todo), clips_per_shard):
+            ids = todo[start : start + clips_per_shard]
+            tensors: dict[str, torch.Tensor] = {}
+            counts: dict[str, int] = {}
+            for batch_start in range(0, len(ids), batch_size):
+                batch_ids = ids[batch_start : batch_start + batch_size]
+                owners, windows = [], []
+                for clip_id in batch_ids:
+                    audio = load_audio_ref(dataset[first_row[clip_id]]["audio"], name=clip_id)
+                    pieces = split_windows(audio)
+                    counts[clip_id] = len(pieces)
+                    owners += [(clip_id, w) for w in range(len(pieces))]
+                    windows += pieces
+                features = {k: v.to(device) for k, v in processor.extract_features(windows).items()}
+                hidden, mask = model.encode_audio(**features)  # (layers, windows, steps, d_model), (windows, steps)
+                for w, (clip_id, piece) in enumerate(owners):
+                    steps = int(mask[w].sum())
+                    tensors[f"{clip_id}/{piece}"] = hidden[:, w, :steps].to(DTYPES[dtype]).cpu().contiguous()
+                bar.update(len(batch_ids))
+            digest = hashlib.blake2b("\n".join(ids).encode(), digest_size=10).hexdigest()
+            name = f"shard-{digest}.safetensors"  # named by its clips: unique across processes and runs
+            tmp = folder / (name + ".tmp")
+            save_file(tensors, tmp)
+            os.replace(tmp, folder / name)
+            mine.update({clip_id: (name, counts[clip_id]) for clip_id in ids})
+            write_atomic(part_file, json.dumps(mine))
+    finally:
+        encoder.to(home)
+        bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_parts(folder, meta)
+    state.wait_for_everyone()
     return folder
 
 
@@ -113,8 +149,9 @@ class FeatureCache:
         if clip_id not in self.meta["clips"]:
             raise KeyError(f"clip {clip_id!r} is not in the feature cache {self.folder}; rerun cache-features")
         shard, count = self.meta["clips"][clip_id]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / f"shard-{shard:05d}.safetensors"), framework="pt")
+        if shard not in self._handles:  # a file name; a number in caches built before shards were named by content
+            name = shard if isinstance(shard, str) else f"shard-{shard:05d}.safetensors"
+            self._handles[shard] = safe_open(str(self.folder / name), framework="pt")
         handle = self._handles[shard]
         return [handle.get_tensor(f"{clip_id}/{w}").float() for w in range(count)]
 

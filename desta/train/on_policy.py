@@ -1,6 +1,6 @@
 """On-policy distillation for `optim.loss: on_policy`: the speech model samples its own answer from the audio, the
 text LLM reading the description scores the same tokens, and the loss is the reverse KL on the student's tokens
-(desta.train.trainer.response_kl with reverse; GKD, arXiv 2306.13649; CORD, arXiv 2601.16547, reports it beating
+(desta.train.losses.response_kl with reverse; GKD, arXiv 2306.13649; CORD, arXiv 2601.16547, reports it beating
 distillation on fixed targets).
 
 A training batch of the collator (right-padded, labels on the targets' responses, the teacher's turns beside) is
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from desta.core.sequences import IGNORE_INDEX, pad_batch
 
@@ -43,7 +45,7 @@ def prompts(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch
     return rows
 
 
-def cut_at_end(tokens: list[int], end_ids: set[int], pad_id: int | None = None) -> list[int]:
+def cut_at_end(tokens: list[int], end_ids: set[int] | frozenset[int], pad_id: int | None = None) -> list[int]:
     """Generated ids up to and including the first end-of-turn id (the student learns where to stop), without the
     padding generate puts after it. With no end id: all of them, up to the first padding.
 
@@ -72,14 +74,35 @@ def with_responses(prompt_rows: list[list[int]], responses: list[list[int]], pad
     return pad_batch(rows, pad_id, "right", labels=labels)
 
 
+class RowSeededSampling(LogitsProcessor):
+    """Sampling as a greedy pick: each row's scores / temperature plus Gumbel noise from that row's own generator
+    (the Gumbel-max trick: the argmax is a draw from softmax(scores / temperature)). A row's sample then depends
+    on its seed alone, not on which rows share its batch, so a step split into micro-batches or processes
+    differently draws the same answers. Pass it with do_sample=False."""
+
+    def __init__(self, seeds: list[int], temperature: float = 1.0, device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """scores (batch, vocab) -> scores / temperature + Gumbel noise, one generator per row."""
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                               for g in self.generators])  # (batch, vocab) in [0, 1)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+        return scores.float() / self.temperature + gumbel
+
+
 @torch.no_grad()
-def sample_responses(model: DestaModel, batch: dict[str, Any], end_ids: set[int], pad_id: int,
-                     max_new_tokens: int, temperature: float = 1.0) -> tuple[list[list[int]], list[list[int]]]:
-    """The student's sampled answers to the batch's prompts: (prompt rows, response rows), token ids.
+def sample_responses(model: DestaModel, batch: dict[str, Any], prompt_rows: list[list[int]], seeds: list[int],
+                     end_ids: set[int] | frozenset[int], pad_id: int, max_new_tokens: int,
+                     temperature: float = 1.0) -> list[list[int]]:
+    """The student's sampled answers (token ids) to `prompt_rows` (the batch's prompts, `prompts`), one seed a row
+    (`RowSeededSampling`).
 
     Sampling runs in eval mode (no dropout), as the answers a user would get; the model's mode is restored after.
+    With several processes, each decodes until every one has finished (synced_gpus): under FSDP each decoding step
+    gathers the layers' weights from all processes, so one that stopped early would leave the others waiting.
     """
-    prompt_rows = prompts(batch["input_ids"], batch["labels"], batch["attention_mask"])
     left = pad_batch(prompt_rows, pad_id, "left")
     device = batch["input_ids"].device
     audio = {key: batch[key] for key in AUDIO_KEYS if key in batch}
@@ -87,11 +110,14 @@ def sample_responses(model: DestaModel, batch: dict[str, Any], end_ids: set[int]
     model.eval()
     try:
         generated = model.generate(left["input_ids"].to(device), left["attention_mask"].to(device), **audio,
-                                   do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                   max_new_tokens=max_new_tokens, eos_token_id=sorted(end_ids), pad_token_id=pad_id)
+                                   do_sample=False, temperature=None, top_k=None, top_p=None,
+                                   logits_processor=LogitsProcessorList([RowSeededSampling(seeds, temperature,
+                                                                                           device)]),
+                                   max_new_tokens=max_new_tokens, eos_token_id=sorted(end_ids), pad_token_id=pad_id,
+                                   synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
     finally:
         model.train(was_training)
-    return prompt_rows, [cut_at_end(row, end_ids, pad_id) or [pad_id] for row in generated.tolist()]
+    return [cut_at_end(row, end_ids, pad_id) or [pad_id] for row in generated.tolist()]
 
 
 def on_policy_batches(batch: dict[str, Any], teacher: dict[str, torch.Tensor], prompt_rows: list[list[int]],

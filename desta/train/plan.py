@@ -30,11 +30,13 @@ against measured memory on small CPU shapes):
   value, gathered) count those positions only; the final norm still keeps 4 d + 4 bytes per token. The
   connector keeps (1 + 2 layers) x steps x d values per tapped layer and window (the frames and
   each layer's keys and values) plus layers x queries x (14 d + 2 f) values.
-- Weights: frozen parts in model.dtype, the trainable connector (and LoRA) in fp32 with its
-  gradient, AdamW's two moments (16 bytes per trainable weight) and under bf16 autocast its bf16
-  copy; DDP adds a gradient bucket. FSDP divides weights, gradients and moments by the number of
-  GPUs and holds unsharded the root unit (what no wrapped layer owns: Whisper's decoder,
-  convolutions, the connector) plus two LLM layers in flight and the output projection.
+- Weights: frozen parts in model.dtype (auto: bf16 under bf16 precision, the GPU default), the trainable
+  connector (and LoRA) in fp32 with its gradient, AdamW's two moments (16 bytes per trainable weight) and
+  under bf16 autocast its bf16 copy; DDP adds a gradient bucket. Frozen weights kept in fp32 under 16-bit
+  autocast add the 16-bit copy of every LLM weight that autograd keeps for the backward pass. FSDP divides
+  weights, gradients and moments by the number of GPUs and holds unsharded the root unit (what no wrapped
+  layer owns: Whisper's decoder, convolutions, the connector) plus two LLM layers in flight and the output
+  projection.
 - A GPU keeps CUDA_CONTEXT_GB for the CUDA context and kernels.
 """
 
@@ -47,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from desta.core.args import raise_problems
-from desta.train.config import TrainConfig
+from desta.core.optim import resolved_precision
+from desta.train.config import TrainConfig, frozen_dtype
 
 GB = 1e9
 CUDA_CONTEXT_GB = 1.0  # CUDA context, cuBLAS/NCCL workspaces: what a process holds before any tensor
@@ -119,11 +122,12 @@ class Gpu:
     memory_gb: float
 
 
-# Dense (no sparsity) bf16 peaks from NVIDIA's datasheets: H100/H200 (SXM), A100, L40S, L4, A10, RTX A6000;
-# the Ada and Ampere GA102 whitepapers for the RTX 4090 and 3090 (bf16 with fp32 accumulation).
+# Dense (no sparsity) bf16 peaks from NVIDIA's datasheets: H100/H200 (SXM), H100 PCIe and NVL, A100, L40S, L4, A10,
+# RTX A6000; the Ada and Ampere GA102 whitepapers for the RTX 4090 and 3090 (bf16 with fp32 accumulation).
 GPUS = {
     "h100": Gpu("NVIDIA H100 SXM", 989e12, 80),
     "h100-pcie": Gpu("NVIDIA H100 PCIe", 756e12, 80),
+    "h100-nvl": Gpu("NVIDIA H100 NVL", 835e12, 94),
     "h200": Gpu("NVIDIA H200 SXM", 989e12, 141),
     "a100": Gpu("NVIDIA A100 80GB", 312e12, 80),
     "a100-40gb": Gpu("NVIDIA A100 40GB", 312e12, 40),
@@ -160,7 +164,7 @@ class PlanConfig(TrainConfig):
     gpus: int = 1
     """GPUs the run uses"""
     gpu: str = "h100"
-    """GPU kind: h100, h100-pcie, h200, a100, a100-40gb, l40s, a6000, l4, a10, rtx4090, rtx3090"""
+    """GPU kind: h100, h100-pcie, h100-nvl, h200, a100, a100-40gb, l40s, a6000, l4, a10, rtx4090, rtx3090"""
     memory_gb: float | None = None
     """memory per GPU in GB; null: the GPU kind's"""
     hours_of_audio: float | None = None
@@ -330,12 +334,28 @@ def llm_flops(m: LlmArch, tokens: int, projected: int | None = None) -> dict[str
             "head": head, "recompute": m.layers * (projections - down + attention)}
 
 
+def sample_flops(w: WhisperArch, m: LlmArch, taps: list[int], queries: int, qformer_layers: int, intermediate: int,
+                 tokens: int, response: int, windows: int, steps: int) -> dict[str, float]:
+    """One training sample's useful FLOPs, by part: the frozen encoder's forward to the deepest tap, the connector's
+    forward and backward, the frozen LLM's forward and its input-gradient backward over `tokens` positions (the LM
+    head on the `response` positions that predict an answer token). No padding, no recompute: what model-FLOPs
+    utilisation divides by the time (bench/gpu.py)."""
+    connector = connector_flops(w.d_model, len(taps), queries, qformer_layers, intermediate, steps, windows, m.hidden)
+    llm = llm_flops(m, tokens, response)
+    return {"encoder": encoder_flops(w, windows, steps, max(taps) + 1),
+            "connector": connector["forward"] + connector["backward"],
+            "llm": llm["projections"] + llm["attention"] + llm["head"] + (
+                llm["projections"] + 2.5 * llm["attention"] + llm["head"])}  # forward, and the input gradients
+
+
 # ----- the plan -----
 
 def _precision_bytes(config: TrainConfig) -> tuple[int, int]:
-    """(bytes of the frozen weights, bytes of compute) for the config's dtype and precision."""
-    frozen = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
-    compute = 4 if config.optim.precision == "fp32" else 2
+    """(bytes of the frozen weights, bytes of compute) for the config's dtype and precision on a GPU (auto: bf16;
+    model.dtype auto: the precision's dtype)."""
+    frozen = {"float32": 4, "bfloat16": 2, "float16": 2}[frozen_dtype(config.model.dtype, config.optim.precision,
+                                                                      gpu=True)]
+    compute = 4 if resolved_precision(config.optim.precision, gpu=True) == "fp32" else 2
     return frozen, compute
 
 
@@ -364,13 +384,12 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     windows = max(1, math.ceil(config.clip_seconds / 30))
     steps = WINDOW_STEPS if model.pad_to_30s else min(WINDOW_STEPS, math.ceil(
         config.clip_seconds / windows * STEPS_PER_SECOND))
-    encoder = encoder_flops(w, windows, steps, max(taps) + 1)
+    response = min(config.response_tokens, tokens - 1)
+    work = sample_flops(w, m, taps, model.num_queries, model.qformer_layers, intermediate, tokens, response, windows,
+                        steps)
+    encoder, llm = work["encoder"], llm_flops(m, tokens, response)
     connector = connector_flops(w.d_model, len(taps), model.num_queries, model.qformer_layers, intermediate, steps,
                                 windows, m.hidden)
-    response = min(config.response_tokens, tokens - 1)
-    llm = llm_flops(m, tokens, response)
-    llm_train = llm["projections"] + llm["attention"] + llm["head"] + (
-        llm["projections"] + 2.5 * llm["attention"] + llm["head"])  # forward, and the input gradients
     teacher = sampling = 0.0
     if optim.loss in ("kl", "on_policy"):
         teacher_llm = llm_flops(m, config.teacher_tokens or tokens, response)
@@ -378,8 +397,8 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     if optim.loss == "on_policy":  # the student's answer: a forward's FLOPs, spread over one decoding step a token
         sampling = llm["projections"] + llm["attention"] + llm["head"] + connector["forward"]
     cached = bool(config.data.feature_cache)
-    per_sample = {"encoder": 0.0 if cached else encoder, "connector": connector["forward"] + connector["backward"],
-                  "llm": llm_train, "teacher": teacher, "sampling": sampling, "checkpointing": llm["recompute"]}
+    per_sample = {"encoder": 0.0 if cached else encoder, "connector": work["connector"], "llm": work["llm"],
+                  "teacher": teacher, "sampling": sampling, "checkpointing": llm["recompute"]}
 
     batch = optim.batch_size
     memory = {mode: memory_per_gpu(config, w, m, params, taps, intermediate, tokens, windows, steps, batch,
@@ -457,6 +476,13 @@ def memory_per_gpu(config: PlanConfig, w: WhisperArch, m: LlmArch, params: dict[
     weights = (frozen * frozen_bytes + trainable * 4) / shards
     states = trainable * (4 + 8) / shards + (trainable * 4 if mode.startswith("ddp") else 0)  # grads, AdamW, DDP bucket
     autocast_copy = trainable * 2 if c == 2 else 0
+    # float32 frozen weights under 16-bit autocast: each LLM product casts its weight, and autograd keeps the copy for
+    # the input gradient (autocast caches no cast of a frozen weight); checkpointed, only the recomputed layer's. FSDP
+    # gathers its parameters in 16 bits itself (its mixed-precision policy): nothing cast.
+    cast_frozen = 0.0
+    if frozen_bytes == 4 and c == 2 and shards == 1:
+        layers = 1 if mode.endswith("checkpointing") else m.layers
+        cast_frozen = 2 * (layers * (llm_layer_parameters(m) - 2 * m.hidden) + m.vocab * m.hidden)
     gathered = 0.0
     if shards > 1:  # FSDP: the root unit, two LLM layers in flight, the output projection
         d = w.d_model
@@ -466,6 +492,7 @@ def memory_per_gpu(config: PlanConfig, w: WhisperArch, m: LlmArch, params: dict[
                             tokens, windows, steps, c, mode.endswith("checkpointing"),
                             min(config.response_tokens, tokens - 1))
     parts = {"weights": weights, "gradients_and_adamw": states + autocast_copy,
+             **({"autocast_weight_copies": cast_frozen} if frozen_bytes == 4 and c == 2 else {}),
              **({"fsdp_gathered": gathered} if config.gpus > 1 else {}),
              **{f"activations_{k}": v * batch for k, v in acts.items()}}
     parts = {k: v / GB for k, v in parts.items()}

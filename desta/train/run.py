@@ -27,14 +27,14 @@ from transformers.trainer_callback import ProgressCallback
 
 from desta.core.args import to_dict
 from desta.core.artifacts import LOG_HISTORY, LOSS_CURVE, RUN_CONFIG, SUMMARY
-from desta.core.optim import training_arguments
+from desta.core.optim import Precision, training_arguments
 from desta.core.replay import replay_count
 from desta.model.modeling import DestaModel
 from desta.model.processing import DestaProcessor
 from desta.model.tiny import TINY
 from desta.prompts import DEFAULT_SYSTEM_PROMPT
 from desta.train.checkpoints import CheckpointChecksums, check_checkpoint, check_resume_settings, usable_checkpoint
-from desta.train.config import ModelSection, TrainConfig
+from desta.train.config import ModelSection, TrainConfig, frozen_dtype
 from desta.train.data import (
     DestaCollator,
     DestaDataset,
@@ -45,20 +45,23 @@ from desta.train.data import (
     targets_system_prompt,
     text_examples,
 )
+from desta.train.losses import LOSSES, loss_settings
 from desta.train.trainer import DestaTrainer, ProgressLines
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKEN_COUNTS = "token_counts"  # OUTPUT/token_counts/: each training table's sequence lengths, cached
 
 
 # ----- setup -----
 
 def build_model(section: ModelSection, output_dir: Path, seed: int = 0,
-                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> tuple[DestaModel, DestaProcessor]:
-    """A fresh model from the section (tiny bases are written under OUTPUT/bases the first time), and its
-    processor asking with `system_prompt`."""
+                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                precision: Precision = "auto") -> tuple[DestaModel, DestaProcessor]:
+    """A fresh model from the section (tiny bases are written under OUTPUT/bases the first time), its frozen parts
+    in model.dtype (auto: the dtype `precision` computes in), and its processor asking with `system_prompt`."""
     from desta.model.loading import build, load
 
     encoder, llm = section.encoder, section.llm
@@ -71,9 +74,15 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0,
         encoder = str(whisper_dir) if encoder == TINY else encoder
         llm = str(llm_dir) if llm == TINY else llm
     torch.manual_seed(seed)  # the connector starts from the same weights on every (re)run
-    model, processor = build(encoder, llm, dtype=DTYPES[section.dtype], system_prompt=system_prompt,
+    model, processor = build(encoder, llm, dtype=DTYPES[frozen_dtype(section.dtype, precision)],
+                             system_prompt=system_prompt,
                              **section.architecture())
-    model.connector.float()  # the trainable part stays in float32; autocast handles bf16
+    # What trains (connector, LoRA) and so its gradients and AdamW state stay in float32 whatever the frozen parts'
+    # dtype: a bf16 weight rounds away updates under ~0.4 % of it, and fp16's gradient scaler refuses fp16 gradients.
+    # Autocast computes in bf16/fp16 all the same.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     if section.init_from:
         trained, _ = load(section.init_from)
         # strict=False: the frozen bases are not in a checkpoint; what it has that this model lacks is an error
@@ -93,7 +102,9 @@ def split_held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
         return dataset, None
     count = min(len(clips) - 1, max(1, math.ceil(len(clips) * fraction)))
     held = set(np.random.default_rng(seed).permutation(clips)[:count].tolist())
-    return dataset.filter(lambda r: r["id"] not in held), dataset.filter(lambda r: r["id"] in held)
+    ids = dataset["id"]  # rows picked by index (an index mapping in memory): no pass over the audio, no files written
+    return (dataset.select([i for i, clip in enumerate(ids) if clip not in held], keep_in_memory=True),
+            dataset.select([i for i, clip in enumerate(ids) if clip in held], keep_in_memory=True))
 
 
 @dataclass
@@ -122,8 +133,9 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     data = config.data
     train_set = load_targets(data.train, "train")
     if data.max_clips:
-        keep = set(sorted(set(train_set["id"]))[: data.max_clips])
-        train_set = train_set.filter(lambda row: row["id"] in keep)
+        ids = train_set["id"]
+        keep = set(sorted(set(ids))[: data.max_clips])
+        train_set = train_set.select([i for i, clip in enumerate(ids) if clip in keep], keep_in_memory=True)
     eval_set = load_targets(data.eval, "eval") if data.eval else None
     text_rows = load_text_rows(data.text_replay) if data.text_replay and data.text_ratio > 0 else []
     if eval_set is None:
@@ -132,7 +144,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
 
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    model, processor = build_model(config.model, out, config.optim.seed, system_prompt)
+    model, processor = build_model(config.model, out, config.optim.seed, system_prompt, config.optim.precision)
     cache = None
     if data.feature_cache:
         for part in (train_set, eval_set):
@@ -141,13 +153,16 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
                                progress=config.log.progress)
         cache = FeatureCache(data.feature_cache, model)
 
-    distill = config.optim.loss in ("kl", "on_policy")
-    train_examples = speech_examples(train_set, processor, teacher=distill)
+    loss = LOSSES[config.optim.loss]
+    train_examples = speech_examples(train_set, processor, teacher=loss.teacher)
     replay = replay_count(len(train_examples), data.text_ratio) if text_rows else 0
     train_examples += text_examples(text_rows, replay, config.optim.seed, system_prompt)
-    train_examples, over_train = apply_length_rule(processor, train_examples, data.max_length, data.overlength)
-    eval_examples, over_eval = apply_length_rule(processor, speech_examples(eval_set, processor, teacher=distill),
-                                                 data.max_length, data.overlength) if eval_set is not None else ([], 0)
+    counted = out / TOKEN_COUNTS  # each table's token counts, computed once (the main process) and read back
+    train_examples, over_train = apply_length_rule(processor, train_examples, data.max_length, data.overlength,
+                                                   counted)
+    eval_examples, over_eval = apply_length_rule(processor, speech_examples(eval_set, processor, teacher=loss.teacher),
+                                                 data.max_length, data.overlength, counted) if eval_set is not None \
+        else ([], 0)
     if not train_examples:
         raise ValueError(f"no training rows left after the length rule (data.max_length {data.max_length}); raise "
                          "data.max_length or use data.overlength=truncate")
@@ -167,6 +182,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         eval_strategy="steps" if has_eval else "no", eval_steps=log.eval_steps, eval_on_start=has_eval,
         save_strategy=log.save_strategy, save_steps=log.save_steps, save_total_limit=log.save_total_limit,
         report_to=[] if log.report_to == "none" else [log.report_to], dataloader_num_workers=data.num_workers,
+        dataloader_persistent_workers=data.num_workers > 0,  # workers live across epochs, not re-forked
         ddp_find_unused_parameters=False, disable_tqdm=not log.progress)
     trainer = DestaTrainer(
         model=model, args=args, train_dataset=DestaDataset(train_examples, cache),
@@ -175,9 +191,8 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
                                     (data.pack_length or data.max_length) if data.packing else None),
         processing_class=processor,
         callbacks=[*(callbacks or []), CheckpointChecksums()],
-        lengths=[e.duration for e in train_examples] if data.group_by_duration else None,
-        kl_temperature=config.optim.kl_temperature if distill else None, decay_all=config.optim.decay_all,
-        on_policy_tokens=config.optim.on_policy_max_new_tokens if config.optim.loss == "on_policy" else None)
+        lengths=train_examples.durations() if data.group_by_duration else None,
+        loss=loss, loss_settings=loss_settings(config.optim, processor, model), decay_all=config.optim.decay_all)
     if log.progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressLines())
@@ -203,43 +218,49 @@ def fit(run: Run) -> dict[str, Any]:
 
 # ----- save -----
 
-def plot_losses(log_history: list[dict], path: Path) -> dict[str, list]:
-    """Save the train and validation loss curves to `path`; returns their (step, loss) points."""
+def plot_losses(log_history: list[dict], path: Path | None, axis: str = LOSSES["ce"].axis) -> dict[str, list]:
+    """Save the train and validation loss curves to `path` (None: no plot), the y axis and the PNG's title naming
+    the loss (`axis`, a desta.train.losses record's); returns their (step, loss) points."""
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
+    if path is None:
+        return {"train": train, "eval": evals}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="validation loss", color="#d62728")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (response tokens)")
-    ax.set_title("desta train")
+    ax.set_ylabel(axis)
+    ax.set_title(f"desta train: {axis}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": f"desta train: {axis}"})
     plt.close(fig)
     return {"train": train, "eval": evals}
 
 
 def save(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Final weights and processor, the log history, the loss curve and summary.json."""
+    """Final weights and processor, the log history, the loss curve and summary.json, written by the main process
+    (every process takes part in gathering the weights; the summary comes back on each)."""
     out, trainer = run.out, run.trainer
     trainer.save_model(str(out))
-    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle Trainer writes; nothing reads it back
+    main = trainer.is_world_process_zero()
     history = trainer.state.log_history
-    (out / LOG_HISTORY).write_text(json.dumps(history, indent=1))
-    curve = plot_losses(history, out / LOSS_CURVE)
+    if main:
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle Trainer writes; nothing reads it back
+        (out / LOG_HISTORY).write_text(json.dumps(history, indent=1))
+    curve = plot_losses(history, out / LOSS_CURVE if main else None, LOSSES[run.config.optim.loss].axis)
     parameters = run.model.parameter_counts()
     cuda = torch.cuda.is_available()
     summary = {
-        "steps": trainer.state.global_step, **run.counts,
+        "steps": trainer.state.global_step, "loss": run.config.optim.loss, **run.counts,
         "samples_per_second": round(metrics.get("train_samples_per_second", 0.0), 3),
         "seconds": round(metrics["seconds"], 1),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30 if cuda
@@ -250,7 +271,8 @@ def save(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
         "last_train_loss": curve["train"][-1][1] if curve["train"] else None,
         "eval_losses": curve["eval"], "resumed_from": run.resume_from,
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    if main:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -269,7 +291,8 @@ def cache_features_for(config: TrainConfig) -> Path:
         raise ValueError("set data.feature_cache=FOLDER (in the config or as an override)")
     train_set = load_targets(config.data.train, "train")
     eval_set = load_targets(config.data.eval, "eval") if config.data.eval else None
-    model, processor = build_model(config.model, Path(config.output_dir), config.optim.seed)
+    model, processor = build_model(config.model, Path(config.output_dir), config.optim.seed,
+                                   precision=config.optim.precision)
     for part in (train_set, eval_set):
         if part is not None:
             cache_features(model, processor, part, config.data.feature_cache, dtype=config.data.cache_dtype,

@@ -1,81 +1,44 @@
-"""The training loop's parts around transformers' Trainer: the loss (cross-entropy, distillation from the text
-LLM, or on-policy distillation on the speech model's own samples; each from the logits of the response positions
-alone), duration-grouped sampling, a NaN/inf guard that names the step and samples, and readable progress lines
-with the time left.
+"""The training loop's parts around transformers' Trainer: the loss (a desta.train.losses record: cross-entropy,
+distillation from the text LLM, or on-policy distillation on the speech model's own samples; each from the logits
+of the response positions alone, averaged over the whole accumulated step), duration-grouped sampling, a NaN/inf
+guard that names the step and samples, and readable progress lines with the time left.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from desta.core.sequences import IGNORE_INDEX, end_of_turn_ids
-from desta.model.parts import labelled_logits
 from desta.train.data import EpochSeededSampler
-from desta.train.on_policy import on_policy_batches, sample_responses
+from desta.train.losses import LOSSES, Loss, LossBatch, LossSettings, step_count
 
 if TYPE_CHECKING:
     from torch.utils.data import Sampler
 
-# What Trainer.prediction_step returns: (loss, logits, labels), each None when not computed.
-PredictionOutput = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
-
-def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
-                      teacher_labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student), averaged over the positions that predict each response token.
-
-    student_logits (batch, seq, vocab) with labels (batch, seq); teacher_logits (batch, seq_t, vocab) with
-    teacher_labels (batch, seq_t). The two sequences differ before the response (audio vs description)
-    but hold the same response tokens, so the k-th response position of one is the k-th of the other.
-    """
-    return response_kl(student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX],
-                       teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX], temperature)
-
-
-def response_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
-                reverse: bool = False) -> torch.Tensor:
-    """KL(teacher || student) averaged over response positions: the logits (positions, vocab) of the positions
-    that predict each response token, in the same order on both sides (desta.model.parts.labelled_logits
-    gives them so). `reverse`: KL(student || teacher), mode-seeking (on-policy distillation), so the student is
-    pushed off what the teacher finds unlikely rather than spread over all it finds likely."""
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"the student's sequences hold {student.shape[0]} response positions but the teacher's "
-                         f"{teacher.shape[0]}; both must carry the same responses (was a sequence truncated? raise "
-                         "data.max_length)")
-    log_student = torch.log_softmax(student.float() / temperature, dim=-1)
-    log_teacher = torch.log_softmax(teacher.float() / temperature, dim=-1)
-    target, estimate = (log_student, log_teacher) if reverse else (log_teacher, log_student)
-    kl = torch.nn.functional.kl_div(estimate, target, log_target=True, reduction="none").sum(-1)
-    return kl.mean() * temperature**2
-
-
-def teacher_logits(model: torch.nn.Module, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The text LLM's logits (positions, vocab) at its turns' labelled positions: the speech model's own LLM with
-    any LoRA switched off, reading the description, no gradients."""
-    llm = getattr(model, "module", model).llm
-    with torch.no_grad(), llm.disable_adapter() if hasattr(llm, "disable_adapter") else nullcontext():
-        logits, _ = labelled_logits(llm, teacher["labels"], input_ids=teacher["input_ids"],
-                                    attention_mask=teacher["attention_mask"], use_cache=False)
-    return logits
-
 
 class DestaTrainer(Trainer):
-    """Trainer with duration-grouped sampling, optional distillation from the text LLM, and a NaN/inf guard
-    that names the step and samples."""
+    """Trainer with desta's losses (averaged over the accumulated step), duration-grouped sampling and a NaN/inf
+    guard that names the step and samples."""
 
-    def __init__(self, *args, lengths: list[float] | None = None, kl_temperature: float | None = None,
-                 decay_all: bool = False, on_policy_tokens: int | None = None, **kwargs):
-        """kl_temperature: distil from the text LLM (the teacher_* rows of the batch); with on_policy_tokens, on
-        the student's own samples of up to that many tokens while training (the validation loss stays the KL on
-        the targets' responses, which needs no sampling)."""
+    def __init__(self, *args, loss: Loss = LOSSES["ce"], loss_settings: LossSettings | None = None,
+                 lengths: list[float] | None = None, decay_all: bool = False, **kwargs):
+        """loss: what the trainer minimises (desta.train.losses.LOSSES by optim.loss); loss_settings: what it reads
+        besides the batch (KL temperature, sampling length and seed, end-of-turn and padding ids)."""
         super().__init__(*args, **kwargs)
-        self.lengths, self.kl_temperature, self.decay_all = lengths, kl_temperature, decay_all
-        self.on_policy_tokens = on_policy_tokens
+        self.loss, self.loss_settings = loss, loss_settings or LossSettings()
+        self.lengths, self.decay_all = lengths, decay_all
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+            warnings.warn("fsdp_cpu_ram_efficient_loading has no effect on desta train: every process has loaded the "
+                          "base models in full before the process group exists (the speech model is built from two "
+                          "checkpoints and a new connector, not by one from_pretrained); set it to false "
+                          "(recipes/accelerate/fsdp.yaml does)", stacklevel=2)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Trainer.save_model; under FSDP, the trainable weights gathered from their shards (every process takes
@@ -87,6 +50,32 @@ class DestaTrainer(Trainer):
         if self.args.should_save:
             model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights)
             self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+
+    # Trainer saves FSDP checkpoints for resuming through these private methods, every weight's shard included: the
+    # frozen bases (about 16 GB at 8B in bf16) in every checkpoint. The trainable weights are in the checkpoint's
+    # model.safetensors already (save_model), so only the optimizer state and the schedule are added.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        plugin = self.accelerator.state.fsdp_plugin
+        save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from desta.core.artifacts import WEIGHTS
+
+        # every process reads the (small) trainable weights in full and keeps its shard of each
+        set_model_state_dict(model or self.model, load_file(Path(resume_from_checkpoint) / WEIGHTS),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """The weights AdamW decays: all of them with optim.decay_all, else transformers' rule."""
@@ -102,52 +91,44 @@ class DestaTrainer(Trainer):
         return EpochSeededSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                   self.lengths, self.args.seed)
 
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int,
+                          device: torch.device) -> tuple[list, torch.Tensor | int | None]:
+        """The micro-batches of one optimizer step and the units the loss is averaged over in them: labelled tokens
+        (Trainer's own count) or, for a loss averaged over answers, their rows; summed over every process when
+        args.average_tokens_across_devices (the default), as Trainer sums the tokens."""
+        batches, tokens = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.loss.per == "token" or not batches:
+            return batches, tokens
+        answers = step_count("answer", batches).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            answers = self.accelerator.gather(answers).sum()
+        return batches, answers
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Trainer.compute_loss without the batch's sample_ids; raises FloatingPointError on a NaN/inf loss."""
+        """The loss record's training loss (its validation loss in evaluation) on a batch without its sample ids and
+        teacher rows, divided by `num_items_in_batch`, the step's units over every micro-batch (and process); raises
+        FloatingPointError on a NaN/inf loss.
+
+        With the units counted over every process, each process's share is scaled back up by the number of
+        processes, as Trainer.compute_loss does: DDP and FSDP average the gradients over processes, so the step's
+        gradient is the mean over all its units.
+        """
         sample_ids = inputs.pop("sample_ids", [])
         teacher = {key[len("teacher_"):]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
-        summed_over_devices = num_items_in_batch is not None and not teacher
-        if summed_over_devices:
-            inputs["num_items_in_batch"] = num_items_in_batch
-        if teacher and self.on_policy_tokens and model.training:
-            loss, outputs = self._on_policy_loss(model, inputs, teacher)
-            return self._checked(loss, outputs, sample_ids, return_outputs)
-        outputs = model(**inputs, logits_at="labelled")  # the LM head projects the response positions only
-        loss = outputs.loss
-        if summed_over_devices and self.args.average_tokens_across_devices:
-            # num_items_in_batch counts every process's tokens and DDP averages the gradients over processes,
-            # so each process's share is scaled back up (as Trainer.compute_loss does): the mean over all tokens
+        compute = self.loss.train if model.training else self.loss.validate
+        per = self.loss.per if model.training else "token"
+        count = num_items_in_batch
+        if count is None:  # Trainer divides this micro-batch's mean by the accumulation steps itself
+            count = step_count(per, [{**inputs, "sample_ids": sample_ids}])
+        batch = LossBatch(inputs, teacher, sample_ids, self.state.global_step)
+        loss, outputs = compute(model, batch, self.loss_settings, torch.as_tensor(count).to(self.args.device))
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
-        if teacher and self.kl_temperature is not None:
-            loss = response_kl(outputs.label_logits, teacher_logits(model, teacher), self.kl_temperature)
-        return self._checked(loss, outputs, sample_ids, return_outputs)
-
-    def _on_policy_loss(self, model: torch.nn.Module, inputs: dict[str, Any],
-                        teacher: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """Reverse KL to the text LLM on the tokens the speech model samples from the batch's prompts."""
-        student_model = getattr(model, "module", model)
-        tokenizer = self.processing_class.tokenizer
-        end_ids = end_of_turn_ids(tokenizer, student_model.llm.generation_config)
-        prompt_rows, responses = sample_responses(student_model, inputs, end_ids, tokenizer.pad_token_id,
-                                                  self.on_policy_tokens)
-        student, text_turns = on_policy_batches(inputs, teacher, prompt_rows, responses, tokenizer.pad_token_id)
-        outputs = model(**student, logits_at="labelled")
-        loss = response_kl(outputs.label_logits, teacher_logits(model, text_turns), self.kl_temperature, reverse=True)
-        return loss, outputs
-
-    def _checked(self, loss: torch.Tensor, outputs: Any, sample_ids: list[str],
-                 return_outputs: bool) -> torch.Tensor | tuple[torch.Tensor, Any]:
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"loss is {loss.detach().float().item()} at step {self.state.global_step + 1}; "
                                      f"samples in the batch: {sample_ids}")
         return (loss, outputs) if return_outputs else loss
-
-    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> PredictionOutput:
-        """Trainer.prediction_step on the batch without its sample_ids: (loss, logits, labels)."""
-        inputs = {k: v for k, v in inputs.items() if k != "sample_ids"}
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
 
 def progress_line(step: int, max_steps: int, logs: dict[str, float], seconds: float, steps_timed: int) -> str:
