@@ -302,7 +302,7 @@ def test_streaming_client_killed_after_the_first_event_frees_the_slot(text_serve
 def test_campaign_client_against_smollm(real_models):
     """The reported case: SmolLM2-135M, a key, one slot, a 1024-token stream left after its first event."""
     process, url = _start(["--llm", str(real_models / "SmolLM2-135M-Instruct"), "--model-name", "tiny-llm",
-                           "--max-concurrent", "1"], KEY)
+                           "--max-concurrent", "1", "--queue", "0"], KEY)
     try:
         _slot_free_after(url, 60.0)  # warm
         for _ in range(3):
