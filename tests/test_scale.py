@@ -153,6 +153,7 @@ def test_ddp_with_text_only_batches_trains_and_reports_the_true_loss(run_data, t
     assert evals[0] == pytest.approx(one["eval_losses"][0][1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_build_the_feature_cache_together_and_merge_it_once(run_data, tmp_path):
     from desta.core.args import load_config
     from desta.train.config import TrainConfig
