@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from desta.core.args import raise_problems
 from desta.core.artifacts import CONFIG, DATASET, MODEL_CARD, REPORT_MD, RUN_CONFIG, SUMMARY
-from desta.model.loading import hub_id_of, load
+from desta.model.bases import hub_id_of
+from desta.model.loading import load
 
 if TYPE_CHECKING:
     from desta.model.modeling import DestaModel
@@ -63,7 +64,7 @@ def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_
            overwrite: bool = False) -> Path:
     """Write the Hub-ready folder; `encoder_id` / `llm_id` name the base checkpoints' Hub ids (otherwise a
     local base is named by its folder name, and loading the export looks for a folder of that name beside it,
-    desta.model.loading.locate_base). An existing `out` is replaced only with `overwrite`."""
+    desta.model.bases.locate_base). An existing `out` is replaced only with `overwrite`."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / CONFIG).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json); give the output "

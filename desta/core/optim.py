@@ -11,6 +11,7 @@ import torch
 from desta.core.args import raise_problems
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
     from transformers import TrainingArguments
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -23,7 +24,12 @@ class OptimSection:
     lr: float = 1e-4
     """peak learning rate (the papers: 1e-4)"""
     warmup_steps: int = 2000
-    """linear warm-up steps before the cosine decay (DeSTA2: 2000, DeSTA2.5: 5000)"""
+    """linear warm-up steps before the decay (DeSTA2: 2000, DeSTA2.5: 5000)"""
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    """after the warm-up: cosine decay (the papers), constant, or linear decay to 0"""
+    min_lr_ratio: float = 0.0
+    """where the decay ends, as a share of lr (0: at zero, as transformers' cosine; a run whose rate reaches 0
+    early stops learning there)"""
     max_steps: int = -1
     """optimizer steps to run; -1: run `epochs`"""
     epochs: float = 5.0
@@ -54,6 +60,11 @@ class OptimSection:
             problems.append(("lr", f"must be positive, got {self.lr}"))
         if self.warmup_steps < 0:
             problems.append(("warmup_steps", f"must be 0 or more, got {self.warmup_steps}"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(("min_lr_ratio", f"is a share of lr, in [0, 1]; got {self.min_lr_ratio}"))
+        elif self.min_lr_ratio > 0 and self.schedule != "cosine":
+            problems.append(("min_lr_ratio", f"sets where the cosine decay ends; schedule is {self.schedule!r}: set "
+                                             "schedule=cosine or min_lr_ratio=0"))
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(("max_steps", f"must be -1 (run `epochs`) or at least 1, got {self.max_steps}"))
         if self.max_steps == -1 and not self.epochs > 0:
@@ -92,6 +103,21 @@ def precision_flags(choice: Precision) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def schedule_settings(optim: OptimSection) -> dict[str, Any]:
+    """TrainingArguments' scheduler keywords for the schedule setting.
+
+    >>> schedule_settings(OptimSection(schedule="cosine", min_lr_ratio=0.1))
+    {'lr_scheduler_type': 'cosine_with_min_lr', 'lr_scheduler_kwargs': {'min_lr_rate': 0.1}}
+    >>> schedule_settings(OptimSection(schedule="constant"))
+    {'lr_scheduler_type': 'constant_with_warmup'}
+    """
+    if optim.schedule == "constant":
+        return {"lr_scheduler_type": "constant_with_warmup"}
+    if optim.min_lr_ratio > 0:  # validated: only with cosine
+        return {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": optim.min_lr_ratio}}
+    return {"lr_scheduler_type": optim.schedule}
+
+
 def trainer_settings(optim: OptimSection, output_dir: str, **extra: Any) -> dict[str, Any]:
     """TrainingArguments keywords for these settings: AdamW, cosine schedule with warm-up, clipping, precision,
     CPU when there is no GPU; `extra` adds or replaces keywords. trl's configs take the same keywords."""
@@ -99,7 +125,7 @@ def trainer_settings(optim: OptimSection, output_dir: str, **extra: Any) -> dict
         output_dir=output_dir, per_device_train_batch_size=optim.batch_size,
         per_device_eval_batch_size=optim.batch_size, gradient_accumulation_steps=optim.grad_accum,
         learning_rate=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1,
-        adam_beta2=optim.adam_beta2, lr_scheduler_type="cosine",
+        adam_beta2=optim.adam_beta2, **schedule_settings(optim),
         warmup_steps=optim.warmup_steps, max_steps=optim.max_steps, num_train_epochs=optim.epochs,
         max_grad_norm=optim.max_grad_norm, seed=optim.seed, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), **precision_flags(optim.precision))
@@ -112,3 +138,11 @@ def training_arguments(optim: OptimSection, output_dir: str, **extra: Any) -> Tr
     from transformers import TrainingArguments
 
     return TrainingArguments(**trainer_settings(optim, output_dir, **extra))
+
+
+def process_state() -> PartialState:
+    """accelerate's state of this process: its rank among the processes of `accelerate launch` or torchrun (the
+    process group started on first use), on the CPU where there is no GPU, as the Trainer's arguments start it."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from desta.audio import SAMPLE_RATE, load_audio_ref, num_windows
 from desta.core.chunks import saved_empty
+from desta.core.optim import process_state
 from desta.core.replay import draw
 from desta.core.sequences import Conversation, chat_tokens, pad_batch
 from desta.model.packing import balance_rows, pack_rows
@@ -30,7 +32,6 @@ from desta.model.processing import DestaProcessor
 from desta.prompts import DEFAULT_SYSTEM_PROMPT, text_turn, with_system
 
 if TYPE_CHECKING:
-    from accelerate import PartialState
     from datasets import Dataset
 
     from desta.train.features import FeatureCache
@@ -162,29 +163,28 @@ class ExampleTable(Sequence):
         return [_seconds(d) for d in speech] + [e.duration for e in self.extra]
 
     def token_counts(self, cache: Path | None = None) -> list[int]:
-        """The sequence length of every example (`token_count`). The table's are computed once, batched, and kept
+        """The sequence length of every example (`token_count`). The table's are computed once, in batches, and kept
         in `cache` (a folder; the file is named by the table's fingerprint and the processor's settings): the
         main process writes it while the others wait, then they, and a later run, read it."""
         speech = self.dataset.select_columns([c for c in ("prompt", "response", "duration", "transcript")
                                               if c in self.dataset.column_names])
-        count = partial(_row_token_counts, processor=self.processor)
+
+        def count() -> np.ndarray:  # (rows,) read in batches: an index-mapped table is not copied
+            return np.array([n for batch in speech.iter(batch_size=1000)
+                             for n in _row_token_counts(batch, self.processor)["tokens"]], dtype=np.int64)
+
         if cache is None or len(speech) == 0:
-            counts = count(speech[:]) if len(speech) else {"tokens": []}
+            counts = count()
         else:
             cache.mkdir(parents=True, exist_ok=True)
-            name = cache / f"token-counts-{_counts_key(self.dataset, self.processor)}.arrow"
+            name = cache / f"token-counts-{_counts_key(self.dataset, self.processor)}.npy"
             with process_state().main_process_first():
-                counts = speech.map(count, batched=True, batch_size=1000, remove_columns=speech.column_names,
-                                    cache_file_name=str(name), desc="token counts")
-        return list(counts["tokens"]) + [token_count(self.processor, e) for e in self.extra]
-
-
-def process_state() -> PartialState:
-    """accelerate's state of this process: its rank among the processes of `accelerate launch` or torchrun (the
-    process group started on first use), on the CPU where there is no GPU, as the Trainer's arguments start it."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
+                if not name.is_file():
+                    tmp = name.with_suffix(".tmp.npy")
+                    np.save(tmp, count())
+                    os.replace(tmp, name)
+                counts = np.load(name)  # plain integers: no pickle allowed or needed
+        return counts.tolist() + [token_count(self.processor, e) for e in self.extra]
 
 
 def _counts_key(dataset: Dataset, processor: DestaProcessor) -> str:

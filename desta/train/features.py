@@ -65,7 +65,7 @@ def cache_features(model: DestaModel, processor: DestaProcessor, dataset: Datase
     """Compute and store the tapped-layer features of every distinct clip id in `dataset`, on the GPU when there is
     one. Every process of a distributed launch must call it: each encodes its share of the clips (every
     world_size-th), the main process merges their records, and all return once the cache is complete."""
-    from desta.train.data import process_state
+    from desta.core.optim import process_state
 
     state = process_state()
     folder = Path(folder)
