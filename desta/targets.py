@@ -43,7 +43,17 @@ from desta.core.chunks import (
 )
 from desta.core.generation import Backend, Generation, SamplingSettings, make_backend
 from desta.core.quality import looping
-from desta.prompts import DEFAULT_SYSTEM_PROMPT, OPEN, Pool, pick_prompts, text_turn, training_pool
+from desta.prompts import (
+    DEFAULT_SYSTEM_PROMPT,
+    OPEN,
+    Pool,
+    field_answer,
+    pick_prompts,
+    prompt_category,
+    restrict_pool,
+    text_turn,
+    training_pool,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -85,6 +95,9 @@ class TargetsConfig:
     list of prompts"""
     prompts_per_clip: int = 1
     """distinct prompts per clip: one output row each"""
+    fields: list[str] | None = None
+    """ask only the pool's questions about these fields (a field pool's categories: gender, pitch, ..., open);
+    null: all. With kind labels, a field question's answer names that field's gold value alone"""
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     """system turn the LLM reads (null: none); stored with each row, so training uses the same"""
     max_new_tokens: int = 256
@@ -161,9 +174,9 @@ class TargetsConfig:
             if self.backend == "http" and not self.base_url:
                 problems.append(("base_url", "the http backend needs base_url, e.g. http://127.0.0.1:8000/v1"))
             try:
-                training_pool(self.pool)
+                restrict_pool(training_pool(self.pool), self.fields)
             except ValueError as err:
-                problems.append(("pool", str(err)))
+                problems.append(("fields" if self.fields and "categories" in str(err) else "pool", str(err)))
         if self.max_new_tokens < 1 or self.prompts_per_clip < 1 or self.chunk_size < 1 or self.batch_size < 1:
             problems.append(("max_new_tokens", "max_new_tokens, prompts_per_clip, chunk_size and batch_size must be "
                                                "at least 1"))
@@ -221,6 +234,19 @@ def label_response(row: dict[str, Any]) -> str:
     if row.get("duration"):
         text += f" The clip lasts about {max(1, round(float(row['duration'])))} seconds."
     return text
+
+
+def label_answer(row: dict[str, Any], category: str) -> str:
+    """A label target for a prompt of `category`: a question about one field is answered with that field's gold
+    value alone (`desta.prompts.field_answer`), an open request with `label_response`.
+
+    >>> label_answer({"gender": "Male", "accent": "Scottish", "transcript": "Hi."}, "gender")
+    'The speaker is male.'
+    """
+    value = row.get(category)
+    if category == OPEN or value in (None, ""):
+        return label_response(row)
+    return field_answer(category, value)
 
 
 def flag(generation: Generation, max_new_tokens: int, refusal_patterns: list[str]) -> str | None:
@@ -340,7 +366,7 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
         return merge(config.out)
     dataset = load_described(config.source)
     positions_by_id(dataset["id"], str(config.source))  # answers are joined to their clips by id
-    pool = training_pool(config.pool)
+    pool = restrict_pool(training_pool(config.pool), config.fields)
     pool_name = config.pool if isinstance(config.pool, str) else "custom"
     items = target_items(row_fields(dataset), pool, config.seed, config.prompts_per_clip)
     labels = config.kind == "labels"
@@ -371,7 +397,7 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
                                        config.sampling(group[0]))
         for chunk in group:
             tokens, done = _write_chunk(config, job, chunk, [items[i] for i in job.rows_of(chunk)], answers, backend,
-                                        gold, ids, pool_name, tokens, done)
+                                        gold, ids, pool_name, tokens, done, pool)
             elapsed = time.perf_counter() - started
             bar.update(len(job.rows_of(chunk)))
             bar.set_postfix(rows_per_s=f"{done / elapsed:.2f}", tokens_per_s=f"{tokens / elapsed:.1f}")
@@ -414,13 +440,14 @@ def call_groups(chunks: list[int], sizes: list[int], per_call: int) -> list[list
 
 def _write_chunk(config: TargetsConfig, job: ChunkedJob, chunk: int, chunk_items: list[tuple[int, str]],
                  answers: list[Generation], backend: Backend | None, gold: list[dict] | None, ids: list[str],
-                 pool_name: str, tokens: int, done: int) -> tuple[int, int]:
+                 pool_name: str, tokens: int, done: int, pool: Pool | None = None) -> tuple[int, int]:
     """Flag and write one chunk's answers (its slice of the group's `answers`, or label targets from `gold`);
     returns the running counts of tokens and prompts."""
     settings = config.sampling(chunk)  # seeded per chunk: a resumed chunk samples the same
     if gold is not None:
         generator = json.dumps({"backend": "labels", "template": "label_response"}, sort_keys=True)
-        generations = [Generation(label_response(gold[r]), "stop", 0) for r, _ in chunk_items]
+        generations = [Generation(label_answer(gold[r], prompt_category(pool or {}, p)), "stop", 0)
+                       for r, p in chunk_items]
     else:
         generator = json.dumps({"model": backend.model_id, "backend": backend.name, **settings.as_dict(),
                                 "seed": config.seed}, sort_keys=True)

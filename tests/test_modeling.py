@@ -274,3 +274,35 @@ def test_official_connector_settings_build_the_official_q_former():
     assert layer.intermediate_query.dense.out_features == 96
     weight = layer.attention.attention.query.weight  # PyTorch's kaiming-uniform: |w| <= 1/sqrt(fan_in)
     assert weight.abs().max().item() <= 64**-0.5 and weight.std().item() > 0.05
+
+
+@pytest.mark.parametrize("settings", [{"connector": "mlp"}, {"frame_norm": True},
+                                      {"connector": "mlp", "frame_norm": True}])
+def test_the_plain_projector_and_frame_norm_give_the_same_interface(tmp_path, clip, short_clip, settings):
+    """num_queries vectors per window in the LLM's width, independent of the batch, trained and saved as the
+    connector, loaded back to the same logits."""
+    model, processor = tiny_model(num_queries=8, **settings)
+    alone = model.embed_audio(**processor.extract_features([short_clip]))
+    batched = model.embed_audio(**processor.extract_features([short_clip, clip]))
+    assert batched.shape == (2, 8, model.config.text_config.hidden_size)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=1e-4)  # padding never reaches a clip's spans
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("connector.") for n in trainable)
+    assert any("frame_norm" in n for n in trainable) == settings.get("frame_norm", False)
+    whisper_dir, llm_dir = save_tiny_bases(tmp_path / "bases")
+    built, built_processor = build(str(whisper_dir), str(llm_dir), num_queries=8, **settings)
+    batch = built_processor([conversation()], audios=[[clip]])
+    _step(built, batch, steps=2)
+    built.eval()
+    with torch.no_grad():
+        expected = built(**batch).logits
+    save(built, built_processor, tmp_path / "ckpt")
+    reloaded, _ = load(tmp_path / "ckpt")
+    assert reloaded.config.connector == settings.get("connector", "qformer")
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(**batch).logits, expected)
+
+
+def test_an_unknown_connector_is_refused():
+    with pytest.raises(ValueError, match=r"connector must be one of \('qformer', 'mlp'\), got 'linear'"):
+        tiny_model(connector="linear")

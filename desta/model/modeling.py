@@ -35,9 +35,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from desta.audio import FRAMES_PER_ENCODER_STEP
 from desta.core.artifacts import WEIGHTS, WEIGHTS_INDEX
 from desta.core.llm import load_causal_lm
+from desta.model.bases import locate_base
 from desta.model.parts import (
     DestaOutput,
     LogitPositions,
+    PooledMLPConnector,
     QFormerConnector,
     default_tapped_layers,
     lm_forward,
@@ -56,6 +58,7 @@ GENERATION_CONFIGS = {"whisper": "whisper_generation_config.json", "llm": "llm_g
 # How the Q-Former's Linear layers start: transformers' BERT init, or PyTorch's own (the official code never
 # calls post_init, so its connector keeps PyTorch's kaiming-uniform init).
 QFORMER_INITS = ("bert", "pytorch")
+CONNECTORS = ("qformer", "mlp")
 DEFAULT_LORA = {
     "r": 8,  # higher: more capacity, more memory, more forgetting
     "lora_alpha": 16,
@@ -88,8 +91,14 @@ class DestaConfig(PreTrainedConfig):
     """chat LLM checkpoint"""
     tapped_layers: list[int] | None = None
     """encoder blocks feeding the connector; null: per Whisper size (small [2,5,8,11], large-v3 [7,15,23,31])"""
+    connector: Literal["qformer", "mlp"] = "qformer"
+    """qformer: learnt queries read the frames (the papers); mlp: each window's frames averaged into num_queries
+    equal spans, then a two-layer MLP (a plain projector, as Ultravox and LLaVA)"""
+    frame_norm: bool = False
+    """LayerNorm each tapped layer's frames before the connector reads them (as BLIP-2 normalises its vision
+    features before the Q-Former)"""
     num_queries: int = 64
-    """learnable queries per tapped layer = connector vectors per 30 s window"""
+    """connector vectors per 30 s window (qformer: learnable queries per tapped layer; mlp: spans)"""
     qformer_layers: int = 2
     """Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5"""
     qformer_heads: int | None = None
@@ -134,6 +143,8 @@ class DestaConfig(PreTrainedConfig):
                 raise ValueError(f"unknown LoRA settings {sorted(unknown)}; "
                                  "use r, lora_alpha, lora_dropout, target_modules")
             self.lora = {**DEFAULT_LORA, **self.lora}
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
         if self.qformer_init not in QFORMER_INITS:
             raise ValueError(f"qformer_init must be one of {QFORMER_INITS}, got {self.qformer_init!r}")
 
@@ -172,7 +183,7 @@ class DestaModel(PreTrainedModel):
         # The full Whisper is kept: its encoder feeds the connector, its decoder transcribes at inference.
         self.whisper = whisper if whisper is not None else WhisperForConditionalGeneration(config.encoder_config)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
-        self.connector = QFormerConnector(config)
+        self.connector = PooledMLPConnector(config) if config.connector == "mlp" else QFormerConnector(config)
         if config.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -254,7 +265,7 @@ class DestaModel(PreTrainedModel):
         # value product of the Q-Former would cast them again and keep its own copy for the backward pass.
         device = audio_hidden_states.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                 else self.connector.proj.weight.dtype)
+                 else self.connector.norm.weight.dtype)
         return self.connector(audio_hidden_states.to(dtype), audio_step_mask)
 
     def embed_inputs(self, input_ids: torch.Tensor, input_features: torch.Tensor | None = None,
@@ -400,8 +411,6 @@ class DestaModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         revision: str | None = None, token: str | None = None, **_: Any) -> DestaModel:
         """Load a saved model (folder or Hub id): base weights from the named checkpoints + trainable weights."""
-        from desta.model.loading import locate_base  # here: desta.model.loading imports this module
-
         folder = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, token=token)
         config = DestaConfig.from_pretrained(folder)
         weights = _load_weights(folder)  # safetensors: no code runs while loading

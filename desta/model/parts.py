@@ -175,9 +175,12 @@ class QFormerConnector(nn.Module):
         self.layer_logits = nn.Parameter(torch.zeros(layers, config.num_queries))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, config.text_config.hidden_size)
+        self.frame_norm = FrameNorm(layers, width) if getattr(config, "frame_norm", False) else None
 
     def forward(self, hidden_states: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
         """(layers, windows, steps, d_model), (windows, steps) -> (windows, queries, llm_hidden)."""
+        if self.frame_norm is not None:
+            hidden_states = self.frame_norm(hidden_states)
         layers, windows, steps, width = hidden_states.shape
         queries = self.queries[:, None].expand(-1, windows, -1, -1)  # (layers, windows, queries, d_model)
         queries = queries.reshape(layers * windows, -1, width)
@@ -200,6 +203,54 @@ class QFormerConnector(nn.Module):
         weights = self.layer_logits.softmax(dim=0)[:, None, :, None]  # (layers, 1, queries, 1)
         fused = (out * weights.to(out.dtype)).sum(dim=0)  # (windows, queries, d_model)
         return self.proj(self.norm(fused))
+
+
+class PooledMLPConnector(nn.Module):
+    """A plain projector, as Ultravox and LLaVA connect their encoders: each window's frames averaged into
+    `num_queries` equal spans of its real length, the tapped layers of a span concatenated, then LayerNorm and
+    a two-layer MLP to the LLM width. Every output vector is a local summary of the clip (no learnt queries
+    that first have to find the voice), so it varies from clip to clip from the first step.
+    """
+
+    def __init__(self, config: Any):
+        """config: as QFormerConnector's (encoder_config, text_config, tapped_layers, num_queries)."""
+        super().__init__()
+        width = config.encoder_config.d_model * len(config.tapped_layers)
+        hidden = config.text_config.hidden_size
+        self.num_queries = config.num_queries
+        taps, d_model = len(config.tapped_layers), config.encoder_config.d_model
+        self.frame_norm = FrameNorm(taps, d_model) if getattr(config, "frame_norm", False) else None
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, hidden_states: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        """(layers, windows, steps, d_model), (windows, steps) -> (windows, queries, llm_hidden)."""
+        if self.frame_norm is not None:
+            hidden_states = self.frame_norm(hidden_states)
+        layers, windows, steps, width = hidden_states.shape
+        lengths = step_mask.sum(1).clamp_min(1)  # (windows,) real steps of each window
+        position = torch.arange(steps, device=step_mask.device)
+        span = (position[None, :] * self.num_queries // lengths[:, None]).clamp_max(self.num_queries - 1)
+        pool = F.one_hot(span, self.num_queries).to(hidden_states.dtype) * step_mask[..., None]  # (w, steps, q)
+        pool = pool / pool.sum(1, keepdim=True).clamp_min(1)  # a span's frames averaged; an empty span reads 0
+        frames = hidden_states.permute(1, 2, 0, 3).reshape(windows, steps, layers * width)  # (w, steps, layers*d)
+        pooled = pool.transpose(1, 2) @ frames  # (windows, queries, layers x d_model)
+        return self.mlp(self.norm(pooled))
+
+
+class FrameNorm(nn.Module):
+    """LayerNorm of each tapped layer's frames before the connector reads them (one per layer, as BLIP-2 normalises
+    its vision encoder's output before the Q-Former): an intermediate Whisper layer is an unnormalised residual
+    stream whose few large dimensions otherwise dominate the connector's attention."""
+
+    def __init__(self, layers: int, width: int):
+        """One LayerNorm of `width` per tapped layer."""
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(layers, windows, steps, d_model) -> the same, each layer normalised."""
+        return torch.stack([norm(layer) for norm, layer in zip(self.norms, hidden_states, strict=True)])
 
 
 def merge_audio(embeds: torch.Tensor, input_ids: torch.Tensor, audio_token_id: int,

@@ -45,9 +45,9 @@ def frozen_dtype(dtype: str, precision: Precision, gpu: bool | None = None) -> s
 
 
 # The architecture a run chooses: these fields of DestaConfig, with its types, defaults and docs (one owner).
-ARCHITECTURE = ("tapped_layers", "num_queries", "qformer_layers", "qformer_heads", "qformer_dropout",
-                "qformer_intermediate_size", "query_layernorm", "query_init_std", "qformer_init", "audio_token",
-                "transcript_max_tokens", "transcript_format", "pad_to_30s", "lora")
+ARCHITECTURE = ("connector", "frame_norm", "tapped_layers", "num_queries", "qformer_layers", "qformer_heads",
+                "qformer_dropout", "qformer_intermediate_size", "query_layernorm", "query_init_std", "qformer_init",
+                "audio_token", "transcript_max_tokens", "transcript_format", "pad_to_30s", "lora")
 
 
 def _check_model(section: Any) -> None:
