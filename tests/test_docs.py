@@ -127,3 +127,14 @@ def test_every_desta_path_the_docs_name_exists():
     assert named, "no desta.<module> path found: the pattern is broken"
     missing = sorted(f"{doc}: {dotted}" for doc, dotted in named if not resolves(dotted))
     assert missing == [], f"paths to modules or names that do not exist (moved?): {missing}"
+
+
+def test_the_results_tables_are_what_the_result_files_say():
+    """docs/results.md's and the recipes' READMEs' result tables come from the committed result files
+    (recipes/experiments/tables.py), never copied by hand."""
+    import subprocess
+    import sys
+
+    found = subprocess.run([sys.executable, "recipes/experiments/tables.py", "--check"], capture_output=True,
+                           text=True)
+    assert found.returncode == 0, found.stderr

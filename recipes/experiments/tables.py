@@ -2,7 +2,7 @@
 
 Each table lives between `<!-- table:NAME -->` and `<!-- /table -->` in docs/results.md (and the README's
 results paragraph); this script rewrites those blocks from:
-- recipes/experiments/guessing.json: what guessing scores on the experiments' eval set (guessing.py);
+- recipes/experiments/guessing.json: what guessing scores on the experiments' eval set (guessing.py; `guessing`);
 - recipes/experiments/hearing/results/compare.json: the hearing experiment's runs (desta compare);
 - recipes/experiments/sanity/results/ladder.json: the sanity ladder (sanity/ladder.py report).
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-DOCS = [ROOT / "docs/results.md", ROOT / "README.md"]
+DOCS = [ROOT / "docs/results.md", ROOT / "README.md", HERE / "sanity/README.md", HERE / "hearing/README.md"]
 FIELDS = [("gender", "gender"), ("accent", "accent"), ("speaking_speed", "speaking speed"), ("pitch", "pitch"),
           ("volume", "volume")]
 HEARING_RUNS = [("qwen-lora", "SmolLM2 + LoRA, Qwen's answers"), ("self-lora", "SmolLM2 + LoRA, its own answers"),
@@ -62,17 +62,26 @@ def ladder() -> str:
             if not row.get(name):
                 return "n/a"
             low, high = row[name]["ci"]
-            return f"{row[name]['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
+            return f"{row[name]['accuracy']:.2f} [{low:.2f}, {high:.2f}] ({row[name]['n']})"
         passed = (str(row["passed_at"]) if row["passed_at"] is not None
                   else f"not by {row['steps']}" if row["finished"] else f"running (step {row['steps']})")
         minutes = f"{row['train_minutes_to_pass']:.1f}" if row.get("train_minutes_to_pass") is not None else ""
-        settings = " ".join(o.removeprefix("optim.").removeprefix("model.") for o in row["overrides"]) or "as configured"
+        settings = " ".join(o.removeprefix("optim.").removeprefix("model.") for o in row["overrides"])
         lines.append(f"| {row['run']} | {row['field']} | {settings} | {passed} | {minutes} | {cell('train')} | "
                      f"{cell('held-out')} | {cell('unseen-voices')} | {row['chance']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder}
+def guessing() -> str:
+    """What guessing scores per field on the experiments' eval set: the stronger of chance and the best constant."""
+    found = _load(HERE / "guessing.json")["categories"]
+    lines = ["| | " + " | ".join(shown for _, shown in FIELDS) + " |", "|---|" + "---|" * len(FIELDS),
+             "| guessing (the stronger of a random label and the best constant answer) | "
+             + " | ".join(f"{max(found[f]['chance'], found[f]['constant']):.2f}" for f, _ in FIELDS) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder, "guessing": guessing}
 
 
 def render(text: str) -> str:
