@@ -272,3 +272,24 @@ def test_voice_pool_asks_only_about_fields_the_description_holds(described, tmp_
     no_accent = {r["id"] for r in rows if r["accent"] is None}
     assert no_accent and not [a for a in asked if a[0] in no_accent and a[1] == "accent"]
     assert len({c for _, c in asked}) >= 5  # open requests and several fields, drawn per clip
+
+
+def test_field_label_targets_ask_only_that_field_and_name_its_gold_value_alone(described, tmp_path):
+    """targets fields=[gender] with kind labels: every prompt is one of the pool's gender phrasings and every
+    answer names that clip's gender and nothing else (the sanity ladder's one-field runs rely on it)."""
+    from desta.prompts import field_answer
+
+    pool = training_pool("voice")
+    targets(_config(described, tmp_path / "t", kind="labels", model="", pool="voice", fields=["gender"],
+                    prompts_per_clip=2))
+    rows, _ = _output(tmp_path / "t")
+    gold = {r["id"]: r for r in load_from_disk(str(described))}
+    assert len(rows) == 12 and all(r["prompt"] in pool["gender"] for r in rows)
+    for row in rows:
+        assert row["response"] == field_answer("gender", gold[row["id"]]["gender"])
+        assert gold[row["id"]]["transcript"] not in row["response"] and gold[row["id"]]["accent"] not in row["response"]
+
+
+def test_fields_the_pool_lacks_are_refused_naming_the_setting(described, tmp_path):
+    with pytest.raises(ValueError, match="fields.*no categories \\['colour'\\]"):
+        _config(described, tmp_path / "t", kind="labels", model="", pool="voice", fields=["colour"])
