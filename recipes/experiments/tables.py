@@ -4,7 +4,8 @@ Each table lives between `<!-- table:NAME -->` and `<!-- /table -->` in docs/res
 results paragraph); this script rewrites those blocks from:
 - recipes/experiments/guessing.json: what guessing scores on the experiments' eval set (guessing.py; `guessing`);
 - recipes/experiments/hearing/results/compare.json: the hearing experiment's runs (desta compare);
-- recipes/experiments/sanity/results/ladder.json: the sanity ladder (sanity/ladder.py report).
+- recipes/experiments/sanity/results/ladder.json: the sanity ladder (sanity/ladder.py report);
+- recipes/experiments/probe-voices/results/probe.json: what the encoder carries on seen and unseen voices.
 
     python recipes/experiments/tables.py            # rewrite the blocks
     python recipes/experiments/tables.py --check    # exit 1 if a block is not what the files say (a test runs it)
@@ -19,7 +20,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-DOCS = [ROOT / "docs/results.md", ROOT / "README.md", HERE / "sanity/README.md", HERE / "hearing/README.md"]
+DOCS = [ROOT / "docs/results.md", ROOT / "README.md", HERE / "sanity/README.md", HERE / "hearing/README.md",
+        HERE / "probe-voices/README.md"]
 FIELDS = [("gender", "gender"), ("accent", "accent"), ("speaking_speed", "speaking speed"), ("pitch", "pitch"),
           ("volume", "volume")]
 HEARING_RUNS = [("qwen-lora", "SmolLM2 + LoRA, Qwen's answers"), ("self-lora", "SmolLM2 + LoRA, its own answers"),
@@ -81,7 +83,25 @@ def guessing() -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder, "guessing": guessing}
+def probe_voices() -> str:
+    """What Whisper tiny.en's features carry per field, on training voices and on voices held out of training."""
+    fields = _load(HERE / "probe-voices/results/probe.json")["fields"]
+
+    def cell(result: dict) -> str:
+        low, high = result["ci"]
+        return f"{result['value']:.2f} [{low:.2f}, {high:.2f}]"
+
+    lines = ["| field | values | probe, training voices (cross-validated) | seen voices, eval clips | unseen voices, "
+             "eval clips | unseen voices: always the commonest |", "|---|---|---|---|---|---|"]
+    for field, found in fields.items():
+        seen, unseen = found["heldout"]["seen voices"], found["heldout"]["unseen voices"]
+        lines.append(f"| {field.replace('_', ' ')} | {len(found['values'])} | {cell(found['probe'])} | "
+                     f"{cell(seen['probe'])} | {cell(unseen['probe'])} | {cell(unseen['majority'])} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder, "guessing": guessing,
+          "probe-voices": probe_voices}
 
 
 def render(text: str) -> str:
