@@ -100,8 +100,27 @@ def probe_voices() -> str:
     return "\n".join(lines) + "\n"
 
 
+def ladder_probes(run: str) -> str:
+    """Rung 2 for one ladder run: each field's linear probe on each stage, before and after training."""
+    found = _load(HERE / f"sanity/results/probe-{run}.json")
+    if not found:
+        return f"(no probes yet: `python recipes/experiments/sanity/ladder.py probe {run}`)\n"
+
+    def cell(stage: dict) -> str:
+        return " -> ".join(f"{stage[s]['probe']['value']:.2f}" for s in ("before", "after") if s in stage)
+
+    lines = ["| field | always the commonest | encoder | connector (mean) before -> after | connector (all "
+             "vectors) | LLM where the answer starts |", "|---|---|---|---|---|---|"]
+    for field, reps in found.items():
+        lines.append(f"| {field.replace('_', ' ')} | {reps['encoder']['before']['majority']:.2f} | "
+                     f"{reps['encoder']['before']['probe']['value']:.2f} | {cell(reps['connector'])} | "
+                     f"{cell(reps['connector_all'])} | {cell(reps['llm_answer'])} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder, "guessing": guessing,
-          "probe-voices": probe_voices}
+          "probe-voices": probe_voices, "probes-gender": lambda: ladder_probes("gender"),
+          "probes-mlp": lambda: ladder_probes("mlp")}
 
 
 def render(text: str) -> str:
