@@ -2,8 +2,9 @@
 
 Every subcommand takes the same forms: positionals where the command has them, an optional
 CONFIG.yaml, `key=value` overrides and `--key value` flags, all from one dataclass whose field
-docstrings are the help (desta.core.args). `desta --help` lists the commands. A command prints
-desta's own lines and progress bars only; `--verbose` (anywhere on the line) also lets the
+docstrings are the help (desta.core.args). `desta --help` lists the commands by group. Each command's
+function returns what it prints at the end (its Summary). A command prints desta's own lines and
+progress bars only; `--verbose` (anywhere on the line) also lets the
 libraries speak: transformers' and datasets' warnings and progress bars ("Loading weights").
 """
 
@@ -11,122 +12,54 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from desta.describe.run import DescribeConfig
-    from desta.evaluation.run import EvalConfig
-    from desta.export import ExportConfig
-    from desta.posttrain import PostTrainConfig
-    from desta.targets import TargetsConfig
-    from desta.train.config import TrainConfig
-    from desta.train.plan import PlanConfig
 
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its name, where its settings class and its function live, its last line, what `desta --help`
-    says it does, and whether a run that finished still failed (exit status 1)."""
+    """One subcommand: its name, where its settings class and its function live, its group in `desta --help`, and
+    what `desta --help` says it does. The function returns what the command prints: a desta.core.summary.Summary
+    (its text; `failed` exits 1), a str, or None (nothing more to say)."""
 
     name: str
     config: str  # "module:Class" of the command's settings
     run: str  # "module:function" taking the settings
-    done: Callable[[Any, Any], str | None]  # the line printed at the end, from (config, result)
+    group: str  # one of GROUPS
     help: str | None = None  # default: the first paragraph of the settings class's docstring
-    failed: Callable[[Any, Any], bool] = lambda config, result: False  # from (config, result): some work failed
     reads_inputs: bool = True  # False: it works from the settings alone (plan), so their paths need not exist
+    extra: str | None = None  # the `pip install 'desta[EXTRA]'` its module needs (desta.core.extras)
 
 
-def _chunked(counts: Callable[[dict], str]) -> Callable[[Any, dict], str]:
-    """The end-of-run line of a chunked stage: counts after a merge, or this shard's progress."""
-    def line(config: DescribeConfig | TargetsConfig, summary: dict) -> str:
-        if "inputs" in summary:
-            return f"{counts(summary)} -> {Path(config.out) / 'dataset'}, {Path(config.out) / 'rejects.jsonl'}"
-        stage = "describe" if hasattr(config, "mapping") else "targets"
-        return (f"shard {summary['shard']}: {summary['chunks']} chunks done ({summary['run_now']} in this run); "
-                f"merge with: desta {stage} --merge --out {config.out}")
-    return line
-
-
-def _trained(config: TrainConfig, summary: dict) -> str:
-    return (f"trained {summary['steps']} steps on {summary['train_rows']} rows ({summary['samples_per_second']} "
-            f"samples/s); loss {summary['first_train_loss']} -> {summary['last_train_loss']}; eval losses "
-            f"{[round(v, 4) for _, v in summary['eval_losses']]}")
-
-
-def _exported(config: ExportConfig, result: dict) -> str:
-    lines = [f"exported {config.checkpoint} -> {result['folder']} ({result['bytes'] / 2**20:.1f} MiB, "
-             f"{'full model' if result['full'] else 'trainable weights only'})"]
-    push = result.get("push")
-    if push:
-        lines += [f"  {'would upload' if push.get('dry_run') else 'uploaded'} {name} ({size:,} bytes)"
-                  for name, size in push["files"]]
-        if not push.get("dry_run"):
-            lines.append(f"pushed to {push['url']}")
-    return "\n".join(lines)
-
-
-def _evaluated(config: EvalConfig, report: dict) -> str:
-    from desta.core.artifacts import REPORT_MD
-
-    return ((Path(config.out) / REPORT_MD).read_text()
-            + f"wrote {Path(config.out)}/report.json, report.md, scores.png; overall {report['overall']}")
-
-
-def _planned(config: PlanConfig, result: dict) -> str:
-    from desta.train.plan import render_plan
-
-    return render_plan(result)
-
-
-def _posttrained(config: PostTrainConfig, comparison: dict) -> str:
-    from desta.posttrain.report import render_comparison
-
-    return render_comparison(comparison)
-
+GROUPS = ("the pipeline", "use a model", "text post-training", "tools")
+PIPELINE, USE, POSTTRAIN, TOOLS = GROUPS
 
 COMMANDS = [
-    Command("demo", "desta.demo:DemoConfig", "desta.demo:demo", lambda c, r: None),
-    Command("synth", "desta.audio.synth:SynthConfig", "desta.audio.synth:write_corpus",
-            lambda c, r: _load("desta.audio.synth:synth_done")(c, r)),
-    Command("voices", "desta.audio.voices:VoicesConfig", "desta.audio.voices:catalogue_table", lambda c, r: r),
-    Command("describe", "desta.describe.run:DescribeConfig", "desta.describe.run:describe", _chunked(lambda s: (
-        f"inputs {s['inputs']} = described {s['described']} + rejected {s['rejected']} ({s['hours']} h described)"))),
-    Command("probe", "desta.describe.probe:ProbeConfig", "desta.describe.probe:probe", lambda c, r: (
-        (Path(c.out) / "probe.md").read_text() + f"wrote {c.out}/probe.md, probe.json, probe.png")),
-    Command("targets", "desta.targets:TargetsConfig", "desta.targets:targets", _chunked(lambda s: (
-        f"prompts {s['inputs']} = kept {s['kept']} + rejected {s['rejected']} {s['reasons'] or ''}"))),
-    Command("train", "desta.train.config:TrainConfig", "desta.train.run:train", _trained),
-    Command("plan", "desta.train.plan:PlanConfig", "desta.train.plan:plan", _planned, reads_inputs=False),
-    Command("cache-features", "desta.train.config:TrainConfig", "desta.train.run:cache_features_for",
-            lambda c, r: f"features cached in {r}",
+    Command("demo", "desta.demo:DemoConfig", "desta.demo:demo", PIPELINE),
+    Command("describe", "desta.describe.run:DescribeConfig", "desta.describe.run:describe", PIPELINE),
+    Command("probe", "desta.describe.probe:ProbeConfig", "desta.describe.probe:probe", PIPELINE),
+    Command("targets", "desta.targets:TargetsConfig", "desta.targets:targets", PIPELINE),
+    Command("train", "desta.train.config:TrainConfig", "desta.train.run:train", PIPELINE),
+    Command("plan", "desta.train.plan:PlanConfig", "desta.train.plan:plan", PIPELINE, reads_inputs=False),
+    Command("cache-features", "desta.train.config:TrainConfig", "desta.train.run:cache_features_for", PIPELINE,
             help="Compute the frozen Whisper encoder's features of a training config's data into data.feature_cache "
                  "(train reads them instead of running the encoder)."),
-    Command("eval-set", "desta.evaluation.items:EvalSetConfig", "desta.evaluation.items:write_eval_set",
-            lambda c, r: f"wrote {sum(r.values())} items to {c.out}: {r}"),
-    Command("eval", "desta.evaluation.run:EvalConfig", "desta.evaluation.run:evaluate", _evaluated),
-    Command("compare", "desta.evaluation.compare:CompareConfig", "desta.evaluation.compare:compare", lambda c, r: (
-        (Path(c.out) / "compare.md").read_text() + f"wrote {c.out}/compare.md, compare.json, compare.png")),
-    Command("export", "desta.export:ExportConfig", "desta.export:export_command", _exported),
-    Command("chat", "desta.serving.chat:ChatConfig", "desta.serving.chat:chat", lambda c, r: (
-        f"answered {r['answered']} of {r['rows']} rows ({r['failed']} with errors) -> {r['out']}" if c.batch
-        else None), failed=lambda c, r: bool(c.batch and r["failed"])),
-    Command("serve", "desta.serving.serve:ServeConfig", "desta.serving.serve:serve", lambda c, r: None),
-    Command("app", "desta.serving.app:AppConfig", "desta.serving.app:app", lambda c, r: None),
-    Command("posttrain", "desta.posttrain:PostTrainConfig", "desta.posttrain:posttrain", _posttrained),
+    Command("eval-set", "desta.evaluation.items:EvalSetConfig", "desta.evaluation.items:write_eval_set", PIPELINE),
+    Command("eval", "desta.evaluation.run:EvalConfig", "desta.evaluation.run:evaluate", PIPELINE),
+    Command("compare", "desta.evaluation.compare:CompareConfig", "desta.evaluation.compare:compare", PIPELINE),
+    Command("export", "desta.export:ExportConfig", "desta.export:export_command", PIPELINE),
+    Command("chat", "desta.serving.chat:ChatConfig", "desta.serving.chat:chat", USE),
+    Command("serve", "desta.serving.serve:ServeConfig", "desta.serving.serve:serve", USE, extra="serve"),
+    Command("app", "desta.serving.app:AppConfig", "desta.serving.app:app", USE, extra="app"),
+    Command("posttrain", "desta.posttrain:PostTrainConfig", "desta.posttrain:posttrain", POSTTRAIN),
     Command("magpie", "desta.posttrain.strategies.magpie:MagpieConfig",
-            "desta.posttrain.strategies.magpie:write_magpie",
-            lambda c, r: f"wrote {r['rows']} rows to {r['out']}; dropped {r['dropped']}"),
+            "desta.posttrain.strategies.magpie:write_magpie", POSTTRAIN),
     Command("token-shift", "desta.posttrain.token_shift:TokenShiftConfig", "desta.posttrain.token_shift:token_shift",
-            lambda c, r: (Path(c.out) / "token_shift.md").read_text() + f"wrote {c.out}/token_shift.md, .json, .png"),
-    Command("convert-official", "desta.model.convert:ConvertConfig", "desta.model.convert:convert_official",
-            lambda c, r: f"converted {c.src} -> {r}; load it with desta.load({str(r)!r})"),
-    Command("tiny-models", "desta.model.tiny:TinyModelsConfig", "desta.model.tiny:write_tiny_models",
-            lambda c, r: f"wrote {r[0]} and {r[1]}"),
-    Command("tts", "desta.audio.tts:TTSConfig", "desta.audio.tts:speak", lambda c, r: f"wrote {c.out}: {r:.2f} s"),
+            POSTTRAIN),
+    Command("synth", "desta.audio.synth:SynthConfig", "desta.audio.synth:write_corpus", TOOLS),
+    Command("voices", "desta.audio.voices:VoicesConfig", "desta.audio.voices:catalogue_table", TOOLS),
+    Command("tts", "desta.audio.tts:TTSConfig", "desta.audio.tts:speak", TOOLS),
+    Command("tiny-models", "desta.model.tiny:TinyModelsConfig", "desta.model.tiny:write_tiny_models", TOOLS),
+    Command("convert-official", "desta.model.convert:ConvertConfig", "desta.model.convert:convert_official", TOOLS),
 ]
 
 
@@ -137,14 +70,25 @@ def _load(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def usage() -> str:
-    """The top-level help: the usage line and one line per command (its settings class's docstring)."""
+def _help_line(command: Command) -> str:
+    """What `desta --help` says of a command: its help, or the install it needs when its extra is missing."""
     from desta.core.args import command_help
+    from desta.core.extras import install_hint, missing
 
+    if command.extra and missing(command.extra):
+        return f"(not installed: {install_hint(command.extra)})"
+    return command.help or command_help(_load(command.config))
+
+
+def usage() -> str:
+    """The top-level help: the usage line, then each group's commands with one line each (its settings class's
+    docstring)."""
     width = max(len(c.name) for c in COMMANDS)
     lines = ["usage: desta COMMAND [ARGS] [CONFIG.yaml] [key=value ...] [--key value ...]", "",
-             "Train speech LLMs the DeSTA2 way, and post-train text LLMs without forgetting.", "", "commands:"]
-    lines += [f"  {c.name.ljust(width)}  {c.help or command_help(_load(c.config))}" for c in COMMANDS]
+             "Train speech LLMs the DeSTA2 way, and post-train text LLMs without forgetting."]
+    for group in GROUPS:
+        lines += ["", f"{group}:"]
+        lines += [f"  {c.name.ljust(width)}  {_help_line(c)}" for c in COMMANDS if c.group == group]
     lines += ["", "`desta COMMAND --help` lists the command's settings; --verbose also shows the libraries' warnings "
               "and progress bars."]
     return "\n".join(lines)
@@ -155,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     printed --help), 1 when it ran but some of its work failed (rows of `desta chat --batch`), 2 on a usage or
     settings error or an error the stage raised (DESTA_DEBUG=1 re-raises it)."""
     from desta.core.args import ConfigError, parse_command
+    from desta.core.extras import MissingExtra, require_extra
+    from desta.core.summary import Summary
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
@@ -173,22 +119,26 @@ def main(argv: list[str] | None = None) -> int:
               + f"\n\n{usage()}", file=sys.stderr)
         return 2
     try:
+        if command.extra:
+            require_extra(command.extra, "this command")
         config = parse_command(_load(command.config), argv[1:], prog=f"desta {command.name}", description=command.help,
                                check_paths=command.reads_inputs)
     except ConfigError as err:
         print(f"desta {command.name}: error: " + "\n  ".join(["invalid settings:", *err.problems]), file=sys.stderr)
         return 2
+    except MissingExtra as err:
+        print(f"desta {command.name}: error: {err}", file=sys.stderr)
+        return 2
     try:
         result = _load(command.run)(config)
-    except (ValueError, LookupError, OSError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, LookupError, OSError, RuntimeError, FloatingPointError, MissingExtra) as err:
         if os.environ.get("DESTA_DEBUG"):
             raise
         print(f"desta {command.name}: error: {err}\n(set DESTA_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
-    line = command.done(config, result)
-    if line:
-        print(line)
-    return 1 if command.failed(config, result) else 0
+    if isinstance(result, Summary | str) and str(result):
+        print(result)
+    return 1 if getattr(result, "failed", False) else 0
 
 
 def _library_output(verbose: bool) -> None:

@@ -14,7 +14,6 @@ An existing OUT is replaced only with `overwrite`, and only when it is empty or 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,29 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from desta.core.args import raise_problems
 from desta.core.artifacts import CONFIG, DATASET, MODEL_CARD, REPORT_MD, RUN_CONFIG, SUMMARY
-from desta.model.bases import hub_id_of
+from desta.core.hub import public_name
+from desta.core.summary import Summary
 from desta.model.loading import load
 
 if TYPE_CHECKING:
-    from desta.model.modeling import DestaModel
-
-
-def public_name(reference: str | None) -> str | None:
-    """How a published file names a checkpoint or a dataset: a Hub id as it is, a local folder by its name only.
-
-    >>> public_name("openai/whisper-small"), public_name("/home/me/models/whisper-small"), public_name(None)
-    ('openai/whisper-small', 'whisper-small', None)
-    >>> public_name("/home/me/.cache/huggingface/hub/models--openai--whisper-small/snapshots/abc123")  # its Hub id
-    'openai/whisper-small'
-    """
-    if not reference:
-        return reference
-    path = Path(reference)
-    cached = hub_id_of(reference)  # a folder of the Hub's cache
-    if cached:
-        return cached
-    hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", reference) and not path.exists()
-    return reference if hub_id else path.name
+    pass
 
 
 def _publish_config(folder: Path) -> None:
@@ -78,10 +60,7 @@ def export(checkpoint: str | Path, out: str | Path, full: bool = False, encoder_
     if llm_id:
         config.llm_name_or_path = llm_id
     bases = {"encoder": config.encoder_name_or_path, "llm": config.llm_name_or_path}
-    if full:
-        save_full(model, out)
-    else:
-        model.save_pretrained(out)
+    model.save_pretrained(out, full=full)
     _publish_config(out)
     processor.save_pretrained(out)
     report_path = _report_markdown(Path(report)) if report else next(iter(sorted(checkpoint.glob(f"**/{REPORT_MD}"))),
@@ -112,26 +91,6 @@ def _report_markdown(path: Path) -> Path:
     if not markdown.is_file():
         raise FileNotFoundError(f"{markdown} not found; give the output folder of desta eval (or its report.json)")
     return markdown
-
-
-def save_full(model: DestaModel, out: Path) -> None:
-    """The whole model (LoRA merged) as safetensors, with a config that needs no base checkpoint."""
-    from huggingface_hub import save_torch_state_dict
-
-    from desta.model.modeling import GENERATION_CONFIGS
-
-    config = model.config
-    if config.lora is not None:
-        model.llm = model.llm.merge_and_unload()
-        config.lora = None
-    config.encoder_name_or_path = config.llm_name_or_path = None
-    config.save_pretrained(out)
-    for part, name in GENERATION_CONFIGS.items():  # the config alone would leave Whisper's and the LLM's defaults
-        getattr(model, part).generation_config.save_pretrained(out, config_file_name=name)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    # shared (tied) tensors are written once; loading restores the tie
-    save_torch_state_dict(state, out, filename_pattern="model{suffix}.safetensors", max_shard_size="5GB",
-                          metadata={"format": "pt", "desta": "full"})
 
 
 def _metadata_block(bases: dict[str, str | None], license: str, datasets: list[str]) -> str:
@@ -263,12 +222,17 @@ class ExportConfig:
             raise_problems([("push", "private and dry_run only apply with push=REPO_ID")])
 
 
-def export_command(config: ExportConfig) -> dict[str, Any]:
+def export_command(config: ExportConfig) -> Summary:
     """Export, then push when asked; returns the folder, its size and what was (or would be) uploaded."""
     folder = export(config.checkpoint, config.out, full=config.full, encoder_id=config.encoder_id,
                     llm_id=config.llm_id, license=config.license, report=config.report, overwrite=config.overwrite)
     result: dict[str, Any] = {"folder": str(folder), "bytes": sum(s for _, s in files_to_upload(folder)),
                               "full": config.full}
+    lines = [f"exported {config.checkpoint} -> {folder} ({result['bytes'] / 2**20:.1f} MiB, "
+             f"{'full model' if config.full else 'trainable weights only'})"]
     if config.push:
-        result["push"] = push(folder, config.push, private=config.private, dry_run=config.dry_run)
-    return result
+        pushed = result["push"] = push(folder, config.push, private=config.private, dry_run=config.dry_run)
+        lines += [f"  {'would upload' if config.dry_run else 'uploaded'} {name} ({size:,} bytes)"
+                  for name, size in pushed["files"]]
+        lines += [] if config.dry_run else [f"pushed to {pushed['url']}"]
+    return Summary(result, "\n".join(lines))

@@ -9,6 +9,7 @@ evaluation means no evaluation instruction (nor a near copy of one) is ever in a
 
 from __future__ import annotations
 
+import enum
 import re
 from typing import Any
 
@@ -16,6 +17,25 @@ import numpy as np
 
 DEFAULT_SYSTEM_PROMPT = "Focus on the audio clips and instructions."
 Conversation = list[dict[str, Any]]
+
+
+class Trained(enum.Enum):
+    """The system prompt a checkpoint was trained with (saved beside it): what `desta.load` asks with unless told
+    otherwise. A system_prompt of None means no system turn, in `desta.build` and `desta.load` alike."""
+
+    PROMPT = "the system prompt the checkpoint was trained with"
+
+
+TRAINED = Trained.PROMPT
+
+
+def system_prompt_setting(value: str | None) -> str | None | Trained:
+    """A command's system-prompt setting as `desta.load` takes it: null (not set) is the trained prompt, "" none.
+
+    >>> system_prompt_setting(None) is TRAINED, system_prompt_setting(""), system_prompt_setting("Be brief.")
+    (True, None, 'Be brief.')
+    """
+    return TRAINED if value is None else value or None
 
 
 def _system(system_prompt: str | None) -> Conversation:

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,21 +28,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from tqdm import tqdm
 
 from desta.core.args import raise_problems
-from desta.core.artifacts import DATASET, REJECTS, SUMMARY
 from desta.core.chunks import (
     ChunkedJob,
-    attach_columns,
     check_accounted,
-    content_fingerprint,
     positions_by_id,
-    save_dataset_atomic,
     saved_empty,
     stale_error,
-    to_jsonl,
-    write_atomic,
 )
+from desta.core.digests import content_fingerprint
 from desta.core.generation import Backend, Generation, SamplingSettings, make_backend
 from desta.core.quality import looping
+from desta.core.summary import Summary
 from desta.prompts import (
     DEFAULT_SYSTEM_PROMPT,
     OPEN,
@@ -360,7 +356,7 @@ def _stored_pool(pool: Pool) -> Pool | list[str]:
     return pool[OPEN] if list(pool) == [OPEN] else pool
 
 
-def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, Any]:
+def targets(config: TargetsConfig, backend: Backend | None = None) -> Summary:
     """Write (or resume) this shard's targets; merge when unsharded. `backend` overrides the config's."""
     if config.merge:
         return merge(config.out)
@@ -404,7 +400,7 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> dict[str, 
     bar.close()
     if config.num_shards == 1:
         return _merge(job, dataset)
-    return {"shard": config.shard_index, "chunks": len(job.mine()), "run_now": len(todo)}
+    return job.shard_summary("targets", len(todo))
 
 
 def prompts_per_call(config: TargetsConfig, backend: Backend) -> int:
@@ -470,7 +466,7 @@ def _write_chunk(config: TargetsConfig, job: ChunkedJob, chunk: int, chunk_items
     return tokens, done + len(chunk_items)
 
 
-def merge(out: str | os.PathLike) -> dict[str, Any]:
+def merge(out: str | os.PathLike) -> Summary:
     """Join every shard's answers into OUT/dataset and OUT/rejects.jsonl, once the described dataset is
     checked to be the one the shards read."""
     job = ChunkedJob.open(out)
@@ -482,7 +478,7 @@ def merge(out: str | os.PathLike) -> dict[str, Any]:
     return _merge(job, dataset)
 
 
-def _merge(job: ChunkedJob, dataset: Dataset) -> dict[str, Any]:
+def _merge(job: ChunkedJob, dataset: Dataset) -> Summary:
     """The merge itself: every (clip id, prompt) once among answers and rejects, answers joined by clip id."""
     rows, rejects = job.collect()
     ids = dataset["id"]
@@ -490,19 +486,9 @@ def _merge(job: ChunkedJob, dataset: Dataset) -> dict[str, Any]:
                             job.job["prompts_per_clip"])
     check_accounted(job.out, [(ids[row], prompt) for row, prompt in expected],
                     [(r["id"], r["prompt"]) for r in rows + rejects])
-    positions = positions_by_id(ids, str(job.job["source"]))
-    indices = [positions[row.pop("id")] for row in rows]
-    save_dataset_atomic(attach_columns(dataset, indices, rows), job.out / DATASET)
-    write_atomic(job.out / REJECTS, to_jsonl(rejects))
+    job.save_merged(dataset, rows, rejects)
     summary = {"inputs": job.total, "kept": len(rows), "rejected": len(rejects),
-               "reasons": _count(r["reason"].split(" (")[0].split(":")[0] for r in rejects)}
+               "reasons": dict(Counter(r["reason"].split(" (")[0].split(":")[0] for r in rejects))}
     assert summary["kept"] + summary["rejected"] == job.total, summary  # no prompt lost or doubled
-    write_atomic(job.out / SUMMARY, json.dumps({**summary, "config": job.job}, indent=2))
-    return summary
-
-
-def _count(values: Iterable[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
+    return job.write_summary(summary, f"prompts {job.total} = kept {len(rows)} + rejected {len(rejects)} "
+                                      f"{summary['reasons'] or ''}")

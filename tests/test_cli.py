@@ -15,11 +15,24 @@ def _config_class(command):
     return getattr(importlib.import_module(module), name)
 
 
-def test_help_lists_every_command_once():
+def test_help_lists_every_command_once_under_its_group():
+    from desta.cli import GROUPS
+
     out = subprocess.run([sys.executable, "-m", "desta.cli", "--help"], capture_output=True, text=True, check=True)
-    listed = [line.split()[0] for line in out.stdout.split("commands:")[1].splitlines()[1:] if line.startswith("  ")]
-    assert listed == [c.name for c in COMMANDS]
-    assert {"demo", "describe", "targets", "train", "eval-set", "eval", "export", "chat", "serve"} <= set(listed)
+    headers, group_of, group = [], {}, None
+    for line in out.stdout.splitlines():
+        if line.endswith(":") and line[:-1] in GROUPS:
+            group = line[:-1]
+            headers.append(group)
+        elif line.startswith("  ") and group:
+            assert line.split()[0] not in group_of, f"{line.split()[0]} listed twice"
+            group_of[line.split()[0]] = group
+    assert headers == ["the pipeline", "use a model", "text post-training", "tools"]
+    assert sorted(group_of) == sorted(c.name for c in COMMANDS)
+    pipeline = [c for c in group_of if group_of[c] == "the pipeline"]
+    assert pipeline[:5] == ["demo", "describe", "probe", "targets", "train"] and pipeline[-1] == "export"
+    assert {c for c in group_of if group_of[c] == "use a model"} == {"chat", "serve", "app"}
+    assert {group_of["posttrain"], group_of["magpie"], group_of["tts"]} == {"text post-training", "tools"}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)

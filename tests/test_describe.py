@@ -150,7 +150,10 @@ def _strip_measures(rows):
 
 
 def test_shards_merge_to_the_unsharded_output(corpus, tmp_path, capsys):
-    describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "one"), progress=False, chunk_size=4))
+    one = describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "one"), progress=False, chunk_size=4))
+    assert (one["inputs"], one["described"]) == (12, 12)  # the figures, and the line the command prints
+    assert str(one).startswith("inputs 12 = described 12 + rejected 0 (")
+    assert str(tmp_path / "one" / "dataset") in str(one)
     for index in range(2):
         assert main(["describe", "--source", str(corpus), "--out", str(tmp_path / "two"), "--chunk-size", "4",
                      "--num-shards", "2", "--shard-index", str(index)]) == 0

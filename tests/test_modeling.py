@@ -304,5 +304,32 @@ def test_the_plain_projector_and_frame_norm_give_the_same_interface(tmp_path, cl
 
 
 def test_an_unknown_connector_is_refused():
-    with pytest.raises(ValueError, match=r"connector must be one of \('qformer', 'mlp'\), got 'linear'"):
+    with pytest.raises(ValueError, match=r"connector: must be one of \('qformer', 'mlp'\), got 'linear'"):
         tiny_model(connector="linear")
+
+
+def test_the_config_refuses_settings_the_command_refuses():
+    with pytest.raises(ValueError, match=r"transcript_format: must be one of \('bare', 'timestamped'\), got 'srt'"):
+        tiny_model(transcript_format="srt")
+    with pytest.raises(ValueError, match=r"num_queries: num_queries and qformer_layers must be at least 1.*got 0, 2"):
+        tiny_model(num_queries=0)
+    with pytest.raises(ValueError, match=r"qformer_dropout: must be in \[0, 1\), got 1.5"):
+        tiny_model(qformer_dropout=1.5)
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}])
+def test_save_pretrained_full_writes_a_model_that_loads_without_its_bases(tmp_path, clip, lora):
+    from desta.model.modeling import DestaModel
+
+    model, processor = tiny_model(lora=lora)
+    batch = processor([conversation()], audios=[[clip]], transcripts=[["excuse me"]])
+    _step(model, batch, steps=1)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "full", full=True)
+    reloaded = DestaModel.from_pretrained(tmp_path / "full")
+    assert reloaded.config.lora is None and reloaded.config.llm_name_or_path is None  # merged, no base named
+    assert {"whisper_generation_config.json", "llm_generation_config.json"} <= set(os.listdir(tmp_path / "full"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)

@@ -108,7 +108,7 @@ def test_timestamped_transcripts_change_only_the_transcript_slot(clip):
 def test_model_settings_live_in_config_json_and_the_processor_keeps_only_its_system_prompt(tmp_path):
     import json
 
-    from desta.model.loading import build, load, processor_for, save
+    from desta.model.loading import build, load, save
     from desta.model.modeling import DestaConfig
     from desta.model.processing import DestaProcessor
     from desta.model.tiny import save_tiny_bases, tiny_llm_config, tiny_tokenizer, tiny_whisper_config
@@ -125,12 +125,17 @@ def test_model_settings_live_in_config_json_and_the_processor_keeps_only_its_sys
     assert (loaded.num_queries, loaded.transcript_format, loaded.system_prompt) == (3, "timestamped", "Listen closely.")
     assert load(tmp_path / "ckpt", system_prompt="Be brief.")[1].system_prompt == "Be brief."
     assert load(tmp_path / "ckpt", system_prompt="")[1].system_prompt is None  # "": no system turn at all
+    assert load(tmp_path / "ckpt", system_prompt=None)[1].system_prompt is None  # None: none, as in build
+    assert build(str(whisper), str(llm), system_prompt=None)[1].system_prompt is None
     assert loaded.conversation("Hi?")[0] == {"role": "system", "content": "Listen closely."}
 
     fresh = DestaConfig(encoder_config=tiny_whisper_config().to_dict(),
                         text_config=tiny_llm_config(len(tiny_tokenizer())).to_dict())
     DestaProcessor.from_config(fresh, tiny_tokenizer())
-    assert fresh.audio_token_id is None  # building a processor leaves the config alone...
-    assert processor_for(fresh, tiny_tokenizer()).audio_token_id == fresh.audio_token_id  # ...this records the id
+    assert fresh.audio_token_id is None  # the processor reads the config and never writes it
+    wrong = DestaConfig(encoder_config=fresh.encoder_config, text_config=fresh.text_config,
+                        audio_token_id=processor.audio_token_id + 1)
+    with pytest.raises(ValueError, match=r"audio token '<\|AUDIO\|>' has id \d+, but the tokenizer gives it id \d+"):
+        DestaProcessor.from_config(wrong, tiny_tokenizer())
     with pytest.raises(FileNotFoundError, match="holds no config.json"):
         DestaProcessor.from_pretrained(tmp_path / "bases")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from desta.audio import SAMPLE_RATE
+from desta.core.extras import require_extra
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -52,11 +53,9 @@ def read_g722(source: str | Path | bytes) -> np.ndarray:
     >>> y.dtype, y.shape, round(float(np.abs(y[200:]).max()), 2)
     (dtype('float32'), (1600,), 0.25)
     """
-    try:
-        import G722
-    except ImportError as err:
-        raise ImportError("reading G.722 needs the g722 package: pip install g722 (or pip install "
-                          "'desta[voices]')") from err
+    require_extra("voices", "reading G.722 (the Asterisk prompts)")
+    import G722
+
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     decoded = G722.G722(SAMPLE_RATE, G722_BITRATE).decode(data)  # array('h'): 16-bit samples
     return np.frombuffer(decoded, dtype=np.int16).astype(np.float32) / 32768.0

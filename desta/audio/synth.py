@@ -31,6 +31,8 @@ from desta.audio.tts import Voice, synthesize
 from desta.audio.voices import CATALOGUE, ENGINES, MBROLA_LICENCE, VoiceInfo, hold_out, require, select
 from desta.core.args import raise_problems
 from desta.core.artifacts import MANIFEST
+from desta.core.chunks import read_jsonl, to_jsonl, write_atomic
+from desta.core.summary import Summary
 
 VOICES_FILE = "voices.json"  # beside the manifest: the pool, the held-out voices and the licences
 PLANNED = "planned.jsonl"  # the rows a run is making, written before its first clip; gone once the manifest is
@@ -189,7 +191,7 @@ def _keep_only_same_rows(out: Path, rows: list[SynthRow], overwrite: bool) -> No
     earlier: dict[str, dict] = {}
     for name in (MANIFEST, PLANNED):
         if (out / name).is_file():
-            earlier.update((r["id"], r) for r in map(json.loads, (out / name).read_text().splitlines()))
+            earlier.update((r["id"], r) for r in read_jsonl(out / name))
     changed = [row for row in rows if row.id in earlier and earlier[row.id] != asdict(row)]
     if changed and not overwrite:
         raise ValueError(f"{out} holds {len(changed)} clips made for other rows (e.g. {changed[0].id}: "
@@ -215,7 +217,7 @@ def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, n
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rows = [row_for(i, seed, plan) for i in range(num_clips)]
     _keep_only_same_rows(out, rows, overwrite)
-    (out / PLANNED).write_text("".join(json.dumps(asdict(row)) + "\n" for row in rows))
+    (out / PLANNED).write_text(to_jsonl([asdict(row) for row in rows]))
     jobs = [(row, str(out)) for row in rows]
     bar = tqdm(total=num_clips, desc="synth", unit="clip", disable=not progress)
     if num_proc > 1:  # spawned: an engine a parent already runs (MBROLA's child process, onnxruntime) is not forked
@@ -232,9 +234,7 @@ def synth_corpus(out: str | os.PathLike, num_clips: int = 1000, seed: int = 0, n
               "voices_used": used, "licences": {e: ENGINES[e].licence for e in sorted({r.engine for r in rows})}}
     (out / VOICES_FILE).write_text(json.dumps(record, indent=1) + "\n")
     manifest = out / MANIFEST
-    tmp = manifest.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(asdict(row)) + "\n" for row in rows))
-    os.replace(tmp, manifest)
+    write_atomic(manifest, to_jsonl([asdict(row) for row in rows]))
     (out / PLANNED).unlink()
     return manifest
 
@@ -243,8 +243,7 @@ def compare_splits(train_manifest: str | os.PathLike, eval_manifest: str | os.Pa
     """What an eval corpus shares with a training corpus, from their manifests: the voices and engines of each,
     the eval voices no training clip speaks with (unseen), and any eval sentence a training clip says (should
     be none: `split=eval` draws from the eval part of the grammar)."""
-    train, evaluation = ([json.loads(line) for line in Path(m).read_text().splitlines() if line.strip()]
-                         for m in (train_manifest, eval_manifest))
+    train, evaluation = read_jsonl(train_manifest), read_jsonl(eval_manifest)
     train_voices = {r["voice"] for r in train}
     eval_voices = {r["voice"] for r in evaluation}
     return {"train_voices": len(train_voices), "train_engines": sorted({r["engine"] for r in train}),
@@ -304,18 +303,15 @@ class SynthConfig:
         return VoicePlan(pool=tuple(v.id for v in pool), held_out=tuple(held), split=self.split)
 
 
-def write_corpus(config: SynthConfig) -> Path:
-    """`desta synth`: write the corpus into config.out and return the manifest path."""
-    return synth_corpus(config.out, num_clips=config.num_clips, seed=config.seed, num_proc=config.num_proc,
-                        plan=config.plan(), overwrite=config.overwrite)
-
-
-def synth_done(config: SynthConfig, manifest: Path) -> str:
-    """The line `desta synth` ends with: clips, voices, held-out voices, and the MBROLA licence where it applies."""
+def write_corpus(config: SynthConfig) -> Summary:
+    """`desta synth`: write the corpus into config.out; returns the manifest path and voices.json's record, with the
+    line it ends with (clips, voices, held-out voices, and the MBROLA licence where it applies)."""
+    manifest = synth_corpus(config.out, num_clips=config.num_clips, seed=config.seed, num_proc=config.num_proc,
+                            plan=config.plan(), overwrite=config.overwrite)
     record = json.loads((manifest.parent / VOICES_FILE).read_text())
     line = (f"wrote {config.num_clips} clips ({config.split}: {len(record['voices_used'])} voices; "
             f"{len(record['held_out'])} of the pool's {len(record['pool'])} held out of training); "
             f"manifest: {manifest}")
     if "mbrola" in record["licences"]:
         line += f"\nMBROLA voices used: {MBROLA_LICENCE}"
-    return line
+    return Summary({"manifest": str(manifest), **record}, line)

@@ -37,6 +37,8 @@ from desta.audio.voices import (
     system_espeak_library,
 )
 from desta.core.args import raise_problems
+from desta.core.extras import require_extra
+from desta.core.summary import Summary
 
 ACCENTS = ESPEAK_ACCENTS  # the espeak-ng accents `Voice(accent=...)` takes
 VOICES = ESPEAK_VARIANTS  # the espeak-ng variants `Voice(variant=...)` takes, by gender
@@ -153,6 +155,7 @@ def _flite(text: str, voice: VoiceInfo, rate: int, factor: float) -> tuple[np.nd
 def _piper_voice(name: str):  # noqa: ANN202 - a piper.PiperVoice, imported only when piper is used
     import importlib
 
+    require_extra("voices", f"the piper voice {name!r}")
     from piper import PiperVoice
 
     package = importlib.import_module(PIPER_VOICES[name][2])
@@ -253,11 +256,12 @@ class TTSConfig:
         raise_problems(problems)
 
 
-def speak(config: TTSConfig) -> float:
+def speak(config: TTSConfig) -> Summary:
     """Write the WAV file; returns its duration in seconds."""
     import soundfile as sf
 
     samples = synthesize(config.text, Voice(accent=config.accent, variant=config.variant, rate=config.rate,
                                             pitch=config.pitch, volume=config.volume, voice_id=config.voice))
     sf.write(config.out, samples, SAMPLE_RATE)
-    return len(samples) / SAMPLE_RATE
+    seconds = len(samples) / SAMPLE_RATE
+    return Summary({"out": config.out, "seconds": seconds}, f"wrote {config.out}: {seconds:.2f} s")

@@ -459,6 +459,27 @@ def _owner(cls: type, dotted: str) -> type:
     return owner
 
 
+def _apply_flags(cls: type, flags: dict[str, Any], values: dict[str, Any]) -> list[str]:
+    """Set each `--key value` flag argparse collected into `values` (a dict's KEY=VALUE words, a list's items);
+    returns the problems found."""
+    problems: list[str] = []
+    for name, given in flags.items():
+        inner, _ = _unwrap_optional(_hint_at(cls, name.split(".")))
+        if typing.get_origin(inner) is dict or inner is dict:
+            bad = [g for g in given if "=" not in g]
+            if bad:
+                problems.append(f"--{name} takes KEY=VALUE, got {bad[0]!r}")
+                continue
+            given = dict(g.split("=", 1) for g in given)
+        elif typing.get_origin(inner) is list:
+            given = [item for g in given for item in parse_value(g, inner)]
+        try:
+            apply_override(values, cls, name, given)
+        except ConfigError as err:
+            problems += err.problems
+    return problems
+
+
 def parse_command(cls: type, argv: list[str], prog: str = "desta", description: str | None = None,
                   check_paths: bool = True) -> Any:
     """A command line -> the command's config: declared positionals, an optional CONFIG.yaml,
@@ -495,23 +516,7 @@ def parse_command(cls: type, argv: list[str], prog: str = "desta", description: 
             apply_override(values, cls, key, raw)
         except ConfigError as err:
             problems += err.problems
-    for name, given in vars(args).items():
-        if name == "words":
-            continue
-        hint = _hint_at(cls, name.split("."))
-        inner, _ = _unwrap_optional(hint)
-        if typing.get_origin(inner) is dict or inner is dict:
-            bad = [g for g in given if "=" not in g]
-            if bad:
-                problems.append(f"--{name} takes KEY=VALUE, got {bad[0]!r}")
-                continue
-            given = dict(g.split("=", 1) for g in given)
-        elif typing.get_origin(inner) is list:
-            given = [item for g in given for item in parse_value(g, inner)]
-        try:
-            apply_override(values, cls, name, given)
-        except ConfigError as err:
-            problems += err.problems
+    problems += _apply_flags(cls, {k: v for k, v in vars(args).items() if k != "words"}, values)
     if check_paths:  # a command line's inputs must exist before anything loads
         problems += path_problems(cls, values)
     try:

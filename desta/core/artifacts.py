@@ -26,11 +26,3 @@ COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 FORGETTING_PLOT = "forgetting.png"
 REPLAY_SWEEP_PLOT = "replay_sweep.png"
-
-
-def shown_model(model: str | None) -> str | None:
-    """A model as reports and pages show it: a local folder by its name (they get shared, a path says
-    nothing to a reader and something about the machine), a Hub id as it is."""
-    from pathlib import Path
-
-    return Path(model).name if model and Path(model).exists() else model

@@ -6,14 +6,13 @@ a killed run loses at most the chunk in flight and a rerun does only what is mis
 reads every chunk in order and refuses to run while any is missing.
 
 OUT/parts/job.json records what the parts were made from: every setting that changes a row and a
-fingerprint of the source's content (`content_fingerprint`), not only its path. A rerun whose
+fingerprint of the source's content (desta.core.digests.content_fingerprint), not only its path. A rerun whose
 source or settings differ is refused (or, with `overwrite`, starts over), so finished parts are
 never attached to rows they were not made from; merging matches rows by id (`positions_by_id`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from desta.core.artifacts import DATASET, PARTS, REJECTS, SUMMARY
+from desta.core.summary import Summary
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -46,32 +46,9 @@ def to_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSON Lines file, blank lines skipped."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _digest_default(value: Any) -> str:
-    """How `content_fingerprint` writes what JSON cannot: bytes by their SHA-256, anything else by str()."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return "sha256:" + hashlib.sha256(value).hexdigest()
-    return str(value)
-
-
-def content_fingerprint(dataset: Dataset, columns: list[str] | None = None, extra: Iterable[Any] = ()) -> str:
-    """SHA-256 of the rows' values in order (`columns` only, when given; audio bytes by their own hash),
-    then of each `extra` item: the same content in the same order gives the same fingerprint, whatever
-    path it was read from, and a reordered, edited or replaced source gives another."""
-    digest = hashlib.sha256()
-    selected = dataset.select_columns(columns) if columns is not None else dataset
-    for batch in selected.iter(batch_size=1000):
-        names = sorted(batch)
-        for values in zip(*(batch[name] for name in names), strict=True):
-            digest.update(json.dumps(values, default=_digest_default, ensure_ascii=False).encode())
-            digest.update(b"\n")
-    for item in extra:
-        digest.update(json.dumps(item, default=_digest_default, sort_keys=True, ensure_ascii=False).encode())
-    return digest.hexdigest()
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def positions_by_id(ids: list[str], where: str) -> dict[str, int]:
@@ -209,6 +186,27 @@ class ChunkedJob:
             rows += read_jsonl(self._part(chunk))
             rejects += read_jsonl(self._part(chunk, ".rejects"))
         return rows, rejects
+
+    def shard_summary(self, stage: str, run_now: int) -> Summary:
+        """What a shard's run reports (the merge comes once every shard is done): its chunks and the merge command."""
+        figures = {"shard": self.shard_index, "chunks": len(self.mine()), "run_now": run_now}
+        return Summary(figures, f"shard {self.shard_index}: {figures['chunks']} chunks done ({run_now} in this run); "
+                                f"merge with: desta {stage} --merge --out {self.out}")
+
+    def save_merged(self, dataset: Dataset, rows: list[dict], rejects: list[dict]) -> Dataset:
+        """The merge's outputs: `rows` (each naming its source row by `id`, which is popped) joined to `dataset`'s
+        rows into OUT/dataset, `rejects` into OUT/rejects.jsonl. Returns the saved selection."""
+        positions = positions_by_id(dataset["id"], str(self.job["source"]))
+        selected = attach_columns(dataset, [positions[row.pop("id")] for row in rows], rows)
+        save_dataset_atomic(selected, self.out / DATASET)
+        write_atomic(self.out / REJECTS, to_jsonl(rejects))
+        return selected
+
+    def write_summary(self, summary: dict[str, Any], counts: str) -> Summary:
+        """OUT/summary.json: the merge's figures and the settings the parts were made with; returns the figures with
+        the line the command prints (`counts`, then where the outputs are)."""
+        write_atomic(self.out / SUMMARY, json.dumps({**summary, "config": self.job}, indent=2))
+        return Summary(summary, f"{counts} -> {self.out / DATASET}, {self.out / REJECTS}")
 
 
 def saved_empty(folder: str | os.PathLike) -> bool:

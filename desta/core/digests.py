@@ -3,15 +3,20 @@ reused only for the same inputs.
 
 `fingerprint` hashes a JSON-able value, `file_digest` the named files of a folder, `audio_key` one clip,
 `file_checksums` every file under a folder (the checkpoints' checksums.json), and `content_digest` a file or a whole
-folder in one hash (the model and data files a post-training run reads).
+folder in one hash (the model and data files a post-training run reads), `content_fingerprint` a dataset's rows
+(what a chunked stage's parts were made from).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def fingerprint(value: Any) -> str:
@@ -63,4 +68,27 @@ def content_digest(path: Path) -> str:
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         _add_file(digest, file)
+    return digest.hexdigest()
+
+
+def _digest_default(value: Any) -> str:
+    """How `content_fingerprint` writes what JSON cannot: bytes by their SHA-256, anything else by str()."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "sha256:" + hashlib.sha256(value).hexdigest()
+    return str(value)
+
+
+def content_fingerprint(dataset: Dataset, columns: list[str] | None = None, extra: Iterable[Any] = ()) -> str:
+    """SHA-256 of the rows' values in order (`columns` only, when given; audio bytes by their own hash),
+    then of each `extra` item: the same content in the same order gives the same fingerprint, whatever
+    path it was read from, and a reordered, edited or replaced source gives another."""
+    digest = hashlib.sha256()
+    selected = dataset.select_columns(columns) if columns is not None else dataset
+    for batch in selected.iter(batch_size=1000):
+        names = sorted(batch)
+        for values in zip(*(batch[name] for name in names), strict=True):
+            digest.update(json.dumps(values, default=_digest_default, ensure_ascii=False).encode())
+            digest.update(b"\n")
+    for item in extra:
+        digest.update(json.dumps(item, default=_digest_default, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()

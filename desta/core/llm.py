@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def default_device() -> str:
@@ -21,11 +21,11 @@ def default_dtype(device: str | None = None) -> torch.dtype:
     return torch.bfloat16 if (device or default_device()).startswith("cuda") else torch.float32
 
 
-def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """AutoModelForCausalLM.from_pretrained, except that a GGUF quantization entry left in the config of
-    a folder that holds plain safetensors weights (what GGUF-to-transformers conversions write) is
-    ignored: the weights load as ordinary, trainable tensors instead of being re-packed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def llm_config(name: str) -> PreTrainedConfig:
+    """AutoConfig.from_pretrained, except that a GGUF quantization entry left in the config of a folder that
+    holds plain safetensors weights (what GGUF-to-transformers conversions write) is dropped: the weights are
+    ordinary, trainable tensors, not to be re-packed. The one place that fix is made."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name)
     quantization = getattr(config, "quantization_config", None)
@@ -33,7 +33,14 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedM
     if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf" and folder.is_dir() \
             and any(folder.glob("*.safetensors")) and not any(folder.glob("*.gguf")):
         del config.quantization_config
-    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
+    return config
+
+
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """AutoModelForCausalLM.from_pretrained with the config `llm_config` reads."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name, config=llm_config(name), dtype=dtype)
 
 
 def load_chat_llm(name: str, device: str | None = None,

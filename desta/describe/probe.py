@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from desta.core.args import raise_problems
 from desta.core.stats import mean_interval
+from desta.core.summary import Summary
 from desta.describe.attributes import named_labels
 from desta.describe.description import DESCRIPTION_NAMES, parse_description
 
@@ -202,7 +203,7 @@ def clip_features(encoder: str, audios: list[dict], tapped_layers: list[int] | N
 
 # ----- the command -----
 
-def probe(config: ProbeConfig) -> dict[str, Any]:
+def probe(config: ProbeConfig) -> Summary:
     """Probe every field; write and return the report."""
     from datasets import load_from_disk
 
@@ -252,7 +253,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     (out / "probe.json").write_text(json.dumps(result, indent=1))
     (out / "probe.md").write_text(render_probe(result))
     plot_probe(result, out / "probe.png")
-    return result
+    return Summary(result, render_probe(result) + f"wrote {out}/probe.md, probe.json, probe.png")
 
 
 def _heldout(config: ProbeConfig, dataset: Any, clips: list[str], first: dict[str, int]) -> dict[str, Any]:

@@ -27,20 +27,17 @@ from tqdm import tqdm
 
 from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio_ref
 from desta.core.args import raise_problems
-from desta.core.artifacts import DATASET, REJECTS, SUMMARY
 from desta.core.chunks import (
     ChunkedJob,
-    attach_columns,
     check_accounted,
-    content_fingerprint,
     differences,
-    positions_by_id,
     read_jsonl,
-    save_dataset_atomic,
     stale_error,
     to_jsonl,
     write_atomic,
 )
+from desta.core.digests import content_fingerprint
+from desta.core.summary import Summary
 from desta.describe.attributes import (
     LabelError,
     count_words,
@@ -63,6 +60,7 @@ if TYPE_CHECKING:
 DEFAULT_ATTRIBUTES = ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed", "duration"]
 # Settings that change how a run is carried out but not one row of its output: left out of the job
 # description a resumed run must match.
+LOAD_REJECTS = "load-rejects.jsonl"  # OUT/parts/: the rows the source could not give, found before any chunk
 RUNTIME_SETTINGS = ("out", "chunk_size", "num_shards", "shard_index", "num_proc", "asr_batch_size", "merge",
                     "progress", "overwrite")
 
@@ -247,7 +245,7 @@ def _transcribe_pending(results: list[dict], transcriber: Transcriber) -> None:
                                   for i, text in enumerate(pieces)]
 
 
-def describe(config: DescribeConfig) -> dict[str, Any]:
+def describe(config: DescribeConfig) -> Summary:
     """Run (or resume) this shard's chunks; merge when the run is unsharded. Returns the counts."""
     if config.merge:
         return merge(config.out)
@@ -261,7 +259,7 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
                      total=len(dataset), chunk_size=config.chunk_size, num_shards=config.num_shards,
                      shard_index=config.shard_index, overwrite=config.overwrite,
                      not_compared=("source",))
-    write_atomic(job.parts / "load-rejects.jsonl", to_jsonl(load_rejects))
+    write_atomic(job.parts / LOAD_REJECTS, to_jsonl(load_rejects))
     todo = job.todo()
     transcriber = None
     classifiers = {}
@@ -276,32 +274,10 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
     try:
         for chunk in todo:
             indices = job.rows_of(chunk)
-            rows = dataset.select(indices)
-            jobs = [(dict(row), mapping, config.max_seconds, tuple(classifiers), config.min_seconds) for row in rows]
-            results = list(pool.map(_analyse_job, jobs, chunksize=8)) if pool else [analyse_row(*j) for j in jobs]
-            for attribute, classifier in classifiers.items():
-                _classify_pending(results, attribute, classifier)
-            needs_asr = any("samples" in r and r["transcript"] is None and "reject" not in r for r in results)
-            if needs_asr and config.asr_model is None:
-                for r in results:
-                    if "samples" in r and r["transcript"] is None and "reject" not in r:
-                        r["reject"] = "no transcript in the metadata and no --asr-model to transcribe it"
-            elif needs_asr:
-                if transcriber is None:
-                    from desta.audio.asr import make_transcriber
-
-                    transcriber = make_transcriber(config.asr_backend, config.asr_model,
-                                                   batch_size=config.asr_batch_size, vad=config.asr_vad)
-                _transcribe_pending(results, transcriber)
-            described, rejected = [], []
-            for row, result in zip(rows, results, strict=True):
-                result.pop("samples", None)
-                if "reject" in result:
-                    rejected.append({"id": row["id"], "source": result["source"], "reason": result["reject"]})
-                    continue
-                audio_seconds += result["duration"]
-                described.append({"id": row["id"], **finish_row(result, config.attributes)})
+            described, rejected, transcriber = _describe_chunk(config, dataset.select(indices), mapping, classifiers,
+                                                               pool, transcriber)
             job.write(chunk, described, rejected)
+            audio_seconds += sum(row["duration"] for row in described)
             done_rows += len(indices)
             elapsed = time.perf_counter() - started
             bar.update(len(indices))
@@ -312,10 +288,40 @@ def describe(config: DescribeConfig) -> dict[str, Any]:
             pool.shutdown()
     if config.num_shards == 1:
         return _merge(job, dataset)
-    return {"shard": config.shard_index, "chunks": len(job.mine()), "run_now": len(todo)}
+    return job.shard_summary("describe", len(todo))
 
 
-def merge(out: str | os.PathLike) -> dict[str, Any]:
+def _describe_chunk(config: DescribeConfig, rows: Dataset, mapping: dict[str, Any], classifiers: dict[str, Pipeline],
+                    pool: ProcessPoolExecutor | None, transcriber: Transcriber | None
+                    ) -> tuple[list[dict], list[dict], Transcriber | None]:
+    """One chunk's rows, described or rejected with the reason; and the transcriber, made when a row first needs
+    one (a transcript the metadata lacks)."""
+    jobs = [(dict(row), mapping, config.max_seconds, tuple(classifiers), config.min_seconds) for row in rows]
+    results = list(pool.map(_analyse_job, jobs, chunksize=8)) if pool else [analyse_row(*j) for j in jobs]
+    for attribute, classifier in classifiers.items():
+        _classify_pending(results, attribute, classifier)
+    needs_asr = [r for r in results if "samples" in r and r["transcript"] is None and "reject" not in r]
+    if needs_asr and config.asr_model is None:
+        for r in needs_asr:
+            r["reject"] = "no transcript in the metadata and no --asr-model to transcribe it"
+    elif needs_asr:
+        if transcriber is None:
+            from desta.audio.asr import make_transcriber
+
+            transcriber = make_transcriber(config.asr_backend, config.asr_model, batch_size=config.asr_batch_size,
+                                           vad=config.asr_vad)
+        _transcribe_pending(results, transcriber)
+    described, rejected = [], []
+    for row, result in zip(rows, results, strict=True):
+        result.pop("samples", None)
+        if "reject" in result:
+            rejected.append({"id": row["id"], "source": result["source"], "reason": result["reject"]})
+        else:
+            described.append({"id": row["id"], **finish_row(result, config.attributes)})
+    return described, rejected, transcriber
+
+
+def merge(out: str | os.PathLike) -> Summary:
     """Join every shard's parts into OUT/dataset and OUT/rejects.jsonl; checks that no chunk is missing and
     that the source still holds what the shards described."""
     job = ChunkedJob.open(out)
@@ -329,21 +335,17 @@ def merge(out: str | os.PathLike) -> dict[str, Any]:
     return _merge(job, dataset)
 
 
-def _merge(job: ChunkedJob, dataset: Dataset) -> dict[str, Any]:
+def _merge(job: ChunkedJob, dataset: Dataset) -> Summary:
     """The merge itself, on the source the parts were made from: rows are matched to source rows by id."""
     described, rejects = job.collect()
     check_accounted(job.out, dataset["id"], [row["id"] for row in described + rejects])
-    positions = positions_by_id(dataset["id"], str(job.job["source"]))
-    indices = [positions[row.pop("id")] for row in described]
-    load_rejects = read_jsonl(job.parts / "load-rejects.jsonl")
+    load_rejects = read_jsonl(job.parts / LOAD_REJECTS)
     rejects = load_rejects + rejects
-    selected = attach_columns(dataset, indices, described)
-    save_dataset_atomic(selected, job.out / DATASET)
-    write_atomic(job.out / REJECTS, to_jsonl(rejects))
+    selected = job.save_merged(dataset, described, rejects)
     inputs = job.total + job.job["load_rejects"]
     summary = {"inputs": inputs, "described": len(described), "rejected": len(rejects),
                "duplicate_ids": sum("duplicate id" in r["reason"] for r in load_rejects),
                "hours": round(sum(selected["duration"]) / 3600, 4) if len(selected) else 0.0}
     assert summary["described"] + summary["rejected"] == inputs, summary  # no row lost or doubled
-    write_atomic(job.out / SUMMARY, json.dumps({**summary, "config": job.job}, indent=2))
-    return summary
+    return job.write_summary(summary, f"inputs {inputs} = described {summary['described']} + rejected "
+                                      f"{summary['rejected']} ({summary['hours']} h described)")

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from desta.core.extras import require_extra
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from lhotse import CutSet
@@ -251,6 +253,7 @@ def is_lhotse_manifest(path: Path) -> bool:
 def _lhotse_cuts(path: Path, split: str) -> CutSet:
     """The CutSet of a cuts manifest, or of a `lhotse prepare` folder's recordings and supervisions for one
     part (`split`, e.g. dev-clean; the only part when there is one)."""
+    require_extra("lhotse", f"reading the lhotse corpus {path}")
     from lhotse import CutSet, load_manifest
 
     if path.is_file():

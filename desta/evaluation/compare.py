@@ -17,6 +17,7 @@ from typing import Any
 
 from desta.core.args import raise_problems
 from desta.core.artifacts import REPORT_JSON
+from desta.core.summary import Summary
 
 DEFAULT_METRICS = ["overall:speech", "instruction_following:speech", "overall:agreement:speech",
                    "overall:forgetting_asr:speech"]
@@ -104,7 +105,7 @@ def guessing(report: dict[str, Any], name: str) -> float | None:
     return max(levels) if levels else None
 
 
-def compare(config: CompareConfig) -> dict[str, Any]:
+def compare(config: CompareConfig) -> Summary:
     """Read the reports, write the tables and the figure; returns {metric: {run: [[x, value, low, high]]}}."""
     runs: dict[str, list[tuple[float, dict]]] = {}
     for entry in config.reports:
@@ -132,13 +133,13 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     differences = paired_differences(runs, config.paired_with) if config.paired_with else {}
     (out / "compare.json").write_text(json.dumps({"metrics": table, "runs": training, "paired": differences,
                                                   "chance": chance}, indent=2))
-    (out / "compare.md").write_text(render(table, config.x_label, chance)
-                                    + render_paired(differences, config.paired_with, config.x_label)
-                                    + render_runs(training))
+    markdown = (render(table, config.x_label, chance) + render_paired(differences, config.paired_with, config.x_label)
+                + render_runs(training))
+    (out / "compare.md").write_text(markdown)
     plot(table, config.x_label, config.title, out / "compare.png", chance)
     if training:
         plot_losses(training, out / "loss_curves.png")
-    return table
+    return Summary(table, markdown + f"wrote {out}/compare.md, compare.json, compare.png")
 
 
 def paired_differences(runs: dict[str, list[tuple[float, dict]]], baseline: str) -> dict[str, list]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from desta.core.args import raise_problems
 from desta.core.instructions import INSTRUCTION_KINDS, draw_instruction, instruction_text
+from desta.core.summary import Summary
 from desta.prompts import EVAL_INSTRUCTIONS
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class EvalSetConfig:
         raise_problems(problems)
 
 
-def write_eval_set(config: EvalSetConfig) -> dict[str, int]:
+def write_eval_set(config: EvalSetConfig) -> Summary:
     """Build and save the eval set; returns the item count per category."""
     from datasets import load_from_disk
 
@@ -158,7 +159,7 @@ def write_eval_set(config: EvalSetConfig) -> dict[str, int]:
     counts: dict[str, int] = {}
     for item in items:
         counts[item["category"]] = counts.get(item["category"], 0) + 1
-    return counts
+    return Summary(counts, f"wrote {sum(counts.values())} items to {config.out}: {counts}")
 
 
 def load_eval_set(path: str | os.PathLike, columns: dict[str, str] | None = None) -> Dataset:

@@ -8,13 +8,55 @@ from typing import Any
 
 import numpy as np
 
-from desta.core.artifacts import shown_model
+from desta.core.hub import public_name
 from desta.core.stats import bootstrap_table
 from desta.evaluation.chance import CHANCE, CONSTANT, baselines, margin_series, stronger_baseline
 from desta.evaluation.groups import item_groups
 from desta.evaluation.items import parsed
 from desta.evaluation.scoring import agreement
 from desta.evaluation.systems import TEACHER, TEACHER_ASR, TEXT, TEXT_ASR, TEXT_OWN, TEXT_OWN_ASR, SystemsRun
+
+
+def _ratios(run: SystemsRun, items: list[dict], series: dict[str, list[float | None]]) -> dict[str, tuple[str, str]]:
+    """The ratios a report shows, each as (numerator, denominator) systems: forgetting, ASR cost, what the
+    connector costs against its own LLM, and against the teacher; adds each system's agreement and ROUGE-L with
+    the text reference to `series`."""
+    answers, asr_of = run.answers, run.asr_of
+    ratios: dict[str, tuple[str, str]] = {}
+    if TEXT in answers:
+        for name in run.speech:
+            pairs = [agreement(i, a, r) for i, a, r in zip(items, answers[name], answers[TEXT], strict=True)]
+            series[f"agreement:{name}"] = [p[0] for p in pairs]
+            series[f"rouge_l:{name}"] = [p[1] for p in pairs]
+            ratios[f"forgetting:{name}"] = (name, TEXT)
+            if name in asr_of:
+                ratios[f"forgetting_asr:{name}"] = (name, asr_of[name])
+        for reference in sorted(set(asr_of.values())):
+            ratios[f"asr_cost:{reference}"] = (reference, TEXT)
+    for name in run.speech:  # what the connector costs against its own LLM as trained; what the teacher could carry
+        own = next((r for r in (f"{TEXT_OWN_ASR}:{name}", f"{TEXT_OWN}:{name}") if r in answers), None)
+        if own:
+            ratios[f"connector:{name}"] = (name, own)
+        teacher = next((r for r in (TEACHER_ASR, TEACHER) if r in answers), None)
+        if teacher:
+            ratios[f"vs_teacher:{name}"] = (name, teacher)
+    return ratios
+
+
+def _group_rows(run: SystemsRun, items: list[dict], series: dict[str, list[float | None]],
+                ratios: dict[str, tuple[str, str]], resamples: int, seed: int) -> dict[str, dict[str, dict]]:
+    """Each system's overall row for the items of each group (trained vs unseen tasks, seen vs unseen voices)."""
+    categories = [i["category"] for i in items]
+    groups: dict[str, dict[str, dict]] = {}
+    for name in run.speech:
+        data = run.training.get(name)
+        for group, members in (item_groups(items, data) if data else {}).items():
+            shown = [s for s in series if s in run.answers or s in (CHANCE, CONSTANT) or s == f"above_chance:{name}"]
+            row = bootstrap_table([categories[k] for k in members], {s: [series[s][k] for k in members] for s in shown},
+                                  {r: ratios[r] for r in ratios if r.endswith(f":{name}")}, resamples=resamples,
+                                  seed=seed)["overall"]
+            groups.setdefault(name, {})[group] = row
+    return groups
 
 
 def build_report(run: SystemsRun, items: list[dict], scores: dict[str, list[dict]], judge_id: str | None,
@@ -24,24 +66,7 @@ def build_report(run: SystemsRun, items: list[dict], scores: dict[str, list[dict
     probes; every item's answers, scores and reasons."""
     answers, speech, asr_of = run.answers, run.speech, run.asr_of
     series: dict[str, list[float | None]] = {s: [r["score"] for r in results] for s, results in scores.items()}
-    ratios: dict[str, tuple[str, str]] = {}
-    if TEXT in answers:
-        for name in speech:
-            pairs = [agreement(i, a, r) for i, a, r in zip(items, answers[name], answers[TEXT], strict=True)]
-            series[f"agreement:{name}"] = [p[0] for p in pairs]
-            series[f"rouge_l:{name}"] = [p[1] for p in pairs]
-            ratios[f"forgetting:{name}"] = (name, TEXT)
-            if name in asr_of:
-                ratios[f"forgetting_asr:{name}"] = (name, asr_of[name])
-        for reference in sorted(set(asr_of.values())):
-            ratios[f"asr_cost:{reference}"] = (reference, TEXT)
-    for name in speech:  # what the connector costs against its own LLM as trained; what the teacher could carry
-        own = next((r for r in (f"{TEXT_OWN_ASR}:{name}", f"{TEXT_OWN}:{name}") if r in answers), None)
-        if own:
-            ratios[f"connector:{name}"] = (name, own)
-        teacher = next((r for r in (TEACHER_ASR, TEACHER) if r in answers), None)
-        if teacher:
-            ratios[f"vs_teacher:{name}"] = (name, teacher)
+    ratios = _ratios(run, items, series)
     base = baselines(items)
     if any(v is not None for v in base[CHANCE]):
         series.update(base)
@@ -56,15 +81,7 @@ def build_report(run: SystemsRun, items: list[dict], scores: dict[str, list[dict
                             {s: [series[s][k] for k in following] for s in answers},
                             resamples=resamples, seed=seed) if following else {}
     kinds.pop("overall", None)
-    groups = {}
-    for name in speech:
-        data = run.training.get(name)
-        for group, members in (item_groups(items, data) if data else {}).items():
-            shown = [s for s in series if s in answers or s in (CHANCE, CONSTANT) or s == f"above_chance:{name}"]
-            row = bootstrap_table([categories[k] for k in members], {s: [series[s][k] for k in members] for s in shown},
-                                  {r: ratios[r] for r in ratios if r.endswith(f":{name}")}, resamples=resamples,
-                                  seed=seed)["overall"]
-            groups.setdefault(name, {})[group] = row
+    groups = _group_rows(run, items, series, ratios, resamples, seed)
     return {
         "eval_set": str(eval_set), "items": len(items), "checkpoints": checkpoints, "systems": speech,
         "references": {TEXT: "the same LLM reading the description with the gold transcript",
@@ -159,7 +176,7 @@ def render_markdown(report: dict) -> str:
         head += [f"vs the teacher ({s})"] * (f"vs_teacher:{s}" in values)
     head += [f"ASR cost ({r})" for r in sorted(set(asr_of.values()))]
     lines = [f"# desta eval: {report['items']} items", "",
-             f"Speech model(s) against the same LLM ({shown_model(report['text_reference_llm'])}) reading the clip's "
+             f"Speech model(s) against the same LLM ({public_name(report['text_reference_llm'])}) reading the clip's "
              "description: with the gold transcript (text-gold) and with the transcript the speech model receives "
              "from its Whisper (text-ASR). Forgetting = (speech - reference) / reference: against text-ASR it is "
              "what the connector loses, the ASR cost (text-ASR - text-gold) / text-gold is what Whisper's mistakes "
@@ -188,23 +205,36 @@ def render_markdown(report: dict) -> str:
     lines += _chance_section(report, speech + references)
     lines += _groups_section(report, references)
     lines += ["", "Items per second: " + ", ".join(f"{s} {v}" for s, v in report["items_per_second"].items())]
-    if report.get("instruction_following_kinds"):
-        systems = speech + references
-        lines += ["", "## Instruction following by IFEval instruction (strict)", "",
-                  "| instruction | n | " + " | ".join(systems) + " |", "|" + "---|" * (len(systems) + 2)]
-        for kind, row in report["instruction_following_kinds"].items():
-            lines.append(f"| {kind} | {row['n']} | " + " | ".join(format_cell(row, s) for s in systems) + " |")
+    lines += _kinds_section(report, speech + references)
     lines += _examples(report, speech + references)
-    if report["retention_probes"]:
-        lines += ["", "## Text retention probes (the LLM without audio)", "",
-                  "| model | format following | JSON validity | refusal (harmful) | over-refusal | held-out log-lik |",
-                  "|---|---|---|---|---|---|"]
-        for name, p in report["retention_probes"].items():
-            lines.append(f"| {name} | {p['format_following']:.2f} | {p['json_validity']:.2f} | "
-                         f"{p['refusal_rate']:.2f} | {p['over_refusal_rate']:.2f} | {p['heldout_loglik']:.3f} |")
+    lines += _probes_section(report)
     if report.get("benchmark"):
         lines += render_official(report)
     return "\n".join(lines) + "\n"
+
+
+def _kinds_section(report: dict, systems: list[str]) -> list[str]:
+    """report.md's table of instruction following by IFEval instruction, when the items have any."""
+    if not report.get("instruction_following_kinds"):
+        return []
+    lines = ["", "## Instruction following by IFEval instruction (strict)", "",
+             "| instruction | n | " + " | ".join(systems) + " |", "|" + "---|" * (len(systems) + 2)]
+    for kind, row in report["instruction_following_kinds"].items():
+        lines.append(f"| {kind} | {row['n']} | " + " | ".join(format_cell(row, s) for s in systems) + " |")
+    return lines
+
+
+def _probes_section(report: dict) -> list[str]:
+    """report.md's text retention probes, when they ran."""
+    if not report["retention_probes"]:
+        return []
+    lines = ["", "## Text retention probes (the LLM without audio)", "",
+             "| model | format following | JSON validity | refusal (harmful) | over-refusal | held-out log-lik |",
+             "|---|---|---|---|---|---|"]
+    for name, p in report["retention_probes"].items():
+        lines.append(f"| {name} | {p['format_following']:.2f} | {p['json_validity']:.2f} | "
+                     f"{p['refusal_rate']:.2f} | {p['over_refusal_rate']:.2f} | {p['heldout_loglik']:.3f} |")
+    return lines
 
 
 def _chance_section(report: dict, systems: list[str]) -> list[str]:

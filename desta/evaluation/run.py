@@ -22,9 +22,10 @@ from typing import Any, Literal
 import numpy as np
 
 from desta.core.args import raise_problems
-from desta.core.artifacts import REPORT_JSON, REPORT_MD, SCORES_PLOT
+from desta.core.artifacts import REJECTS, REPORT_JSON, REPORT_MD, SCORES_PLOT
 from desta.core.cache import AnswerCache
 from desta.core.digests import audio_key, fingerprint
+from desta.core.summary import Summary
 from desta.describe.description import with_transcript
 from desta.evaluation import systems
 from desta.evaluation.items import load_eval_set
@@ -153,7 +154,7 @@ class Task:
     groups: bool = False  # trained vs unseen tasks, seen vs unseen voices
 
 
-def evaluate(config: EvalConfig) -> dict[str, Any]:
+def evaluate(config: EvalConfig) -> Summary:
     """Run every checkpoint and the references on the eval set (or benchmark); write and return the report."""
     task = benchmark_task(config) if config.benchmark else eval_set_task(config)
     out = Path(config.out)
@@ -169,10 +170,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     report = build_report(run, task.items, scores, judge_id, config.eval_set, config.checkpoints, config.resamples,
                           config.seed)
     task.finish(report, scores)
+    markdown = render_markdown(report)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2))
-    (out / REPORT_MD).write_text(render_markdown(report))
+    (out / REPORT_MD).write_text(markdown)
     plot_scores(report, out / SCORES_PLOT)
-    return report
+    return Summary(report, markdown + f"wrote {out}/{REPORT_JSON}, {REPORT_MD}, {SCORES_PLOT}; overall "
+                                      f"{report['overall']}")
 
 
 def run_systems(config: EvalConfig, task: Task) -> SystemsRun:
@@ -242,9 +245,87 @@ def _warn_seen_voices(name: str, items: list[dict], data: Any) -> None:
 
 # ----- an eval set of desta's own -----
 
+class EvalSetReferences:
+    """The text references of an eval set's items: the base LLM reading the gold description (and, once per
+    Whisper, the description with that Whisper's transcript), each checkpoint's own LLM, and the targets' teacher
+    reading what the first system's references read. Each fills `run.answers` through the answer cache."""
+
+    def __init__(self, config: EvalConfig, items: list[dict]):
+        self.config, self.items = config, items
+        self.has_descriptions = all(i.get("description") for i in items)
+        self.encoders: dict[str, str] = {}  # Whisper -> the name of the reference reading its transcripts
+        self.read: dict[str, Any] = {}  # what the first system's references read: the teacher reads the same
+
+    def _answer(self, run: SystemsRun, cache: AnswerCache, reference: str, what: str, key: dict[str, Any],
+                backend: Any, described: list[str], prompt: str | None) -> None:
+        run.references[reference] = what
+        run.answers[reference], run.timing[reference] = cache.get(
+            {**key, "descriptions": fingerprint(described)}, systems.text_answers, backend, self.items, described,
+            self.config.max_new_tokens, prompt, self.config.progress)
+
+    def base(self, name: str, system: SpeechSystem, backend: Any, transcripts: dict[str, str],
+             settings: dict[str, Any], cache: AnswerCache, run: SystemsRun) -> str | None:
+        """The base LLM's references (once); returns the name of the one reading this system's Whisper transcript."""
+        if not self.has_descriptions:
+            return None
+        config, items = self.config, self.items
+        reference = {"kind": "text", "llm": run.text_llm, **settings}
+        prompt = system.processor.system_prompt
+        self.read.setdefault("settings", settings)
+        self.read.setdefault("prompt", prompt)
+        if TEXT not in run.answers:
+            self._answer(run, cache, TEXT, "the base LLM (LoRA off) reading the description with the gold transcript",
+                         reference, backend, [i["description"] for i in items], prompt)
+        if not config.asr_reference or config.gold_transcripts:
+            return None
+        if system.encoder_key not in self.encoders:
+            self.encoders[system.encoder_key] = TEXT_ASR if not self.encoders else f"{TEXT_ASR}:{name}"
+            described = [with_transcript(i["description"], transcripts[i["id"]]) for i in items]
+            self.read.setdefault("asr", described)
+            self._answer(run, cache, self.encoders[system.encoder_key], "the base LLM (LoRA off) reading the "
+                         "description with the speech model's Whisper transcript", reference, backend, described,
+                         prompt)
+        return self.encoders[system.encoder_key]
+
+    def own(self, name: str, system: SpeechSystem, backend: Any, transcripts: dict[str, str],
+            settings: dict[str, Any], cache: AnswerCache, run: SystemsRun) -> None:
+        """The checkpoint's own LLM as trained (LoRA on) reading the description."""
+        if not self.has_descriptions:
+            return None
+        config, items = self.config, self.items
+        readings = [(f"{TEXT_OWN}:{name}", [i["description"] for i in items], "the gold transcript")]
+        if config.asr_reference and not config.gold_transcripts:
+            readings.append((f"{TEXT_OWN_ASR}:{name}", [with_transcript(i["description"], transcripts[i["id"]])
+                                                        for i in items], "its Whisper transcript"))
+        for reference, described, what in readings:
+            self._answer(run, cache, reference, f"{name}'s LLM as trained (LoRA on) reading the description with "
+                         f"{what}", {"kind": "text own", "checkpoint": system.weights, **settings}, backend,
+                         described, system.processor.system_prompt)
+        return None
+
+    def teacher(self, config: EvalConfig, cache: AnswerCache, run: SystemsRun) -> None:
+        """The targets' teacher reading what the base LLM's references read."""
+        if not self.has_descriptions or "settings" not in self.read:
+            return
+        import torch
+
+        from desta.core.generation import make_backend
+
+        backend = make_backend("transformers", config.teacher_model, batch_size=config.batch_size,
+                               dtype=getattr(torch, config.dtype))
+        readings = [(TEACHER, [i["description"] for i in self.items], "the gold transcript")]
+        if "asr" in self.read:
+            readings.append((TEACHER_ASR, self.read["asr"], "the speech model's Whisper transcript"))
+        for reference, described, what in readings:
+            self._answer(run, cache, reference, f"the targets' teacher ({config.teacher_model}) reading the "
+                         f"description with {what}", {"kind": "teacher", "llm": config.teacher_model,
+                                                      **self.read["settings"]},
+                         backend, described, self.read["prompt"])
+
+
 def eval_set_task(config: EvalConfig) -> Task:
     """Items of an eval set; references: the LLM reading the gold description, and (once per Whisper) the
-    description with that Whisper's transcript in place of the gold one."""
+    description with that Whisper's transcript in place of the gold one (EvalSetReferences)."""
     dataset = load_eval_set(config.eval_set, config.columns or None)
     if config.limit:
         dataset = dataset.select(range(min(config.limit, len(dataset))))
@@ -254,79 +335,11 @@ def eval_set_task(config: EvalConfig) -> Task:
     for path in config.checkpoints:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"checkpoint {path} not found; give a folder written by desta train or export")
-    has_descriptions = all(i.get("description") for i in items)
-    encoders: dict[str, str] = {}  # Whisper -> the name of the reference reading its transcripts
-    read: dict[str, Any] = {}  # what the first system's references read: the teacher reads the same
-
-    def references(name: str, system: SpeechSystem, backend: Any, transcripts: dict[str, str],
-                   settings: dict[str, Any], cache: AnswerCache, run: SystemsRun) -> str | None:
-        if not has_descriptions:
-            return None
-        reference = {"kind": "text", "llm": run.text_llm, **settings}
-        prompt = system.processor.system_prompt
-        read.setdefault("settings", settings)
-        read.setdefault("prompt", prompt)
-        if TEXT not in run.answers:
-            run.references[TEXT] = "the base LLM (LoRA off) reading the description with the gold transcript"
-            descriptions = [i["description"] for i in items]
-            run.answers[TEXT], run.timing[TEXT] = cache.get(
-                {**reference, "descriptions": fingerprint(descriptions)}, systems.text_answers, backend, items,
-                descriptions, config.max_new_tokens, prompt, config.progress)
-        if not config.asr_reference or config.gold_transcripts:
-            return None
-        if system.encoder_key not in encoders:
-            encoders[system.encoder_key] = TEXT_ASR if not encoders else f"{TEXT_ASR}:{name}"
-            described = [with_transcript(i["description"], transcripts[i["id"]]) for i in items]
-            read.setdefault("asr", described)
-            asr = encoders[system.encoder_key]
-            run.references[asr] = ("the base LLM (LoRA off) reading the description with the speech model's Whisper "
-                                   "transcript")
-            run.answers[asr], run.timing[asr] = cache.get(
-                {**reference, "descriptions": fingerprint(described)}, systems.text_answers, backend, items,
-                described, config.max_new_tokens, prompt, config.progress)
-        return encoders[system.encoder_key]
-
-    def own_references(name: str, system: SpeechSystem, backend: Any, transcripts: dict[str, str],
-                       settings: dict[str, Any], cache: AnswerCache, run: SystemsRun) -> str | None:
-        if not has_descriptions:
-            return None
-        prompt = system.processor.system_prompt
-        readings = [(f"{TEXT_OWN}:{name}", [i["description"] for i in items], "the gold transcript")]
-        if config.asr_reference and not config.gold_transcripts:
-            readings.append((f"{TEXT_OWN_ASR}:{name}", [with_transcript(i["description"], transcripts[i["id"]])
-                                                        for i in items], "its Whisper transcript"))
-        for reference, described, what in readings:
-            run.references[reference] = f"{name}'s LLM as trained (LoRA on) reading the description with {what}"
-            run.answers[reference], run.timing[reference] = cache.get(
-                {"kind": "text own", "checkpoint": system.weights, **settings, "descriptions": fingerprint(described)},
-                systems.text_answers, backend, items, described, config.max_new_tokens, prompt, config.progress)
-        return None
-
-    def teacher_references(config: EvalConfig, cache: AnswerCache, run: SystemsRun) -> None:
-        if not has_descriptions or "settings" not in read:
-            return
-        import torch
-
-        from desta.core.generation import make_backend
-
-        backend = make_backend("transformers", config.teacher_model, batch_size=config.batch_size,
-                               dtype=getattr(torch, config.dtype))
-        readings = [(TEACHER, [i["description"] for i in items], "the gold transcript")]
-        if "asr" in read:
-            readings.append((TEACHER_ASR, read["asr"], "the speech model's Whisper transcript"))
-        for reference, described, what in readings:
-            run.references[reference] = (f"the targets' teacher ({config.teacher_model}) reading the description "
-                                         f"with {what}")
-            run.answers[reference], run.timing[reference] = cache.get(
-                {"kind": "teacher", "llm": config.teacher_model, **read["settings"],
-                 "descriptions": fingerprint(described)},
-                systems.text_answers, backend, items, described, config.max_new_tokens, read["prompt"],
-                config.progress)
-
+    references = EvalSetReferences(config, items)
     key = fingerprint([[i["item_id"], i["instruction"], i.get("description"), audio_key(i["audio"])] for i in items])
-    return Task(items=items, key=key, system_prompt=None, score=score_item, references=references, probes=True,
+    return Task(items=items, key=key, system_prompt=None, score=score_item, references=references.base, probes=True,
                 judging=Judging(prompt=judge_prompt, verdict=judge_verdict, max_new_tokens=4),
-                own_references=own_references, teacher_references=teacher_references, groups=True)
+                own_references=references.own, teacher_references=references.teacher, groups=True)
 
 
 # ----- a public benchmark, scored as its authors score it -----
@@ -352,7 +365,7 @@ def benchmark_task(config: EvalConfig) -> Task:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"checkpoint {path} not found; give a folder written by desta train or export")
     Path(config.out).mkdir(parents=True, exist_ok=True)
-    (Path(config.out) / "rejects.jsonl").write_text(to_jsonl(rejects))
+    (Path(config.out) / REJECTS).write_text(to_jsonl(rejects))
 
     def references(name: str, system: SpeechSystem, backend: Any, transcripts: dict[str, str],
                    settings: dict[str, Any], cache: AnswerCache, run: SystemsRun) -> str | None:

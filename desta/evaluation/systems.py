@@ -20,7 +20,7 @@ from tqdm import tqdm
 from desta.core.artifacts import CONFIG, PROCESSOR_CONFIG, WEIGHTS
 from desta.core.digests import file_digest
 from desta.core.generation import Backend, SamplingSettings, TransformersBackend
-from desta.prompts import text_turn
+from desta.prompts import system_prompt_setting, text_turn
 
 if TYPE_CHECKING:
     from desta.model.modeling import DestaModel
@@ -97,7 +97,7 @@ def load_system(path: str, system_prompt: str | None, text_llm: str | None,
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"checkpoint {path} not found; give a folder written by desta train or export")
-    model, processor = load(path, dtype=getattr(torch, dtype), system_prompt=system_prompt)
+    model, processor = load(path, dtype=getattr(torch, dtype), system_prompt=system_prompt_setting(system_prompt))
     model.eval()
     if text_llm is not None and model.config.llm_name_or_path != text_llm:
         raise ValueError(f"{path} is built on {model.config.llm_name_or_path}, not {text_llm}; compare "

@@ -8,10 +8,10 @@ here.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-CACHE_FOLDER = re.compile(r"models--([\w.-]+?)--([\w.-]+)/snapshots/([^/]+)")  # a Hub cache's model folder
+from desta.core.hub import CACHE_FOLDER, hub_id_of, is_hub_id
+
 HUB_PROBE_SECONDS = 5.0  # one request says whether the Hub can be reached (transformers retries for ~30 s)
 
 
@@ -50,28 +50,16 @@ def locate_base(reference: str, what: str, checkpoint: str | os.PathLike | None 
     raise FileNotFoundError(f"{what} {reference!r} is not a folder here (looked in {where}) and {problem}; {fix}")
 
 
-def hub_id_of(path: str) -> str | None:
-    """The Hub id of a folder in a Hub cache (models--ORG--NAME/snapshots/REVISION), or None.
-
-    >>> hub_id_of("/home/me/.cache/huggingface/hub/models--openai--whisper-small/snapshots/abc123")
-    'openai/whisper-small'
-    """
-    found = CACHE_FOLDER.search(path)
-    return f"{found.group(1)}/{found.group(2)}" if found else None
-
-
 def _hub_problem(reference: str) -> str | None:
     """Why `reference` cannot load from the Hub now (not a repository id, not found there, the Hub unreachable),
     or None when the Hub has it. One request with a short timeout, no retries; the token (if any) is sent, never
     shown."""
     import httpx
     from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, build_hf_headers, validate_repo_id
+    from huggingface_hub.utils import build_hf_headers
 
-    try:
-        validate_repo_id(reference)
-    except HFValidationError:
-        return "it is not a Hub repository id"
+    if not is_hub_id(reference):
+        return "it is not a Hub repository id (owner/name)"
     if constants.HF_HUB_OFFLINE:
         return "the Hub cannot be reached: HF_HUB_OFFLINE is set"
     try:

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from desta.core.args import raise_problems
 from desta.core.artifacts import CONFIG, WEIGHTS
+from desta.core.summary import Summary
 
 # The official connector's fixed settings (desta/models/modeling_desta25.py): BERT's dropout, PyTorch's
 # default init (post_init is never called), queries drawn with std 1, no LayerNorm on them.
@@ -141,10 +142,10 @@ def connector_settings(weights: dict[str, torch.Tensor], release: dict[str, Any]
     return settings
 
 
-def convert_official(config: ConvertConfig) -> Path:
+def convert_official(config: ConvertConfig) -> Summary:
     """`desta convert-official SRC OUT`: write the desta checkpoint folder; returns it."""
-    from desta.model.loading import build_processor
-    from desta.model.modeling import DestaConfig, QFormerConnector
+    from desta.model.loading import config_and_processor
+    from desta.model.modeling import QFormerConnector
 
     src, out = Path(config.src), Path(config.out)
     release = json.loads((src / CONFIG).read_text()) if (src / CONFIG).is_file() else {}
@@ -158,8 +159,8 @@ def convert_official(config: ConvertConfig) -> Path:
     if tapped is not None and len(tapped) != weights["connector.queries"].shape[0]:
         raise ValueError(f"tapped_layers {tapped} name {len(tapped)} layers but the release holds "
                          f"{weights['connector.queries'].shape[0]} sets of queries")
-    desta_config = DestaConfig.from_components(encoder, llm, tapped_layers=tapped,
-                                               **connector_settings(weights, release))
+    desta_config, processor = config_and_processor(encoder, llm, tapped_layers=tapped,
+                                                   **connector_settings(weights, release))
     with torch.device("meta"):  # shapes only: the names and sizes a DestaModel expects of its connector
         expected = {f"connector.{k}": v.shape for k, v in QFormerConnector(desta_config).state_dict().items()}
     found = {k: v.shape for k, v in weights.items() if k.startswith("connector.")}
@@ -168,10 +169,9 @@ def convert_official(config: ConvertConfig) -> Path:
         examples = [(k, found.get(k), expected.get(k)) for k in differ[:3]]
         raise ValueError(f"the converted connector does not match desta's for this encoder and LLM: {len(differ)} "
                          f"weights differ in name or shape (name, release, desta), e.g. {examples}")
-    processor = build_processor(desta_config, encoder, llm)
     out.mkdir(parents=True, exist_ok=True)
     desta_config.save_pretrained(out)
     save_file({k: v.float().contiguous() for k, v in weights.items()}, out / WEIGHTS,
               metadata={"format": "pt", "desta": "trainable", "converted_from": str(src)})
     processor.save_pretrained(out)
-    return out
+    return Summary({"out": str(out)}, f"converted {src} -> {out}; load it with desta.load({str(out)!r})")

@@ -17,8 +17,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, WhisperFeatureE
 
 from desta.model.bases import locate_base
 from desta.model.modeling import DestaConfig, DestaModel, resolve_checkpoint
-from desta.model.processing import DestaProcessor
-from desta.prompts import DEFAULT_SYSTEM_PROMPT
+from desta.model.processing import SLOTS, DestaProcessor, add_audio_token
+from desta.prompts import DEFAULT_SYSTEM_PROMPT, TRAINED, Trained
 
 
 def build(encoder: str, llm: str, dtype: torch.dtype = torch.float32, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
@@ -30,32 +30,32 @@ def build(encoder: str, llm: str, dtype: torch.dtype = torch.float32, system_pro
     "meta-llama/Meta-Llama-3-8B-Instruct"; config_kwargs go to DestaConfig (num_queries, lora, ...).
     """
     encoder, llm = locate_base(encoder, "the Whisper base"), locate_base(llm, "the LLM base")
-    config = DestaConfig.from_components(encoder, llm, **config_kwargs)
-    processor = build_processor(config, encoder, llm, system_prompt)
+    config, processor = config_and_processor(encoder, llm, system_prompt, **config_kwargs)
     return DestaModel.from_base(config, dtype=dtype), processor
+
+
+def config_and_processor(encoder: str, llm: str, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                         **config_kwargs: Any) -> tuple[DestaConfig, DestaProcessor]:
+    """The config of a new model on two base checkpoints, recording the audio token's id in the LLM's tokenizer,
+    and the processor that reads it (the LLM's tokenizer, the Whisper checkpoint's feature extractor)."""
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    audio_token_id = add_audio_token(tokenizer, config_kwargs.get("audio_token", SLOTS.audio_token))
+    config = DestaConfig.from_components(encoder, llm, audio_token_id=audio_token_id, **config_kwargs)
+    return config, DestaProcessor.from_config(config, tokenizer, _feature_extractor(encoder, config), system_prompt)
 
 
 def processor_for(config: DestaConfig, tokenizer: PreTrainedTokenizerBase,
                   feature_extractor: WhisperFeatureExtractor | None = None,
                   system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> DestaProcessor:
-    """The processor of a new model, and the audio token's id recorded in its config (the model finds the audio
-    placeholders by it): the one place a config learns the id."""
-    processor = DestaProcessor.from_config(config, tokenizer, feature_extractor, system_prompt)
-    config.audio_token_id = processor.audio_token_id
-    return processor
-
-
-def build_processor(config: DestaConfig, encoder: str, llm: str,
-                    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> DestaProcessor:
-    """`processor_for` with the LLM checkpoint's tokenizer and the Whisper checkpoint's feature extractor."""
-    return processor_for(config, AutoTokenizer.from_pretrained(llm), _feature_extractor(encoder, config),
-                         system_prompt)
+    """DestaProcessor.from_config: the processor of a config (which it reads, never writes)."""
+    return DestaProcessor.from_config(config, tokenizer, feature_extractor, system_prompt)
 
 
 def load(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32,
-         system_prompt: str | None = None) -> tuple[DestaModel, DestaProcessor]:
+         system_prompt: str | None | Trained = TRAINED) -> tuple[DestaModel, DestaProcessor]:
     """A saved model and its processor, from a folder written by `save` or a Hub repository id; the processor
-    asks with the system prompt the model was trained with, or `system_prompt` ("" for none)."""
+    asks with the system prompt the model was trained with (TRAINED), or `system_prompt` (None: no system turn,
+    as in `build`)."""
     folder = resolve_checkpoint(checkpoint)
     return DestaModel.from_pretrained(folder, dtype=dtype), DestaProcessor.from_pretrained(folder, system_prompt)
 

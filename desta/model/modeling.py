@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -33,8 +32,9 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from desta.audio import FRAMES_PER_ENCODER_STEP
-from desta.core.artifacts import WEIGHTS, WEIGHTS_INDEX
-from desta.core.llm import load_causal_lm
+from desta.core.artifacts import CONFIG, WEIGHTS, WEIGHTS_INDEX
+from desta.core.hub import is_hub_id
+from desta.core.llm import llm_config, load_causal_lm
 from desta.model.bases import locate_base
 from desta.model.parts import (
     DestaOutput,
@@ -46,25 +46,42 @@ from desta.model.parts import (
     merge_audio,
     tapped_states,
 )
+from desta.model.processing import SLOTS, DestaProcessor, TranscriptFormat
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from desta.model.processing import DestaProcessor
 
 # A whole-model export (desta export --full) keeps each base's generation settings (Whisper's no-timestamps token,
 # its length limit; the LLM's end-of-turn tokens), which the config alone does not carry.
 GENERATION_CONFIGS = {"whisper": "whisper_generation_config.json", "llm": "llm_generation_config.json"}
+Connector = Literal["qformer", "mlp"]
 # How the Q-Former's Linear layers start: transformers' BERT init, or PyTorch's own (the official code never
 # calls post_init, so its connector keeps PyTorch's kaiming-uniform init).
-QFORMER_INITS = ("bert", "pytorch")
-CONNECTORS = ("qformer", "mlp")
+QFormerInit = Literal["bert", "pytorch"]
 DEFAULT_LORA = {
     "r": 8,  # higher: more capacity, more memory, more forgetting
     "lora_alpha": 16,
     "lora_dropout": 0.05,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
+
+
+def architecture_problems(settings: Any) -> list[tuple[str, str]]:
+    """What is wrong with a model's sizes (a DestaConfig, or `desta train`'s model section), as (setting, problem)."""
+    problems = []
+    if settings.num_queries < 1 or settings.qformer_layers < 1 or settings.transcript_max_tokens < 0:
+        problems.append(("num_queries", f"num_queries and qformer_layers must be at least 1, transcript_max_tokens "
+                                        f"0 or more; got {settings.num_queries}, {settings.qformer_layers} and "
+                                        f"{settings.transcript_max_tokens}"))
+    if settings.qformer_intermediate_size is not None and settings.qformer_intermediate_size < 1:
+        problems.append(("qformer_intermediate_size", f"must be at least 1 (or null), got "
+                                                      f"{settings.qformer_intermediate_size}"))
+    if not settings.query_init_std > 0:
+        problems.append(("query_init_std", f"must be positive, got {settings.query_init_std}"))
+    if not 0 <= settings.qformer_dropout < 1:
+        problems.append(("qformer_dropout", f"must be in [0, 1), got {settings.qformer_dropout}"))
+    return problems
 
 
 @strict
@@ -91,13 +108,13 @@ class DestaConfig(PreTrainedConfig):
     """chat LLM checkpoint"""
     tapped_layers: list[int] | None = None
     """encoder blocks feeding the connector; null: per Whisper size (small [2,5,8,11], large-v3 [7,15,23,31])"""
-    connector: Literal["qformer", "mlp"] = "qformer"
+    connector: Connector = "qformer"
     """qformer: learnt queries read the frames (the papers); mlp: each window's frames averaged into num_queries
     equal spans, then a two-layer MLP (a plain projector, as Ultravox and LLaVA)"""
     frame_norm: bool = False
     """LayerNorm each tapped layer's frames before the connector reads them (as BLIP-2 normalises its vision
     features before the Q-Former)"""
-    num_queries: int = 64
+    num_queries: int = SLOTS.num_queries
     """connector vectors per 30 s window (qformer: learnable queries per tapped layer; mlp: spans)"""
     qformer_layers: int = 2
     """Q-Former depth: 2 in DeSTA2, 6 in DeSTA2.5"""
@@ -111,18 +128,18 @@ class DestaConfig(PreTrainedConfig):
     """BLIP-2's LayerNorm and dropout on the queries; false: they enter the encoder as they are (official code)"""
     query_init_std: float = 0.02
     """standard deviation of the initial queries (official code: 1.0)"""
-    qformer_init: Literal["bert", "pytorch"] = "bert"
+    qformer_init: QFormerInit = "bert"
     """Q-Former Linear weights start as BERT's normal(0.02), or PyTorch's default (official code)"""
-    audio_token: str = "<|AUDIO|>"
+    audio_token: str = SLOTS.audio_token
     """the audio placeholder in chat messages"""
     audio_token_id: int | None = None
-    """its id in the processor's tokenizer (desta.model.loading.processor_for records it)"""
-    transcript_max_tokens: int = 100
+    """its id in the LLM's tokenizer (desta.model.processing.add_audio_token; desta.build records it)"""
+    transcript_max_tokens: int = SLOTS.transcript_max_tokens
     """transcript tokens after the audio vectors in training (inference keeps the whole transcript)"""
-    transcript_format: Literal["bare", "timestamped"] = "bare"
+    transcript_format: TranscriptFormat = SLOTS.transcript_format
     """what the transcript slot reads: the bare transcript (the papers), or "[00:00-00:03] transcript" as the
     text LLM's description gives it (the model then hears the clip's length in words)"""
-    pad_to_30s: bool = False
+    pad_to_30s: bool = SLOTS.pad_to_30s
     """pad every window to 30 s as the papers do: slower, kept for comparison"""
     lora: dict | None = None
     """LoRA on the LLM, e.g. {r: 8, lora_alpha: 16}; null: the LLM stays frozen"""
@@ -143,20 +160,20 @@ class DestaConfig(PreTrainedConfig):
                 raise ValueError(f"unknown LoRA settings {sorted(unknown)}; "
                                  "use r, lora_alpha, lora_dropout, target_modules")
             self.lora = {**DEFAULT_LORA, **self.lora}
-        if self.connector not in CONNECTORS:
-            raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
-        if self.qformer_init not in QFORMER_INITS:
-            raise ValueError(f"qformer_init must be one of {QFORMER_INITS}, got {self.qformer_init!r}")
+        problems = [(name, f"must be one of {get_args(choices)}, got {getattr(self, name)!r}")
+                    for name, choices in (("connector", Connector), ("qformer_init", QFormerInit),
+                                          ("transcript_format", TranscriptFormat))
+                    if getattr(self, name) not in get_args(choices)]
+        problems += architecture_problems(self)
+        if problems:
+            raise ValueError("; ".join(f"{name}: {problem}" for name, problem in problems))
 
     @classmethod
     def from_components(cls, encoder: str, llm: str, **kwargs: Any) -> DestaConfig:
         """A config naming a Whisper checkpoint and a chat LLM checkpoint (Hub ids or folders)."""
-        text_config = AutoConfig.from_pretrained(llm).to_dict()
-        if (text_config.get("quantization_config") or {}).get("quant_method") == "gguf":
-            text_config.pop("quantization_config")  # see desta.core.llm.load_causal_lm
         return cls(
             encoder_config=AutoConfig.from_pretrained(encoder).to_dict(),
-            text_config=text_config,
+            text_config=llm_config(llm).to_dict(),
             encoder_name_or_path=_reference(encoder),
             llm_name_or_path=_reference(llm),
             **kwargs,
@@ -279,8 +296,8 @@ class DestaModel(PreTrainedModel):
         """
         audio_id = self.config.audio_token_id
         if audio_id is None:
-            raise ValueError("config.audio_token_id is not set; build the model with the processor's id: "
-                             "config.audio_token_id = processor.audio_token_id")
+            raise ValueError("config.audio_token_id is not set; build the model with desta.build, or give DestaConfig "
+                             "audio_token_id=desta.model.processing.add_audio_token(tokenizer)")
         audio_mask = input_ids == audio_id  # (batch, seq)
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(audio_mask, 0))
         slots = int(audio_mask.sum())
@@ -382,15 +399,36 @@ class DestaModel(PreTrainedModel):
         return weights
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
-                        **_: Any) -> None:
+                        full: bool = False, **_: Any) -> None:
         """Write config.json and the trainable weights (connector, LoRA) as model.safetensors; `state_dict`
-        (gathered by the caller) replaces the model's own weights."""
+        (gathered by the caller) replaces the model's own weights. With `full`, the whole model instead (`_save_full`),
+        which loads with no base checkpoint."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
+        if full:
+            self._save_full(folder)
+            return
         self.config.save_pretrained(folder)
         weights = self.trainable_state_dict() if state_dict is None else {
             k: v.detach().contiguous() for k, v in state_dict.items() if self.is_trainable_name(k)}
         save_file(weights, folder / WEIGHTS, metadata={"format": "pt", "desta": "trainable"})
+
+    def _save_full(self, folder: Path) -> None:
+        """Every weight (LoRA merged into this model's LLM, in place) as safetensors shards, a config naming no base,
+        and both bases' generation settings (GENERATION_CONFIGS), which `from_pretrained` reads back."""
+        from huggingface_hub import save_torch_state_dict
+
+        if self.config.lora is not None:
+            self.llm = self.llm.merge_and_unload()
+            self.config.lora = None
+        self.config.encoder_name_or_path = self.config.llm_name_or_path = None
+        self.config.save_pretrained(folder)
+        for part, name in GENERATION_CONFIGS.items():  # the config alone would leave Whisper's and the LLM's defaults
+            getattr(self, part).generation_config.save_pretrained(folder, config_file_name=name)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        # shared (tied) tensors are written once; loading restores the tie
+        save_torch_state_dict(state, folder, filename_pattern="model{suffix}.safetensors", max_shard_size="5GB",
+                              metadata={"format": "pt", "desta": "full"})
 
     @classmethod
     def from_base(cls, config: DestaConfig, dtype: torch.dtype = torch.float32) -> DestaModel:
@@ -465,10 +503,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     configs, tokenizer; never pickles)."""
     path = Path(name_or_path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / CONFIG).is_file():
             raise FileNotFoundError(f"{path} holds no config.json; point at a folder written by save_pretrained")
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) or path.exists():
+    if not is_hub_id(name_or_path):
         raise FileNotFoundError(f"checkpoint {name_or_path} not found: give a folder written by save_pretrained "
                                 "or a Hub repository id such as user/desta-model")
     from huggingface_hub import snapshot_download

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,6 @@ def default_tapped_layers(num_layers: int) -> list[int]:
 
 
 LogitPositions = Literal["labelled", "all"]
-LOGIT_POSITIONS = ("labelled", "all")
 # Config entries of LLMs whose logits are more than the output projection of the last hidden state (Gemma's
 # soft-capping, Cohere's scale): for those the labelled positions are gathered from the model's own logits.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
@@ -277,8 +276,8 @@ def lm_forward(llm: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask
     samples: attention becomes block-diagonal (desta.model.packing). kwargs go to the LLM (num_items_in_batch:
     the loss is the sum over labelled tokens divided by it, as transformers' own loss takes it).
     """
-    if logits_at not in LOGIT_POSITIONS:
-        raise ValueError(f"logits_at must be one of {LOGIT_POSITIONS}, got {logits_at!r}")
+    if logits_at not in get_args(LogitPositions):
+        raise ValueError(f"logits_at must be one of {get_args(LogitPositions)}, got {logits_at!r}")
     rows = inputs_embeds.shape[0]
     flat = False
     if position_ids is not None:

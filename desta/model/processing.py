@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -21,15 +22,44 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, PreTrain
 from desta.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, num_windows, split_windows, time_span, validate_audio
 from desta.core.artifacts import CONFIG, PROCESSOR_CONFIG
 from desta.core.sequences import IGNORE_INDEX, Conversation, chat_tokens, pad_batch, render_chat, strip_answers
-from desta.prompts import DEFAULT_SYSTEM_PROMPT, speech_turn
+from desta.prompts import DEFAULT_SYSTEM_PROMPT, TRAINED, Trained, speech_turn
 
 # What the transcript slot after the audio vectors reads: the bare transcript (the papers), or the
 # clip's time span before it, as the text LLM's description line has it.
-TRANSCRIPT_FORMATS = ("bare", "timestamped")
-# What the processor takes from the model's config (config.json is their one home).
-MODEL_SETTINGS = ("audio_token", "num_queries", "transcript_max_tokens", "pad_to_30s", "transcript_format")
+TranscriptFormat = Literal["bare", "timestamped"]
+
+
+@dataclass(frozen=True)
+class AudioSlots:
+    """How a clip's positions are laid out: the settings a processor shares with its model. A checkpoint's
+    config.json holds them (DestaConfig's fields, whose defaults are these) and the processor reads them there."""
+
+    audio_token: str = "<|AUDIO|>"
+    num_queries: int = 64
+    transcript_max_tokens: int = 100
+    pad_to_30s: bool = False
+    transcript_format: TranscriptFormat = "bare"
+
+
+SLOTS = AudioSlots()  # the defaults, set once
+MODEL_SETTINGS = tuple(f.name for f in fields(AudioSlots))  # what the processor takes from the model's config
 # Pad variable-length windows to a whole number of encoder steps (2 mel frames of 160 samples).
 PAD_MULTIPLE = 2 * HOP_LENGTH
+
+
+def add_audio_token(tokenizer: PreTrainedTokenizerBase, audio_token: str = SLOTS.audio_token) -> int:
+    """The id of the audio placeholder in `tokenizer`, added to it first as a special token when it lacks it: its
+    positions are overwritten by audio vectors before the LLM sees them, so the LLM's embeddings are never resized.
+    A new model's config records this id (`audio_token_id`).
+
+    >>> from desta.model.tiny import tiny_tokenizer
+    >>> tokenizer = tiny_tokenizer()
+    >>> add_audio_token(tokenizer) == add_audio_token(tokenizer) == tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    True
+    """
+    if audio_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(audio_token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(audio_token)
 
 
 class DestaProcessor:
@@ -50,9 +80,10 @@ class DestaProcessor:
     """
 
     def __init__(self, feature_extractor: WhisperFeatureExtractor, tokenizer: PreTrainedTokenizerBase,
-                 audio_token: str = "<|AUDIO|>", num_queries: int = 64, transcript_max_tokens: int = 100,
-                 pad_to_30s: bool = False, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                 transcript_format: str = "bare"):
+                 audio_token: str = SLOTS.audio_token, num_queries: int = SLOTS.num_queries,
+                 transcript_max_tokens: int = SLOTS.transcript_max_tokens, pad_to_30s: bool = SLOTS.pad_to_30s,
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                 transcript_format: TranscriptFormat = SLOTS.transcript_format):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path or 'in memory'}) has "
                              "no chat template; use a chat (instruct) model's tokenizer or set "
@@ -60,10 +91,7 @@ class DestaProcessor:
         if not tokenizer.is_fast:
             raise ValueError("DestaProcessor needs a fast tokenizer (offsets locate the responses); "
                              "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
-        if audio_token not in tokenizer.get_vocab():
-            # A special token outside the LLM's vocabulary: its positions are overwritten by audio
-            # vectors before the LLM sees them, so the LLM's embeddings are never resized.
-            tokenizer.add_tokens([AddedToken(audio_token, special=True, normalized=False)], special_tokens=True)
+        add_audio_token(tokenizer, audio_token)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.feature_extractor = feature_extractor
@@ -73,8 +101,9 @@ class DestaProcessor:
         self.transcript_max_tokens = transcript_max_tokens
         self.pad_to_30s = pad_to_30s
         self.system_prompt = system_prompt
-        if transcript_format not in TRANSCRIPT_FORMATS:
-            raise ValueError(f"transcript_format must be one of {TRANSCRIPT_FORMATS}, got {transcript_format!r}")
+        if transcript_format not in get_args(TranscriptFormat):
+            raise ValueError(f"transcript_format must be one of {get_args(TranscriptFormat)}, got "
+                             f"{transcript_format!r}")
         self.transcript_format = transcript_format
 
     sampling_rate = SAMPLE_RATE
@@ -89,12 +118,22 @@ class DestaProcessor:
                     feature_extractor: WhisperFeatureExtractor | None = None,
                     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> DestaProcessor:
         """A processor matching a DestaConfig (its audio token, queries and transcript settings), asking with
-        `system_prompt`. A new model's config records the processor's audio token id: see
-        desta.model.loading.processor_for."""
+        `system_prompt`. It reads the config and never writes it; a config whose audio_token_id is not the
+        tokenizer's id of its audio token is refused."""
         feature_extractor = feature_extractor or WhisperFeatureExtractor(
             feature_size=config.encoder_config.num_mel_bins)
-        return cls(feature_extractor, tokenizer, system_prompt=system_prompt,
-                   **{name: getattr(config, name) for name in MODEL_SETTINGS})
+        processor = cls(feature_extractor, tokenizer, system_prompt=system_prompt,
+                        **{name: getattr(config, name) for name in MODEL_SETTINGS})
+        processor.check_audio_token_id(config.audio_token_id)
+        return processor
+
+    def check_audio_token_id(self, recorded: int | None) -> None:
+        """Refuse a model config whose audio_token_id (`recorded`; None: not recorded) differs from this tokenizer's
+        id of the audio token: the model would look for the placeholders under another id."""
+        if recorded is not None and recorded != self.audio_token_id:
+            raise ValueError(f"the model's config says the audio token {self.audio_token!r} has id {recorded}, but "
+                             f"the tokenizer gives it id {self.audio_token_id}; use the tokenizer the model was "
+                             "built with (the checkpoint's own)")
 
     # ----- save / load -----
 
@@ -108,9 +147,10 @@ class DestaProcessor:
         (folder / PROCESSOR_CONFIG).write_text(json.dumps({"system_prompt": self.system_prompt}, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, system_prompt: str | None = None) -> DestaProcessor:
-        """The processor of a checkpoint folder: the settings its config.json holds, the system prompt it was
-        saved with (or `system_prompt`: "" for none)."""
+    def from_pretrained(cls, folder: str | os.PathLike, system_prompt: str | None | Trained = TRAINED
+                        ) -> DestaProcessor:
+        """The processor of a checkpoint folder: the settings its config.json holds, and the system prompt it was
+        saved with (TRAINED) or `system_prompt` (None or "": none)."""
         folder = Path(folder)
         for name in (CONFIG, PROCESSOR_CONFIG):
             if not (folder / name).is_file():
@@ -118,9 +158,12 @@ class DestaProcessor:
                                         "desta.save(model, processor, folder)")
         config = json.loads((folder / CONFIG).read_text())
         saved = json.loads((folder / PROCESSOR_CONFIG).read_text())
-        prompt = saved.get("system_prompt", DEFAULT_SYSTEM_PROMPT) if system_prompt is None else system_prompt or None
-        return cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                   system_prompt=prompt, **{name: config[name] for name in MODEL_SETTINGS if name in config})
+        trained = saved.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
+        prompt = trained if system_prompt is TRAINED else system_prompt or None
+        processor = cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                        system_prompt=prompt, **{name: config[name] for name in MODEL_SETTINGS if name in config})
+        processor.check_audio_token_id(config.get("audio_token_id"))
+        return processor
 
     # ----- text -----
 

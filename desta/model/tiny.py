@@ -28,6 +28,8 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
+from desta.core.summary import Summary
+
 if TYPE_CHECKING:
     from desta.model.modeling import DestaModel
     from desta.model.processing import DestaProcessor
@@ -152,12 +154,15 @@ def tiny_llm(seed: int = 0) -> LlamaForCausalLM:
 
 def tiny_model(seed: int = 0, **config_kwargs: Any) -> tuple[DestaModel, DestaProcessor]:
     """An in-memory tiny DestaModel and its processor (random weights, same for a seed)."""
-    from desta.model.loading import processor_for  # here: the tiny bases alone load under an older transformers
+    # imported here: the tiny bases alone load under an older transformers
     from desta.model.modeling import DestaConfig, DestaModel
+    from desta.model.processing import SLOTS, DestaProcessor, add_audio_token
 
     whisper, llm, tokenizer = tiny_whisper(seed), tiny_llm(seed + 1), tiny_tokenizer()
-    config = DestaConfig(encoder_config=whisper.config.to_dict(), text_config=llm.config.to_dict(), **config_kwargs)
-    processor = processor_for(config, tokenizer)
+    audio_token_id = add_audio_token(tokenizer, config_kwargs.get("audio_token", SLOTS.audio_token))
+    config = DestaConfig(encoder_config=whisper.config.to_dict(), text_config=llm.config.to_dict(),
+                         audio_token_id=audio_token_id, **config_kwargs)
+    processor = DestaProcessor.from_config(config, tokenizer)
     torch.manual_seed(seed + 2)
     return DestaModel(config, whisper=whisper, llm=llm).eval(), processor
 
@@ -192,6 +197,7 @@ class TinyModelsConfig:
     """the weights depend only on it"""
 
 
-def write_tiny_models(config: TinyModelsConfig) -> tuple[Path, Path]:
+def write_tiny_models(config: TinyModelsConfig) -> Summary:
     """`desta tiny-models`: write both tiny models into config.out; returns the Whisper and LLM folders."""
-    return save_tiny_bases(config.out, seed=config.seed)
+    whisper, llm = save_tiny_bases(config.out, seed=config.seed)
+    return Summary({"whisper": str(whisper), "llm": str(llm)}, f"wrote {whisper} and {llm}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from desta.core.artifacts import shown_model
+from desta.core.hub import public_name
 from desta.core.stats import bootstrap_table, mean_interval
 from desta.posttrain.retention import RETAINED
 
@@ -90,7 +90,7 @@ def render_comparison(comparison: dict) -> str:
     rate = {k: "-" if v is None else f"{v:.3f}" for k, v in base.items()}
     retained = ("format following, refusing harmful requests and answering safe ones" if n.get("refusal_rate")
                 else "format following alone (no refusal items)")
-    lines = [f"# Forgetting comparison: {shown_model(comparison['model'])} ({comparison['style']})", "",
+    lines = [f"# Forgetting comparison: {public_name(comparison['model'])} ({comparison['style']})", "",
              "Each delta is trained minus base on the same items, with its 95 % paired bootstrap interval in brackets "
              "(bold: the interval leaves out 0). With several seeds: the seed mean ± the standard deviation over "
              "seeds, and the interval of the seed mean. Task: held-out new-task accuracy (verifier). Retained: mean "
@@ -258,7 +258,7 @@ def plot_forgetting(comparison: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"{shown_model(comparison['model'])}: gain against forgetting, one point per strategy and seed, "
+    fig.suptitle(f"{public_name(comparison['model'])}: gain against forgetting, one point per strategy and seed, "
                  "95 % intervals (lower right is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -29,6 +29,7 @@ from desta.core.chunks import differences, read_jsonl, to_jsonl, write_atomic
 from desta.core.digests import content_digest
 from desta.core.generation import TransformersBackend
 from desta.core.llm import default_device, default_dtype, load_causal_lm, load_chat_llm
+from desta.core.summary import Summary
 from desta.posttrain.config import MOVED, PLAN_SETTINGS, PostTrainConfig
 from desta.posttrain.data import strategy_data
 from desta.posttrain.report import (
@@ -47,6 +48,8 @@ from desta.posttrain.verifiers import Verifier, make_verifier
 
 METRICS = "metrics.json"  # written last: its presence marks a run finished
 BASE = "base"
+ANSWERS = "answers.jsonl"  # every answer of a run, item by item
+REFERENCES = "references.json"  # the base run's answers the others are compared with
 # The settings the base measurement depends on (with the sources' fingerprint).
 BASE_SETTINGS = ("model", "chat_template", "task", "retention", "eval_max_new_tokens", "probe_max_new_tokens",
                  "generation_batch_size", "answer_max_new_tokens")
@@ -267,7 +270,7 @@ def train_run(run: Run, config: PostTrainConfig, shared: Shared, folder: Path, s
     log(f"  trained in {time.perf_counter() - started:.0f} s (its data and training); measuring")
     scores, answers = measure(trained, shared.eval_rows, shared.verifier, shared.sets, shared.references,
                               config.eval_max_new_tokens, config.probe_max_new_tokens, log, adapter)
-    write_atomic(folder / "answers.jsonl", to_jsonl(answers))
+    write_atomic(folder / ANSWERS, to_jsonl(answers))
     if (config.save_models or run.strategy in config.save_models_of) and trains(run.parts):
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
@@ -290,11 +293,11 @@ def measure_base(config: PostTrainConfig, folder: Path, settings: dict[str, Any]
     backend = generation_backend(*load_model(config), config)
     log(f"base model: reference answers to {len(sets['own_answer'])} general requests")
     references = reference_answers(backend, sets["own_answer"], config.retention.own_answer_max_new_tokens)
-    write_atomic(folder / "references.json", json.dumps(references))
+    write_atomic(folder / REFERENCES, json.dumps(references))
     log(f"base model: measuring {len(eval_rows)} task questions and the retention sets")
     scores, answers = measure(backend, eval_rows, verifier, sets, references, config.eval_max_new_tokens,
                               config.probe_max_new_tokens, log)
-    write_atomic(folder / "answers.jsonl", to_jsonl(answers))
+    write_atomic(folder / ANSWERS, to_jsonl(answers))
     base = {"settings": settings, "scores": scores, "means": means(scores),
             "items": {k: len(v) for k, v in scores.items()}, "seconds": round(time.perf_counter() - started, 1)}
     write_atomic(folder / METRICS, json.dumps(base, indent=1))
@@ -313,7 +316,7 @@ def base_replay_rows(config: PostTrainConfig, folder: Path) -> list[dict]:
     return read_jsonl(path)
 
 
-def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> Summary:
     """Measure the base model, then train and measure each run not finished yet; write the comparison."""
     verifier = make_verifier(config.task.verifier)
     train_rows, eval_rows = load_task(config.task)
@@ -326,7 +329,7 @@ def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> di
     done = check_resume(out, planned, config.overwrite)
     invocation = time.perf_counter()
     base = done.get(BASE) or measure_base(config, out / BASE, planned[BASE], eval_rows, verifier, sets, log)
-    references = json.loads((out / BASE / "references.json").read_text())
+    references = json.loads((out / BASE / REFERENCES).read_text())
     needs_replay = any(r.stage == "replay" for run in runs if run.folder not in done for r in records(run.parts))
     shared = Shared(train_rows, eval_rows, verifier, sets, references,
                     base_replay_rows(config, out / BASE) if needs_replay else [], base, out / BASE)
@@ -350,9 +353,10 @@ def posttrain(config: PostTrainConfig, log: Callable[[str], None] = print) -> di
                   "runs": [{k: v for k, v in r.items() if k not in ("scores", "settings")} for r in results],
                   "seconds": round(base["seconds"] + sum(r["seconds"] for r in results), 1),
                   "seconds_this_invocation": round(time.perf_counter() - invocation, 1)}
+    markdown = render_comparison(comparison)
     write_atomic(out / COMPARISON_JSON, json.dumps(comparison, indent=1))
-    write_atomic(out / COMPARISON_MD, render_comparison(comparison))
+    write_atomic(out / COMPARISON_MD, markdown)
     plot_forgetting(comparison, out / FORGETTING_PLOT)
     if points:
         plot_replay_sweep(points, out / REPLAY_SWEEP_PLOT)
-    return comparison
+    return Summary(comparison, markdown)

@@ -3,11 +3,11 @@ stands for the model's old training data."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from desta.core.chunks import read_jsonl
 from desta.core.generation import Backend, SamplingSettings
 from desta.posttrain.config import TaskSection
 
@@ -56,7 +56,7 @@ def read_rows(path: str | Path, what: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} not found; give a JSONL file with instruction and answer "
                                 "columns")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not r.get("instruction") or "answer" not in r]
     if bad or not rows:
         raise ValueError(f"{path}: every row needs instruction and answer ({len(bad)} of {len(rows)} do not, e.g. "

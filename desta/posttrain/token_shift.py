@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from desta.core.args import raise_problems
-from desta.core.artifacts import shown_model
-from desta.core.chunks import write_atomic
+from desta.core.chunks import read_jsonl, write_atomic
 from desta.core.digests import content_digest
+from desta.core.hub import public_name
 from desta.core.llm import load_causal_lm
 from desta.core.sequences import chat_tokens, end_of_turn_ids, pad_batch
+from desta.core.summary import Summary
 from desta.posttrain.retention import REQUESTS, TOPICS
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def load_prompts(config: TokenShiftConfig) -> list[str]:
         path = Path(config.prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {path} not found; give a JSONL with an instruction per line")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
         texts = [r.get("instruction") or r.get("prompt") for r in rows if isinstance(r, dict)]
         if not texts or not all(texts):
             raise ValueError(f"{path}: every line needs an instruction (or prompt) field")
@@ -212,7 +213,7 @@ def shown(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
 def render_report(report: dict[str, Any]) -> str:
     """token_shift.md: the shares, the change rate by answer position and the most often changed tokens."""
     s, settings = report["shares"], report["settings"]
-    lines = [f"# Token shift: {shown_model(settings['base'])} -> {shown_model(settings['aligned'])}", "",
+    lines = [f"# Token shift: {public_name(settings['base'])} -> {public_name(settings['aligned'])}", "",
              f"{report['answers']} answers by the aligned model (greedy, up to {settings['max_new_tokens']} tokens), "
              f"{s['positions']} answer positions, each ranked among the base model's next-token choices. Changed: "
              f"not the base model's top choice (marginal: rank 2-{settings['marginal_rank']}; shifted: lower).", "",
@@ -249,8 +250,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     right.barh(labels, [t["changed"] for t in tokens], color="#cc6677")
     right.set_xlabel("changed positions (\u00b7 a space)")
     right.tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"token shift {shown_model(report['settings']['base'])} -> "
-                 f"{shown_model(report['settings']['aligned'])}: "
+    fig.suptitle(f"token shift {public_name(report['settings']['base'])} -> "
+                 f"{public_name(report['settings']['aligned'])}: "
                  f"{report['shares']['changed']:.1%} of {report['shares']['positions']} positions changed",
                  fontsize=10)
     fig.tight_layout()
@@ -268,9 +269,15 @@ def report_settings(config: TokenShiftConfig) -> dict[str, Any]:
     return settings
 
 
-def token_shift(config: TokenShiftConfig) -> dict[str, Any]:
+def token_shift(config: TokenShiftConfig) -> Summary:
     """Answer the prompts with the aligned model, rank every answer token under the base model, write the report
-    (kept as it is when one with the same settings exists); returns it."""
+    (kept as it is when one with the same settings exists); returns it, printed as token_shift.md."""
+    report = _token_shift_report(config)
+    return Summary(report, render_report(report) + f"wrote {config.out}/{REPORT_MD}, {REPORT_JSON}, {REPORT_PNG}")
+
+
+def _token_shift_report(config: TokenShiftConfig) -> dict[str, Any]:
+    """The report of `token_shift`: the one on disk when its settings match, else made and written."""
     from transformers import AutoTokenizer
 
     out = Path(config.out)

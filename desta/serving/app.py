@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
-from desta.core.artifacts import shown_model
+from desta.core.extras import require_extra
 from desta.core.generation import SamplingSettings
+from desta.core.hub import public_name
 from desta.prompts import speech_messages, with_system
 from desta.serving.serve import AUDIO_FORMATS, ServeLimits
 
@@ -152,13 +153,6 @@ class RemoteChat:
                     yield piece
 
 
-def _text(content: Any) -> str:
-    """A chatbot message's text: gradio 6 hands it back as a list of {"text", "type"} parts."""
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)
-
-
 def _shown(turn: dict) -> dict:
     """A turn as the chatbot shows it: a user turn with a clip names the clip and its length first."""
     text = turn["text"]
@@ -172,6 +166,7 @@ def build_app(chat: LocalChat | RemoteChat, limits: ServeLimits = DEFAULTS, max_
     """The Gradio page around a chat: audio in (upload or microphone), an instruction, the streamed answer,
     Whisper's transcript and the duration; its `/chat` endpoint answers gradio_client too."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
+    require_extra("app", "desta app")
     import gradio as gr
 
     def refuse(message: str) -> gradio.Error:
@@ -226,7 +221,7 @@ def build_app(chat: LocalChat | RemoteChat, limits: ServeLimits = DEFAULTS, max_
         return [], "", "", {"turns": [], "clips": []}, None, ""
 
     kind = "speech" if chat.accepts_audio else "text-only"
-    shown = shown_model(chat.model_id)
+    shown = public_name(chat.model_id)
     with gr.Blocks(title=f"desta: {shown}", analytics_enabled=False) as app:
         gr.Markdown(f"## desta · `{shown}` ({kind})\n"
                     + ("Record or upload a clip, ask about it, and keep asking: each turn may add a clip, or none "

@@ -19,6 +19,8 @@ import numpy as np
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
 from desta.core.generation import SamplingSettings
+from desta.core.summary import Summary
+from desta.prompts import system_prompt_setting
 from desta.serving.engine import MAX_AUDIO_SECONDS
 
 if TYPE_CHECKING:
@@ -114,18 +116,20 @@ def answer_batch(model: DestaModel, processor: DestaProcessor, path: Path, out: 
     return {"rows": len(results), "answered": len(results) - failed, "failed": failed}
 
 
-def chat(config: ChatConfig, stream: TextIO | None = None) -> dict[str, Any]:
+def chat(config: ChatConfig, stream: TextIO | None = None) -> Summary:
     """Answer the instruction (streamed to `stream`, stdout by default) or the batch file."""
     from desta.model.loading import load
     from desta.serving.engine import DestaEngine
 
     clips = [load_clip(p, config.max_audio_seconds) for p in config.audio]  # before the model loads
-    model, processor = load(config.checkpoint, system_prompt=config.system)
+    model, processor = load(config.checkpoint, system_prompt=system_prompt_setting(config.system))
     if config.batch:
         out = Path(config.out or Path(config.batch).with_suffix(".answers.jsonl"))
         counts = answer_batch(model, processor, Path(config.batch), out, config.batch_size, config.max_new_tokens,
                               config.max_audio_seconds)
-        return {**counts, "out": str(out)}
+        return Summary({**counts, "out": str(out)}, f"answered {counts['answered']} of {counts['rows']} rows "
+                                                    f"({counts['failed']} with errors) -> {out}",
+                       failed=bool(counts["failed"]))
     engine = DestaEngine(model, processor, config.checkpoint)
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     stream = stream or sys.stdout
@@ -135,4 +139,4 @@ def chat(config: ChatConfig, stream: TextIO | None = None) -> dict[str, Any]:
         stream.write(piece)
         stream.flush()
     stream.write("\n")
-    return {"answer": "".join(pieces)}
+    return Summary({"answer": "".join(pieces)})  # already streamed: nothing more to print

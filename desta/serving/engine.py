@@ -23,7 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend, finish_generation, generate_kwargs
 from desta.core.sequences import end_of_turn_ids
-from desta.prompts import with_system
+from desta.prompts import system_prompt_setting, with_system
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -251,7 +251,7 @@ def load_engine(checkpoint: str | None = None, llm: str | None = None, model_id:
         return TextEngine(TransformersBackend(llm), model_id or served_name(llm), system_prompt or None)
     from desta.model.loading import load
 
-    model, processor = load(checkpoint, system_prompt=system_prompt)
+    model, processor = load(checkpoint, system_prompt=system_prompt_setting(system_prompt))
     return DestaEngine(model, processor, model_id or served_name(checkpoint))
 
 

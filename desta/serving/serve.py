@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from desta.audio import SAMPLE_RATE, AudioError, load_audio
 from desta.core.args import raise_problems
+from desta.core.extras import require_extra
 from desta.core.generation import SamplingSettings
 from desta.prompts import speech_messages
 from desta.serving.engine import MAX_AUDIO_SECONDS, PromptTooLong
@@ -520,6 +521,7 @@ def serve(config: ServeConfig) -> None:
     interrupted."""
     import os
 
+    require_extra("serve", "desta serve")
     import uvicorn
 
     from desta.serving.engine import load_engine

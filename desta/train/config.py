@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from desta.core.args import field_docs, raise_problems
 from desta.core.optim import OptimSection, Precision, resolved_precision
-from desta.model.modeling import DestaConfig
+from desta.model.modeling import DestaConfig, architecture_problems
 from desta.model.tiny import TINY
 
 
@@ -51,18 +51,7 @@ ARCHITECTURE = ("connector", "frame_norm", "tapped_layers", "num_queries", "qfor
 
 
 def _check_model(section: Any) -> None:
-    problems = []
-    if section.num_queries < 1 or section.qformer_layers < 1 or section.transcript_max_tokens < 0:
-        problems.append(("num_queries", "num_queries and qformer_layers must be at least 1, "
-                                        "transcript_max_tokens 0 or more"))
-    if section.qformer_intermediate_size is not None and section.qformer_intermediate_size < 1:
-        problems.append(("qformer_intermediate_size", f"must be at least 1 (or null), got "
-                                                      f"{section.qformer_intermediate_size}"))
-    if not section.query_init_std > 0:
-        problems.append(("query_init_std", f"must be positive, got {section.query_init_std}"))
-    if not 0 <= section.qformer_dropout < 1:
-        problems.append(("qformer_dropout", f"must be in [0, 1), got {section.qformer_dropout}"))
-    raise_problems(problems)
+    raise_problems(architecture_problems(section))  # DestaConfig's own checks, reported with the other settings'
 
 
 def _architecture_section() -> type:

@@ -10,8 +10,6 @@ sees the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +21,8 @@ import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from desta.audio import SAMPLE_RATE, load_audio_ref, num_windows
-from desta.core.chunks import saved_empty
+from desta.core.chunks import read_jsonl, saved_empty
+from desta.core.digests import fingerprint
 from desta.core.optim import process_state
 from desta.core.replay import draw
 from desta.core.sequences import Conversation, chat_tokens, pad_batch
@@ -77,7 +76,7 @@ def load_text_rows(path: str) -> list[dict[str, str]]:
     from datasets import load_from_disk
 
     if Path(path).is_file():
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
     elif Path(path).is_dir():
         rows = list(load_from_disk(path))
     else:
@@ -195,7 +194,7 @@ def _counts_key(dataset: Dataset, processor: DestaProcessor) -> str:
                 "audio_token": processor.audio_token, "num_queries": processor.num_queries,
                 "transcript_max_tokens": processor.transcript_max_tokens,
                 "transcript_format": processor.transcript_format}
-    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=12).hexdigest()
+    return fingerprint(settings)
 
 
 def _row_token_counts(batch: dict[str, list], processor: DestaProcessor) -> dict[str, list[int]]:

@@ -29,6 +29,7 @@ from desta.audio import load_audio_ref, split_windows
 from desta.core.chunks import write_atomic
 
 if TYPE_CHECKING:
+    import numpy as np
     from datasets import Dataset
 
     from desta.model.modeling import DestaModel
@@ -56,6 +57,23 @@ def merge_parts(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     for part in parts:
         part.unlink()
     return meta
+
+
+@torch.no_grad()
+def _encode_clips(model: DestaModel, processor: DestaProcessor, audios: dict[str, np.ndarray], device: torch.device,
+                  dtype: torch.dtype, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Encode one batch of clips, by id, into `tensors` ("ID/WINDOW": (layers, steps, d_model) in `dtype`, on the
+    CPU); returns each clip's window count."""
+    owners, windows = [], []
+    for clip_id, audio in audios.items():
+        pieces = split_windows(audio)
+        owners += [(clip_id, w) for w in range(len(pieces))]
+        windows += pieces
+    features = {k: v.to(device) for k, v in processor.extract_features(windows).items()}
+    hidden, mask = model.encode_audio(**features)  # (layers, windows, steps, d_model), (windows, steps)
+    for w, (clip_id, piece) in enumerate(owners):
+        tensors[f"{clip_id}/{piece}"] = hidden[:, w, : int(mask[w].sum())].to(dtype).cpu().contiguous()
+    return {clip_id: sum(1 for c, _ in owners if c == clip_id) for clip_id in audios}
 
 
 @torch.no_grad()
@@ -99,18 +117,8 @@ def cache_features(model: DestaModel, processor: DestaProcessor, dataset: Datase
             counts: dict[str, int] = {}
             for batch_start in range(0, len(ids), batch_size):
                 batch_ids = ids[batch_start : batch_start + batch_size]
-                owners, windows = [], []
-                for clip_id in batch_ids:
-                    audio = load_audio_ref(dataset[first_row[clip_id]]["audio"], name=clip_id)
-                    pieces = split_windows(audio)
-                    counts[clip_id] = len(pieces)
-                    owners += [(clip_id, w) for w in range(len(pieces))]
-                    windows += pieces
-                features = {k: v.to(device) for k, v in processor.extract_features(windows).items()}
-                hidden, mask = model.encode_audio(**features)  # (layers, windows, steps, d_model), (windows, steps)
-                for w, (clip_id, piece) in enumerate(owners):
-                    steps = int(mask[w].sum())
-                    tensors[f"{clip_id}/{piece}"] = hidden[:, w, :steps].to(DTYPES[dtype]).cpu().contiguous()
+                audios = {c: load_audio_ref(dataset[first_row[c]]["audio"], name=c) for c in batch_ids}
+                counts.update(_encode_clips(model, processor, audios, device, DTYPES[dtype], tensors))
                 bar.update(len(batch_ids))
             digest = hashlib.blake2b("\n".join(ids).encode(), digest_size=10).hexdigest()
             name = f"shard-{digest}.safetensors"  # named by its clips: unique across processes and runs
@@ -134,7 +142,7 @@ class FeatureCache:
 
     def __init__(self, folder: str | os.PathLike, model: DestaModel | None = None):
         self.folder = Path(folder)
-        meta_file = self.folder / "meta.json"
+        meta_file = self.folder / META
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found; build the cache with `desta cache-features`")
         self.meta = json.loads(meta_file.read_text())

@@ -50,6 +50,7 @@ from typing import Any
 
 from desta.core.args import raise_problems
 from desta.core.optim import resolved_precision
+from desta.core.summary import Summary
 from desta.train.config import TrainConfig, frozen_dtype
 
 GB = 1e9
@@ -359,9 +360,9 @@ def _precision_bytes(config: TrainConfig) -> tuple[int, int]:
     return frozen, compute
 
 
-def plan(config: PlanConfig) -> dict[str, Any]:
+def plan(config: PlanConfig) -> Summary:
     """The plan's numbers: parameters, FLOPs per sample, memory per GPU by mode, fit, time."""
-    from desta.model.modeling import DEFAULT_LORA, default_tapped_layers
+    from desta.model.modeling import default_tapped_layers
 
     model, optim = config.model, config.optim
     w, m = whisper_arch(model.encoder, config.encoder_arch), llm_arch(model.llm, config.llm_arch)
@@ -369,14 +370,9 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     memory_gb = config.memory_gb or gpu.memory_gb
     taps = model.tapped_layers or default_tapped_layers(w.encoder_layers)
     intermediate = model.qformer_intermediate_size or 4 * w.d_model
-    lora = {**DEFAULT_LORA, **model.lora} if model.lora else None
     frozen_bytes, c = _precision_bytes(config)
 
-    whisper = whisper_parameters(w)
-    params = {"connector": connector_parameters(w.d_model, len(taps), model.num_queries, model.qformer_layers,
-                                                intermediate, m.hidden, model.query_layernorm),
-              "lora": lora_parameters(m, lora) if lora else 0,
-              "whisper_encoder": whisper["encoder"], "whisper_decoder": whisper["decoder"], "llm": llm_parameters(m)}
+    params = _parameters(config, w, m, taps, intermediate)
     trainable = params["connector"] + params["lora"]
     frozen = params["whisper_encoder"] + params["whisper_decoder"] + params["llm"]
 
@@ -411,31 +407,56 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     if samples is None and config.hours_of_audio:
         samples = round(config.hours_of_audio * 3600 / config.clip_seconds)
     per_step_samples = batch * optim.grad_accum * config.gpus
+    time = _run_time(config, gpu, per_sample, samples, per_step_samples)
+    cache_hours = (encoder * samples / (gpu.bf16_flops * config.mfu * config.gpus) / 3600
+                   if cached and samples else None)
+    result = {"encoder": model.encoder, "llm": model.llm, "gpu": gpu.name, "gpus": config.gpus, "memory_gb": memory_gb,
+              "usable_gb": usable, "parameters": params, "trainable": trainable, "frozen": frozen,
+              "tokens": tokens, "response_tokens": response, "windows": windows, "steps": steps, "taps": taps,
+              "flops": per_sample, "encoder_forward": encoder, "cache_hours": cache_hours, "batch": batch,
+              "memory": memory, "largest_batch": largest, "samples": samples, "epochs": optim.epochs,
+              "per_step_samples": per_step_samples, "mfu": config.mfu, "time": time,
+              "targets": _targets_time(config.answers or samples, config.answer_tokens)}
+    return Summary(result, render_plan(result))
+
+
+def _parameters(config: PlanConfig, w: WhisperArch, m: LlmArch, taps: list[int], intermediate: int) -> dict[str, int]:
+    """Parameter counts by part: the connector and LoRA (trained), Whisper's encoder and decoder and the LLM."""
+    from desta.model.modeling import DEFAULT_LORA
+
+    model = config.model
+    lora = {**DEFAULT_LORA, **model.lora} if model.lora else None
+    whisper = whisper_parameters(w)
+    return {"connector": connector_parameters(w.d_model, len(taps), model.num_queries, model.qformer_layers,
+                                              intermediate, m.hidden, model.query_layernorm),
+            "lora": lora_parameters(m, lora) if lora else 0,
+            "whisper_encoder": whisper["encoder"], "whisper_decoder": whisper["decoder"], "llm": llm_parameters(m)}
+
+
+def _run_time(config: PlanConfig, gpu: Gpu, per_sample: dict[str, float], samples: int | None,
+              per_step_samples: int) -> dict[str, dict]:
+    """Step time, steps, hours and GPU-hours of the run, without and with activation checkpointing."""
+    optim = config.optim
     time = {}
     for checkpointing in (False, True):
         flops = sum(v for k, v in per_sample.items() if k != "checkpointing") + (
             per_sample["checkpointing"] if checkpointing else 0)
-        step_seconds = flops * batch * optim.grad_accum / (gpu.bf16_flops * config.mfu)
+        step_seconds = flops * optim.batch_size * optim.grad_accum / (gpu.bf16_flops * config.mfu)
         total_steps = optim.max_steps if optim.max_steps > 0 else (
             math.ceil(samples / per_step_samples * optim.epochs) if samples else None)
         hours = total_steps * step_seconds / 3600 if total_steps else None
         time["checkpointing" if checkpointing else "plain"] = {
             "flops_per_sample": flops, "step_seconds": step_seconds, "steps": total_steps, "hours": hours,
             "gpu_hours": hours * config.gpus if hours else None}
-    cache_hours = (encoder * samples / (gpu.bf16_flops * config.mfu * config.gpus) / 3600
-                   if cached and samples else None)
-    answers = config.answers or samples
-    generated = answers * config.answer_tokens if answers else None
-    targets = {"answers": answers, "tokens": generated,
-               "hours": {name: generated / rate / 3600 for name, rate in TARGET_RATES.items()} if generated else None,
-               "vllm_hours": generated / VLLM_STATED_RATE / 3600 if generated else None}
-    return {"encoder": model.encoder, "llm": model.llm, "gpu": gpu.name, "gpus": config.gpus, "memory_gb": memory_gb,
-            "usable_gb": usable, "parameters": params, "trainable": trainable, "frozen": frozen,
-            "tokens": tokens, "response_tokens": response, "windows": windows, "steps": steps, "taps": taps,
-            "flops": per_sample,
-            "encoder_forward": encoder, "cache_hours": cache_hours, "batch": batch, "memory": memory,
-            "largest_batch": largest, "samples": samples, "epochs": optim.epochs, "per_step_samples": per_step_samples,
-            "mfu": config.mfu, "time": time, "targets": targets}
+    return time
+
+
+def _targets_time(answers: int | None, answer_tokens: int) -> dict[str, Any]:
+    """The targets stage's tokens to generate for `answers`, and the hours each measured rate needs for them."""
+    generated = answers * answer_tokens if answers else None
+    return {"answers": answers, "tokens": generated,
+            "hours": {name: generated / rate / 3600 for name, rate in TARGET_RATES.items()} if generated else None,
+            "vllm_hours": generated / VLLM_STATED_RATE / 3600 if generated else None}
 
 
 def modes(gpus: int) -> tuple[str, ...]:

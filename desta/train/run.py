@@ -26,9 +26,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from desta.core.args import to_dict
-from desta.core.artifacts import LOG_HISTORY, LOSS_CURVE, RUN_CONFIG, SUMMARY
+from desta.core.artifacts import CONFIG, LOG_HISTORY, LOSS_CURVE, RUN_CONFIG, SUMMARY
 from desta.core.optim import Precision, training_arguments
 from desta.core.replay import replay_count
+from desta.core.summary import Summary
 from desta.model.modeling import DestaModel
 from desta.model.processing import DestaProcessor
 from desta.model.tiny import TINY
@@ -38,6 +39,7 @@ from desta.train.config import ModelSection, TrainConfig, frozen_dtype
 from desta.train.data import (
     DestaCollator,
     DestaDataset,
+    ExampleTable,
     apply_length_rule,
     load_targets,
     load_text_rows,
@@ -51,7 +53,8 @@ from desta.train.trainer import DestaTrainer, ProgressLines
 if TYPE_CHECKING:
     from datasets import Dataset
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    from desta.train.features import FeatureCache
+
 TOKEN_COUNTS = "token_counts"  # OUTPUT/token_counts/: each training table's sequence lengths, cached
 
 
@@ -69,12 +72,12 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0,
         from desta.model.tiny import save_tiny_bases
 
         whisper_dir, llm_dir = output_dir / "bases" / "tiny-whisper", output_dir / "bases" / "tiny-llm"
-        if not (llm_dir / "config.json").exists():
+        if not (llm_dir / CONFIG).exists():
             save_tiny_bases(output_dir / "bases")
         encoder = str(whisper_dir) if encoder == TINY else encoder
         llm = str(llm_dir) if llm == TINY else llm
     torch.manual_seed(seed)  # the connector starts from the same weights on every (re)run
-    model, processor = build(encoder, llm, dtype=DTYPES[frozen_dtype(section.dtype, precision)],
+    model, processor = build(encoder, llm, dtype=getattr(torch, frozen_dtype(section.dtype, precision)),
                              system_prompt=system_prompt,
                              **section.architecture())
     # What trains (connector, LoRA) and so its gradients and AdamW state stay in float32 whatever the frozen parts'
@@ -131,15 +134,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         print(f"desta train: resuming from {Path(resume_from).name}"
               + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
     data = config.data
-    train_set = load_targets(data.train, "train")
-    if data.max_clips:
-        ids = train_set["id"]
-        keep = set(sorted(set(ids))[: data.max_clips])
-        train_set = train_set.select([i for i, clip in enumerate(ids) if clip in keep], keep_in_memory=True)
-    eval_set = load_targets(data.eval, "eval") if data.eval else None
-    text_rows = load_text_rows(data.text_replay) if data.text_replay and data.text_ratio > 0 else []
-    if eval_set is None:
-        train_set, eval_set = split_held_out(train_set, data.eval_fraction, config.optim.seed)
+    train_set, eval_set, text_rows = _tables(config)
     system_prompt = targets_system_prompt(train_set, data.system_prompt)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +170,34 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
 
     if config.optim.gradient_checkpointing:
         model.llm.activation_checkpointing_enable()  # non-reentrant; DestaModel.train keeps it working while frozen
+    trainer = _trainer(config, out, model, processor, train_examples, eval_examples, cache, callbacks)
+    if resume_from:
+        check_checkpoint(resume_from, model)
+    return Run(config, out, model, processor, trainer, counts, resume_from)
+
+
+def _tables(config: TrainConfig) -> tuple[Dataset, Dataset | None, list[dict[str, str]]]:
+    """The training and held-out targets tables (data.max_clips applied; held out by clip when data.eval is
+    unset) and the text replay rows."""
+    data = config.data
+    train_set = load_targets(data.train, "train")
+    if data.max_clips:
+        ids = train_set["id"]
+        keep = set(sorted(set(ids))[: data.max_clips])
+        train_set = train_set.select([i for i, clip in enumerate(ids) if clip in keep], keep_in_memory=True)
+    eval_set = load_targets(data.eval, "eval") if data.eval else None
+    text_rows = load_text_rows(data.text_replay) if data.text_replay and data.text_ratio > 0 else []
+    if eval_set is None:
+        train_set, eval_set = split_held_out(train_set, data.eval_fraction, config.optim.seed)
+    return train_set, eval_set, text_rows
+
+
+def _trainer(config: TrainConfig, out: Path, model: DestaModel, processor: DestaProcessor,
+             train_examples: ExampleTable, eval_examples: ExampleTable | list, cache: FeatureCache | None,
+             callbacks: list[TrainerCallback] | None) -> DestaTrainer:
+    """The Trainer of a run: its arguments from optim and log, the datasets, the collator, the loss."""
+    data, log, loss = config.data, config.log, LOSSES[config.optim.loss]
     has_eval = bool(eval_examples)
-    log = config.log
     args = training_arguments(
         config.optim, str(out), logging_steps=log.logging_steps, logging_first_step=True,
         eval_strategy="steps" if has_eval else "no", eval_steps=log.eval_steps, eval_on_start=has_eval,
@@ -200,9 +221,7 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    if resume_from:
-        check_checkpoint(resume_from, model)
-    return Run(config, out, model, processor, trainer, counts, resume_from)
+    return trainer
 
 
 # ----- fit -----
@@ -276,14 +295,17 @@ def save(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Summary:
     """Run (or resume) a training run; returns the summary written to OUTPUT/summary.json."""
     run = setup(config, callbacks)
-    metrics = fit(run)
-    return save(run, metrics)
+    summary = save(run, fit(run))
+    return Summary(summary, f"trained {summary['steps']} steps on {summary['train_rows']} rows "
+                            f"({summary['samples_per_second']} samples/s); loss {summary['first_train_loss']} -> "
+                            f"{summary['last_train_loss']}; eval losses "
+                            f"{[round(v, 4) for _, v in summary['eval_losses']]}")
 
 
-def cache_features_for(config: TrainConfig) -> Path:
+def cache_features_for(config: TrainConfig) -> Summary:
     """The frozen encoder's tapped-layer features of the config's train and eval data, in data.feature_cache."""
     from desta.train.features import cache_features
 
@@ -297,4 +319,4 @@ def cache_features_for(config: TrainConfig) -> Path:
         if part is not None:
             cache_features(model, processor, part, config.data.feature_cache, dtype=config.data.cache_dtype,
                            progress=config.log.progress)
-    return Path(config.data.feature_cache)
+    return Summary({"cache": config.data.feature_cache}, f"features cached in {config.data.feature_cache}")

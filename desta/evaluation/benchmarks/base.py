@@ -9,13 +9,12 @@ to score it: {"style": ..., ...}).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from desta.core.hub import is_hub_id
 from desta.evaluation.systems import Judging
 
 Items = tuple[list[dict], list[dict]]  # (items, rejects with their reasons)
@@ -42,16 +41,11 @@ def resolve_source(source: str, allow_patterns: list[str] | None = None) -> Path
     path = Path(source)
     if path.exists():
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+    if is_hub_id(source):
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(source, repo_type="dataset", allow_patterns=allow_patterns))
     raise FileNotFoundError(f"benchmark source {source!r} is neither a local path nor a Hub dataset id (owner/name)")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file (blank lines skipped)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def audio_file(path: Path) -> dict:

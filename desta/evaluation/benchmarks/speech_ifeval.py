@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from desta.core.chunks import read_jsonl
 from desta.core.instructions import ensure_sentence_splitter, follows
 from desta.evaluation.benchmarks.base import (
     Benchmark,
@@ -19,7 +20,6 @@ from desta.evaluation.benchmarks.base import (
     chosen,
     mean,
     pct,
-    read_jsonl,
     resolve_source,
 )
 from desta.evaluation.systems import TEXT, Judging

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
+from desta.core.extras import install_hint, missing
 from desta.core.quality import repeated_ngram
 from desta.posttrain.examples import TextCollator
 from desta.posttrain.verifiers import Verifier
@@ -190,7 +191,10 @@ TRL_OWN = ("output_dir", "learning_rate", "per_device_train_batch_size", "max_st
 
 def trl_problems(settings: dict[str, Any], key: str, config_class: str) -> list[tuple[str, str]]:
     """Keys of the `key` dict (e.g. rl.grpo) that trl's `config_class` does not have (with the nearest one), or that
-    desta sets."""
+    desta sets; or that trl, the `posttrain` extra, is not installed."""
+    if missing("posttrain"):
+        return [("strategies", f"{key.split('.')[0]} trains with trl's {config_class}, and trl is not installed: "
+                               f"{install_hint('posttrain')}")]
     import trl
 
     known = {f.name for f in dataclasses.fields(getattr(trl, config_class))}

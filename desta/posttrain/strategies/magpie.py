@@ -5,17 +5,18 @@ the rows are deduplicated, filtered and mixed in at replay.ratio. `desta magpie`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from desta.core.args import raise_problems
+from desta.core.chunks import to_jsonl
 from desta.core.generation import SamplingSettings, TransformersBackend
 from desta.core.replay import mix
 from desta.core.sequences import end_of_turn_ids
+from desta.core.summary import Summary
 from desta.posttrain.strategies.base import DataStep, Strategy, keep_distinct, nonempty, sample_after
 
 if TYPE_CHECKING:
@@ -99,9 +100,10 @@ class MagpieConfig:
     """the sampled instructions depend only on it"""
 
 
-def write_magpie(config: MagpieConfig) -> dict[str, Any]:
+def write_magpie(config: MagpieConfig) -> Summary:
     """Write Magpie rows to config.out; returns the counts."""
     rows, dropped = magpie(TransformersBackend(config.model), config.count, config.max_new_tokens, seed=config.seed,
                            answer_tokens=config.answer_max_new_tokens)
-    Path(config.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"rows": len(rows), "dropped": dropped, "out": config.out}
+    Path(config.out).write_text(to_jsonl(rows))
+    return Summary({"rows": len(rows), "dropped": dropped, "out": config.out},
+                   f"wrote {len(rows)} rows to {config.out}; dropped {dropped}")
