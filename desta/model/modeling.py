@@ -4,8 +4,9 @@ transformers-native: `DestaConfig` (a `PreTrainedConfig`) and `DestaModel` (a `P
 built from the parts in desta.model.parts (the encoder taps, the Q-Former connector, the LLM's forward
 pass). The connector's 64 vectors per 30 s window, followed by the transcript's token embeddings, fill
 the audio placeholder positions of the LLM's input embeddings.
-Saving writes only the trainable weights (connector, LoRA) as safetensors; loading reads the
-base encoder and LLM from the checkpoints the config names, and never unpickles.
+Saving writes only the trainable weights (connector, LoRA) as safetensors, or with `full` the whole model;
+loading reads the base encoder and LLM from the checkpoints the config names (none for a full save), and
+never unpickles. The config is the checkpoint's one record: the processor reads its settings there.
 """
 
 from __future__ import annotations
