@@ -15,12 +15,12 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from desta.audio import SAMPLE_RATE, AudioError, load_audio
+from desta.audio import SAMPLE_RATE, load_audio
 from desta.core.args import raise_problems
 from desta.core.extras import require_extra
 from desta.core.generation import SamplingSettings
@@ -161,65 +161,27 @@ def _shown(turn: dict) -> dict:
     return {"role": turn["role"], "content": text}
 
 
-def build_app(chat: LocalChat | RemoteChat, limits: ServeLimits = DEFAULTS, max_new_tokens: int = 256,
-              temperature: float = 0.0) -> gradio.Blocks:
-    """The Gradio page around a chat: audio in (upload or microphone), an instruction, the streamed answer,
-    Whisper's transcript and the duration; its `/chat` endpoint answers gradio_client too."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
-    require_extra("app", "desta app")
-    import gradio as gr
+def _clip(chat: LocalChat | RemoteChat, audio_path: str, limits: ServeLimits) -> Clip:
+    """A clip of the page's turn, checked against the server's limits and transcribed (ValueError: why it is
+    refused)."""
+    if not chat.accepts_audio:
+        raise ValueError(f"{chat.model_id} is a text-only model: leave the audio empty")
+    size = os.path.getsize(audio_path)
+    if size > limits.max_body_bytes:
+        raise ValueError(f"the clip is {size / 2**20:.1f} MiB; this app accepts at most "
+                         f"{limits.max_body_bytes / 2**20:.1f} MiB")
+    samples = load_audio(audio_path, name=Path(audio_path).name)  # AudioError (a ValueError) says why not
+    seconds = len(samples) / SAMPLE_RATE
+    if seconds > limits.max_audio_seconds:
+        raise ValueError(f"the clip is {seconds:.0f} s long; this app accepts at most "
+                         f"{limits.max_audio_seconds:.0f} s per clip")
+    return Clip(audio_path, chat.transcribe(samples), seconds)
 
-    def refuse(message: str) -> gradio.Error:
-        """The error the page shows for a request it turns away, logged as one line (not a traceback)."""
-        print(f"desta app: refused a request: {message}", file=sys.stderr, flush=True)
-        return gr.Error(message, print_exception=False)
 
-    def respond(audio_path: str | None, instruction: str, tokens: float, state: dict) -> Iterator[tuple]:
-        turns, clips = list(state["turns"]), [Clip(**c) for c in state["clips"]]
-        instruction = (instruction or "").strip()
-        if not audio_path and not instruction:
-            raise refuse("Record or upload a clip, or type an instruction.")
-        turn: dict[str, Any] = {"role": "user", "text": instruction, "clip": None}
-        if audio_path:
-            if not chat.accepts_audio:
-                raise refuse(f"{chat.model_id} is a text-only model: leave the audio empty")
-            size = os.path.getsize(audio_path)
-            if size > limits.max_body_bytes:
-                raise refuse(f"the clip is {size / 2**20:.1f} MiB; this app accepts at most "
-                             f"{limits.max_body_bytes / 2**20:.1f} MiB")
-            try:
-                samples = load_audio(audio_path, name=Path(audio_path).name)
-            except AudioError as err:
-                raise refuse(str(err)) from err
-            seconds = len(samples) / SAMPLE_RATE
-            if seconds > limits.max_audio_seconds:
-                raise refuse(f"the clip is {seconds:.0f} s long; this app accepts at most "
-                             f"{limits.max_audio_seconds:.0f} s per clip")
-            clips.append(Clip(audio_path, chat.transcribe(samples) if chat.accepts_audio else None, seconds))
-            turn.update(clip=audio_path, seconds=seconds)
-        turns.append(turn)
-        last = clips[-1] if clips else None
-        heard = "" if last is None else (last.transcript if last.transcript is not None
-                                         else "(the server does not return its transcript)")
-        duration = "" if last is None else f"{last.seconds:.2f} s"
-        shown = [_shown(t) for t in turns] + [{"role": "assistant", "content": ""}]
-        settings = SamplingSettings(max_new_tokens=int(tokens), temperature=temperature)
-        answer = ""
-        try:
-            for piece in chat.stream(turns, clips, settings):
-                answer += piece
-                shown[-1]["content"] = answer
-                yield shown, heard, duration, state
-        except (RuntimeError, ValueError, OSError) as err:
-            raise gr.Error(str(err)) from err
-        turns.append({"role": "assistant", "text": answer.strip(), "clip": None})
-        shown[-1]["content"] = answer.strip()
-        state = {"turns": turns, "clips": [vars(c) for c in clips]}
-        yield shown, heard, duration, state
-
-    def clear() -> tuple:
-        return [], "", "", {"turns": [], "clips": []}, None, ""
-
+def _page(gr: Any, chat: LocalChat | RemoteChat, limits: ServeLimits, max_new_tokens: int,
+          respond: Callable[..., Iterator[tuple]], clear: Callable[[], tuple]) -> gradio.Blocks:
+    """The page's layout (gradio as `gr`): audio, instruction, buttons and examples beside the conversation,
+    Whisper's transcript and the duration; Send streams `respond` (its `/chat` endpoint), New conversation `clear`."""
     kind = "speech" if chat.accepts_audio else "text-only"
     shown = public_name(chat.model_id)
     with gr.Blocks(title=f"desta: {shown}", analytics_enabled=False) as app:
@@ -256,6 +218,58 @@ def build_app(chat: LocalChat | RemoteChat, limits: ServeLimits = DEFAULTS, max_
         instruction.submit(respond, inputs, outputs, api_visibility="private").success(
             lambda: (None, ""), None, [audio, instruction], api_visibility="private")
         new.click(clear, None, [*outputs, audio, instruction], api_name="new_conversation")
+    return app
+
+
+def build_app(chat: LocalChat | RemoteChat, limits: ServeLimits = DEFAULTS, max_new_tokens: int = 256,
+              temperature: float = 0.0) -> gradio.Blocks:
+    """The Gradio page around a chat: audio in (upload or microphone), an instruction, the streamed answer,
+    Whisper's transcript and the duration; its `/chat` endpoint answers gradio_client too."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
+    require_extra("app", "desta app")
+    import gradio as gr
+
+    def refuse(message: str) -> gradio.Error:
+        """The error the page shows for a request it turns away, logged as one line (not a traceback)."""
+        print(f"desta app: refused a request: {message}", file=sys.stderr, flush=True)
+        return gr.Error(message, print_exception=False)
+
+    def respond(audio_path: str | None, instruction: str, tokens: float, state: dict) -> Iterator[tuple]:
+        turns, clips = list(state["turns"]), [Clip(**c) for c in state["clips"]]
+        instruction = (instruction or "").strip()
+        if not audio_path and not instruction:
+            raise refuse("Record or upload a clip, or type an instruction.")
+        turn: dict[str, Any] = {"role": "user", "text": instruction, "clip": None}
+        if audio_path:
+            try:
+                clips.append(_clip(chat, audio_path, limits))
+            except ValueError as err:
+                raise refuse(str(err)) from err
+            turn.update(clip=audio_path, seconds=clips[-1].seconds)
+        turns.append(turn)
+        last = clips[-1] if clips else None
+        heard = "" if last is None else (last.transcript if last.transcript is not None
+                                         else "(the server does not return its transcript)")
+        duration = "" if last is None else f"{last.seconds:.2f} s"
+        shown = [_shown(t) for t in turns] + [{"role": "assistant", "content": ""}]
+        settings = SamplingSettings(max_new_tokens=int(tokens), temperature=temperature)
+        answer = ""
+        try:
+            for piece in chat.stream(turns, clips, settings):
+                answer += piece
+                shown[-1]["content"] = answer
+                yield shown, heard, duration, state
+        except (RuntimeError, ValueError, OSError) as err:
+            raise gr.Error(str(err)) from err
+        turns.append({"role": "assistant", "text": answer.strip(), "clip": None})
+        shown[-1]["content"] = answer.strip()
+        state = {"turns": turns, "clips": [vars(c) for c in clips]}
+        yield shown, heard, duration, state
+
+    def clear() -> tuple:
+        return [], "", "", {"turns": [], "clips": []}, None, ""
+
+    app = _page(gr, chat, limits, max_new_tokens, respond, clear)
     app.queue(default_concurrency_limit=limits.max_concurrent)
     return app
 

@@ -303,6 +303,40 @@ class GuardedStream(StreamingResponse):
                 await self.on_close()
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, read no further than `limit` bytes (RequestError 413 beyond it)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # stop reading: the rest is never held in memory
+            raise RequestError(413, f"request body is over {limit} bytes; the limit is {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _request_body(raw: bytes, engine: DestaEngine | TextEngine) -> dict[str, Any]:
+    """A chat-completions body: a JSON object asking for the served model (RequestError otherwise; a body that is
+    not JSON raises json.JSONDecodeError or UnicodeDecodeError)."""
+    body = json.loads(raw)
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    if body.get("model") != engine.model_id:
+        raise RequestError(404, f"model {body.get('model')!r} not found; available: [{engine.model_id!r}]",
+                           "model_not_found", "model")
+    return body
+
+
+def _busy(limits: ServeLimits) -> JSONResponse:
+    """503 with Retry-After: every slot taken (and the queue full, or its wait over)."""
+    waited = f" after waiting {limits.queue_seconds:g} s" if limits.queue else ""
+    response = _error(503, f"the server is busy{waited}; retry shortly", "server_busy")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = None,
                api_key: str | None = None) -> FastAPI:
     """The FastAPI application around an engine (TextEngine or DestaEngine)."""
@@ -315,29 +349,10 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
     def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "owned_by": "desta"}]}
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {limits.max_body_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:  # stop reading: the rest is never held in memory
-                raise RequestError(413, f"request body is over {limits.max_body_bytes} bytes; the limit is "
-                                        f"{limits.max_body_bytes}")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         try:
-            raw = await read_body(request)
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise RequestError(400, "the request body must be a JSON object")
-            if body.get("model") != engine.model_id:
-                raise RequestError(404, f"model {body.get('model')!r} not found; available: [{engine.model_id!r}]",
-                                   "model_not_found", "model")
+            body = _request_body(await _read_body(request, limits.max_body_bytes), engine)
             settings = settings_from(body, limits)
             include_usage = _include_usage(body)
             messages, audios = parse_messages(body, engine, limits)
@@ -349,10 +364,7 @@ def create_app(engine: DestaEngine | TextEngine, limits: ServeLimits | None = No
             return _error(400, "the client went away before sending the whole body")
         slot = await slots.take()
         if slot is None:
-            waited = f" after waiting {limits.queue_seconds:g} s" if limits.queue else ""
-            response = _error(503, f"the server is busy{waited}; retry shortly", "server_busy")
-            response.headers["Retry-After"] = "1"
-            return response
+            return _busy(limits)
         if await request.is_disconnected():  # left while queued: nobody to answer
             slot.release()
             return _error(400, "the client went away while waiting for a slot")
