@@ -5,7 +5,8 @@ results paragraph); this script rewrites those blocks from:
 - recipes/experiments/guessing.json: what guessing scores on the experiments' eval set (guessing.py; `guessing`);
 - recipes/experiments/hearing/results/compare.json: the hearing experiment's runs (desta compare);
 - recipes/experiments/sanity/results/ladder.json: the sanity ladder (sanity/ladder.py report);
-- recipes/experiments/probe-voices/results/probe.json: what the encoder carries on seen and unseen voices.
+- recipes/experiments/probe-voices/results/probe.json: what the encoder carries on seen and unseen voices;
+- recipes/experiments/sanity/results/probe-*.json and real.json: the ladder's probes and its runs on human speech.
 
     python recipes/experiments/tables.py            # rewrite the blocks
     python recipes/experiments/tables.py --check    # exit 1 if a block is not what the files say (a test runs it)
@@ -118,9 +119,19 @@ def ladder_probes(run: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder, "guessing": guessing,
-          "probe-voices": probe_voices, "probes-gender": lambda: ladder_probes("gender"),
-          "probes-mlp": lambda: ladder_probes("mlp")}
+def real_speech() -> str:
+    """Finished ladder runs scored on recorded human speech (sanity/ladder.py real)."""
+    found = _load(HERE / "sanity/results/real.json") or {}
+    lines = ["| run | field | clips (speakers) | human speech | chance | best constant |", "|---|---|---|---|---|---|"]
+    for run, r in found.items():
+        low, high = r["ci"]
+        lines.append(f"| {run} | {r['field']} | {r['n']} ({', '.join(r['speakers'])}) | {r['accuracy']:.2f} "
+                     f"[{low:.2f}, {high:.2f}] | {r['chance']:.2f} | {r['constant']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"real-speech": real_speech, "hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder,
+          "guessing": guessing, "probe-voices": probe_voices, "probes-gender": lambda: ladder_probes("gender")}
 
 
 def render(text: str) -> str:

@@ -6,6 +6,7 @@ held-out clips of training voices and clips of voices never trained on (espeak-n
     python recipes/experiments/sanity/ladder.py data                   # once: voices split, label targets
     python recipes/experiments/sanity/ladder.py run gender constant    # train until the gate or the budget
     python recipes/experiments/sanity/ladder.py probe gender           # where each field is lost (rung 2)
+    python recipes/experiments/sanity/ladder.py real gender mlp        # finished runs on recorded human speech
     python recipes/experiments/sanity/ladder.py report                 # results/ladder.md, results/*.png
 
 MODELS (default $HOME/.cache/desta-offline-models) holds whisper-tiny.en/ and SmolLM2-135M-Instruct/
@@ -221,6 +222,40 @@ def probe(name: str, clips_per_set: int = 400) -> dict:
     return table
 
 
+# ----- human speech: does a run that hears a field on synthetic voices hear it on recorded people? -----
+
+REAL = Path(os.environ.get("REAL", ROOT / "runs/experiments/data/described-real/dataset"))  # desta describe
+# --mapping asterisk (recipes/experiments/data.sh): Debian's Asterisk prompts, five professional voices
+
+
+def real(names: list[str], per_value: int = 50) -> dict:
+    """Label accuracy of finished runs on recorded human speech: `per_value` prompts of each value of the run's
+    field (the first by id), scored as the checks score; results/real.json."""
+    from datasets import load_from_disk
+
+    from desta.evaluation.hearing import encode_clips, label_accuracy
+    from desta.model.loading import load
+
+    rows = load_from_disk(str(REAL))
+    found = json.loads((RESULTS / "real.json").read_text()) if (RESULTS / "real.json").is_file() else {}
+    for name in names:
+        field = RUNS[name][0]
+        values = sorted({v for s in ("train-voices", "eval-seen", "eval-unseen") for v in _values(s, field)})
+        picked = [i for value in values for i in [j for j, v in enumerate(rows[field]) if v == value][:per_value]]
+        chosen = rows.select(picked)
+        model, processor = load(str(OUT / name))
+        model.eval()
+        result = label_accuracy(model, processor, encode_clips(model, processor, chosen, field, "human speech"),
+                                field, values)
+        speakers = sorted(set(chosen["speaker"])) if "speaker" in chosen.column_names else []
+        found[name] = {"field": field, "speakers": speakers,
+                       **{k: result[k] for k in ("n", "accuracy", "ci", "chance", "constant")}}
+        print(json.dumps({"run": name, **found[name]}), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "real.json").write_text(json.dumps(found, indent=1))
+    return found
+
+
 if __name__ == "__main__":
     command, *names = sys.argv[1:] or ["help"]
     if command == "data":
@@ -231,6 +266,8 @@ if __name__ == "__main__":
     elif command == "probe":
         for run_name in names:
             probe(run_name)
+    elif command == "real":
+        real(names)
     elif command == "report":
         from report import report  # recipes/experiments/sanity/report.py
 
