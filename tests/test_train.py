@@ -512,3 +512,19 @@ def test_init_from_starts_from_a_trained_run_and_refuses_weights_it_would_drop(t
     without_lora = _config(targets_dir, tmp_path / "first", f"model.init_from={tmp_path / 'first'}")
     with pytest.raises(ValueError, match=r"holds \d+ weights this model lacks \(e.g. llm\..*lora.*model.lora"):
         build_model(without_lora.model, tmp_path / "first")
+
+
+def test_the_system_prompt_of_a_held_out_split_is_read_without_rewriting_the_table(tmp_path):
+    """A training split is an index mapping over the targets table: reading its system prompt must not flatten
+    it (datasets' unique() rewrote the whole table, audio included, at start-up: minutes and gigabytes at 100k
+    rows)."""
+    from datasets import Dataset, load_from_disk
+
+    from desta.train.data import targets_system_prompt
+
+    Dataset.from_dict({"id": [f"c{i}" for i in range(50)], "system_prompt": ["Be brief."] * 50,
+                       "audio": [b"x" * 1000] * 50}).save_to_disk(str(tmp_path / "t"))
+    split = load_from_disk(str(tmp_path / "t")).select(range(0, 50, 2), keep_in_memory=True)
+    before = sorted(p.name for p in (tmp_path / "t").iterdir())
+    assert targets_system_prompt(split, None) == "Be brief."
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == before

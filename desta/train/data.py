@@ -64,7 +64,10 @@ def targets_system_prompt(dataset: Dataset, override: str | None) -> str | None:
         return override or None
     if "system_prompt" not in dataset.column_names:
         return DEFAULT_SYSTEM_PROMPT
-    found = set(dataset.unique("system_prompt"))
+    # The column read in batches: Dataset.unique on an index-mapped table (a held-out split) first rewrites the
+    # whole table, audio included (minutes and gigabytes at 100k rows)
+    found = {v for batch in dataset.select_columns(["system_prompt"]).iter(batch_size=10_000)
+             for v in batch["system_prompt"]}
     if len(found) > 1:
         raise ValueError(f"the targets rows were written with {len(found)} different system prompts "
                          f"({sorted(found)[:3]}); train on one targets run, or set data.system_prompt")
