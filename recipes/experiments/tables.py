@@ -67,7 +67,7 @@ def ladder() -> str:
             low, high = row[name]["ci"]
             return f"{row[name]['accuracy']:.2f} [{low:.2f}, {high:.2f}] ({row[name]['n']})"
         passed = (str(row["passed_at"]) if row["passed_at"] is not None
-                  else f"not by {row['steps']}" if row["finished"] else f"running (step {row['steps']})")
+                  else f"not by {row['steps']}" if row["finished"] else f"unfinished (at step {row['steps']})")
         minutes = f"{row['train_minutes_to_pass']:.1f}" if row.get("train_minutes_to_pass") is not None else ""
         settings = " ".join(o.removeprefix("optim.").removeprefix("model.") for o in row["overrides"])
         lines.append(f"| {row['run']} | {row['field']} | {settings} | {passed} | {minutes} | {cell('train')} | "

@@ -62,7 +62,7 @@ def report(out: Path, results: Path, runs: dict, targets: dict, gates: dict) -> 
     for row in rows:
         spread = " -> ".join(f"{v:.3f}" for v in row["spread"] if v is not None)
         passed = str(row["passed_at"]) if row["passed_at"] is not None else (
-            f"not by {row['steps']}" if row["finished"] else f"running ({row['steps']})")
+            f"not by {row['steps']}" if row["finished"] else f"unfinished (at {row['steps']})")
         minutes = f"{row['train_minutes_to_pass']:.1f}" if row["train_minutes_to_pass"] is not None else ""
         settings = " ".join(row["overrides"])
         lines.append(f"| {row['run']} | {row['field']} | {row['names_field']} | {settings} | {row['budget']} | "
