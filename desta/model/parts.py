@@ -214,10 +214,9 @@ class PooledMLPConnector(nn.Module):
     def __init__(self, config: Any):
         """config: as QFormerConnector's (encoder_config, text_config, tapped_layers, num_queries)."""
         super().__init__()
-        width = config.encoder_config.d_model * len(config.tapped_layers)
-        hidden = config.text_config.hidden_size
-        self.num_queries = config.num_queries
         taps, d_model = len(config.tapped_layers), config.encoder_config.d_model
+        width, hidden = taps * d_model, config.text_config.hidden_size
+        self.num_queries = config.num_queries
         self.frame_norm = FrameNorm(taps, d_model) if getattr(config, "frame_norm", False) else None
         self.norm = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
