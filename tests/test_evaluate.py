@@ -110,6 +110,25 @@ def test_eval_set_draws_seeded_phrasings_disjoint_from_training(described, tmp_p
     assert [r["instruction"] for r in load_eval_set(tmp_path / "set")] == [i["instruction"] for i in items]
 
 
+def test_eval_set_keeps_only_voices_the_training_clips_never_use(described, tmp_path, capsys):
+    dataset = load_from_disk(str(described))
+    voices = sorted(set(dataset["voice"]))
+    assert len(voices) >= 2
+    heard = dataset.filter(lambda row: row["voice"] == voices[0])
+    heard.save_to_disk(str(tmp_path / "train"))
+    assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "set"),
+                 "--unseen-voices-of", str(tmp_path / "train")]) == 0
+    kept = load_eval_set(tmp_path / "set")
+    assert set(kept["voice"]) == set(voices[1:])
+    assert set(kept["id"]) == {row["id"] for row in dataset if row["voice"] != voices[0]}
+    dataset.save_to_disk(str(tmp_path / "all"))
+    dataset.remove_columns("voice").save_to_disk(str(tmp_path / "anon"))
+    for train, error in (("all", "no unseen voice"), ("anon", "has no voice column"), ("missing", "not found")):
+        assert main(["eval-set", "--source", str(described), "--out", str(tmp_path / "none"),
+                     "--unseen-voices-of", str(tmp_path / train)]) == 2
+        assert error in capsys.readouterr().err
+
+
 
 
 

@@ -127,7 +127,10 @@ class EvalSetConfig:
     categories: list[str] | None = None
     """subset of the categories (gender, accent, ..., instruction_following, open); null: all"""
     max_clips: int | None = None
-    """use at most this many clips (the first by id)"""
+    """use at most this many clips (the first by id, after unseen_voices_of)"""
+    unseen_voices_of: str | None = None
+    """keep only clips whose voice no row of this dataset folder uses (a training corpus's described or
+    targets dataset): an eval set of voices the model never heard"""
     if_items_per_clip: int = 2
     """instruction-following items per clip, each with a different IFEval instruction kind"""
     seed: int = 0
@@ -152,14 +155,35 @@ def write_eval_set(config: EvalSetConfig) -> Summary:
     described = load_from_disk(config.source)
     items = build_eval_set(described, seed=config.seed, categories=config.categories,
                            if_items_per_clip=config.if_items_per_clip)  # label sets from every clip
-    if config.max_clips:
-        keep = set(sorted(set(described["id"]))[: config.max_clips])
-        items = [i for i in items if i["id"] in keep]
+    clips = sorted(set(described["id"]))
+    if config.unseen_voices_of:
+        clips = unseen_voice_clips(described, config.unseen_voices_of)
+    keep = set(clips[: config.max_clips] if config.max_clips else clips)
+    items = [i for i in items if i["id"] in keep]
     save_eval_set(items, config.out)
     counts: dict[str, int] = {}
     for item in items:
         counts[item["category"]] = counts.get(item["category"], 0) + 1
     return Summary(counts, f"wrote {sum(counts.values())} items to {config.out}: {counts}")
+
+
+def unseen_voice_clips(described: Dataset, training: str) -> list[str]:
+    """The ids (sorted) of the described clips whose voice no row of the `training` dataset folder uses."""
+    from datasets import load_from_disk
+
+    if not Path(training).is_dir():
+        raise FileNotFoundError(f"unseen_voices_of: {training} not found; give the training clips' dataset folder "
+                                "(OUT/dataset of desta describe or desta targets)")
+    train = load_from_disk(training)
+    for name, dataset in (("unseen_voices_of " + training, train), ("source", described)):
+        if "voice" not in dataset.column_names:
+            raise ValueError(f"{name} has no voice column, so unseen voices cannot be told apart; describe a corpus "
+                             "whose manifest names each clip's voice (desta synth writes it)")
+    heard = {str(v) for v in train["voice"] if v}
+    clips = sorted({clip for clip, voice in zip(described["id"], described["voice"]) if voice and str(voice) not in heard})
+    if not clips:
+        raise ValueError(f"every clip of the source speaks with a voice of {training}: no unseen voice to evaluate")
+    return clips
 
 
 def load_eval_set(path: str | os.PathLike, columns: dict[str, str] | None = None) -> Dataset:

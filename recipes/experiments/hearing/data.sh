@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The hearing experiment's data: the experiments' 1200 training and 48 held-out synthetic clips (described
-# as in recipes/experiments/data.sh, shared with it), and two sets of targets from the "voice" prompt pool
-# (open requests plus questions about each field a description holds, two drawn per clip):
+# The hearing experiment's data: the experiments' shared clips (recipes/experiments/corpus.sh: 1200 training
+# clips of 49 voices; eval sets of held-out sentences, evalset-unseen-24 of 12 voices no training clip uses)
+# and two sets of targets from the "voice" prompt pool (open requests plus questions about each field a
+# description holds, two drawn per clip):
 #   targets-voice-qwen  Qwen2.5-Coder-1.5B-Instruct's answers (a stronger teacher; ~45 min on 2 cores in bf16)
 #   targets-voice-smol  SmolLM2-135M-Instruct's own answers (self-output for the SmolLM2 speech model)
 # Rerunning it does only what is missing: describe and targets resume their finished chunks.
@@ -11,11 +12,7 @@ set -euo pipefail
 MODELS=${MODELS:-$HOME/.cache/desta-offline-models}
 DATA=${DATA:-runs/experiments/data}
 
-desta synth --out $DATA/corpus --num-clips 1200 --num-proc 2
-desta synth --out $DATA/corpus-eval --num-clips 48 --seed 1
-desta describe --source $DATA/corpus/manifest.jsonl --mapping synthetic --out $DATA/described
-desta describe --source $DATA/corpus-eval/manifest.jsonl --mapping synthetic --out $DATA/described-eval
-[ -d $DATA/evalset-24 ] || desta eval-set --source $DATA/described-eval/dataset --out $DATA/evalset-24 --max-clips 24
+DATA=$DATA bash recipes/experiments/corpus.sh
 # Both teachers read the same clips and the same drawn prompts; greedy, bf16, cut-off answers end at their
 # last sentence. SmolLM2 loops without a repetition penalty; Qwen does not need one.
 desta targets --source $DATA/described/dataset --out $DATA/targets-voice-qwen \

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Experiment "hearing": does the speech model hear what its LLM reads when its targets talk about the voice?
 # All runs train on the same 1200 clips with two prompts each from the "voice" pool (open requests plus
-# questions about each description field; data.sh) and are evaluated on the same 240 items of 24 held-out
-# clips, against the speech model's own LLM reading the description (text-ASR, text-gold):
+# questions about each description field; data.sh) and are evaluated on the same 240 items of 24 clips spoken by
+# voices no training clip uses (EVAL_SET), against chance, the speech model's own LLM reading the description
+# (text-ASR, text-gold), the base LLM and the targets' teacher:
 #   qwen-lora       SmolLM2-135M speech model, Qwen2.5-Coder-1.5B-Instruct's answers (another teacher), + LoRA r8
 #   self-lora       SmolLM2-135M speech model, its own answers (self-output), + LoRA r8
 #   qwen-connector  Qwen's answers, the connector alone (the LLM untouched, so it cannot forget in text)
@@ -27,6 +28,7 @@ OUT=${OUT:-runs/experiments/hearing}
 QWEN_CLIPS=${QWEN_CLIPS:-600}
 ONPOLICY_CLIPS=${ONPOLICY_CLIPS:-400}
 EPOCHS=${EPOCHS:-4}
+EVAL_SET=${EVAL_SET:-evalset-unseen-24}
 read -r -a SETUP <<< "${SETUP:-}"   # extra overrides for every run, e.g. model.connector=qformer
 SMOL=$MODELS/SmolLM2-135M-Instruct QWEN=$MODELS/Qwen2.5-Coder-1.5B-Instruct WHISPER=$MODELS/whisper-tiny.en
 RESULTS=recipes/experiments/hearing/results
@@ -49,7 +51,7 @@ for run in ${RUNS:-qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolic
   [ -f $OUT/$run/summary.json ] || desta train recipes/experiments/config.yaml output_dir=$OUT/$run \
       model.encoder=$WHISPER model.llm=$llm data.train=$targets optim.epochs=$EPOCHS optim.precision=bf16 \
       log.eval_steps=100 log.save_steps=1000 "${SETUP[@]}" "${extra[@]}"
-  [ -f $OUT/$run/eval/report.json ] || desta eval $OUT/$run --eval-set $DATA/evalset-24 --out $OUT/$run/eval \
+  [ -f $OUT/$run/eval/report.json ] || desta eval $OUT/$run --eval-set $DATA/$EVAL_SET --out $OUT/$run/eval \
       --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48 "${eval_extra[@]}"
   cp $OUT/$run/eval/report.md $RESULTS/report-$run.md
 done
@@ -69,7 +71,7 @@ done
 paired=()
 [ -f $OUT/self-lora/eval/report.json ] && paired=(--paired-with self-lora)
 desta compare "${reports[@]}" --out $RESULTS --x-label epoch "${paired[@]}" --runs "$(IFS=,; echo "${runs[*]}")" \
-    --title "voice-pool targets, one epoch each: Qwen2.5-Coder-1.5B's answers vs self-output (runs and clips: README)" \
+    --title "voice-pool targets, $EPOCHS epochs each: Qwen2.5-Coder-1.5B's answers vs self-output (runs and clips: README)" \
     --metrics overall:speech,overall:text_asr,gender:speech,accent:speech,speaking_speed:speech,pitch:speech,volume:speech,transcription:speech,instruction_following:speech,overall:forgetting_asr:speech,overall:agreement:speech,probes:format_following,probes:heldout_loglik
 # what each LoRA costs the LLM in text (its LLM with the LoRA merged, on desta posttrain's retention sets)
 lora=(); for run in qwen-lora self-lora qwen-onpolicy; do [ -f $OUT/$run/summary.json ] && lora+=("$run=$OUT/$run"); done
