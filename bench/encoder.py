@@ -17,7 +17,6 @@ import time
 import torch
 
 from desta.audio.tts import Voice, synthesize
-from desta.model.loading import processor_for
 from desta.model.modeling import DestaConfig, DestaModel
 from desta.model.processing import DestaProcessor
 from desta.model.tiny import tiny_llm_config, tiny_tokenizer, tiny_whisper_config
@@ -34,7 +33,7 @@ def encoder_model(size: str, pad_to_30s: bool) -> tuple[DestaModel, DestaProcess
     tokenizer = tiny_tokenizer()
     config = DestaConfig(encoder_config=whisper.to_dict(), text_config=tiny_llm_config(len(tokenizer)).to_dict(),
                          pad_to_30s=pad_to_30s)
-    processor = processor_for(config, tokenizer)
+    processor = DestaProcessor.from_config(config, tokenizer)
     return DestaModel(config).eval(), processor
 
 

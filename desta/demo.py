@@ -175,12 +175,14 @@ def _synth(out: Path, size: DemoSize, progress: bool) -> tuple[Path, Path]:
 def _describe(out: Path, manifests: tuple[Path, Path], encoder: str, progress: bool) -> dict[str, Any]:
     from datasets import load_from_disk
 
+    from desta.core.chunks import ChunkingSection
     from desta.describe import DescribeConfig, describe
 
+    chunking = ChunkingSection(chunk_size=PROGRESS_CHUNK)
     described = describe(DescribeConfig(source=str(manifests[0]), out=str(out / "described"), mapping="synthetic",
-                                        chunk_size=PROGRESS_CHUNK, progress=progress))
+                                        chunking=chunking, progress=progress))
     held_out = describe(DescribeConfig(source=str(manifests[1]), out=str(out / "described-eval"),
-                                       mapping="synthetic", chunk_size=PROGRESS_CHUNK, progress=progress))
+                                       mapping="synthetic", chunking=chunking, progress=progress))
     asr = _asr_check(encoder, load_from_disk(str(out / "described-eval" / DATASET)), progress=progress)
     return {"described": described, "held_out": held_out, "asr": asr}
 
@@ -192,12 +194,15 @@ def _describe_line(facts: dict[str, Any]) -> str:
 
 
 def _targets(out: Path, llm: str, size: DemoSize, real: bool, progress: bool) -> dict[str, Any]:
+    from desta.core.chunks import ChunkingSection
+    from desta.core.generation import GenerationSection, SamplingSection
     from desta.targets import TargetsConfig, targets
 
-    return targets(TargetsConfig(source=str(out / "described" / DATASET), out=str(out / "targets"), model=llm,
-                                 max_new_tokens=size.max_new_tokens, repetition_penalty=1.2 if real else 1.0,
-                                 keep_flagged=not real, trim_cut_off=real, chunk_size=PROGRESS_CHUNK,
-                                 progress=progress))
+    return targets(TargetsConfig(source=str(out / "described" / DATASET), out=str(out / "targets"),
+                                 generation=GenerationSection(model=llm),
+                                 sampling=SamplingSection(size.max_new_tokens, repetition_penalty=1.2 if real else 1.0),
+                                 keep_flagged=not real, trim_cut_off=real,
+                                 chunking=ChunkingSection(chunk_size=PROGRESS_CHUNK), progress=progress))
 
 
 def _targets_line(real: bool):

@@ -15,7 +15,6 @@ answers are joined to their clips by id.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -30,13 +29,15 @@ from tqdm import tqdm
 from desta.core.args import raise_problems
 from desta.core.chunks import (
     ChunkedJob,
+    ChunkingSection,
     check_accounted,
+    job_settings,
     positions_by_id,
     saved_empty,
     stale_error,
 )
 from desta.core.digests import content_fingerprint
-from desta.core.generation import Backend, Generation, SamplingSettings, make_backend
+from desta.core.generation import Backend, Generation, GenerationSection, SamplingSection, SamplingSettings
 from desta.core.quality import looping
 from desta.core.summary import Summary
 from desta.prompts import (
@@ -62,16 +63,21 @@ DEFAULT_REFUSAL_PATTERNS = [
     r"\bno audio (?:was|is|has been) (?:provided|attached|shared)\b",
     r"\b(?:cannot|can't|unable to) (?:hear|listen to|access|play) (?:the |this |any )?(?:audio|recording|clip)\b",
 ]
-# Settings that change how a run is carried out but not one answer: left out of the job description a
-# resumed run must match (greedy batches give the answers one-at-a-time generation gives).
-RUNTIME_SETTINGS = ("out", "base_url", "batch_size", "batching", "token_budget", "cache", "prompts_per_call",
-                    "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "concurrency", "timeout",
-                    "max_retries", "chunk_size", "num_shards", "shard_index", "merge", "progress", "overwrite")
+# Settings that moved into the shared sections (desta.core): an old key in a YAML file or on a command line is refused
+# with its new place (desta.core.args).
+MOVED = {**{name: f"generation.{name}" for name in (
+    "model", "base_url", "dtype", "batch_size", "batching", "token_budget", "cache", "prompts_per_call",
+    "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "concurrency", "timeout", "max_retries")},
+    "backend": "generation.kind",
+    **{name: f"sampling.{name}" for name in ("max_new_tokens", "temperature", "top_p", "repetition_penalty")},
+    **{name: f"chunking.{name}" for name in ("chunk_size", "num_shards", "shard_index", "merge", "overwrite")}}
 
 
 @dataclass
 class TargetsConfig:
     """The text LLM answers instructions from each description; its answers become training targets."""
+
+    MOVED = MOVED
 
     source: str = ""
     """a described dataset folder (OUT/dataset of desta describe)"""
@@ -79,13 +85,6 @@ class TargetsConfig:
     """output folder"""
     kind: Literal["self_output", "labels"] = "self_output"
     """self_output: the LLM's own answers (DeSTA2); labels: a template over the gold labels, no LLM"""
-    model: str = ""
-    """the LLM (Hub id or folder; the served model name for the http backend)"""
-    backend: Literal["transformers", "vllm", "http"] = "transformers"
-    """generation backend: transformers (batched, CPU or GPU), vllm (GPU; untested on a GPU: only what it hands vLLM is
-    tested), http (an OpenAI-compatible server)"""
-    base_url: str | None = None
-    """http backend: the server, e.g. http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY)"""
     pool: str | list[str] = "desta2"
     """prompt pool name (desta2, desta25; voice: also questions about each field the description holds) or a
     list of prompts"""
@@ -96,65 +95,17 @@ class TargetsConfig:
     null: all. With kind labels, a field question's answer names that field's gold value alone"""
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     """system turn the LLM reads (null: none); stored with each row, so training uses the same"""
-    max_new_tokens: int = 256
-    """longer answers are cut and flagged"""
-    temperature: float = 0.0
-    """0: greedy"""
-    top_p: float = 1.0
-    """nucleus sampling mass (with temperature > 0)"""
-    repetition_penalty: float = 1.0
-    """above 1 discourages repeats"""
     seed: int = 0
     """prompts and sampling depend only on it (and the row)"""
-    batch_size: int = 16
-    """prompts per generate batch when batching by prompts (transformers)"""
-    batching: Literal["auto", "continuous", "tokens", "prompts"] = "auto"
-    """transformers: continuous: transformers' continuous batching (a finished answer's place takes the next prompt:
-    no batch waits for its longest answer); tokens: each batch holds as many prompts as fit token_budget (longest
-    prompts first); prompts: batch_size prompts; auto: continuous on a GPU, tokens wherever token_budget is given,
-    else prompts (a CPU)"""
-    token_budget: int | None = None
-    """tokens per generate batch when batching by tokens: rows x (longest prompt + max_new_tokens); with continuous
-    batching, the tokens its key/value cache holds; null: sized from the GPU's free memory"""
-    cache: Literal["dynamic", "static"] = "dynamic"
-    """transformers' key/value cache: dynamic, or static (preallocated; transformers compiles the decoding step
-    on a GPU: faster once compiled, one compile per batch shape)"""
-    prompts_per_call: int | None = None
-    """greedy runs hand the backend this many prompts at once (several chunks, each still written on its own), so
-    token-budget batches can fill; null: chunk_size, or with a token budget 4 x token_budget / max_new_tokens.
-    Sampled runs hand one chunk at a time, so a resumed chunk samples the same"""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """weights of the LLM (transformers): auto is bfloat16 on a GPU and float32 on a CPU; bfloat16 on a CPU with
-    bf16 instructions is about twice as fast (answers of a bf16 model, not identical to float32's)"""
-    max_model_len: int | None = None
-    """vllm: tokens per sequence the engine plans for (prompt + answer); null: the model's own, which can leave
-    little memory for the cache"""
-    gpu_memory_utilization: float = 0.9
-    """vllm: share of each GPU's memory for the weights and the key/value cache"""
-    tensor_parallel_size: int = 1
-    """vllm: GPUs the model is split over"""
-    concurrency: int = 8
-    """requests in flight (http)"""
-    timeout: float = 120.0
-    """seconds per request (http)"""
-    max_retries: int = 4
-    """retries per request (http)"""
-    chunk_size: int = 128
-    """prompts per resumable unit of work"""
-    num_shards: int = 1
-    """split the work across this many machines"""
-    shard_index: int = 0
-    """this machine's shard, 0-based; merge when all are done"""
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    chunking: ChunkingSection = field(default_factory=ChunkingSection)
     refusal_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
     """regular expressions of answers that ignore the audio"""
     keep_flagged: bool = False
     """keep flagged answers in the dataset with a `flag` column instead of rejecting them"""
     trim_cut_off: bool = False
-    """answers cut at max_new_tokens end at their last full sentence instead of being rejected"""
-    merge: bool = False
-    """only join the finished shards in `out`"""
-    overwrite: bool = False
-    """when OUT holds parts made from another source or other settings, delete them and start over"""
+    """answers cut at sampling.max_new_tokens end at their last full sentence instead of being rejected"""
     progress: bool = True
     """show a progress bar"""
 
@@ -162,32 +113,20 @@ class TargetsConfig:
         problems = []
         if not self.out:
             problems.append(("out", "required: the output folder"))
-        if not self.merge:
+        if not self.chunking.merge:
             if not self.source:
                 problems.append(("source", "required: the described dataset folder (OUT/dataset of desta describe)"))
-            if self.kind == "self_output" and not self.model:
-                problems.append(("model", "required for self_output targets: the LLM's Hub id or folder"))
-            if self.backend == "http" and not self.base_url:
-                problems.append(("base_url", "the http backend needs base_url, e.g. http://127.0.0.1:8000/v1"))
+            if self.kind == "self_output" and not self.generation.model:
+                problems.append(("generation.model", "required for self_output targets: the LLM's Hub id or folder"))
+            if self.generation.kind == "http" and not self.generation.base_url:
+                problems.append(("generation.base_url", "the http backend needs base_url, e.g. "
+                                                        "http://127.0.0.1:8000/v1"))
             try:
                 restrict_pool(training_pool(self.pool), self.fields)
             except ValueError as err:
                 problems.append(("fields" if self.fields and "categories" in str(err) else "pool", str(err)))
-        if self.max_new_tokens < 1 or self.prompts_per_clip < 1 or self.chunk_size < 1 or self.batch_size < 1:
-            problems.append(("max_new_tokens", "max_new_tokens, prompts_per_clip, chunk_size and batch_size must be "
-                                               "at least 1"))
-        for name in ("token_budget", "prompts_per_call", "max_model_len"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append((name, f"must be at least 1 (or null), got {getattr(self, name)}"))
-        if not 0 < self.gpu_memory_utilization <= 1 or self.tensor_parallel_size < 1:
-            found = f"{self.gpu_memory_utilization} and {self.tensor_parallel_size}"
-            problems.append(("gpu_memory_utilization", "gpu_memory_utilization must be in (0, 1] and "
-                                                       f"tensor_parallel_size at least 1, got {found}"))
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            problems.append(("temperature", f"temperature must be 0 or more and top_p in (0, 1], got "
-                                            f"{self.temperature} and {self.top_p}"))
-        if not 0 <= self.shard_index < self.num_shards:
-            problems.append(("shard_index", f"must be in [0, {self.num_shards - 1}], got {self.shard_index}"))
+        if self.prompts_per_clip < 1:
+            problems.append(("prompts_per_clip", f"must be at least 1, got {self.prompts_per_clip}"))
         for pattern in self.refusal_patterns:
             try:
                 re.compile(pattern)
@@ -195,11 +134,10 @@ class TargetsConfig:
                 problems.append(("refusal_patterns", f"{pattern!r} is not a regular expression ({err})"))
         raise_problems(problems)
 
-    def sampling(self, chunk: int = 0) -> SamplingSettings:
+    def chunk_sampling(self, chunk: int = 0) -> SamplingSettings:
         """The sampling settings for one chunk: its seed is `seed + chunk`, so each chunk draws differently
         and a rerun of the chunk draws the same."""
-        return SamplingSettings(self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty,
-                                self.seed + chunk)
+        return self.sampling.seeded(self.seed + chunk)
 
 
 # ----- label targets: what a conventional speech-instruction set has -----
@@ -283,31 +221,6 @@ def trim_to_sentence(generation: Generation, min_chars: int = 40) -> Generation:
     return Generation(text, "stop", generation.completion_tokens) if len(text) >= 8 else generation
 
 
-def _backend(config: TargetsConfig) -> Backend:
-    if config.backend == "http":
-        return make_backend("http", config.model, base_url=config.base_url, concurrency=config.concurrency,
-                            timeout=config.timeout, max_retries=config.max_retries)
-    if config.backend == "transformers":
-        import torch
-
-        from desta.core.llm import default_device
-
-        dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
-        batching = config.batching
-        if batching == "auto":
-            batching = "continuous" if default_device() == "cuda" and config.cache == "dynamic" else (
-                "tokens" if config.token_budget is not None else "prompts")
-        budget = config.token_budget or ("memory" if batching == "tokens" else None)
-        return make_backend("transformers", config.model, batch_size=config.batch_size, dtype=dtype,
-                            token_budget=budget if batching != "prompts" else None, cache=config.cache,
-                            continuous=batching == "continuous")
-    if config.backend == "vllm":
-        return make_backend("vllm", config.model, max_model_len=config.max_model_len, seed=config.seed,
-                            gpu_memory_utilization=config.gpu_memory_utilization,
-                            tensor_parallel_size=config.tensor_parallel_size)
-    return make_backend(config.backend, config.model)
-
-
 def load_described(source: str | os.PathLike) -> Dataset:
     """The dataset `desta describe` wrote (OUT/dataset), checked for the id and description columns and rows."""
     from datasets import load_from_disk
@@ -358,7 +271,7 @@ def _stored_pool(pool: Pool) -> Pool | list[str]:
 
 def targets(config: TargetsConfig, backend: Backend | None = None) -> Summary:
     """Write (or resume) this shard's targets; merge when unsharded. `backend` overrides the config's."""
-    if config.merge:
+    if config.chunking.merge:
         return merge(config.out)
     dataset = load_described(config.source)
     positions_by_id(dataset["id"], str(config.source))  # answers are joined to their clips by id
@@ -366,31 +279,29 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> Summary:
     pool_name = config.pool if isinstance(config.pool, str) else "custom"
     items = target_items(row_fields(dataset), pool, config.seed, config.prompts_per_clip)
     labels = config.kind == "labels"
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_SETTINGS}
-    job = ChunkedJob(config.out, {"stage": "targets", **settings, "source": str(config.source),
-                                  "model": None if labels else config.model, "backend": None if labels else
-                                  config.backend, "pool_prompts": _stored_pool(pool), "pool_name": pool_name,
-                                  "source_fingerprint": source_fingerprint(dataset), "inputs": len(items)},
-                     total=len(items), chunk_size=config.chunk_size, num_shards=config.num_shards,
-                     shard_index=config.shard_index, overwrite=config.overwrite,
-                     not_compared=("source",))
+    no_llm = {"model": None, "backend": None} if labels else {}
+    job = config.chunking.job(config.out, {"stage": "targets", **job_settings(config), **no_llm,
+                                           "source": str(config.source), "pool_prompts": _stored_pool(pool),
+                                           "pool_name": pool_name, "source_fingerprint": source_fingerprint(dataset),
+                                           "inputs": len(items)},
+                              total=len(items), not_compared=("source",))
     todo = job.todo()
     gold = None
     if labels:
         gold = dataset.select_columns([c for c in GOLD_COLUMNS if c in dataset.column_names]).to_list()
     else:
-        backend = backend or (_backend(config) if todo else None)
+        backend = backend or (config.generation.backend(config.seed) if todo else None)
     descriptions, ids = dataset["description"], dataset["id"]
     bar = tqdm(total=sum(len(job.rows_of(c)) for c in todo), unit="prompt", disable=not config.progress,
-               desc=f"targets shard {config.shard_index}/{config.num_shards}")
+               desc=f"targets shard {config.chunking.shard_index}/{config.chunking.num_shards}")
     started, tokens, done = time.perf_counter(), 0, 0
-    per_call = config.chunk_size if labels else prompts_per_call(config, backend)
+    per_call = config.chunking.chunk_size if labels else prompts_per_call(config, backend)
     for group in call_groups(todo, [len(job.rows_of(c)) for c in todo], per_call):
         answers: list[Generation] = []
         if not labels:  # one call for the group's chunks; greedy answers do not depend on how prompts are batched
             answers = backend.generate([text_turn(descriptions[r], p, config.system_prompt)
                                         for chunk in group for r, p in (items[i] for i in job.rows_of(chunk))],
-                                       config.sampling(group[0]))
+                                       config.chunk_sampling(group[0]))
         for chunk in group:
             tokens, done = _write_chunk(config, job, chunk, [items[i] for i in job.rows_of(chunk)], answers, backend,
                                         gold, ids, pool_name, tokens, done, pool)
@@ -398,7 +309,7 @@ def targets(config: TargetsConfig, backend: Backend | None = None) -> Summary:
             bar.update(len(job.rows_of(chunk)))
             bar.set_postfix(rows_per_s=f"{done / elapsed:.2f}", tokens_per_s=f"{tokens / elapsed:.1f}")
     bar.close()
-    if config.num_shards == 1:
+    if config.chunking.num_shards == 1:
         return _merge(job, dataset)
     return job.shard_summary("targets", len(todo))
 
@@ -407,14 +318,15 @@ def prompts_per_call(config: TargetsConfig, backend: Backend) -> int:
     """Prompts handed to the backend at once: one chunk when sampling (a resumed chunk samples the same), else
     prompts_per_call, else what the backend asks for (vLLM and continuous batching: thousands), else enough for
     about four batches of a token budget, else one chunk."""
-    if config.temperature > 0:
-        return config.chunk_size
-    if config.prompts_per_call:
-        return config.prompts_per_call
+    chunk_size = config.chunking.chunk_size
+    if config.sampling.temperature > 0:
+        return chunk_size
+    if config.generation.prompts_per_call:
+        return config.generation.prompts_per_call
     if getattr(backend, "prompts_per_call", None):
-        return max(config.chunk_size, backend.prompts_per_call)
+        return max(chunk_size, backend.prompts_per_call)
     budget = getattr(backend, "token_budget", None)
-    return max(config.chunk_size, 4 * budget // config.max_new_tokens) if budget else config.chunk_size
+    return max(chunk_size, 4 * budget // config.sampling.max_new_tokens) if budget else chunk_size
 
 
 def call_groups(chunks: list[int], sizes: list[int], per_call: int) -> list[list[int]]:
@@ -439,7 +351,7 @@ def _write_chunk(config: TargetsConfig, job: ChunkedJob, chunk: int, chunk_items
                  pool_name: str, tokens: int, done: int, pool: Pool | None = None) -> tuple[int, int]:
     """Flag and write one chunk's answers (its slice of the group's `answers`, or label targets from `gold`);
     returns the running counts of tokens and prompts."""
-    settings = config.sampling(chunk)  # seeded per chunk: a resumed chunk samples the same
+    settings = config.chunk_sampling(chunk)  # seeded per chunk: a resumed chunk samples the same
     if gold is not None:
         generator = json.dumps({"backend": "labels", "template": "label_response"}, sort_keys=True)
         generations = [Generation(label_answer(gold[r], prompt_category(pool or {}, p)), "stop", 0)
@@ -454,7 +366,7 @@ def _write_chunk(config: TargetsConfig, job: ChunkedJob, chunk: int, chunk_items
         tokens += generation.completion_tokens
         if config.trim_cut_off:
             generation = trim_to_sentence(generation)
-        reason = flag(generation, config.max_new_tokens, config.refusal_patterns)
+        reason = flag(generation, config.sampling.max_new_tokens, config.refusal_patterns)
         record = {"id": ids[row], "prompt": prompt, "prompt_pool": pool_name,
                   "system_prompt": config.system_prompt or "", "response": generation.text,
                   "generator": generator}

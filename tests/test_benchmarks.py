@@ -428,7 +428,7 @@ def test_judged_subsets_are_scored_by_the_judge(layouts, checkpoint, tmp_path, m
     out = tmp_path / "report"
     assert main(["eval", str(checkpoint), "--benchmark", "voicebench", "--eval-set", str(layouts["voicebench"]),
                  "--subsets", "commoneval,sd-qa/usa", "--out", str(out), "--max-new-tokens", "4",
-                 "--judge-model", "judge", "--no-progress"]) == 0
+                 "--judge.model", "judge", "--no-progress"]) == 0
     subsets = json.loads((out / "report.json").read_text())["benchmark"]["official"]["speech"]["subsets"]
     assert subsets["commoneval"]["value"] == 4.0 and subsets["sd-qa"]["value"] == 100.0
     assert [(s.temperature, s.seed) for s in Judge.calls[:3]] == [(0.5, 0), (0.5, 1), (0.5, 2)]  # n=3, sampled

@@ -8,6 +8,7 @@ from datasets import Audio, Dataset, load_from_disk
 
 from desta.audio.synth import row_for, synth_corpus
 from desta.cli import main
+from desta.core.chunks import ChunkingSection
 from desta.describe.attributes import LabelError, normalize_label
 from desta.describe.run import DescribeConfig, describe, finish_row, merge
 from desta.describe.sources import load_mapping
@@ -34,7 +35,7 @@ def test_synthetic_corpus_labels_depend_only_on_seed_and_index(corpus, tmp_path)
 
 def test_describe_synthetic_corpus(corpus, tmp_path):
     summary = describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "d"), mapping="synthetic",
-                                      progress=False, chunk_size=5))
+                                      progress=False, chunking=ChunkingSection(chunk_size=5)))
     assert summary["inputs"] == summary["described"] == 12 and summary["rejected"] == 0
     rows = _rows(tmp_path / "d")
     first = rows[0]
@@ -73,7 +74,8 @@ def test_bad_inputs_land_in_rejects_and_counts_add_up(corpus, tmp_path):
     manifest.write_text("\n".join(lines) + "\n")
     max_seconds = 2.5 * len(y) / 16000
     summary = describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
-                                      max_seconds=max_seconds, chunk_size=4, allow_absolute_paths=True))
+                                      max_seconds=max_seconds, allow_absolute_paths=True,
+                                      chunking=ChunkingSection(chunk_size=4)))
     rejects = [json.loads(x) for x in (tmp_path / "d" / "rejects.jsonl").read_text().splitlines()]
     reasons = " | ".join(r["reason"] for r in rejects)
     for expected in ["file not found", "cannot decode audio", "empty", "silent", "NaN or infinite", "too long",
@@ -97,7 +99,7 @@ def test_interrupted_run_resumes_without_redoing_or_duplicating(corpus, tmp_path
     import desta.describe.run as stage
 
     full = tmp_path / "full"
-    describe(DescribeConfig(source=str(corpus), out=str(full), progress=False, chunk_size=3))
+    describe(DescribeConfig(source=str(corpus), out=str(full), progress=False, chunking=ChunkingSection(chunk_size=3)))
     calls = {"n": 0}
     real = stage.analyse_row
 
@@ -110,13 +112,14 @@ def test_interrupted_run_resumes_without_redoing_or_duplicating(corpus, tmp_path
     monkeypatch.setattr(stage, "analyse_row", dies_on_seventh_row)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        describe(DescribeConfig(source=str(corpus), out=str(out), progress=False, chunk_size=3))
+        describe(DescribeConfig(source=str(corpus), out=str(out), progress=False,
+                                chunking=ChunkingSection(chunk_size=3)))
     assert sorted(p.name for p in (out / "parts").glob("part-*[0-9].jsonl")) == ["part-000000.jsonl",
                                                                                   "part-000001.jsonl"]
     assert not list((out / "parts").glob("*.tmp"))
     calls["n"] = 0
     monkeypatch.setattr(stage, "analyse_row", lambda *a: (calls.__setitem__("n", calls["n"] + 1), real(*a))[1])
-    describe(DescribeConfig(source=str(corpus), out=str(out), progress=False, chunk_size=3))
+    describe(DescribeConfig(source=str(corpus), out=str(out), progress=False, chunking=ChunkingSection(chunk_size=3)))
     assert calls["n"] == 6  # only the two unfinished chunks ran again
     assert _strip_measures(_rows(out)) == _strip_measures(_rows(full))
 
@@ -130,7 +133,7 @@ def test_kill_9_then_rerun_gives_every_row_once(tmp_path):
 
     manifest = synth_corpus(tmp_path / "c", num_clips=150, seed=1, progress=False)
     command = [sys.executable, "-m", "desta.cli", "describe", "--source", str(manifest), "--out",
-               str(tmp_path / "d"), "--chunk-size", "2"]
+               str(tmp_path / "d"), "--chunking.chunk-size", "2"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "d" / "parts" / "part-000002.jsonl").exists() and time.time() < deadline:
@@ -150,15 +153,16 @@ def _strip_measures(rows):
 
 
 def test_shards_merge_to_the_unsharded_output(corpus, tmp_path, capsys):
-    one = describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "one"), progress=False, chunk_size=4))
+    one = describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "one"), progress=False,
+                                  chunking=ChunkingSection(chunk_size=4)))
     assert (one["inputs"], one["described"]) == (12, 12)  # the figures, and the line the command prints
     assert str(one).startswith("inputs 12 = described 12 + rejected 0 (")
     assert str(tmp_path / "one" / "dataset") in str(one)
     for index in range(2):
-        assert main(["describe", "--source", str(corpus), "--out", str(tmp_path / "two"), "--chunk-size", "4",
-                     "--num-shards", "2", "--shard-index", str(index)]) == 0
+        assert main(["describe", "--source", str(corpus), "--out", str(tmp_path / "two"), "--chunking.chunk-size", "4",
+                     "--chunking.num-shards", "2", "--chunking.shard-index", str(index)]) == 0
     assert "merge with" in capsys.readouterr().out
-    assert main(["describe", "--merge", "--out", str(tmp_path / "two")]) == 0
+    assert main(["describe", "--chunking.merge", "--out", str(tmp_path / "two")]) == 0
     assert "inputs 12 = described 12 + rejected 0" in capsys.readouterr().out
     assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
 
@@ -178,8 +182,8 @@ def test_long_clip_gets_one_bracket_per_window(corpus, tmp_path):
 
 
 def test_merge_refuses_missing_chunks(corpus, tmp_path):
-    describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "d"), progress=False, chunk_size=4,
-                            num_shards=3, shard_index=0))
+    describe(DescribeConfig(source=str(corpus), out=str(tmp_path / "d"), progress=False,
+                            chunking=ChunkingSection(chunk_size=4, num_shards=3, shard_index=0)))
     with pytest.raises(ValueError, match="2 of 3 chunks are not done"):
         merge(tmp_path / "d")
 
@@ -192,7 +196,7 @@ def test_csv_manifest_with_worker_processes(corpus, tmp_path):
                                           for r in rows[:4]]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     summary = describe(DescribeConfig(source=str(tmp_path / "m.csv"), out=str(tmp_path / "d"), progress=False,
-                                      num_proc=2, chunk_size=2, allow_absolute_paths=True))
+                                      num_proc=2, allow_absolute_paths=True, chunking=ChunkingSection(chunk_size=2)))
     assert summary["described"] == 4
     assert [r["gender"] for r in _rows(tmp_path / "d")] == [r["gender"] for r in rows[:4]]
 
@@ -339,24 +343,28 @@ def _own_rows(out, transcripts):
 def test_rerun_after_the_manifest_changed_is_refused_not_mixed_up(corpus, tmp_path):
     manifest, transcripts = _manifest(tmp_path, corpus, 6)
     out = tmp_path / "d"
-    describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2))
+    describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunking=ChunkingSection(chunk_size=2)))
     _, _ = _manifest(tmp_path, corpus, 6, order=[5, 4, 3, 2, 1, 0])  # same path, rows reordered
     with pytest.raises(ValueError, match=r"was made from a different source/settings \(source_fingerprint: .*use a "
-                                         r"new --out or --overwrite"):
-        describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2))
+                                         r"new --out or --chunking.overwrite"):
+        describe(DescribeConfig(source=str(manifest), out=str(out), progress=False,
+                                chunking=ChunkingSection(chunk_size=2)))
     with pytest.raises(ValueError, match=r"different source/settings \(max_seconds: 600.0 -> 5.0; source_fing"):
-        describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2, max_seconds=5.0))
-    summary = describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2,
-                                      overwrite=True))
+        describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, max_seconds=5.0,
+                                chunking=ChunkingSection(chunk_size=2)))
+    summary = describe(DescribeConfig(source=str(manifest), out=str(out), progress=False,
+                                      chunking=ChunkingSection(chunk_size=2, overwrite=True)))
     assert summary["described"] == 6 and _own_rows(out, transcripts) == 6
     assert [r["id"] for r in _rows(out)] == sorted(transcripts, reverse=True)  # the new order
 
 
 def test_the_same_manifest_under_another_path_resumes(corpus, tmp_path, monkeypatch):
     manifest, transcripts = _manifest(tmp_path, corpus, 4)
-    describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False, chunk_size=2))
+    describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
+                            chunking=ChunkingSection(chunk_size=2)))
     monkeypatch.chdir(tmp_path)
-    summary = describe(DescribeConfig(source="m.jsonl", out="d", progress=False, chunk_size=2))
+    summary = describe(DescribeConfig(source="m.jsonl", out="d", progress=False,
+                                      chunking=ChunkingSection(chunk_size=2)))
     assert summary["described"] == 4 and _own_rows(tmp_path / "d", transcripts) == 4
 
 
@@ -374,17 +382,19 @@ def test_interrupted_run_then_a_changed_manifest_is_refused(corpus, tmp_path, mo
 
     monkeypatch.setattr(stage, "analyse_row", dies_on_fifth_row)
     with pytest.raises(KeyboardInterrupt):
-        describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False, chunk_size=2))
+        describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
+                                chunking=ChunkingSection(chunk_size=2)))
     monkeypatch.setattr(stage, "analyse_row", real)
     _manifest(tmp_path, corpus, 6, order=[1, 0, 3, 2, 5, 4])
     with pytest.raises(ValueError, match="different source/settings"):
-        describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False, chunk_size=2))
+        describe(DescribeConfig(source=str(manifest), out=str(tmp_path / "d"), progress=False,
+                                chunking=ChunkingSection(chunk_size=2)))
 
 
 def test_merge_matches_rows_by_id_and_refuses_parts_of_another_source(corpus, tmp_path):
     manifest, _ = _manifest(tmp_path, corpus, 4)
     out = tmp_path / "d"
-    describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=2))
+    describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunking=ChunkingSection(chunk_size=2)))
     part = out / "parts" / "part-000000.jsonl"
     rows = [json.loads(line) for line in part.read_text().splitlines()]
     rows[0]["id"] = "someone-else"  # a part whose row belongs to no source row
@@ -520,8 +530,8 @@ def test_bad_input_campaign_every_line_is_described_or_rejected_with_its_reason(
     tried = handled = lost = mixed = 0
     for manifest, cases in ((tmp_path / "m.jsonl", jsonl), (tmp_path / "m.csv", csv_lines)):
         out = tmp_path / f"out-{manifest.suffix[1:]}"
-        summary = describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, chunk_size=4,
-                                          max_seconds=10.0))
+        summary = describe(DescribeConfig(source=str(manifest), out=str(out), progress=False, max_seconds=10.0,
+                                          chunking=ChunkingSection(chunk_size=4)))
         assert summary["inputs"] == len(cases)
         lost += summary["inputs"] - summary["described"] - summary["rejected"]
         rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]

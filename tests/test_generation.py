@@ -153,14 +153,18 @@ def stand_in_vllm(monkeypatch):
 
 def test_the_vllm_backend_hands_vllm_its_settings_thousands_of_prompts_and_the_end_of_turn(described, tmp_path,
                                                                                           stand_in_vllm):
+    from desta.core.chunks import ChunkingSection
+    from desta.core.generation import GenerationSection, SamplingSection
     from desta.targets import TargetsConfig, targets
 
     model = tmp_path / "model"  # the checkpoint's generation config names another end id, 99
     model.mkdir()
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [99]}))
-    settings = dict(source=str(described), model=str(model), backend="vllm", max_new_tokens=40, chunk_size=2,
-                    progress=False, max_model_len=4096, gpu_memory_utilization=0.85, tensor_parallel_size=2)
-    summary = targets(TargetsConfig(out=str(tmp_path / "greedy"), **settings))
+    generation = GenerationSection(kind="vllm", model=str(model), max_model_len=4096, gpu_memory_utilization=0.85,
+                                   tensor_parallel_size=2)
+    settings = dict(source=str(described), generation=generation, chunking=ChunkingSection(chunk_size=2),
+                    progress=False)
+    summary = targets(TargetsConfig(out=str(tmp_path / "greedy"), sampling=SamplingSection(40), **settings))
     (engine,) = stand_in_vllm.engines
     assert engine.settings == {"model": str(model), "max_model_len": 4096, "gpu_memory_utilization": 0.85,
                                "tensor_parallel_size": 2, "seed": 0}
@@ -173,7 +177,8 @@ def test_the_vllm_backend_hands_vllm_its_settings_thousands_of_prompts_and_the_e
         assert request.settings["seed"] == i and request.settings["max_tokens"] == 40
         assert request.settings["temperature"] == 0.0
     assert summary["kept"] == 6
-    sampled = targets(TargetsConfig(out=str(tmp_path / "sampled"), temperature=0.7, **settings))
+    sampled = targets(TargetsConfig(out=str(tmp_path / "sampled"), sampling=SamplingSection(40, temperature=0.7),
+                                    **settings))
     calls = stand_in_vllm.engines[-1].calls
     assert sampled["kept"] == 6 and [len(messages) for messages, _, _ in calls] == [2, 2, 2]  # a chunk at a time
     seeds = [[p.settings["seed"] for p in params] for _, params, _ in calls]

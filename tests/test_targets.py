@@ -3,6 +3,7 @@ import json
 import pytest
 from datasets import load_from_disk
 
+from desta.core.args import build
 from desta.core.generation import Generation, SamplingSettings, TransformersBackend
 from desta.model.tiny import tiny_llm, tiny_tokenizer
 from desta.prompts import TRAINING_POOLS, training_pool
@@ -20,10 +21,13 @@ def backend():
     return TransformersBackend(llm=tiny_llm(), tokenizer=tiny_tokenizer(), batch_size=4)
 
 
-def _config(described, out, **kwargs):
-    settings = dict(source=str(described), out=str(out), model="tiny", max_new_tokens=6, chunk_size=2,
-                    progress=False, keep_flagged=True)
-    return TargetsConfig(**{**settings, **kwargs})
+def _config(described, out, generation=None, sampling=None, chunking=None, **settings):
+    """Settings for these tests: the tiny LLM, answers of up to 6 tokens, chunks of 2, flagged answers kept; each
+    section's keys given here replace those."""
+    return build(TargetsConfig, {"source": str(described), "out": str(out), "progress": False, "keep_flagged": True,
+                                 **settings, "generation": {"model": "tiny", **(generation or {})},
+                                 "sampling": {"max_new_tokens": 6, **(sampling or {})},
+                                 "chunking": {"chunk_size": 2, **(chunking or {})}})
 
 
 def _output(out):
@@ -73,10 +77,11 @@ def test_greedy_runs_hand_several_chunks_to_a_token_budget_backend(described, tm
     grouped = targets(_config(described, tmp_path / "grouped"), Counting())
     assert Counting.calls == [6] and grouped == chunked  # 4 x budget 12 / 6 new tokens: 8 prompts per call
     assert _output(tmp_path / "grouped") == _output(tmp_path / "chunked")
-    assert prompts_per_call(_config(described, tmp_path, temperature=0.7), Counting()) == 2  # sampled: per chunk
+    sampled = _config(described, tmp_path, sampling={"temperature": 0.7})
+    assert prompts_per_call(sampled, Counting()) == 2  # sampled: per chunk
     assert call_groups([3, 4, 7], [2, 2, 1], per_call=3) == [[3, 4], [7]]
     with pytest.raises(ValueError, match="token_budget: must be at least 1"):
-        _config(described, tmp_path, token_budget=0)
+        _config(described, tmp_path, generation={"token_budget": 0})
 
 
 def test_stage_writes_prompt_response_generator(described, tmp_path, backend):
@@ -98,8 +103,8 @@ def test_flagged_answers_go_to_rejects_with_reasons(described, tmp_path, backend
 
 
 def test_sampling_is_deterministic_for_a_seed(described, tmp_path, backend):
-    first = targets(_config(described, tmp_path / "a", temperature=1.0, seed=3), backend)
-    second = targets(_config(described, tmp_path / "b", temperature=1.0, seed=3), backend)
+    first = targets(_config(described, tmp_path / "a", seed=3, sampling={"temperature": 1.0}), backend)
+    second = targets(_config(described, tmp_path / "b", seed=3, sampling={"temperature": 1.0}), backend)
     assert first == second and _output(tmp_path / "a") == _output(tmp_path / "b")
 
 
@@ -128,7 +133,7 @@ def test_shards_merge_to_the_unsharded_output(described, tmp_path, backend):
 
     targets(_config(described, tmp_path / "one"), backend)
     for index in range(3):
-        targets(_config(described, tmp_path / "three", num_shards=3, shard_index=index), backend)
+        targets(_config(described, tmp_path / "three", chunking={"num_shards": 3, "shard_index": index}), backend)
     merge(tmp_path / "three")
     assert _output(tmp_path / "three") == _output(tmp_path / "one")
 
@@ -175,15 +180,16 @@ def test_bad_sources_give_clear_errors(tmp_path, backend, described):
 
 @pytest.mark.real
 def test_real_smollm_answers(real_models, described, tmp_path):
-    summary = targets(TargetsConfig(source=str(described), out=str(tmp_path / "t"), progress=False,
-                                    model=str(real_models / "SmolLM2-135M-Instruct"), max_new_tokens=128,
-                                    repetition_penalty=1.2))
+    summary = targets(_config(described, tmp_path / "t", keep_flagged=False,
+                              generation={"model": str(real_models / "SmolLM2-135M-Instruct")},
+                              sampling={"max_new_tokens": 128, "repetition_penalty": 1.2},
+                              chunking={"chunk_size": 128}))
     rows, _ = _output(tmp_path / "t")
     assert summary["inputs"] == 6 and all(r["response"] for r in rows)
 
 
 def test_all_rejected_still_writes_a_loadable_dataset(described, tmp_path, backend):
-    summary = targets(_config(described, tmp_path / "t", keep_flagged=False, max_new_tokens=2), backend)
+    summary = targets(_config(described, tmp_path / "t", keep_flagged=False, sampling={"max_new_tokens": 2}), backend)
     assert summary["kept"] == 0 and summary["rejected"] == 6
     assert len(load_from_disk(str(tmp_path / "t" / "dataset"))) == 0
 
@@ -193,7 +199,8 @@ def test_label_targets_come_from_the_gold_fields_only(described, tmp_path):
 
     from desta.targets import label_response
 
-    summary = targets(_config(described, tmp_path / "labels", kind="labels", model="", keep_flagged=False))
+    summary = targets(_config(described, tmp_path / "labels", kind="labels", keep_flagged=False,
+                              generation={"model": ""}))
     rows, _ = _output(tmp_path / "labels")
     assert summary["kept"] == 6 and json.loads(rows[0]["generator"])["backend"] == "labels"
     row = load_from_disk(str(described))[0]
@@ -220,14 +227,15 @@ def test_rerun_after_the_described_set_changed_is_refused_not_mixed_up(described
     source = tmp_path / "described"
     shutil.copytree(described, source)
     out = tmp_path / "t"
-    targets(_config(source, out, kind="labels", model=""))
+    targets(_config(source, out, kind="labels", generation={"model": ""}))
     _reorder(source)
     with pytest.raises(ValueError, match=r"was made from a different source/settings \(source_fingerprint: .*use a "
-                                         r"new --out or --overwrite"):
-        targets(_config(source, out, kind="labels", model=""))
+                                         r"new --out or --chunking.overwrite"):
+        targets(_config(source, out, kind="labels", generation={"model": ""}))
     with pytest.raises(ValueError, match=r"different source/settings \(.*trim_cut_off: false -> true"):
-        targets(_config(source, out, kind="labels", model="", trim_cut_off=True, overwrite=False))
-    summary = targets(_config(source, out, kind="labels", model="", overwrite=True))
+        targets(_config(source, out, kind="labels", trim_cut_off=True, generation={"model": ""},
+                        chunking={"overwrite": False}))
+    summary = targets(_config(source, out, kind="labels", generation={"model": ""}, chunking={"overwrite": True}))
     rows, _ = _output(out)
     assert summary["kept"] == 6 and all(r["transcript"] in r["response"] for r in rows)  # each its own clip
     assert [r["id"] for r in rows] == load_from_disk(str(source))["id"]
@@ -241,7 +249,8 @@ def test_merge_refuses_a_source_changed_after_the_shards_ran(described, tmp_path
     source = tmp_path / "described"
     shutil.copytree(described, source)
     for index in range(2):
-        targets(_config(source, tmp_path / "two", kind="labels", model="", num_shards=2, shard_index=index))
+        targets(_config(source, tmp_path / "two", kind="labels", generation={"model": ""},
+                        chunking={"num_shards": 2, "shard_index": index}))
     _reorder(source)
     with pytest.raises(ValueError, match="was made from a different source/settings"):
         merge(tmp_path / "two")
@@ -280,8 +289,8 @@ def test_field_label_targets_ask_only_that_field_and_name_its_gold_value_alone(d
     from desta.prompts import field_answer
 
     pool = training_pool("voice")
-    targets(_config(described, tmp_path / "t", kind="labels", model="", pool="voice", fields=["gender"],
-                    prompts_per_clip=2))
+    targets(_config(described, tmp_path / "t", kind="labels", pool="voice", fields=["gender"], prompts_per_clip=2,
+                    generation={"model": ""}))
     rows, _ = _output(tmp_path / "t")
     gold = {r["id"]: r for r in load_from_disk(str(described))}
     assert len(rows) == 12 and all(r["prompt"] in pool["gender"] for r in rows)
@@ -292,4 +301,4 @@ def test_field_label_targets_ask_only_that_field_and_name_its_gold_value_alone(d
 
 def test_fields_the_pool_lacks_are_refused_naming_the_setting(described, tmp_path):
     with pytest.raises(ValueError, match="fields.*no categories \\['colour'\\]"):
-        _config(described, tmp_path / "t", kind="labels", model="", pool="voice", fields=["colour"])
+        _config(described, tmp_path / "t", kind="labels", pool="voice", fields=["colour"], generation={"model": ""})

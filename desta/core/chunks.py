@@ -18,9 +18,11 @@ import math
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from desta.core.args import raise_problems
 from desta.core.artifacts import DATASET, PARTS, REJECTS, SUMMARY
 from desta.core.summary import Summary
 
@@ -28,6 +30,38 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 JOB = "job.json"  # what a run was made from; a resume must match it
+
+
+@dataclass
+class ChunkingSection:
+    """How a batch stage cuts its work (a config section: `chunking.num_shards=4`): resumable chunks, shards across
+    machines, the merge. None of it changes a row of the output."""
+
+    chunk_size: int = 128
+    """rows per resumable unit of work"""
+    num_shards: int = 1
+    """split the work across this many machines"""
+    shard_index: int = 0
+    """this machine's shard, 0-based; merge when all are done"""
+    merge: bool = False
+    """only join the finished shards in `out`"""
+    overwrite: bool = False
+    """when OUT holds parts made from another source or other settings, delete them and start over"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.chunk_size < 1 or self.num_shards < 1:
+            problems.append(("chunk_size", f"chunk_size and num_shards must be at least 1, got {self.chunk_size} "
+                                           f"and {self.num_shards}"))
+        elif not 0 <= self.shard_index < self.num_shards:
+            problems.append(("shard_index", f"must be in [0, {self.num_shards - 1}], got {self.shard_index}"))
+        raise_problems(problems)
+
+    def job(self, out: str | os.PathLike, job: dict[str, Any], total: int,
+            not_compared: tuple[str, ...] = ()) -> ChunkedJob:
+        """This shard's chunks of the run `job` describes (see ChunkedJob)."""
+        return ChunkedJob(out, job, total=total, chunk_size=self.chunk_size, num_shards=self.num_shards,
+                          shard_index=self.shard_index, overwrite=self.overwrite, not_compared=not_compared)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -86,7 +120,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def stale_error(out: Path, changed: list[str]) -> ValueError:
     """The error for an OUT made from another source or other settings, naming what changed and the fix."""
     return ValueError(f"{out} was made from a different source/settings ({'; '.join(changed)}); use a new --out "
-                      "or --overwrite")
+                      "or --chunking.overwrite")
 
 
 def check_accounted(out: Path, expected: Iterable[Any], found: Iterable[Any]) -> None:
@@ -100,6 +134,28 @@ def check_accounted(out: Path, expected: Iterable[Any], found: Iterable[Any]) ->
         raise stale_error(out, [f"{sum(missing.values())} source rows have no result (e.g. "
                                 f"{next(iter(missing), None)!r})", f"{sum(extra.values())} results match no source "
                                 f"row once (e.g. {next(iter(extra), None)!r})"])
+
+
+# Every batch stage's settings that no row depends on: where it writes, whether it shows a bar.
+RUN_ONLY = ("out", "progress")
+
+
+def job_settings(config: Any, run_only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a batch run's rows depend on, flat by setting name (as job.json files have always held them): every
+    setting but RUN_ONLY, `run_only` and the chunking section; a section with an `identity()` (the generation
+    backend) gives only that, any other section all its settings."""
+    settings: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in RUN_ONLY + run_only or isinstance(value, ChunkingSection):
+            continue
+        if hasattr(value, "identity"):
+            settings.update(value.identity())
+        elif is_dataclass(value):
+            settings.update(asdict(value))
+        else:
+            settings[f.name] = json.loads(json.dumps(value))
+    return settings
 
 
 class ChunkedJob:

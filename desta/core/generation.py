@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
+from desta.core.args import raise_problems
 from desta.core.llm import load_chat_llm
 from desta.core.sequences import Conversation, chat_tokens, end_of_turn_ids, pad_batch
 
@@ -25,18 +26,135 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class SamplingSettings:
-    """How to sample; temperature 0 means greedy."""
+class SamplingSection:
+    """How answers are sampled (a config section: `sampling.temperature=0.7`)."""
 
     max_new_tokens: int = 256
+    """longer answers are cut"""
     temperature: float = 0.0
+    """0: greedy"""
     top_p: float = 1.0
+    """nucleus sampling mass (with temperature > 0)"""
     repetition_penalty: float = 1.0
+    """above 1 discourages repeats"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}"))
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            problems.append(("temperature", f"temperature must be 0 or more and top_p in (0, 1], got "
+                                            f"{self.temperature} and {self.top_p}"))
+        if self.repetition_penalty <= 0:
+            problems.append(("repetition_penalty", f"must be positive, got {self.repetition_penalty}"))
+        raise_problems(problems)
+
+    def seeded(self, seed: int) -> SamplingSettings:
+        """These settings with a seed, as a backend takes them."""
+        return SamplingSettings(**asdict(self), seed=seed)
+
+
+@dataclass
+class SamplingSettings(SamplingSection):
+    """How to sample one call: the section's settings and the seed the draws depend on."""
+
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (field name -> value), e.g. for a results file."""
         return asdict(self)
+
+
+GenerationKind = Literal["transformers", "vllm", "http"]
+
+
+@dataclass
+class GenerationSection:
+    """Where and how fast answers are generated (a config section: `generation.batch_size=48`). Only `kind`,
+    `model` and `dtype` decide the answers (`identity`); the rest sets how fast they come."""
+
+    kind: GenerationKind = "transformers"
+    """transformers (batched, CPU or GPU), vllm (GPU; untested on a GPU: only what it hands vLLM is tested), http
+    (an OpenAI-compatible server)"""
+    model: str = ""
+    """the LLM (Hub id or folder; the served model name for http)"""
+    base_url: str | None = None
+    """http: the server, e.g. http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """weights of the LLM (transformers): auto is bfloat16 on a GPU and float32 on a CPU; bfloat16 on a CPU with
+    bf16 instructions is about twice as fast (answers of a bf16 model, not identical to float32's)"""
+    batch_size: int = 16
+    """prompts per generate batch when batching by prompts (transformers)"""
+    batching: Literal["auto", "continuous", "tokens", "prompts"] = "auto"
+    """transformers: continuous: transformers' continuous batching (a finished answer's place takes the next prompt:
+    no batch waits for its longest answer); tokens: each batch holds as many prompts as fit token_budget (longest
+    prompts first); prompts: batch_size prompts; auto: continuous on a GPU, tokens wherever token_budget is given,
+    else prompts (a CPU)"""
+    token_budget: int | None = None
+    """tokens per generate batch when batching by tokens: rows x (longest prompt + max_new_tokens); with continuous
+    batching, the tokens its key/value cache holds; null: sized from the GPU's free memory"""
+    cache: Literal["dynamic", "static"] = "dynamic"
+    """transformers' key/value cache: dynamic, or static (preallocated; transformers compiles the decoding step
+    on a GPU: faster once compiled, one compile per batch shape)"""
+    prompts_per_call: int | None = None
+    """greedy runs hand the backend this many prompts at once (several chunks, each still written on its own), so
+    token-budget batches can fill; null: the chunk size, or with a token budget 4 x token_budget / max_new_tokens.
+    Sampled runs hand one chunk at a time, so a resumed chunk samples the same"""
+    max_model_len: int | None = None
+    """vllm: tokens per sequence the engine plans for (prompt + answer); null: the model's own, which can leave
+    little memory for the cache"""
+    gpu_memory_utilization: float = 0.9
+    """vllm: share of each GPU's memory for the weights and the key/value cache"""
+    tensor_parallel_size: int = 1
+    """vllm: GPUs the model is split over"""
+    concurrency: int = 8
+    """http: requests in flight"""
+    timeout: float = 120.0
+    """http: seconds per request"""
+    max_retries: int = 4
+    """http: retries per request"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind == "http" and self.model and not self.base_url:
+            problems.append(("base_url", "the http backend needs base_url, e.g. http://127.0.0.1:8000/v1"))
+        if min(self.batch_size, self.concurrency, self.tensor_parallel_size) < 1 or self.max_retries < 0:
+            problems.append(("batch_size", "batch_size, concurrency and tensor_parallel_size must be at least 1, "
+                                           "max_retries 0 or more"))
+        for name in ("token_budget", "prompts_per_call", "max_model_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append((name, f"must be at least 1 (or null), got {getattr(self, name)}"))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"))
+        if self.timeout <= 0:
+            problems.append(("timeout", f"must be positive, got {self.timeout}"))
+        raise_problems(problems)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the answers, what a resumed run must match (`kind` recorded as "backend", the
+        name job files have always used)."""
+        return {"backend": self.kind, "model": self.model, "dtype": self.dtype}
+
+    def backend(self, seed: int = 0) -> Backend:
+        """The backend these settings describe (`seed`: vLLM's engine seed)."""
+        if self.kind == "http":
+            return make_backend("http", self.model, base_url=self.base_url, concurrency=self.concurrency,
+                                timeout=self.timeout, max_retries=self.max_retries)
+        if self.kind == "vllm":
+            return make_backend("vllm", self.model, max_model_len=self.max_model_len, seed=seed,
+                                gpu_memory_utilization=self.gpu_memory_utilization,
+                                tensor_parallel_size=self.tensor_parallel_size)
+        from desta.core.llm import default_device
+
+        batching = self.batching
+        if batching == "auto":
+            batching = "continuous" if default_device() == "cuda" and self.cache == "dynamic" else (
+                "tokens" if self.token_budget is not None else "prompts")
+        budget = self.token_budget or ("memory" if batching == "tokens" else None)
+        return make_backend("transformers", self.model, batch_size=self.batch_size,
+                            dtype=None if self.dtype == "auto" else getattr(torch, self.dtype),
+                            token_budget=budget if batching != "prompts" else None, cache=self.cache,
+                            continuous=batching == "continuous")
 
 
 @dataclass

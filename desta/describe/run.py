@@ -14,7 +14,6 @@ same source content and settings (or `overwrite`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,8 +28,10 @@ from desta.audio import SAMPLE_RATE, WINDOW_SECONDS, AudioError, load_audio_ref
 from desta.core.args import raise_problems
 from desta.core.chunks import (
     ChunkedJob,
+    ChunkingSection,
     check_accounted,
     differences,
+    job_settings,
     read_jsonl,
     stale_error,
     to_jsonl,
@@ -58,16 +59,18 @@ if TYPE_CHECKING:
     from desta.audio.asr import Transcriber
 
 DEFAULT_ATTRIBUTES = ["gender", "emotion", "accent", "age", "pitch", "volume", "speaking_speed", "duration"]
-# Settings that change how a run is carried out but not one row of its output: left out of the job
-# description a resumed run must match.
 LOAD_REJECTS = "load-rejects.jsonl"  # OUT/parts/: the rows the source could not give, found before any chunk
-RUNTIME_SETTINGS = ("out", "chunk_size", "num_shards", "shard_index", "num_proc", "asr_batch_size", "merge",
-                    "progress", "overwrite")
+# Besides the chunking section and desta.core.chunks.RUN_ONLY: the throughput settings of decoding and ASR.
+THROUGHPUT = ("num_proc", "asr_batch_size")
+# Settings that moved into the shared chunking section (desta.core.chunks): an old key is refused with its new place.
+MOVED = {name: f"chunking.{name}" for name in ("chunk_size", "num_shards", "shard_index", "merge", "overwrite")}
 
 
 @dataclass
 class DescribeConfig:
     """Turn an audio corpus into DeSTA descriptions (transcript + attributes); bad rows go to rejects."""
+
+    MOVED = MOVED
 
     source: str = ""
     """manifest (.jsonl/.csv), save_to_disk folder, Hub dataset id, lhotse cuts or `lhotse prepare` folder"""
@@ -95,18 +98,9 @@ class DescribeConfig:
     """shorter clips are rejected: too short for a transcript, a pitch or a speaking speed"""
     allow_absolute_paths: bool = False
     """manifest paths may lead outside the manifest's folder (absolute paths, ../)"""
-    overwrite: bool = False
-    """when OUT holds parts made from another source or other settings, delete them and start over"""
-    chunk_size: int = 256
-    """rows per resumable unit of work"""
-    num_shards: int = 1
-    """split the work across this many machines"""
-    shard_index: int = 0
-    """this machine's shard, 0-based; merge when all are done"""
+    chunking: ChunkingSection = field(default_factory=lambda: ChunkingSection(chunk_size=256))
     num_proc: int = 1
     """worker processes for decoding and signal attributes"""
-    merge: bool = False
-    """only join the finished shards in `out`"""
     progress: bool = True
     """show a progress bar"""
 
@@ -114,7 +108,7 @@ class DescribeConfig:
         problems = []
         if not self.out:
             problems.append(("out", "required: the output folder"))
-        if not self.source and not self.merge:
+        if not self.source and not self.chunking.merge:
             problems.append(("source", "required: a manifest (.jsonl/.csv), a save_to_disk folder or a Hub dataset "
                                        "id (or merge)"))
         unknown = sorted(set(self.attributes) - set(DESCRIPTION_NAMES))
@@ -122,10 +116,8 @@ class DescribeConfig:
             problems.append(("attributes", f"unknown {unknown}; choose from {sorted(DESCRIPTION_NAMES)}"))
         if set(self.classifiers) - set(LABEL_ATTRIBUTES):
             problems.append(("classifiers", f"can fill {list(LABEL_ATTRIBUTES)}, not {sorted(set(self.classifiers))}"))
-        if not 0 <= self.shard_index < self.num_shards:
-            problems.append(("shard_index", f"must be in [0, {self.num_shards - 1}], got {self.shard_index}"))
-        if self.chunk_size < 1 or self.num_proc < 1 or self.asr_batch_size < 1:
-            problems.append(("chunk_size", "chunk_size, num_proc and asr_batch_size must be at least 1"))
+        if self.num_proc < 1 or self.asr_batch_size < 1:
+            problems.append(("num_proc", "num_proc and asr_batch_size must be at least 1"))
         if not self.max_seconds > 0:
             problems.append(("max_seconds", f"must be positive, got {self.max_seconds}"))
         if not 0 <= self.min_seconds < self.max_seconds:
@@ -247,18 +239,15 @@ def _transcribe_pending(results: list[dict], transcriber: Transcriber) -> None:
 
 def describe(config: DescribeConfig) -> Summary:
     """Run (or resume) this shard's chunks; merge when the run is unsharded. Returns the counts."""
-    if config.merge:
+    if config.chunking.merge:
         return merge(config.out)
     out = Path(config.out)
     mapping = load_mapping(config.mapping)
     dataset, load_rejects = open_source(config.source, mapping, config.split, config.allow_absolute_paths)
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_SETTINGS}
-    job = ChunkedJob(out, {"stage": "describe", **settings, "mapping_content": mapping,
-                           "source_fingerprint": content_fingerprint(dataset, extra=load_rejects),
-                           "load_rejects": len(load_rejects)},
-                     total=len(dataset), chunk_size=config.chunk_size, num_shards=config.num_shards,
-                     shard_index=config.shard_index, overwrite=config.overwrite,
-                     not_compared=("source",))
+    job = config.chunking.job(out, {"stage": "describe", **job_settings(config, THROUGHPUT), "mapping_content": mapping,
+                                    "source_fingerprint": content_fingerprint(dataset, extra=load_rejects),
+                                    "load_rejects": len(load_rejects)},
+                              total=len(dataset), not_compared=("source",))
     write_atomic(job.parts / LOAD_REJECTS, to_jsonl(load_rejects))
     todo = job.todo()
     transcriber = None
@@ -269,7 +258,7 @@ def describe(config: DescribeConfig) -> Summary:
         classifiers[attribute] = pipeline("audio-classification", model=model)
     started, audio_seconds, done_rows = time.perf_counter(), 0.0, 0
     bar = tqdm(total=sum(len(job.rows_of(c)) for c in todo), unit="clip", disable=not config.progress,
-               desc=f"describe shard {config.shard_index}/{config.num_shards}")
+               desc=f"describe shard {config.chunking.shard_index}/{config.chunking.num_shards}")
     pool = ProcessPoolExecutor(config.num_proc) if config.num_proc > 1 else None
     try:
         for chunk in todo:
@@ -286,7 +275,7 @@ def describe(config: DescribeConfig) -> Summary:
         bar.close()
         if pool:
             pool.shutdown()
-    if config.num_shards == 1:
+    if config.chunking.num_shards == 1:
         return _merge(job, dataset)
     return job.shard_summary("describe", len(todo))
 

@@ -180,7 +180,8 @@ def unseen_voice_clips(described: Dataset, training: str) -> list[str]:
             raise ValueError(f"{name} has no voice column, so unseen voices cannot be told apart; describe a corpus "
                              "whose manifest names each clip's voice (desta synth writes it)")
     heard = {str(v) for v in train["voice"] if v}
-    clips = sorted({clip for clip, voice in zip(described["id"], described["voice"]) if voice and str(voice) not in heard})
+    clips = sorted({clip for clip, voice in zip(described["id"], described["voice"], strict=True)
+                    if voice and str(voice) not in heard})
     if not clips:
         raise ValueError(f"every clip of the source speaks with a voice of {training}: no unseen voice to evaluate")
     return clips

@@ -25,6 +25,7 @@ from desta.core.args import raise_problems
 from desta.core.artifacts import REJECTS, REPORT_JSON, REPORT_MD, SCORES_PLOT
 from desta.core.cache import AnswerCache
 from desta.core.digests import audio_key, fingerprint
+from desta.core.generation import GenerationSection
 from desta.core.summary import Summary
 from desta.describe.description import with_transcript
 from desta.evaluation import systems
@@ -50,6 +51,7 @@ class EvalConfig:
     """Score checkpoints on unseen speech instructions against the same LLM reading the description."""
 
     POSITIONAL = ("checkpoints",)
+    MOVED = {"judge_model": "judge.model", "judge_backend": "judge.kind", "judge_base_url": "judge.base_url"}
     checkpoints: list[str]
     """DeSTA checkpoint folders, compared side by side"""
     eval_set: str
@@ -71,12 +73,9 @@ class EvalConfig:
     """give the speech model the gold transcript instead of Whisper's (then text_asr equals text)"""
     asr_reference: bool = True
     """also run the text reference that reads Whisper's transcript (tells ASR loss from connector loss)"""
-    judge_model: str | None = None
-    """LLM judge for open questions (Hub id/folder, or the served name)"""
-    judge_backend: Literal["transformers", "vllm", "http"] = "transformers"
-    """where the judge runs"""
-    judge_base_url: str | None = None
-    """http judge: the server, e.g. http://127.0.0.1:8000/v1"""
+    judge: GenerationSection = field(default_factory=GenerationSection)
+    """the LLM judge of open questions and where it runs, e.g. judge.model=Qwen/Qwen2.5-7B-Instruct (judge.model
+    empty: no judge)"""
     limit: int | None = None
     """evaluate the first N items only (with benchmark: the first N of each subset)"""
     benchmark: str | None = None
@@ -119,8 +118,6 @@ class EvalConfig:
                                            "resamples at least 100"))
         if self.limit is not None and self.limit < 1:
             problems.append(("limit", f"must be at least 1 (or null: every item), got {self.limit}"))
-        if self.judge_backend == "http" and self.judge_model and not self.judge_base_url:
-            problems.append(("judge_base_url", "the http judge needs judge_base_url"))
         if self.benchmark is not None and self.benchmark not in BENCHMARKS:
             problems.append(("benchmark", f"unknown {self.benchmark!r}; choose from {sorted(BENCHMARKS)}"))
         if self.subsets and not self.benchmark:
@@ -163,8 +160,8 @@ def evaluate(config: EvalConfig) -> Summary:
     scores = {system: [task.score(i, a) for i, a in zip(task.items, system_answers, strict=True)]
               for system, system_answers in run.answers.items()}
     judge_id = None
-    if config.judge_model:
-        backend = systems.judge_backend(config.judge_model, config.judge_backend, config.judge_base_url)
+    if config.judge.model:
+        backend = config.judge.backend()
         systems.judge_scores(backend, task.judging, task.items, run.answers, scores)
         judge_id = backend.model_id
     report = build_report(run, task.items, scores, judge_id, config.eval_set, config.checkpoints, config.resamples,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -170,14 +170,6 @@ class Judging:
     verdict: Callable[[dict, list[str]], dict[str, Any]]
     samples: Callable[[dict], int] = lambda item: 1
     max_new_tokens: int = 256
-
-
-def judge_backend(model: str, backend: Literal["transformers", "vllm", "http"],
-                  base_url: str | None) -> Backend:
-    """The judge LLM on the backend asked for."""
-    from desta.core.generation import make_backend
-
-    return make_backend(backend, model, **({"base_url": base_url} if backend == "http" else {}))
 
 
 def judge_scores(backend: Backend, judging: Judging, items: list[dict], answers: dict[str, list[str]],

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, WhisperFeatureExtractor
+from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from desta.model.bases import locate_base
 from desta.model.modeling import DestaConfig, DestaModel, resolve_checkpoint
@@ -42,13 +42,6 @@ def config_and_processor(encoder: str, llm: str, system_prompt: str | None = DEF
     audio_token_id = add_audio_token(tokenizer, config_kwargs.get("audio_token", SLOTS.audio_token))
     config = DestaConfig.from_components(encoder, llm, audio_token_id=audio_token_id, **config_kwargs)
     return config, DestaProcessor.from_config(config, tokenizer, _feature_extractor(encoder, config), system_prompt)
-
-
-def processor_for(config: DestaConfig, tokenizer: PreTrainedTokenizerBase,
-                  feature_extractor: WhisperFeatureExtractor | None = None,
-                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> DestaProcessor:
-    """DestaProcessor.from_config: the processor of a config (which it reads, never writes)."""
-    return DestaProcessor.from_config(config, tokenizer, feature_extractor, system_prompt)
 
 
 def load(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32,

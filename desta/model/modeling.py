@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -68,45 +69,12 @@ DEFAULT_LORA = {
 }
 
 
-def architecture_problems(settings: Any) -> list[tuple[str, str]]:
-    """What is wrong with a model's sizes (a DestaConfig, or `desta train`'s model section), as (setting, problem)."""
-    problems = []
-    if settings.num_queries < 1 or settings.qformer_layers < 1 or settings.transcript_max_tokens < 0:
-        problems.append(("num_queries", f"num_queries and qformer_layers must be at least 1, transcript_max_tokens "
-                                        f"0 or more; got {settings.num_queries}, {settings.qformer_layers} and "
-                                        f"{settings.transcript_max_tokens}"))
-    if settings.qformer_intermediate_size is not None and settings.qformer_intermediate_size < 1:
-        problems.append(("qformer_intermediate_size", f"must be at least 1 (or null), got "
-                                                      f"{settings.qformer_intermediate_size}"))
-    if not settings.query_init_std > 0:
-        problems.append(("query_init_std", f"must be positive, got {settings.query_init_std}"))
-    if not 0 <= settings.qformer_dropout < 1:
-        problems.append(("qformer_dropout", f"must be in [0, 1), got {settings.qformer_dropout}"))
-    return problems
+@dataclass
+class Architecture:
+    """What a DeSTA model is built as besides its two base checkpoints: the connector, the audio slots, LoRA.
+    DestaConfig holds these settings (it derives from this class) and `desta train`'s model section takes them:
+    one owner of their types, defaults and docs."""
 
-
-@strict
-class DestaConfig(PreTrainedConfig):
-    r"""Configuration of a DeSTA speech LLM.
-
-    encoder_config / text_config: the Whisper and LLM configs (inline). encoder_name_or_path /
-    llm_name_or_path: the checkpoints (Hub id or folder) the base weights load from; `None` means
-    random weights from the inline config (tests). Build one from two checkpoints with
-    `DestaConfig.from_components("openai/whisper-small", "meta-llama/Meta-Llama-3-8B-Instruct")`.
-    """
-
-    model_type = "desta"
-    sub_configs_defaults = {
-        "encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
-
-    encoder_config: dict | PreTrainedConfig | None = None
-    text_config: dict | PreTrainedConfig | None = None
-    encoder_name_or_path: str | None = None
-    """Whisper checkpoint the encoder (and ASR decoder) load from"""
-    llm_name_or_path: str | None = None
-    """chat LLM checkpoint"""
     tapped_layers: list[int] | None = None
     """encoder blocks feeding the connector; null: per Whisper size (small [2,5,8,11], large-v3 [7,15,23,31])"""
     connector: Connector = "qformer"
@@ -133,8 +101,6 @@ class DestaConfig(PreTrainedConfig):
     """Q-Former Linear weights start as BERT's normal(0.02), or PyTorch's default (official code)"""
     audio_token: str = SLOTS.audio_token
     """the audio placeholder in chat messages"""
-    audio_token_id: int | None = None
-    """its id in the LLM's tokenizer (desta.model.processing.add_audio_token; desta.build records it)"""
     transcript_max_tokens: int = SLOTS.transcript_max_tokens
     """transcript tokens after the audio vectors in training (inference keeps the whole transcript)"""
     transcript_format: TranscriptFormat = SLOTS.transcript_format
@@ -144,6 +110,54 @@ class DestaConfig(PreTrainedConfig):
     """pad every window to 30 s as the papers do: slower, kept for comparison"""
     lora: dict | None = None
     """LoRA on the LLM, e.g. {r: 8, lora_alpha: 16}; null: the LLM stays frozen"""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """What is wrong with these sizes, as (setting, problem): DestaConfig raises them, `desta train` reports
+        them with its other settings' problems."""
+        problems = []
+        if self.num_queries < 1 or self.qformer_layers < 1 or self.transcript_max_tokens < 0:
+            problems.append(("num_queries", f"num_queries and qformer_layers must be at least 1, transcript_max_tokens "
+                                            f"0 or more; got {self.num_queries}, {self.qformer_layers} and "
+                                            f"{self.transcript_max_tokens}"))
+        if self.qformer_intermediate_size is not None and self.qformer_intermediate_size < 1:
+            problems.append(("qformer_intermediate_size", f"must be at least 1 (or null), got "
+                                                          f"{self.qformer_intermediate_size}"))
+        if not self.query_init_std > 0:
+            problems.append(("query_init_std", f"must be positive, got {self.query_init_std}"))
+        if not 0 <= self.qformer_dropout < 1:
+            problems.append(("qformer_dropout", f"must be in [0, 1), got {self.qformer_dropout}"))
+        return problems
+
+    def architecture(self) -> dict[str, Any]:
+        """These settings by name (a subclass's own left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(Architecture)}
+
+
+@strict
+class DestaConfig(PreTrainedConfig, Architecture):
+    r"""Configuration of a DeSTA speech LLM.
+
+    encoder_config / text_config: the Whisper and LLM configs (inline). encoder_name_or_path /
+    llm_name_or_path: the checkpoints (Hub id or folder) the base weights load from; `None` means
+    random weights from the inline config (tests). Build one from two checkpoints with
+    `DestaConfig.from_components("openai/whisper-small", "meta-llama/Meta-Llama-3-8B-Instruct")`.
+    """
+
+    model_type = "desta"
+    sub_configs_defaults = {
+        "encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    encoder_name_or_path: str | None = None
+    """Whisper checkpoint the encoder (and ASR decoder) load from"""
+    llm_name_or_path: str | None = None
+    """chat LLM checkpoint"""
+    audio_token_id: int | None = None
+    """the audio placeholder's id in the LLM's tokenizer (desta.model.processing.add_audio_token; desta.build
+    records it)"""
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -165,7 +179,7 @@ class DestaConfig(PreTrainedConfig):
                     for name, choices in (("connector", Connector), ("qformer_init", QFormerInit),
                                           ("transcript_format", TranscriptFormat))
                     if getattr(self, name) not in get_args(choices)]
-        problems += architecture_problems(self)
+        problems += self.problems()
         if problems:
             raise ValueError("; ".join(f"{name}: {problem}" for name, problem in problems))
 

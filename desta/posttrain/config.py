@@ -5,7 +5,7 @@ seeds and how to train. Reads nothing; each problem is collected and raised at o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from desta.core.args import raise_problems
@@ -30,9 +30,6 @@ MOVED = {
     "replay_kl_source": "replay_kl.source", "replay_kl_weight": "replay_kl.weight",
     "distill": "on_policy_distill.distill", "distill_weight": "on_policy_distill.weight",
 }
-# The settings that choose which runs there are and what they keep, not what one run measures.
-PLAN_SETTINGS = ("output_dir", "strategies", "seeds", "seeded_strategies", "replay_sweep", "overwrite", "save_models",
-                 "save_models_of", "head_to_head")
 VERIFIERS = ("last_number", "exact_match", "json_schema", "regex", "python_tests")
 
 
@@ -92,28 +89,11 @@ def _posttrain_optim() -> OptimSection:
     return OptimSection(lr=2e-5, warmup_steps=5, max_steps=60, batch_size=8)
 
 
-def with_strategy_sections(cls: type) -> type:
-    """Give the config class one section per strategy that has settings, named after it (e.g. `replay`, holding
-    replay.ratio), before @dataclass reads its fields: a new strategy needs no line here."""
-    for name, record in STRATEGIES.items():
-        if record.section is not None:
-            cls.__annotations__[name] = record.section
-            setattr(cls, name, field(default_factory=record.section))
-    return cls
-
-
 @dataclass
-@with_strategy_sections
-class PostTrainConfig:
-    """Post-train a chat LLM on a new task with strategies against forgetting; compare them."""
+class RunPlan:
+    """The settings that choose which runs there are and what they keep, not what one run measures: PostTrainConfig
+    holds them (it derives from this class) and a run's fingerprint leaves them out (`plan_settings`)."""
 
-    MOVED = MOVED
-
-    model: str = ""
-    """the chat LLM (Hub id or folder)"""
-    chat_template: str | None = None
-    """a Jinja chat template for a model whose tokenizer has none (a base model, e.g. for rule_adapter); null: the
-    tokenizer's own"""
     output_dir: str = "runs/forgetting"
     """one folder per strategy, the comparison table and figure"""
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
@@ -136,6 +116,35 @@ class PostTrainConfig:
     """keep each run's trained model (or adapter) in its folder (SmolLM2-135M in fp32: about 0.5 GB a run)"""
     save_models_of: list[str] = field(default_factory=list)
     """strategies whose trained model is kept even when save_models is false (e.g. for `desta token-shift`)"""
+
+
+def plan_settings() -> tuple[str, ...]:
+    """The names of RunPlan's settings."""
+    return tuple(f.name for f in fields(RunPlan))
+
+
+def with_strategy_sections(cls: type) -> type:
+    """Give the config class one section per strategy that has settings, named after it (e.g. `replay`, holding
+    replay.ratio), before @dataclass reads its fields: a new strategy needs no line here."""
+    for name, record in STRATEGIES.items():
+        if record.section is not None:
+            cls.__annotations__[name] = record.section
+            setattr(cls, name, field(default_factory=record.section))
+    return cls
+
+
+@dataclass
+@with_strategy_sections
+class PostTrainConfig(RunPlan):
+    """Post-train a chat LLM on a new task with strategies against forgetting; compare them."""
+
+    MOVED = MOVED
+
+    model: str = ""
+    """the chat LLM (Hub id or folder)"""
+    chat_template: str | None = None
+    """a Jinja chat template for a model whose tokenizer has none (a base model, e.g. for rule_adapter); null: the
+    tokenizer's own"""
     style: Literal["sft", "pretrain"] = "sft"
     """sft: chat turns, loss on answers; pretrain: raw text, loss on every token"""
     task: TaskSection = field(default_factory=TaskSection)

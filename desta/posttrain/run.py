@@ -30,7 +30,7 @@ from desta.core.digests import content_digest
 from desta.core.generation import TransformersBackend
 from desta.core.llm import default_device, default_dtype, load_causal_lm, load_chat_llm
 from desta.core.summary import Summary
-from desta.posttrain.config import MOVED, PLAN_SETTINGS, PostTrainConfig
+from desta.posttrain.config import MOVED, PostTrainConfig, plan_settings
 from desta.posttrain.data import strategy_data
 from desta.posttrain.report import (
     delta_stats,
@@ -123,7 +123,7 @@ def run_settings(config: PostTrainConfig, run: Run, sources: dict[str, str]) -> 
     """A run's fingerprint: every setting of its config but those that choose the runs and those only strategies
     it lacks depend on (a section left empty goes), with the content digests of its sources (model and data
     files)."""
-    settings = {k: v for k, v in dataclasses.asdict(run_config(config, run)).items() if k not in PLAN_SETTINGS}
+    settings = {k: v for k, v in dataclasses.asdict(run_config(config, run)).items() if k not in plan_settings()}
     for key in foreign_settings(run.parts):
         section, name = key.split(".")
         del settings[section][name]

@@ -4,15 +4,12 @@ how to optimise, what to record. One dataclass per section; YAML plus key=value 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from desta.core.args import field_docs, raise_problems
+from desta.core.args import raise_problems
 from desta.core.optim import OptimSection, Precision, resolved_precision
-from desta.model.modeling import DestaConfig, architecture_problems
+from desta.model.modeling import Architecture
 from desta.model.tiny import TINY
 
 
@@ -44,35 +41,13 @@ def frozen_dtype(dtype: str, precision: Precision, gpu: bool | None = None) -> s
     return PRECISION_DTYPES[resolved_precision(precision, gpu)] if dtype == "auto" else dtype
 
 
-# The architecture a run chooses: these fields of DestaConfig, with its types, defaults and docs (one owner).
-ARCHITECTURE = ("connector", "frame_norm", "tapped_layers", "num_queries", "qformer_layers", "qformer_heads",
-                "qformer_dropout", "qformer_intermediate_size", "query_layernorm", "query_init_std", "qformer_init",
-                "audio_token", "transcript_max_tokens", "transcript_format", "pad_to_30s", "lora")
+@dataclass
+class ModelSection(Architecture, ModelBases):
+    """What to build: the bases (ModelBases) and the architecture (desta.model.modeling.Architecture, DestaConfig's
+    own settings, so a setting added there is a `desta train` setting too)."""
 
-
-def _check_model(section: Any) -> None:
-    raise_problems(architecture_problems(section))  # DestaConfig's own checks, reported with the other settings'
-
-
-def _architecture_section() -> type:
-    """ModelSection: ModelBases plus the ARCHITECTURE fields, read off DestaConfig."""
-    fields = {f.name: f for f in dataclasses.fields(DestaConfig)}
-    namespace = vars(sys.modules[DestaConfig.__module__])
-    hints = {name: eval(fields[name].type, namespace) if isinstance(fields[name].type, str) else fields[name].type
-             for name in ARCHITECTURE}  # the annotations as written in modeling.py (postponed: strings)
-    docs = field_docs(DestaConfig)
-    chosen = [(name, hints[name], field(default_factory=lambda d=fields[name].default: copy.deepcopy(d)))
-              for name in ARCHITECTURE]
-    section = dataclasses.make_dataclass(
-        "ModelSection", chosen, bases=(ModelBases,),
-        namespace={"__doc__": "What to build.", "__post_init__": _check_model,
-                   "__field_docs__": {name: docs[name] for name in ARCHITECTURE},
-                   "architecture": lambda self: {name: getattr(self, name) for name in ARCHITECTURE}})
-    section.__module__ = __name__
-    return section
-
-
-ModelSection = _architecture_section()
+    def __post_init__(self) -> None:
+        raise_problems(self.problems())  # DestaConfig's own checks, reported with the other settings'
 
 
 @dataclass

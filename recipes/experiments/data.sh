@@ -10,6 +10,6 @@ DATA=${DATA:-runs/experiments/data}
 
 DATA=$DATA bash recipes/experiments/corpus.sh
 # ~1 h on 2 cores: 1200 answers of up to 96 tokens, cut-off answers trimmed to their last sentence
-desta targets --source $DATA/described/dataset --out $DATA/targets-self --model $MODELS/SmolLM2-135M-Instruct \
-    --pool desta25 --max-new-tokens 96 --repetition-penalty 1.2 --trim-cut-off
+desta targets --source $DATA/described/dataset --out $DATA/targets-self --generation.model $MODELS/SmolLM2-135M-Instruct \
+    --pool desta25 --sampling.max-new-tokens 96 --sampling.repetition-penalty 1.2 --trim-cut-off
 desta targets --source $DATA/described/dataset --out $DATA/targets-labels --kind labels --pool desta25

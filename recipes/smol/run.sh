@@ -16,8 +16,8 @@ desta describe --source $OUT/corpus/manifest.jsonl --mapping synthetic --out $OU
 desta describe --source $OUT/corpus-eval/manifest.jsonl --mapping synthetic --out $OUT/described-eval
 
 # 3. SmolLM2 writes the targets; looping or cut-off answers go to rejects (~25 min on 2 cores).
-desta targets --source $OUT/described/dataset --out $OUT/targets --model $LLM \
-    --max-new-tokens 128 --repetition-penalty 1.2 --batch-size 16
+desta targets --source $OUT/described/dataset --out $OUT/targets --generation.model $LLM \
+    --sampling.max-new-tokens 128 --sampling.repetition-penalty 1.2 --generation.batch-size 16
 
 # 4. Train the connector on cached Whisper features, 200 steps of 8 (~15 min).
 desta train recipes/smol/config.yaml output_dir=$OUT/train model.encoder=$WHISPER model.llm=$LLM \

@@ -20,7 +20,7 @@ desta describe --source $OUT/corpus-eval/manifest.jsonl --mapping synthetic --ou
 
 # 3. Targets: the LLM answers "What can you hear from the audio?" from each description, ~5 s.
 #    A random LLM never stops by itself, so its cut-off answers are kept (flagged) here.
-desta targets --source $OUT/described/dataset --out $OUT/targets --model $LLM --max-new-tokens 24 --keep-flagged
+desta targets --source $OUT/described/dataset --out $OUT/targets --generation.model $LLM --sampling.max-new-tokens 24 --keep-flagged
 
 # 4. Train the Q-Former connector for 60 steps (~10 s).
 desta train recipes/tiny/config.yaml output_dir=$OUT/train model.encoder=$WHISPER model.llm=$LLM \

@@ -16,8 +16,8 @@ DATA=$DATA bash recipes/experiments/corpus.sh
 # Both teachers read the same clips and the same drawn prompts; greedy, bf16, cut-off answers end at their
 # last sentence. SmolLM2 loops without a repetition penalty; Qwen does not need one.
 desta targets --source $DATA/described/dataset --out $DATA/targets-voice-qwen \
-    --model $MODELS/Qwen2.5-Coder-1.5B-Instruct --pool voice --prompts-per-clip 2 --max-new-tokens 96 \
-    --trim-cut-off --dtype bfloat16 --batch-size 48
+    --generation.model $MODELS/Qwen2.5-Coder-1.5B-Instruct --pool voice --prompts-per-clip 2 --sampling.max-new-tokens 96 \
+    --trim-cut-off --generation.dtype bfloat16 --generation.batch-size 48
 desta targets --source $DATA/described/dataset --out $DATA/targets-voice-smol \
-    --model $MODELS/SmolLM2-135M-Instruct --pool voice --prompts-per-clip 2 --max-new-tokens 96 \
-    --repetition-penalty 1.2 --trim-cut-off --dtype bfloat16 --batch-size 48
+    --generation.model $MODELS/SmolLM2-135M-Instruct --pool voice --prompts-per-clip 2 --sampling.max-new-tokens 96 \
+    --sampling.repetition-penalty 1.2 --trim-cut-off --generation.dtype bfloat16 --generation.batch-size 48

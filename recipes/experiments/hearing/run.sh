@@ -50,7 +50,7 @@ for run in ${RUNS:-qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolic
   [[ $run == *-lora ]] && extra+=("model.lora={r: 8, lora_alpha: 16}")
   [ -f $OUT/$run/summary.json ] || desta train recipes/experiments/config.yaml output_dir=$OUT/$run \
       model.encoder=$WHISPER model.llm=$llm data.train=$targets optim.epochs=$EPOCHS optim.precision=bf16 \
-      log.eval_steps=100 log.save_steps=1000 "${SETUP[@]}" "${extra[@]}"
+      log.eval_steps=100 log.save_steps=200 "${SETUP[@]}" "${extra[@]}"
   [ -f $OUT/$run/eval/report.json ] || desta eval $OUT/$run --eval-set $DATA/$EVAL_SET --out $OUT/$run/eval \
       --cache $DATA/eval-cache --max-new-tokens 48 --probe-max-new-tokens 48 "${eval_extra[@]}"
   cp $OUT/$run/eval/report.md $RESULTS/report-$run.md
