@@ -3,7 +3,8 @@
 Each table lives between `<!-- table:NAME -->` and `<!-- /table -->` in docs/results.md (and the README's
 results paragraph); this script rewrites those blocks from:
 - recipes/experiments/guessing.json: what guessing scores on the experiments' eval set (guessing.py; `guessing`);
-- recipes/experiments/hearing/results/compare.json: the hearing experiment's runs (desta compare);
+- recipes/experiments/hearing/results/compare.json: the hearing runs on the ladder's settings (`hearing-ladder`);
+- recipes/experiments/hearing/results-before-ladder/compare.json: the hearing experiment's first runs;
 - recipes/experiments/sanity/results/ladder.json: the sanity ladder (sanity/ladder.py report);
 - recipes/experiments/probe-voices/results/probe.json: what the encoder carries on seen and unseen voices;
 - recipes/experiments/sanity/results/probe-*.json and real.json: the ladder's probes and its runs on human speech.
@@ -28,6 +29,7 @@ FIELDS = [("gender", "gender"), ("accent", "accent"), ("speaking_speed", "speaki
 HEARING_RUNS = [("qwen-lora", "SmolLM2 + LoRA, Qwen's answers"), ("self-lora", "SmolLM2 + LoRA, its own answers"),
                 ("qwen-backbone", "Qwen2.5-Coder-1.5B as its LLM, its own answers"),
                 ("qwen-onpolicy", "qwen-lora, then on-policy to SmolLM2")]
+GOAL_MARGIN = 0.25  # the method's goal: each field's interval at least this far above guessing
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -38,7 +40,7 @@ def _load(path: Path) -> dict | None:
 def hearing_vs_guessing() -> str:
     """Each hearing run's score per field beside what guessing scores on the same items."""
     guessing = _load(HERE / "guessing.json")["categories"]
-    metrics = _load(HERE / "hearing/results/compare.json")["metrics"]
+    metrics = _load(HERE / "hearing/results-before-ladder/compare.json")["metrics"]
     head = "| field | chance | best constant | " + " | ".join(label for _, label in HEARING_RUNS) + " |"
     lines = [head, "|" + "---|" * (3 + len(HEARING_RUNS))]
     for field, shown in FIELDS:
@@ -130,7 +132,39 @@ def real_speech() -> str:
     return "\n".join(lines) + "\n"
 
 
+def hearing_ladder() -> str:
+    """The hearing runs on the ladder's settings (hearing/results/compare.json): per field, each run's score from
+    the audio beside guessing and beside its own LLM reading the description (gold transcript); "goal" where
+    the interval's lower bound is at least GOAL_MARGIN above guessing."""
+    found = _load(HERE / "hearing/results/compare.json")
+    if not found:
+        return "No run on these settings has finished yet.\n"
+    metrics, levels = found["metrics"], found.get("chance", {})
+    runs = [(run, label) for run, label in HEARING_RUNS if run in metrics.get("overall:speech", {})]
+    head = "| field | guessing | " + " | ".join(f"{label}: from the audio | its LLM reading" for _, label in runs)
+    lines = [head + " |", "|" + "---|" * (2 + 2 * len(runs))]
+    for field, shown in [*FIELDS, ("duration", "duration"), ("instruction_following", "instruction following"),
+                         ("overall", "**overall**")]:
+        level = levels.get(f"{field}:speech")
+        cells = []
+        for run, _ in runs:
+            for kind in ("speech", "text"):
+                entry = metrics.get(f"{field}:{kind}", {}).get(run)
+                if not entry:
+                    cells.append("")
+                    continue
+                _, value, low, high = entry[0]
+                mark = ""
+                if kind == "speech" and level is not None:
+                    mark = (" goal" if low >= level + GOAL_MARGIN else " (above)" if low > level
+                            else " (below)" if high < level else "")
+                cells.append(f"{value:.2f} [{low:.2f}, {high:.2f}]{mark}")
+        lines.append(f"| {shown} | {'' if level is None else f'{level:.2f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"real-speech": real_speech, "hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder,
+          "hearing-ladder": hearing_ladder,
           "guessing": guessing, "probe-voices": probe_voices, "probes-gender": lambda: ladder_probes("gender")}
 
 
