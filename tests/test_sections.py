@@ -44,6 +44,8 @@ def test_an_old_flat_key_names_its_section(tmp_path):
     yaml.write_text("source: s\nout: o\nnum_shards: 2\n")
     with pytest.raises(ConfigError, match=r"unknown key 'num_shards'; did you mean 'chunking.num_shards'\?"):
         parse_command(DescribeConfig, [str(yaml)], check_paths=False)
+    with pytest.raises(ConfigError, match=r"unknown key 'merge'; did you mean 'chunking.merge'\?"):
+        parse_command(DescribeConfig, ["--merge", "--out", "o"], check_paths=False)  # an old flag without a value
     with pytest.raises(ConfigError, match=r"unknown key 'judge_model'; did you mean 'judge.model'\?"):
         parse_command(EvalConfig, ["ckpt", "--eval-set", "e", "--out", "o", "--judge-model", "j"], check_paths=False)
     config = parse_command(TargetsConfig, ["--source", "s", "--out", "o", "--generation.model", "m",

@@ -426,7 +426,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     fields = {f.name for f in dataclasses.fields(cls)}
     for old in sorted(set(getattr(cls, "MOVED", {})) - fields):  # taken, then refused by `build` naming the new key
         parser.add_argument("--" + old, *(["--" + old.replace("_", "-")] if "_" in old else []), dest=old,
-                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                            nargs="?", const=True, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # a flag too
     docs_cache: dict[type, dict[str, str]] = {}
     for name, hint, f in _leaves(cls):
         owner = _owner(cls, name)

@@ -110,7 +110,7 @@ class DescribeConfig:
             problems.append(("out", "required: the output folder"))
         if not self.source and not self.chunking.merge:
             problems.append(("source", "required: a manifest (.jsonl/.csv), a save_to_disk folder or a Hub dataset "
-                                       "id (or merge)"))
+                                       "id (or chunking.merge)"))
         unknown = sorted(set(self.attributes) - set(DESCRIPTION_NAMES))
         if unknown:
             problems.append(("attributes", f"unknown {unknown}; choose from {sorted(DESCRIPTION_NAMES)}"))
