@@ -65,6 +65,10 @@ for teacher in qwen smol; do
   cp $OUT/probe-$teacher/probe.md $RESULTS/probe-$teacher.md
 done
 
+# how often each teacher's answers state the clip's gold value (all answers, and those asked about the field)
+sets=(); for teacher in smol qwen; do [ -d $DATA/targets-voice-$teacher/dataset ] && sets+=("$teacher=$DATA/targets-voice-$teacher/dataset"); done
+python recipes/experiments/hearing/naming.py "${sets[@]}" --out $RESULTS
+
 reports=(); runs=()
 for run in qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolicy; do
   [ -f $OUT/$run/eval/report.json ] || continue
