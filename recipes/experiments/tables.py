@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +31,8 @@ HEARING_RUNS = [("qwen-lora", "SmolLM2 + LoRA, Qwen's answers"), ("self-lora", "
                 ("qwen-backbone", "Qwen2.5-Coder-1.5B as its LLM, its own answers"),
                 ("qwen-onpolicy", "qwen-lora, then on-policy to SmolLM2")]
 GOAL_MARGIN = 0.25  # the method's goal: each field's interval at least this far above guessing
+GOAL_RATIO = 0.8  # ... overall from the audio at least this times its LLM reading the description (lower bound)
+GOAL_FORMAT = 0.1  # ... and format following within this fraction of it (the whole interval)
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -160,7 +163,28 @@ def hearing_ladder() -> str:
                             else " (below)" if high < level else "")
                 cells.append(f"{value:.2f} [{low:.2f}, {high:.2f}]{mark}")
         lines.append(f"| {shown} | {'' if level is None else f'{level:.2f}'} | " + " | ".join(cells) + " |")
+    lines += [_goal_ratio(metrics, runs, "overall", f"from the audio / its LLM reading, overall (goal: lower "
+                                                    f"bound >= {GOAL_RATIO:g})",
+                          lambda low, high: low >= GOAL_RATIO),
+              _goal_ratio(metrics, runs, "instruction_following", f"the same, instruction following (goal: inside "
+                                                                  f"1 +- {GOAL_FORMAT:g})",
+                          lambda low, high: 1 - GOAL_FORMAT <= low and high <= 1 + GOAL_FORMAT)]
     return "\n".join(lines) + "\n"
+
+
+def _goal_ratio(metrics: dict, runs: list, field: str, shown: str, reached: Callable[[float, float], bool]) -> str:
+    """A row of each run's score from the audio divided by its LLM's reading the description (gold transcript),
+    from the report's forgetting vs text-gold (ratio - 1) and its interval; "goal" where `reached(low, high)`."""
+    cells = []
+    for run, _ in runs:
+        entry = metrics.get(f"{field}:forgetting:speech", {}).get(run)
+        if not entry:
+            cells += ["", ""]
+            continue
+        _, value, low, high = entry[0]
+        ratio, low, high = 1 + value, 1 + low, 1 + high
+        cells += [f"{ratio:.2f} [{low:.2f}, {high:.2f}]{' goal' if reached(low, high) else ''}", ""]
+    return f"| {shown} | | " + " | ".join(cells) + " |"
 
 
 TABLES = {"real-speech": real_speech, "hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder,

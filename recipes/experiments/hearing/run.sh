@@ -15,7 +15,7 @@
 # Each run: EPOCHS epochs (default 4: about 1200 steps; the sanity ladder measured that a field named in one
 # answer of three takes 300 steps of batches of 8 to break through, so the voice pool's one in nine needs about
 # 900), batches of 8, bf16 autocast (the CPU has bf16 instructions), the frozen encoder's features cached once
-# for all runs. The published results/ were made before the ladder, with one epoch, the Q-Former and a cosine
+# for all runs. The results in results-before-ladder/ were made with one epoch, the Q-Former and a cosine
 # rate: EPOCHS=1 SETUP="model.connector=qformer optim.schedule=cosine" reproduces them. Resumable: finished
 # trainings and evals are kept, answers come from the eval cache. Then `desta probe` on both target sets (what
 # the features carry, what each teacher's answers name) and the comparison.
@@ -72,13 +72,22 @@ python recipes/experiments/hearing/naming.py "${sets[@]}" --out $RESULTS
 reports=(); runs=()
 for run in qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolicy; do
   [ -f $OUT/$run/eval/report.json ] || continue
-  reports+=("$run:1=$OUT/$run/eval"); runs+=("$run=$OUT/$run")
+  reports+=("$run:$EPOCHS=$OUT/$run/eval"); runs+=("$run=$OUT/$run")
 done
+# each field from the audio and read from the description (text = the run's own base LLM, gold transcript); the
+# ratios to it are the goal's (overall, and format following)
+metrics=overall:speech,overall:text,overall:text_asr
+for field in gender accent speaking_speed pitch volume duration instruction_following transcription; do
+  metrics=$metrics,$field:speech,$field:text
+done
+metrics=$metrics,overall:agreement:speech,overall:forgetting:speech,instruction_following:forgetting:speech
+metrics=$metrics,probes:format_following,probes:heldout_loglik
 paired=()
 [ -f $OUT/self-lora/eval/report.json ] && paired=(--paired-with self-lora)
 desta compare "${reports[@]}" --out $RESULTS --x-label epoch "${paired[@]}" --runs "$(IFS=,; echo "${runs[*]}")" \
-    --title "voice-pool targets, $EPOCHS epochs each: Qwen2.5-Coder-1.5B's answers vs self-output (runs and clips: README)" \
-    --metrics overall:speech,overall:text_asr,gender:speech,accent:speech,speaking_speed:speech,pitch:speech,volume:speech,transcription:speech,instruction_following:speech,overall:forgetting_asr:speech,overall:agreement:speech,probes:format_following,probes:heldout_loglik
+    --title "voice-pool targets on the ladder's settings (projector, constant rate, $EPOCHS epochs), 240 items of 12 unseen voices" \
+    --metrics $metrics
+python recipes/experiments/tables.py
 # what each LoRA costs the LLM in text (its LLM with the LoRA merged, on desta posttrain's retention sets)
 lora=(); for run in qwen-lora self-lora qwen-onpolicy; do [ -f $OUT/$run/summary.json ] && lora+=("$run=$OUT/$run"); done
 [ ${#lora[@]} -gt 0 ] && python recipes/experiments/hearing/retention.py "${lora[@]}" --out $RESULTS \
