@@ -172,6 +172,30 @@ def hearing_ladder() -> str:
     return "\n".join(lines) + "\n"
 
 
+def hearing_labels() -> str:
+    """What each hearing run's connector carries (hearing/results/labels.json, labels.py): at its last checkpoint,
+    the label accuracy of each field on eval clips of unseen and of training voices, beside guessing there."""
+    found = _load(HERE / "hearing/results/labels.json")
+    if not found:
+        return "No run scored yet.\n"
+    sets = ("unseen voices", "training voices")
+    lines = ["| run (step) | clips | " + " | ".join(shown for _, shown in FIELDS) + " |",
+             "|---|---|" + "---|" * len(FIELDS)]
+    first = next(iter(found.values()))
+    any_step = first[max(first, key=int)]
+    for name in sets:
+        cells = [any_step[name][f] for f, _ in FIELDS]
+        lines.append(f"| guessing (chance or the commonest value) | {name} ({cells[0]['n']}) | "
+                     + " | ".join(f"{max(c['chance'], c['constant']):.2f}" for c in cells) + " |")
+    for run, steps in found.items():
+        last = max(steps, key=int)
+        for name in sets:
+            cells = [steps[last][name][f] for f, _ in FIELDS]
+            lines.append(f"| {run} ({last}) | {name} | " + " | ".join(
+                f"{c['accuracy']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _goal_ratio(metrics: dict, runs: list, field: str, shown: str, reached: Callable[[float, float], bool]) -> str:
     """A row of each run's score from the audio divided by its LLM's reading the description (gold transcript),
     from the report's forgetting vs text-gold (ratio - 1) and its interval; "goal" where `reached(low, high)`."""
@@ -188,7 +212,7 @@ def _goal_ratio(metrics: dict, runs: list, field: str, shown: str, reached: Call
 
 
 TABLES = {"real-speech": real_speech, "hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder,
-          "hearing-ladder": hearing_ladder,
+          "hearing-ladder": hearing_ladder, "hearing-labels": hearing_labels,
           "guessing": guessing, "probe-voices": probe_voices, "probes-gender": lambda: ladder_probes("gender")}
 
 

@@ -69,6 +69,12 @@ done
 sets=(); for teacher in smol qwen; do [ -d $DATA/targets-voice-$teacher/dataset ] && sets+=("$teacher=$DATA/targets-voice-$teacher/dataset"); done
 python recipes/experiments/hearing/naming.py "${sets[@]}" --out $RESULTS
 
+# what each run's connector carries to its LLM, checkpoint by checkpoint: label likelihoods, not its answers
+trained=(); for run in qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolicy; do
+  [ -f $OUT/$run/summary.json ] && trained+=("$run=$OUT/$run"); done
+[ ${#trained[@]} -gt 0 ] && python recipes/experiments/hearing/labels.py "${trained[@]}" --out $RESULTS \
+    --clips $DATA/described-eval/dataset --train $DATA/described/dataset
+
 reports=(); runs=()
 for run in qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolicy; do
   [ -f $OUT/$run/eval/report.json ] || continue
