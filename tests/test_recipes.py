@@ -75,3 +75,54 @@ def test_scale_diagnosis_probe_reads_what_the_features_carry_and_nothing_else():
     assert diagnose.probe_accuracy(carried, y, folds=5, seed=0).mean() > 0.9
     unrelated = rng.normal(size=(150, 8))
     assert diagnose.probe_accuracy(unrelated, y, folds=5, seed=0).mean() < 0.55  # chance is 1/3
+
+
+def _script(path: str):  # noqa: ANN202 - a recipe script loaded as a module
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hearing_labels_scores_every_checkpoint_on_unseen_and_training_voices_and_resumes(tmp_path, checkpoint,
+                                                                                         monkeypatch):
+    import json
+    import shutil
+    import sys
+
+    from datasets import load_from_disk
+
+    from tests.conftest import described_dataset
+
+    labels = _script("recipes/experiments/hearing/labels.py")
+    clips = described_dataset(tmp_path / "clips", num_clips=8, seed=3)
+    voices = load_from_disk(str(clips))["voice"]
+    train = tmp_path / "train"
+    load_from_disk(str(clips)).filter(lambda r: r["voice"] == voices[0]).save_to_disk(str(train))
+    run = tmp_path / "run"  # a desta train output folder: a checkpoint at step 5, the finished model at 10
+    shutil.copytree(checkpoint, run)
+    shutil.copytree(checkpoint, run / "checkpoint-5")
+    (run / "summary.json").write_text(json.dumps({"steps": 10}))
+    out = tmp_path / "out"
+    argv = ["labels.py", f"mine={run}", "--clips", str(clips), "--train", str(train), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    labels.main()
+    found = json.loads((out / "labels.json").read_text())["mine"]
+    assert sorted(found, key=int) == ["5", "10"]  # each checkpoint, the finished model last
+    unseen = sum(v != voices[0] for v in voices)
+    for line in found.values():
+        assert line["unseen voices"]["gender"]["n"] == unseen
+        assert line["training voices"]["gender"]["n"] == len(voices) - unseen
+        assert line["unseen voices"]["gender"]["chance"] == 0.5
+        assert all(0 <= cell["accuracy"] <= 1 for clip_set in line.values() for cell in clip_set.values())
+    assert (out / "labels.png").is_file()
+    assert f"| mine | 10 | unseen voices ({unseen}) |" in (out / "labels.md").read_text()
+    (run / "model.safetensors").write_bytes(b"not a model")  # scored checkpoints are not loaded again
+    labels.main()
+    monkeypatch.setattr(sys, "argv", ["labels.py", str(run), "--clips", str(clips), "--train", str(train)])
+    with pytest.raises(SystemExit, match="NAME=FOLDER"):
+        labels.main()
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        labels.checkpoints(tmp_path / "clips")
