@@ -124,5 +124,8 @@ def test_hearing_labels_scores_every_checkpoint_on_unseen_and_training_voices_an
     monkeypatch.setattr(sys, "argv", ["labels.py", str(run), "--clips", str(clips), "--train", str(train)])
     with pytest.raises(SystemExit, match="NAME=FOLDER"):
         labels.main()
+    assert [step for step, _ in labels.checkpoints(run, every=2)] == [10]  # the finished model always
+    (run / "summary.json").unlink()
+    assert [step for step, _ in labels.checkpoints(run, every=2)] == [5]  # still training: its newest checkpoint
     with pytest.raises(SystemExit, match="no checkpoint"):
         labels.checkpoints(tmp_path / "clips")

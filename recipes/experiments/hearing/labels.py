@@ -24,17 +24,20 @@ FIELDS = ("gender", "accent", "pitch", "volume", "speaking_speed")
 SETS = ("unseen voices", "training voices")
 
 
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of each saved checkpoint of a `desta train` output folder, the final model last."""
+def checkpoints(run: Path, every: int = 1) -> list[tuple[int, Path]]:
+    """(step, folder) of the saved checkpoints of a `desta train` output folder whose step is a multiple of
+    `every`, then its last: the finished model (a run still training: its newest checkpoint)."""
     found = sorted((int(m.group(1)), p) for p in run.glob("checkpoint-*")
                    if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "model.safetensors").is_file())
     summary = run / "summary.json"
     if summary.is_file() and (run / "model.safetensors").is_file():
-        steps = json.loads(summary.read_text())["steps"]
-        found = [(s, p) for s, p in found if s != steps] + [(steps, run)]
-    if not found:
+        last = (json.loads(summary.read_text())["steps"], run)
+        found = [(s, p) for s, p in found if s != last[0]]
+    elif found:
+        last = found.pop()
+    else:
         raise SystemExit(f"{run}: no checkpoint-N/ or finished model to score; is it a desta train output folder?")
-    return found
+    return [(s, p) for s, p in found if s % every == 0] + [last]
 
 
 def clip_sets(clips_path: str, train_path: str) -> dict[str, object]:
@@ -53,13 +56,13 @@ def clip_sets(clips_path: str, train_path: str) -> dict[str, object]:
     return {"unseen voices": clips.select(unseen), "training voices": clips.select(seen), "values": values}
 
 
-def score_run(name: str, run: Path, rows: dict, found: dict, out: Path) -> None:
+def score_run(name: str, run: Path, rows: dict, found: dict, out: Path, every: int = 1) -> None:
     """Score each checkpoint of the run `name` (folder `run`) not yet in `found` (OUT/labels.json after each)."""
     from desta.evaluation.hearing import encode_clips, label_accuracy
     from desta.model.loading import load
 
     encoded: dict = {}
-    for step, folder in checkpoints(run):
+    for step, folder in checkpoints(run, every):
         if str(step) in found.setdefault(name, {}):
             continue
         model, processor = load(folder)
@@ -125,7 +128,11 @@ def main() -> None:
     parser.add_argument("--clips", required=True, help="a described dataset of eval clips (audio, voice, fields)")
     parser.add_argument("--train", required=True, help="the training clips' described dataset (their voices)")
     parser.add_argument("--out", default="recipes/experiments/hearing/results")
+    parser.add_argument("--every", type=int, default=1, help="score the checkpoints whose step is a multiple of "
+                        "this (and the finished model); a 1.5B LLM takes minutes a checkpoint on a CPU")
     args = parser.parse_args()
+    if args.every < 1:
+        raise SystemExit(f"--every must be at least 1, got {args.every}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     found = json.loads((out / "labels.json").read_text()) if (out / "labels.json").is_file() else {}
@@ -134,7 +141,7 @@ def main() -> None:
         name, _, folder = entry.partition("=")
         if not folder:
             raise SystemExit(f"{entry!r}: give each run as NAME=FOLDER")
-        score_run(name, Path(folder), rows, found, out)
+        score_run(name, Path(folder), rows, found, out, args.every)
     (out / "labels.md").write_text(table(found))
     plot(found, out / "labels.png")
     print(table(found))

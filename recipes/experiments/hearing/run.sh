@@ -72,7 +72,7 @@ python recipes/experiments/hearing/naming.py "${sets[@]}" --out $RESULTS
 # what each run's connector carries to its LLM, checkpoint by checkpoint: label likelihoods, not its answers
 trained=(); for run in qwen-lora self-lora qwen-connector qwen-backbone qwen-onpolicy; do
   [ -f $OUT/$run/summary.json ] && trained+=("$run=$OUT/$run"); done
-[ ${#trained[@]} -gt 0 ] && python recipes/experiments/hearing/labels.py "${trained[@]}" --out $RESULTS \
+[ ${#trained[@]} -gt 0 ] && python recipes/experiments/hearing/labels.py "${trained[@]}" --out $RESULTS --every 200 \
     --clips $DATA/described-eval/dataset --train $DATA/described/dataset
 
 reports=(); runs=()
