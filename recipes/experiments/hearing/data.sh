@@ -3,7 +3,7 @@
 # clips of 49 voices; eval sets of held-out sentences, evalset-unseen-24 of 12 voices no training clip uses)
 # and two sets of targets from the "voice" prompt pool (open requests plus questions about each field a
 # description holds, two drawn per clip):
-#   targets-voice-qwen  Qwen2.5-Coder-1.5B-Instruct's answers (a stronger teacher; ~45 min on 2 cores in bf16)
+#   targets-voice-qwen  Qwen2.5-Coder-1.5B-Instruct's answers (a stronger teacher; ~65 min on 2 cores in bf16)
 #   targets-voice-smol  SmolLM2-135M-Instruct's own answers (self-output for the SmolLM2 speech model)
 # Rerunning it does only what is missing: describe and targets resume their finished chunks.
 #   bash recipes/experiments/hearing/data.sh      (MODELS=folder of whisper-tiny.en/, SmolLM2-135M-Instruct/,
