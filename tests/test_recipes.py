@@ -127,5 +127,10 @@ def test_hearing_labels_scores_every_checkpoint_on_unseen_and_training_voices_an
     assert [step for step, _ in labels.checkpoints(run, every=2)] == [10]  # the finished model always
     (run / "summary.json").unlink()
     assert [step for step, _ in labels.checkpoints(run, every=2)] == [5]  # still training: its newest checkpoint
+    with pytest.raises(SystemExit, match="none of its 8 clips is of a voice .* never uses"):
+        labels.clip_sets(str(clips), str(clips))
+    load_from_disk(str(clips)).remove_columns("voice").save_to_disk(str(tmp_path / "no-voice"))
+    with pytest.raises(SystemExit, match="no voice column"):
+        labels.clip_sets(str(tmp_path / "no-voice"), str(train))
     with pytest.raises(SystemExit, match="no checkpoint"):
         labels.checkpoints(tmp_path / "clips")

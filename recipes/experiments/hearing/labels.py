@@ -46,12 +46,19 @@ def clip_sets(clips_path: str, train_path: str) -> dict[str, object]:
     from datasets import load_from_disk
 
     clips, train = load_from_disk(clips_path), load_from_disk(train_path)
-    for name, rows in (("--clips", clips), ("--train", train)):
-        if "voice" not in rows.column_names:
-            raise SystemExit(f"{name} {rows}: no voice column, so seen and unseen voices cannot be told apart")
+    for name, path, rows in (("--clips", clips_path, clips), ("--train", train_path, train)):
+        missing = sorted({"voice", *FIELDS} - set(rows.column_names))
+        if missing:
+            raise SystemExit(f"{name} {path}: no {', '.join(missing)} column(s); give a `desta describe` dataset "
+                             "(OUT/dataset) of voiced clips")
     heard = set(train["voice"])
     seen = [k for k, v in enumerate(clips["voice"]) if v in heard]
     unseen = [k for k, v in enumerate(clips["voice"]) if v not in heard]
+    for kind, kept in (("never uses", unseen), ("uses", seen)):
+        if not kept:
+            raise SystemExit(f"--clips {clips_path}: none of its {len(clips)} clips is of a voice --train "
+                             f"{train_path} {kind}; give eval clips of both kinds (as recipes/experiments/corpus.sh's "
+                             "described-eval)")
     values = {f: sorted({str(v) for rows in (clips, train) for v in rows[f] if v not in (None, "")}) for f in FIELDS}
     return {"unseen voices": clips.select(unseen), "training voices": clips.select(seen), "values": values}
 
