@@ -53,8 +53,8 @@ def test_loss_falls_and_only_the_connector_changes(targets_dir, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(targets_dir, tmp_path):
-    steps = ["optim.max_steps=12", "log.save_steps=6"]
-    train(_config(targets_dir, tmp_path / "full", *steps))
+    steps = ["optim.max_steps=12", "log.save_steps=6", "data.eval_fraction=0.25", "log.eval_steps=6"]
+    full_summary = train(_config(targets_dir, tmp_path / "full", *steps))
     train(_config(targets_dir, tmp_path / "cut", *steps), callbacks=[StopAfter(6)])
     assert max(_losses(tmp_path / "cut")) == 6
     summary = train(_config(targets_dir, tmp_path / "cut", *steps))
@@ -63,6 +63,8 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(targets_dir, tmp_path):
     assert sorted(resumed) == list(range(1, 13))  # steps 1-6 come back from the checkpoint's trainer state
     for step in range(7, 13):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    # the held-out loss at the checkpoint's step is not measured again on resuming: one point a step, as uncut
+    assert [s for s, _ in summary["eval_losses"]] == [s for s, _ in full_summary["eval_losses"]] == [0, 6, 12]
 
 
 def test_cached_features_give_the_on_the_fly_loss(targets_dir, tmp_path):

@@ -170,7 +170,8 @@ def setup(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
 
     if config.optim.gradient_checkpointing:
         model.llm.activation_checkpointing_enable()  # non-reentrant; DestaModel.train keeps it working while frozen
-    trainer = _trainer(config, out, model, processor, train_examples, eval_examples, cache, callbacks)
+    trainer = _trainer(config, out, model, processor, train_examples, eval_examples, cache, callbacks,
+                       resumed=resume_from is not None)
     if resume_from:
         check_checkpoint(resume_from, model)
     return Run(config, out, model, processor, trainer, counts, resume_from)
@@ -194,13 +195,15 @@ def _tables(config: TrainConfig) -> tuple[Dataset, Dataset | None, list[dict[str
 
 def _trainer(config: TrainConfig, out: Path, model: DestaModel, processor: DestaProcessor,
              train_examples: ExampleTable, eval_examples: ExampleTable | list, cache: FeatureCache | None,
-             callbacks: list[TrainerCallback] | None) -> DestaTrainer:
-    """The Trainer of a run: its arguments from optim and log, the datasets, the collator, the loss."""
+             callbacks: list[TrainerCallback] | None, resumed: bool = False) -> DestaTrainer:
+    """The Trainer of a run: its arguments from optim and log, the datasets, the collator, the loss. The held-out
+    loss before training is measured once: a resumed run has it in its checkpoint's history already."""
     data, log, loss = config.data, config.log, LOSSES[config.optim.loss]
     has_eval = bool(eval_examples)
     args = training_arguments(
         config.optim, str(out), logging_steps=log.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no", eval_steps=log.eval_steps, eval_on_start=has_eval,
+        eval_strategy="steps" if has_eval else "no", eval_steps=log.eval_steps,
+        eval_on_start=has_eval and not resumed,
         save_strategy=log.save_strategy, save_steps=log.save_steps, save_total_limit=log.save_total_limit,
         report_to=[] if log.report_to == "none" else [log.report_to], dataloader_num_workers=data.num_workers,
         dataloader_persistent_workers=data.num_workers > 0,  # workers live across epochs, not re-forked
