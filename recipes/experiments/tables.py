@@ -163,11 +163,11 @@ def hearing_ladder() -> str:
                             else " (below)" if high < level else "")
                 cells.append(f"{value:.2f} [{low:.2f}, {high:.2f}]{mark}")
         lines.append(f"| {shown} | {'' if level is None else f'{level:.2f}'} | " + " | ".join(cells) + " |")
-    lines += [_goal_ratio(metrics, runs, "overall", f"from the audio / its LLM reading, overall (goal: lower "
-                                                    f"bound >= {GOAL_RATIO:g})",
+    lines += [_goal_ratio(metrics, levels, runs, "overall", f"from the audio / its LLM reading, overall (goal: "
+                                                            f"lower bound >= {GOAL_RATIO:g})",
                           lambda low, high: low >= GOAL_RATIO),
-              _goal_ratio(metrics, runs, "instruction_following", f"the same, instruction following (goal: inside "
-                                                                  f"1 +- {GOAL_FORMAT:g})",
+              _goal_ratio(metrics, levels, runs, "instruction_following", f"the same, instruction following (goal: "
+                                                                          f"inside 1 +- {GOAL_FORMAT:g})",
                           lambda low, high: 1 - GOAL_FORMAT <= low and high <= 1 + GOAL_FORMAT)]
     return "\n".join(lines) + "\n"
 
@@ -196,9 +196,21 @@ def hearing_labels() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _goal_ratio(metrics: dict, runs: list, field: str, shown: str, reached: Callable[[float, float], bool]) -> str:
+def _reads_above_guessing(metrics: dict, levels: dict, run: str) -> bool:
+    """Whether the run's LLM reading the description scores above guessing (the whole interval) in at least one
+    voice field: only then is a ratio to its reading a measure of what the audio carries."""
+    for field, _ in FIELDS:
+        entry, level = metrics.get(f"{field}:text", {}).get(run), levels.get(f"{field}:speech")
+        if entry and level is not None and entry[0][2] > level:
+            return True
+    return False
+
+
+def _goal_ratio(metrics: dict, levels: dict, runs: list, field: str, shown: str,
+                reached: Callable[[float, float], bool]) -> str:
     """A row of each run's score from the audio divided by its LLM's reading the description (gold transcript),
-    from the report's forgetting vs text-gold (ratio - 1) and its interval; "goal" where `reached(low, high)`."""
+    from the report's forgetting vs text-gold (ratio - 1) and its interval; "goal" where `reached(low, high)` and
+    the reading itself is above guessing in some voice field (a ratio to a reading at guessing shows nothing)."""
     cells = []
     for run, _ in runs:
         entry = metrics.get(f"{field}:forgetting:speech", {}).get(run)
@@ -207,7 +219,9 @@ def _goal_ratio(metrics: dict, runs: list, field: str, shown: str, reached: Call
             continue
         _, value, low, high = entry[0]
         ratio, low, high = 1 + value, 1 + low, 1 + high
-        cells += [f"{ratio:.2f} [{low:.2f}, {high:.2f}]{' goal' if reached(low, high) else ''}", ""]
+        mark = ("" if not reached(low, high) else " goal" if _reads_above_guessing(metrics, levels, run)
+                else " (its reading is at guessing: no goal)")
+        cells += [f"{ratio:.2f} [{low:.2f}, {high:.2f}]{mark}", ""]
     return f"| {shown} | | " + " | ".join(cells) + " |"
 
 
