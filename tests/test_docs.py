@@ -154,10 +154,14 @@ def test_a_ratio_to_a_reading_at_guessing_is_not_the_goal():
                "accent:text": {"weak": [[4, 0.33, 0.17, 0.54]], "strong": [[4, 0.3, 0.1, 0.5]]}}
     levels = {"gender:speech": 0.58, "accent:speech": 0.33}
     row = tables._goal_ratio(metrics, levels, [("weak", "w"), ("strong", "s")], "overall", "ratio",
-                             lambda low, high: low >= 0.8)
+                             lambda low, high: low >= 0.8, reading_must_hear=True)
     cells = [cell.strip() for cell in row.strip("|").split("|")]  # label, guessing, then a run's ratio and a blank
     weak, strong = cells[2], cells[4]
     assert weak == "1.16 [0.91, 1.46] (its reading is at guessing: no goal)"
     assert strong == "1.10 [0.95, 1.20] goal"
-    below = tables._goal_ratio(metrics, levels, [("weak", "w")], "overall", "ratio", lambda low, high: low >= 1.0)
+    below = tables._goal_ratio(metrics, levels, [("weak", "w")], "overall", "ratio", lambda low, high: low >= 1.0,
+                               reading_must_hear=True)
     assert below.strip("|").split("|")[2].strip() == "1.16 [0.91, 1.46]"
+    # format following is kept or lost whatever the reading hears: its ratio needs no hearing reading
+    kept = tables._goal_ratio(metrics, levels, [("weak", "w")], "overall", "ratio", lambda low, high: low >= 0.8)
+    assert kept.strip("|").split("|")[2].strip() == "1.16 [0.91, 1.46] goal"
