@@ -40,6 +40,11 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _versus(low: float, high: float, level: float) -> str:
+    """How an interval sits against guessing's level: " (above)" or " (below)" where all of it does, else ""."""
+    return " (above)" if low > level else " (below)" if high < level else ""
+
+
 def hearing_vs_guessing() -> str:
     """Each hearing run's score per field beside what guessing scores on the same items."""
     guessing = _load(HERE / "guessing.json")["categories"]
@@ -51,8 +56,7 @@ def hearing_vs_guessing() -> str:
         cells = []
         for run, _ in HEARING_RUNS:
             _, value, low, high = metrics[f"{field}:speech"][run][0]
-            mark = " (above)" if low > level else (" (below)" if high < level else "")
-            cells.append(f"{value:.2f} [{low:.2f}, {high:.2f}]{mark}")
+            cells.append(f"{value:.2f} [{low:.2f}, {high:.2f}]{_versus(low, high, level)}")
         lines.append(f"| {shown} | {guessing[field]['chance']:.2f} | {guessing[field]['constant']:.2f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -159,8 +163,7 @@ def hearing_ladder() -> str:
                 _, value, low, high = entry[0]
                 mark = ""
                 if kind == "speech" and level is not None:
-                    mark = (" goal" if low >= level + GOAL_MARGIN else " (above)" if low > level
-                            else " (below)" if high < level else "")
+                    mark = " goal" if low >= level + GOAL_MARGIN else _versus(low, high, level)
                 cells.append(f"{value:.2f} [{low:.2f}, {high:.2f}]{mark}")
         lines.append(f"| {shown} | {'' if level is None else f'{level:.2f}'} | " + " | ".join(cells) + " |")
     lines += [_goal_ratio(metrics, levels, runs, "overall", f"from the audio / its LLM reading, overall (goal: "
@@ -201,7 +204,7 @@ def _reads_above_guessing(metrics: dict, levels: dict, run: str) -> bool:
     voice field: only then is a ratio to its reading a measure of what the audio carries."""
     for field, _ in FIELDS:
         entry, level = metrics.get(f"{field}:text", {}).get(run), levels.get(f"{field}:speech")
-        if entry and level is not None and entry[0][2] > level:
+        if entry and level is not None and _versus(entry[0][2], entry[0][3], level) == " (above)":
             return True
     return False
 

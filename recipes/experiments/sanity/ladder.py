@@ -73,6 +73,7 @@ RUNS: dict[str, tuple[str, str, int, list[str]]] = {
                                                    "model.query_init_std=1.0", "model.qformer_init=pytorch"]),
     "no-dropout": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.qformer_dropout=0"]),
     "queries-16": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.num_queries=16"]),
+    "one-layer": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.qformer_layers=1"]),
     "no-transcript": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.transcript_max_tokens=0"]),
     "lora": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.lora={r: 8}"]),
 }
