@@ -132,6 +132,26 @@ def probe_heldout(train: np.ndarray, values: list[str], test: np.ndarray, test_v
     return found
 
 
+def out_of_fold(features: np.ndarray, y: np.ndarray, classes: int, folds: int = 5, seed: int = 0,
+                l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Per clip (0/1): whether a linear probe on standardised `features`, fitted on the other folds, reads its
+    class index `y`, and whether always answering those folds' commonest class does."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    probe, majority = np.zeros(len(y)), np.zeros(len(y))
+    torch.manual_seed(seed)
+    for fold in range(folds):
+        test = order[fold::folds]
+        train = np.setdiff1d(order, test)
+        mean, std = features[train].mean(0), features[train].std(0) + 1e-6
+        linear = _fit(torch.tensor((features[train] - mean) / std, dtype=torch.float32), torch.tensor(y[train]),
+                      classes, l2)
+        with torch.no_grad():
+            guess = linear(torch.tensor((features[test] - mean) / std, dtype=torch.float32)).argmax(1).numpy()
+        probe[test] = guess == y[test]
+        majority[test] = y[test] == np.bincount(y[train], minlength=classes).argmax()
+    return probe, majority
+
+
 def probe_field(features: np.ndarray, values: list[str], folds: int = 5, seed: int = 0,
                 l2: float = 1e-3) -> dict[str, Any]:
     """Out-of-fold accuracy of a linear probe reading `values` from `features` (clips, dims), against always
@@ -146,23 +166,11 @@ def probe_field(features: np.ndarray, values: list[str], folds: int = 5, seed: i
     False
     """
     labels = sorted(set(values))
-    y = np.array([labels.index(v) for v in values])
-    order = np.random.default_rng(seed).permutation(len(y))
-    probe, majority = np.zeros(len(y)), np.zeros(len(y))
-    torch.manual_seed(seed)
-    for fold in range(folds):
-        test = order[fold::folds]
-        train = np.setdiff1d(order, test)
-        mean, std = features[train].mean(0), features[train].std(0) + 1e-6
-        linear = _fit(torch.tensor((features[train] - mean) / std, dtype=torch.float32), torch.tensor(y[train]),
-                      len(labels), l2)
-        with torch.no_grad():
-            guess = linear(torch.tensor((features[test] - mean) / std, dtype=torch.float32)).argmax(1).numpy()
-        probe[test] = guess == y[test]
-        majority[test] = y[test] == np.bincount(y[train], minlength=len(labels)).argmax()
+    probe, majority = out_of_fold(features, np.array([labels.index(v) for v in values]), len(labels), folds, seed, l2)
     cells = {name: mean_interval(list(v), seed=seed) for name, v in
              (("probe", probe), ("majority", majority), ("gain", probe - majority))}
-    return {"values": labels, "clips": len(y), **{k: {"value": m, "ci": [lo, hi]} for k, (m, lo, hi) in cells.items()},
+    return {"values": labels, "clips": len(values),
+            **{k: {"value": m, "ci": [lo, hi]} for k, (m, lo, hi) in cells.items()},
             "carried": bool(cells["gain"][1] > 0)}
 
 

@@ -25,6 +25,7 @@ import torch
 from datasets import load_from_disk
 
 from desta.core.stats import mean_interval
+from desta.describe.probe import out_of_fold
 from desta.evaluation.scoring import named_labels
 from desta.train.features import FeatureCache
 
@@ -40,35 +41,9 @@ def pooled_features(cache: FeatureCache, ids: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> torch.nn.Linear:
-    """Multinomial logistic regression with an L2 penalty, fitted to convergence with L-BFGS."""
-    linear = torch.nn.Linear(x.shape[1], classes)
-    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(x), y) + l2 * linear.weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return linear
-
-
 def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int, seed: int, l2: float = 1e-3) -> np.ndarray:
     """Out-of-fold correctness (0/1 per clip) of a logistic regression on standardised features."""
-    order = np.random.default_rng(seed).permutation(len(y))
-    correct = np.zeros(len(y))
-    for fold in range(folds):
-        test = order[fold::folds]
-        train = np.setdiff1d(order, test)
-        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
-        linear = fit_logistic(torch.tensor((x[train] - mean) / std, dtype=torch.float32), torch.tensor(y[train]),
-                              int(y.max()) + 1, l2)
-        with torch.no_grad():
-            guess = linear(torch.tensor((x[test] - mean) / std, dtype=torch.float32)).argmax(1).numpy()
-        correct[test] = guess == y[test]
-    return correct
+    return out_of_fold(x, y, int(y.max()) + 1, folds, seed, l2)[0]
 
 
 def _cell(values: np.ndarray | list[float], seed: int) -> dict:
