@@ -62,13 +62,16 @@ def hearing_vs_guessing() -> str:
     return "\n".join(lines) + "\n"
 
 
-def ladder() -> str:
-    """The sanity ladder's runs: when each passed its gate, and where each ended."""
+def ladder(brief: bool = False) -> str:
+    """The sanity ladder's runs: when each passed its gate, and where each ended (`brief`: on unseen voices only,
+    without the minutes, for the README)."""
     found = _load(HERE / "sanity/results/ladder.json")
     if not found:
         return "(no ladder results yet: `python recipes/experiments/sanity/ladder.py report`)\n"
-    lines = ["| run | field | settings | passed at step | training minutes to pass | train | held-out clips | "
-             "unseen voices | chance |", "|---|---|---|---|---|---|---|---|---|"]
+    shown = ["passed at step", "unseen voices", "chance"] if brief else [
+        "passed at step", "training minutes to pass", "train", "held-out clips", "unseen voices", "chance"]
+    lines = ["| " + " | ".join(["run", "field", "answers naming it", "settings", *shown]) + " |",
+             "|" + "---|" * (4 + len(shown))]
     for row in found["runs"]:
         def cell(name: str, row: dict = row) -> str:
             if not row.get(name):
@@ -77,10 +80,13 @@ def ladder() -> str:
             return f"{row[name]['accuracy']:.2f} [{low:.2f}, {high:.2f}] ({row[name]['n']})"
         passed = (str(row["passed_at"]) if row["passed_at"] is not None
                   else f"not by {row['steps']}" if row["finished"] else f"unfinished (at step {row['steps']})")
-        minutes = f"{row['train_minutes_to_pass']:.1f}" if row.get("train_minutes_to_pass") is not None else ""
+        minutes = row.get("train_minutes_to_pass")
+        values = {"passed at step": passed, "training minutes to pass": "" if minutes is None else f"{minutes:.1f}",
+                  "train": cell("train"), "held-out clips": cell("held-out"), "unseen voices": cell("unseen-voices"),
+                  "chance": f"{row['chance']:.2f}"}
         settings = " ".join(o.removeprefix("optim.").removeprefix("model.") for o in row["overrides"])
-        lines.append(f"| {row['run']} | {row['field']} | {settings} | {passed} | {minutes} | {cell('train')} | "
-                     f"{cell('held-out')} | {cell('unseen-voices')} | {row['chance']:.2f} |")
+        lines.append("| " + " | ".join([row["run"], row["field"], row["names_field"], settings,
+                                        *(values[c] for c in shown)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,6 +237,7 @@ def _goal_ratio(metrics: dict, levels: dict, runs: list, field: str, shown: str,
 
 
 TABLES = {"real-speech": real_speech, "hearing-vs-guessing": hearing_vs_guessing, "ladder": ladder,
+          "ladder-brief": lambda: ladder(brief=True),
           "hearing-ladder": hearing_ladder, "hearing-labels": hearing_labels,
           "guessing": guessing, "probe-voices": probe_voices, "probes-gender": lambda: ladder_probes("gender")}
 
