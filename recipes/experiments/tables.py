@@ -64,7 +64,7 @@ def hearing_vs_guessing() -> str:
 
 def ladder(brief: bool = False) -> str:
     """The sanity ladder's runs: when each passed its gate, and where each ended (`brief`: on unseen voices only,
-    without the minutes, for the README)."""
+    without the minutes and the clip counts, for the README)."""
     found = _load(HERE / "sanity/results/ladder.json")
     if not found:
         return "(no ladder results yet: `python recipes/experiments/sanity/ladder.py report`)\n"
@@ -77,7 +77,7 @@ def ladder(brief: bool = False) -> str:
             if not row.get(name):
                 return "n/a"
             low, high = row[name]["ci"]
-            return f"{row[name]['accuracy']:.2f} [{low:.2f}, {high:.2f}] ({row[name]['n']})"
+            return f"{row[name]['accuracy']:.2f} [{low:.2f}, {high:.2f}]" + ("" if brief else f" ({row[name]['n']})")
         passed = (str(row["passed_at"]) if row["passed_at"] is not None
                   else f"not by {row['steps']}" if row["finished"] else f"unfinished (at step {row['steps']})")
         minutes = row.get("train_minutes_to_pass")
@@ -85,6 +85,8 @@ def ladder(brief: bool = False) -> str:
                   "train": cell("train"), "held-out clips": cell("held-out"), "unseen voices": cell("unseen-voices"),
                   "chance": f"{row['chance']:.2f}"}
         settings = " ".join(o.removeprefix("optim.").removeprefix("model.") for o in row["overrides"])
+        if brief:  # connector and schedule by their values alone
+            settings = settings.replace("connector=", "").replace("schedule=", "")
         lines.append("| " + " | ".join([row["run"], row["field"], row["names_field"], settings,
                                         *(values[c] for c in shown)]) + " |")
     return "\n".join(lines) + "\n"

@@ -56,8 +56,16 @@ RUNS: dict[str, tuple[str, str, int, list[str]]] = {
     "gender": ("gender", "gender", 400, [*QFORMER, "optim.schedule=cosine"]),  # the papers' set-up: cosine to 0
     "constant": ("gender", "gender", 400, [*QFORMER, *CONSTANT]),
     "constant-1e-3": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "optim.lr=1e-3"]),
-    "mlp": ("gender", "gender", 400, [*MLP, *CONSTANT]),
     "frame-norm": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.frame_norm=true"]),
+    "official-qformer": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.query_layernorm=false",
+                                                   "model.query_init_std=1.0", "model.qformer_init=pytorch"]),
+    "no-dropout": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.qformer_dropout=0"]),
+    "queries-16": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.num_queries=16"]),
+    "one-layer": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.qformer_layers=1"]),
+    "no-transcript": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.transcript_max_tokens=0"]),
+    "lora": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.lora={r: 8}"]),
+    # the plain projector: the same target
+    "mlp": ("gender", "gender", 400, [*MLP, *CONSTANT]),
     "mlp-cosine": ("gender", "gender", 400, [*MLP, "optim.schedule=cosine"]),
     "mlp-lora": ("gender", "gender", 400, [*MLP, *CONSTANT, "model.lora={r: 8}"]),
     # how often the targets name the field: every answer (above), one in three, one in eight
@@ -69,13 +77,6 @@ RUNS: dict[str, tuple[str, str, int, list[str]]] = {
     "mlp-pitch": ("pitch", "pitch", 400, [*MLP, *CONSTANT]),
     "mlp-volume": ("volume", "volume", 400, [*MLP, *CONSTANT]),
     "mlp-accent": ("accent", "accent", 400, [*MLP, *CONSTANT]),
-    "official-qformer": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.query_layernorm=false",
-                                                   "model.query_init_std=1.0", "model.qformer_init=pytorch"]),
-    "no-dropout": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.qformer_dropout=0"]),
-    "queries-16": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.num_queries=16"]),
-    "one-layer": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.qformer_layers=1"]),
-    "no-transcript": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.transcript_max_tokens=0"]),
-    "lora": ("gender", "gender", 400, [*QFORMER, *CONSTANT, "model.lora={r: 8}"]),
 }
 
 

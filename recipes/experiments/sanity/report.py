@@ -89,30 +89,57 @@ def report(out: Path, results: Path, runs: dict, targets: dict, gates: dict) -> 
     plot(curves, runs, gates, results / "curves.png")
 
 
+# The figure's rows, in order: what each row's runs compare.
+GROUPS = ("gender, the Q-Former (one change at a time)", "gender, the projector", "gender named less often",
+          "other fields, the projector")
+
+
+def _group(spec: tuple) -> str:
+    """Which row of the figure a run belongs to."""
+    field, target_set, _, overrides = spec
+    if field != "gender":
+        return GROUPS[3]
+    if target_set != "gender":
+        return GROUPS[2]
+    return GROUPS[1] if "model.connector=mlp" in overrides else GROUPS[0]
+
+
 def plot(curves: dict, runs: dict, gates: dict, path: Path) -> None:
-    """Accuracy against steps, one panel per check set, a line per run; chance and the gate dashed."""
+    """Accuracy against steps: a row per kind of comparison, a panel per check set, a line per run; chance
+    dashed, the gate dotted where the row has one field."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharey=True, layout="constrained")
-    for ax, name in zip(axes, SETS, strict=True):
-        for k, (run, log) in enumerate(curves.items()):
-            points = [(line["step"], line[name]["accuracy"], *line[name]["ci"]) for line in log if name in line]
-            if not points:
-                continue
-            steps, acc, low, high = zip(*points, strict=True)
-            ax.plot(steps, acc, "o-", ms=3, color=f"C{k % 10}", label=run)
-            ax.fill_between(steps, low, high, color=f"C{k % 10}", alpha=0.08)
-        chances = {log[0][name]["chance"] for log in curves.values() if name in log[0]}
-        for level in chances:
-            ax.axhline(level, color="#555", ls="--", lw=1)
-        ax.set_title(f"{name} clips")
+    groups: dict[str, list[str]] = {}
+    for run in curves:
+        groups.setdefault(_group(runs[run]), []).append(run)
+    order = [group for group in GROUPS if group in groups]
+    fig, axes = plt.subplots(len(order), 3, figsize=(16, 3.6 * len(order)), sharey=True, squeeze=False,
+                             layout="constrained")
+    for row, group in zip(axes, order, strict=True):
+        fields = {runs[run][0] for run in groups[group]}
+        for ax, name in zip(row, SETS, strict=True):
+            for k, run in enumerate(groups[group]):
+                log = curves[run]
+                points = [(line["step"], line[name]["accuracy"], *line[name]["ci"]) for line in log if name in line]
+                if not points:
+                    continue
+                steps, acc, low, high = zip(*points, strict=True)
+                ax.plot(steps, acc, "o-", ms=3, color=f"C{k % 10}", label=run)
+                ax.fill_between(steps, low, high, color=f"C{k % 10}", alpha=0.07)
+            for level in {curves[run][0][name]["chance"] for run in groups[group] if name in curves[run][0]}:
+                ax.axhline(level, color="#555", ls="--", lw=1)
+            if len(fields) == 1 and name in gates.get(next(iter(fields)), {}):
+                ax.axhline(gates[next(iter(fields))][name], color="#2a7", ls=":", lw=1.2)
+            ax.set_title(f"{group}: {name} clips", fontsize=9)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("label accuracy")
+        row[-1].legend(fontsize=7, loc="lower right")
+    for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("label accuracy (dashed: chance)")
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Sanity ladder: does the speech model hear the field? (Whisper tiny.en + SmolLM2-135M, label targets)")
-    fig.savefig(path, dpi=110)
+    fig.suptitle("Sanity ladder: does the speech model hear the field? (Whisper tiny.en + SmolLM2-135M, label "
+                 "targets; dashed: chance, dotted: the gate)")
+    fig.savefig(path, dpi=80)
     plt.close(fig)
