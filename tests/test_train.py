@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from desta.core.args import ConfigError, load_config
 from desta.core.replay import replay_count
 from desta.train.config import ModelSection, TrainConfig
-from desta.train.run import train
+from desta.train.run import train, write_tiny_bases
 from tests.conftest import StopAfter, described_dataset, label_targets
 
 BASE = ["optim.warmup_steps=2", "optim.batch_size=4", "optim.lr=3e-3", "log.logging_steps=1", "log.report_to=none",
@@ -172,6 +172,30 @@ def test_config_errors_are_clear(targets_dir, tmp_path):
     Dataset.from_dict({"id": ["a"], "text": ["b"]}).save_to_disk(str(tmp_path / "wrong"))
     with pytest.raises(ValueError, match=r"lacks columns \['audio', 'prompt', 'response'\]"):
         train(_config(tmp_path / "wrong", tmp_path / "run"))
+
+
+def test_tiny_bases_appear_whole_or_not_at_all(tmp_path, monkeypatch):
+    """torchrun's ranks write the tiny bases at once: a rank finding another's in place keeps them, and a write that
+    fails half-way leaves nothing another rank could read."""
+    bases = tmp_path / "run" / "bases"
+    write_tiny_bases(bases)
+    config = (bases / "tiny-whisper" / "config.json").read_text()
+    (bases / "tiny-llm" / "marker").write_text("first")
+    write_tiny_bases(bases)  # a second rank, after the first
+    assert (bases / "tiny-llm" / "marker").read_text() == "first"
+    assert json.loads(config) and [p.name for p in bases.parent.iterdir()] == ["bases"]  # no partial folder left
+
+    import desta.model.tiny
+
+    def half_way(folder):
+        (folder / "tiny-whisper").mkdir(parents=True)
+        (folder / "tiny-whisper" / "config.json").write_text("{")
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(desta.model.tiny, "save_tiny_bases", half_way)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        write_tiny_bases(tmp_path / "other" / "bases")
+    assert list((tmp_path / "other").iterdir()) == []
 
 
 def test_two_process_cpu_run(targets_dir, tmp_path):

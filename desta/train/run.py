@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,24 @@ TOKEN_COUNTS = "token_counts"  # OUTPUT/token_counts/: each training table's seq
 
 # ----- setup -----
 
+def write_tiny_bases(bases: Path) -> None:
+    """The tiny bases, written into a private folder and moved into place by one rename: the processes of one
+    run (torchrun's ranks) build the model at the same time, and none may read a base another is still writing.
+    If another process's bases are already in place, they are kept and this one's are discarded."""
+    from desta.model.tiny import save_tiny_bases
+
+    bases.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{bases.name}-", dir=bases.parent))
+    try:
+        save_tiny_bases(partial)
+        partial.rename(bases)
+    except OSError:
+        if not bases.is_dir():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def build_model(section: ModelSection, output_dir: Path, seed: int = 0,
                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                 precision: Precision = "auto") -> tuple[DestaModel, DestaProcessor]:
@@ -69,11 +89,9 @@ def build_model(section: ModelSection, output_dir: Path, seed: int = 0,
 
     encoder, llm = section.encoder, section.llm
     if TINY in (encoder, llm):
-        from desta.model.tiny import save_tiny_bases
-
         whisper_dir, llm_dir = output_dir / "bases" / "tiny-whisper", output_dir / "bases" / "tiny-llm"
         if not (llm_dir / CONFIG).exists():
-            save_tiny_bases(output_dir / "bases")
+            write_tiny_bases(output_dir / "bases")
         encoder = str(whisper_dir) if encoder == TINY else encoder
         llm = str(llm_dir) if llm == TINY else llm
     torch.manual_seed(seed)  # the connector starts from the same weights on every (re)run
