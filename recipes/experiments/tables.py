@@ -212,7 +212,7 @@ def _reads_above_guessing(metrics: dict, levels: dict, run: str) -> bool:
     voice field: only then is a ratio to its reading a measure of what the audio carries."""
     for field, _ in FIELDS:
         entry, level = metrics.get(f"{field}:text", {}).get(run), levels.get(f"{field}:speech")
-        if entry and level is not None and _versus(entry[0][2], entry[0][3], level) == " (above)":
+        if entry and level is not None and entry[0][2] > level:  # the interval's lower bound
             return True
     return False
 

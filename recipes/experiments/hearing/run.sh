@@ -15,10 +15,11 @@
 # Each run: EPOCHS epochs (default 4: about 1200 steps; the sanity ladder measured that a field named in one
 # answer of three takes 300 steps of batches of 8 to break through, so the voice pool's one in nine would need
 # about 900; named in one answer of eight, gender was not heard by 800: a lower bound), batches of 8, bf16
-# autocast (the CPU has bf16 instructions), the frozen encoder's features cached once for all runs. The results in results-before-ladder/ were made with one epoch, the Q-Former and a cosine
-# rate: EPOCHS=1 SETUP="model.connector=qformer optim.schedule=cosine" reproduces them. Resumable: finished
-# trainings and evals are kept, answers come from the eval cache. Then `desta probe` on both target sets (what
-# the features carry, what each teacher's answers name) and the comparison.
+# autocast (the CPU has bf16 instructions), the frozen encoder's features cached once for all runs. The
+# results in results-before-ladder/ were made with one epoch, the Q-Former and a cosine rate:
+# EPOCHS=1 SETUP="model.connector=qformer optim.schedule=cosine" reproduces them. Resumable: finished trainings
+# and evals are kept, answers come from the eval cache. Then `desta probe` on both target sets (what the
+# features carry, what each teacher's answers name) and the comparison.
 #   bash recipes/experiments/hearing/run.sh
 #   RUNS="qwen-lora self-lora" bash recipes/experiments/hearing/run.sh      (a subset)
 set -euo pipefail
